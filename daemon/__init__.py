@@ -1,0 +1,1 @@
+"""The topoipam node daemon: pure core, etcd store, cache, gRPC service, lifecycle."""

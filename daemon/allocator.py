@@ -1,0 +1,223 @@
+"""Pure allocation decisions: which pools, which block, which ordinal.
+
+No I/O and no asyncio: every function takes plain values and returns new
+values (blocks are copied before they change), so the async engine in
+:mod:`topoipam.daemon.ipam` can plan a transaction, lose a compare-and-swap
+race and simply plan again from fresher values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import netaddr
+
+from .errors import AddressUnavailable, NoPoolForNode, UnknownPool
+from .model import Block, IPAddress, IPNetwork, IPPool, IPReservation, parse_network
+
+
+class Reservations:
+    """Addresses that are never handed out, from every IPReservation."""
+
+    def __init__(self, reservations: Iterable[IPReservation] = ()) -> None:
+        self._set = netaddr.IPSet(str(c) for r in reservations for c in r.cidrs)
+        self._empty = not self._set
+
+    def __contains__(self, address: IPAddress) -> bool:
+        if self._empty:
+            return False
+        return netaddr.IPAddress(int(address), address.version) in self._set
+
+    def __bool__(self) -> bool:
+        return not self._empty
+
+
+NO_RESERVATIONS = Reservations()
+
+
+def _matches_request(pool: IPPool, wanted: str) -> bool:
+    if pool.name == wanted:
+        return True
+    return "/" in wanted and str(pool.cidr) == wanted
+
+
+def pools_for_node(
+    pools: Iterable[IPPool],
+    node: str,
+    labels: Mapping[str, str],
+    family: int,
+    requested: Sequence[str] = (),
+) -> list[IPPool]:
+    """The pools an allocation on ``node`` may use, in the order they are tried.
+
+    Requested pools (names or CIDRs) must exist, be enabled and be of the
+    family; they are used in the order given, whatever their selector and
+    assignment mode. Otherwise: every enabled Automatic pool whose selector
+    matches the labels, in name order.
+    """
+    pools = sorted(pools, key=lambda p: p.name)
+    if requested:
+        chosen = []
+        for wanted in requested:
+            match = next((p for p in pools if _matches_request(p, wanted)), None)
+            if match is None:
+                if "/" in wanted:
+                    parse_network(wanted, f"requested pool {wanted}")
+                raise UnknownPool(wanted)
+            if match.family != family:
+                raise UnknownPool(wanted, f"is an IPv{match.family} pool, not IPv{family}")
+            if match.disabled:
+                raise UnknownPool(match.name, "is disabled")
+            chosen.append(match)
+        return chosen
+    chosen = [
+        p for p in pools
+        if p.family == family and not p.disabled and p.automatic and p.selects(labels)
+    ]
+    if not chosen:
+        raise NoPoolForNode(node, labels, family, [p.name for p in pools if p.family == family])
+    return chosen
+
+
+def explain_pool(pool: IPPool, labels: Mapping[str, str]) -> tuple[bool, str]:
+    """Whether ``pool`` is used for automatic allocation on a node with ``labels``, and why."""
+    if pool.disabled:
+        return False, "pool is disabled"
+    if not pool.automatic:
+        return False, "assignmentMode is Manual (used only when named in the CNI config)"
+    if pool.selects(labels):
+        return True, f"selector {pool.node_selector} matches"
+    return False, f"selector {pool.node_selector} does not match: {pool.selector.explain(labels)}"
+
+
+def pool_of(pools: Iterable[IPPool], address: IPAddress) -> IPPool | None:
+    for pool in pools:
+        if address.version == pool.family and address in pool.cidr:
+            return pool
+    return None
+
+
+def pool_of_block(pools: Iterable[IPPool], cidr: IPNetwork) -> IPPool | None:
+    for pool in pools:
+        if cidr.version == pool.family and cidr.subnet_of(pool.cidr):  # type: ignore[arg-type]
+            return pool
+    return None
+
+
+@dataclass(frozen=True)
+class AssignContext:
+    """What, besides the block itself, decides whether an ordinal may be handed out."""
+
+    pool: IPPool
+    reservations: Reservations = NO_RESERVATIONS
+    now: float = 0.0
+    cooldown: float = 0.0
+
+    def available(self, block: Block, ordinal: int) -> bool:
+        address = block.address(ordinal)
+        if not self.pool.usable(address) or address in self.reservations:
+            return False
+        if self.cooldown:
+            released = block.released_at.get(ordinal)
+            if released is not None and released + self.cooldown > self.now:
+                return False
+        return True
+
+
+def first_available(block: Block, ctx: AssignContext) -> int | None:
+    """The first ordinal on the free list that may be handed out now, or None."""
+    for ordinal in block.unallocated:
+        if ctx.available(block, ordinal):
+            return ordinal
+    return None
+
+
+def free_count(block: Block, ctx: AssignContext) -> int:
+    return sum(1 for ordinal in block.unallocated if ctx.available(block, ordinal))
+
+
+def assign_next(block: Block, handle_id: str, ctx: AssignContext) -> tuple[Block, IPAddress] | None:
+    """A copy of ``block`` with its next available address given to ``handle_id``."""
+    ordinal = first_available(block, ctx)
+    if ordinal is None:
+        return None
+    return _assign(block, ordinal, handle_id), block.address(ordinal)
+
+
+def assign_address(
+    block: Block, address: IPAddress, handle_id: str, ctx: AssignContext
+) -> Block:
+    """A copy of ``block`` with ``address`` given to ``handle_id``; AddressUnavailable if not free."""
+    ordinal = block.ordinal(address)
+    holder = block.allocations.get(ordinal)
+    if holder is not None:
+        raise AddressUnavailable(f"address {address} is already allocated (to {holder})")
+    if address in ctx.reservations:
+        raise AddressUnavailable(f"address {address} is reserved by an IPReservation")
+    if not ctx.pool.usable(address):
+        raise AddressUnavailable(
+            f"address {address} is the network or broadcast address of pool {ctx.pool.name}"
+        )
+    if not ctx.available(block, ordinal):
+        raise AddressUnavailable(
+            f"address {address} was released recently and is cooling down "
+            f"(ipCooldownSeconds={int(ctx.cooldown)})"
+        )
+    return _assign(block, ordinal, handle_id)
+
+
+def _assign(block: Block, ordinal: int, handle_id: str) -> Block:
+    new = block.copy()
+    new.unallocated.remove(ordinal)
+    new.released_at.pop(ordinal, None)
+    new.allocations[ordinal] = handle_id
+    return new
+
+
+def release_addresses(
+    block: Block, addresses: Iterable[IPAddress], handle_id: str | None, now: float
+) -> tuple[Block, list[IPAddress]]:
+    """A copy of ``block`` with ``addresses`` freed, and the addresses actually freed.
+
+    Only addresses held by ``handle_id`` are freed (any holder when None), so
+    a stale release never frees an address that was handed out again since.
+    Freed ordinals go to the back of the free list (delayed reuse).
+    """
+    new = block.copy()
+    freed = []
+    for address in addresses:
+        ordinal = block.ordinal(address)
+        holder = new.allocations.get(ordinal)
+        if holder is None or (handle_id is not None and holder != handle_id):
+            continue
+        del new.allocations[ordinal]
+        new.unallocated.append(ordinal)
+        new.released_at[ordinal] = now
+        freed.append(address)
+    return new, freed
+
+
+def first_unclaimed_block(
+    pool: IPPool, existing: set[IPNetwork], reservations: Reservations = NO_RESERVATIONS
+) -> IPNetwork | None:
+    """The first block CIDR of ``pool`` that no block occupies yet.
+
+    A block whose every address is reserved or unusable is skipped: claiming
+    it would give the node nothing to hand out.
+    """
+    for cidr in pool.block_cidrs():
+        if cidr in existing:
+            continue
+        if _has_assignable(pool, cidr, reservations):
+            return cidr
+    return None
+
+
+def _has_assignable(pool: IPPool, cidr: IPNetwork, reservations: Reservations) -> bool:
+    if not reservations and cidr.num_addresses > 2:
+        return True
+    return any(
+        pool.usable(address) and address not in reservations
+        for address in (cidr.network_address + offset for offset in range(cidr.num_addresses))
+    )

@@ -1,0 +1,160 @@
+"""The one exception tree of topoipam.
+
+Every expected failure is a :class:`TopoipamError` subclass that carries the
+data an operator needs (node, labels, pools tried). ``retriable`` is read by
+the retry loops and by the CNI error-code mapping: a retriable error means
+"try again later" (CNI code 11, gRPC UNAVAILABLE); anything else is final.
+``code`` names the gRPC status the service answers with, through one table in
+the servicer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+
+class TopoipamError(Exception):
+    """Root of every expected topoipam error; the message is one line for users."""
+
+    retriable: bool = False
+    #: gRPC status code name (grpc.StatusCode member) the service maps this to.
+    code: str = "FAILED_PRECONDITION"
+    #: CNI error code the plugin reports (>= 100 are plugin-specific).
+    cni_code: int = 100
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(TopoipamError):
+    """A request, manifest, flag or value that is malformed or out of range."""
+
+    code = "INVALID_ARGUMENT"
+    cni_code = 7
+
+
+class SelectorSyntaxError(InvalidInput):
+    """A node selector that does not parse; ``column`` is 1-based."""
+
+    def __init__(self, selector: str, column: int, reason: str) -> None:
+        self.selector = selector
+        self.column = column
+        self.reason = reason
+        super().__init__(f"invalid selector {selector!r} at column {column}: {reason}")
+
+
+class NotFound(TopoipamError):
+    code = "NOT_FOUND"
+    cni_code = 102
+
+
+class AlreadyExists(TopoipamError):
+    code = "ALREADY_EXISTS"
+    cni_code = 103
+
+
+class PoolOverlap(InvalidInput):
+    def __init__(self, name: str, cidr: str, other: str, other_cidr: str) -> None:
+        self.name, self.cidr, self.other, self.other_cidr = name, cidr, other, other_cidr
+        super().__init__(
+            f"pool {name} ({cidr}) overlaps pool {other} ({other_cidr})"
+        )
+
+
+class PoolInUse(TopoipamError):
+    def __init__(self, name: str, allocated: int) -> None:
+        self.name, self.allocated = name, allocated
+        super().__init__(
+            f"pool {name} still has {allocated} allocated address(es); "
+            "release them first or use --force"
+        )
+
+
+def _describe_labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return "{}"
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+
+
+def _describe_pools(pools: Iterable[str]) -> str:
+    names = list(pools)
+    return ", ".join(names) if names else "none"
+
+
+class NoPoolForNode(TopoipamError):
+    """No enabled pool selects the node (or the requested pools are unusable)."""
+
+    code = "FAILED_PRECONDITION"
+    cni_code = 110
+
+    def __init__(
+        self, node: str, labels: Mapping[str, str], family: int, pools_considered: Iterable[str]
+    ) -> None:
+        self.node, self.labels, self.family = node, dict(labels), family
+        self.pools_considered = list(pools_considered)
+        super().__init__(
+            f"no enabled IPv{family} pool selects node {node} "
+            f"(labels {_describe_labels(self.labels)}; pools considered: "
+            f"{_describe_pools(self.pools_considered)})"
+        )
+
+
+class PoolExhausted(TopoipamError):
+    """Every selected pool is full for this node."""
+
+    code = "RESOURCE_EXHAUSTED"
+    cni_code = 111
+
+    def __init__(
+        self, node: str, labels: Mapping[str, str], family: int, pools: Iterable[str],
+        reason: str = "",
+    ) -> None:
+        self.node, self.labels, self.family = node, dict(labels), family
+        self.pools = list(pools)
+        extra = f"; {reason}" if reason else ""
+        super().__init__(
+            f"no free IPv{family} address for node {node} "
+            f"(labels {_describe_labels(self.labels)}) in pools "
+            f"{_describe_pools(self.pools)}{extra}"
+        )
+
+
+class AddressUnavailable(TopoipamError):
+    """A specifically requested address is in use, reserved, or outside every usable pool."""
+
+    code = "FAILED_PRECONDITION"
+    cni_code = 112
+
+
+class UnknownPool(InvalidInput):
+    def __init__(self, pool: str, reason: str = "does not exist") -> None:
+        self.pool = pool
+        super().__init__(f"requested pool {pool} {reason}")
+
+
+class Conflict(TopoipamError):
+    """Optimistic concurrency retries were exhausted; safe to retry later."""
+
+    retriable = True
+    code = "UNAVAILABLE"
+    cni_code = 11
+
+
+class DatastoreUnavailable(TopoipamError):
+    """etcd could not be reached or did not answer in time."""
+
+    retriable = True
+    code = "UNAVAILABLE"
+    cni_code = 11
+
+
+class NotReady(TopoipamError):
+    """The daemon's cache is not in sync with etcd; answering would risk stale data."""
+
+    retriable = True
+    code = "UNAVAILABLE"
+    cni_code = 11

@@ -1,0 +1,440 @@
+"""Plain values of the data model: pools, nodes, config, reservations, blocks, handles.
+
+No I/O here. Every value validates itself on construction and raises
+:class:`InvalidInput` with a message that names the object and the field, so a
+bad manifest, flag or etcd value is refused before anything is written.
+``to_dict``/``from_dict`` give the JSON shape stored in etcd (DESIGN §3); the
+store owns the keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from .errors import InvalidInput, SelectorSyntaxError
+from .selector import Selector, parse
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
+BLOCK_SIZE_RANGE = {4: (20, 32), 6: (116, 128)}
+ASSIGNMENT_MODES = ("Automatic", "Manual")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
+_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9_./-]{1,253}$")
+# Attachment identifiers become part of an etcd key: no '/' and no control chars.
+_ATTACHMENT_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
+_IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
+
+
+def check_name(kind: str, name: object) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidInput(
+            f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-', "
+            "starting and ending with a letter or digit (at most 253 characters)"
+        )
+    return name
+
+
+def parse_network(value: object, what: str) -> IPNetwork:
+    """A strictly masked CIDR ("192.168.0.0/24", not "192.168.0.1/24")."""
+    if not isinstance(value, str) or "/" not in value:
+        raise InvalidInput(f"{what}: {value!r} is not a CIDR (expected e.g. 192.168.0.0/24)")
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        try:
+            loose = ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise InvalidInput(f"{what}: {value!r} is not a valid CIDR") from exc
+        raise InvalidInput(
+            f"{what}: {value!r} has host bits set (did you mean {loose}?)"
+        ) from exc
+
+
+def parse_address(value: object, what: str) -> IPAddress:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what}: {value!r} is not an IP address")
+    try:
+        return ipaddress.ip_address(value.strip())
+    except ValueError as exc:
+        raise InvalidInput(f"{what}: {value!r} is not a valid IP address") from exc
+
+
+def _expect_keys(what: str, data: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise InvalidInput(f"{what}: unknown field(s) {', '.join(unknown)}")
+
+
+def _bool(what: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{what}: expected true or false, got {value!r}")
+    return value
+
+
+def _int(what: str, value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidInput(f"{what}: expected a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class IPPool:
+    name: str
+    cidr: IPNetwork
+    block_size: int
+    node_selector: str = "all()"
+    disabled: bool = False
+    assignment_mode: str = "Automatic"
+    selector: Selector = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_name("pool", self.name)
+        low, high = BLOCK_SIZE_RANGE[self.cidr.version]
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or not (
+            low <= self.block_size <= high
+        ):
+            raise InvalidInput(
+                f"pool {self.name}: block size {self.block_size!r} is out of range for "
+                f"IPv{self.cidr.version} (allowed {low}-{high})"
+            )
+        if self.cidr.prefixlen > self.block_size:
+            raise InvalidInput(
+                f"pool {self.name}: CIDR {self.cidr} is smaller than one /{self.block_size} block"
+            )
+        if self.assignment_mode not in ASSIGNMENT_MODES:
+            raise InvalidInput(
+                f"pool {self.name}: assignmentMode {self.assignment_mode!r} must be "
+                "Automatic or Manual"
+            )
+        try:
+            selector = parse(self.node_selector)
+        except SelectorSyntaxError as exc:
+            raise InvalidInput(f"pool {self.name}: {exc}") from exc
+        object.__setattr__(self, "node_selector", str(selector))
+        object.__setattr__(self, "selector", selector)
+
+    @property
+    def family(self) -> int:
+        return self.cidr.version
+
+    @property
+    def automatic(self) -> bool:
+        return self.assignment_mode == "Automatic"
+
+    def selects(self, labels: Mapping[str, str]) -> bool:
+        return self.selector.matches(labels)
+
+    def block_cidrs(self) -> Iterator[IPNetwork]:
+        """Every block CIDR of the pool, in address order."""
+        return self.cidr.subnets(new_prefix=self.block_size)
+
+    def block_of(self, address: IPAddress) -> IPNetwork:
+        return ipaddress.ip_network(f"{address}/{self.block_size}", strict=False)
+
+    def usable(self, address: IPAddress) -> bool:
+        """False for the pool's own network address (and IPv4 broadcast address).
+
+        Pods may sit on a bridge whose subnet is the pool; handing them the
+        subnet's network or broadcast address would break them.
+        """
+        if self.cidr.num_addresses <= 2:
+            return True
+        if address == self.cidr.network_address:
+            return False
+        return not (self.family == 4 and address == self.cidr.broadcast_address)
+
+    @property
+    def capacity(self) -> int:
+        reserved = 0 if self.cidr.num_addresses <= 2 else (2 if self.family == 4 else 1)
+        return self.cidr.num_addresses - reserved
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cidr": str(self.cidr),
+            "blockSize": self.block_size,
+            "nodeSelector": self.node_selector,
+            "disabled": self.disabled,
+            "assignmentMode": self.assignment_mode,
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> IPPool:
+        what = f"pool {name}"
+        if not isinstance(data, Mapping):
+            raise InvalidInput(f"{what}: spec must be a mapping")
+        _expect_keys(what, data, ("cidr", "blockSize", "nodeSelector", "disabled",
+                                  "assignmentMode"))
+        if "cidr" not in data:
+            raise InvalidInput(f"{what}: cidr is required")
+        cidr = parse_network(data["cidr"], f"{what}: cidr")
+        block_size = data.get("blockSize", DEFAULT_BLOCK_SIZE[cidr.version])
+        selector = data.get("nodeSelector") or "all()"
+        if not isinstance(selector, str):
+            raise InvalidInput(f"{what}: nodeSelector must be a string")
+        return cls(
+            name=name,
+            cidr=cidr,
+            block_size=block_size,
+            node_selector=selector,
+            disabled=_bool(f"{what}: disabled", data.get("disabled", False)),
+            assignment_mode=data.get("assignmentMode", "Automatic"),
+        )
+
+
+def check_pool_overlaps(pool: IPPool, others: Iterable[IPPool]) -> None:
+    """Raise PoolOverlap if ``pool`` overlaps any other pool (same name is ignored)."""
+    from .errors import PoolOverlap
+
+    for other in others:
+        if other.name != pool.name and other.family == pool.family and other.cidr.overlaps(
+            pool.cidr
+        ):
+            raise PoolOverlap(pool.name, str(pool.cidr), other.name, str(other.cidr))
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_name("node", self.name)
+        if not isinstance(self.labels, Mapping):
+            raise InvalidInput(f"node {self.name}: labels must be a mapping")
+        for key, value in self.labels.items():
+            check_label(key, value, f"node {self.name}")
+        object.__setattr__(self, "labels", dict(self.labels))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": dict(sorted(self.labels.items()))}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> Node:
+        if not isinstance(data, Mapping):
+            raise InvalidInput(f"node {name}: spec must be a mapping")
+        _expect_keys(f"node {name}", data, ("labels",))
+        return cls(name=name, labels=data.get("labels") or {})
+
+
+def check_label(key: object, value: object, what: str) -> None:
+    if not isinstance(key, str) or not _LABEL_KEY_RE.match(key):
+        raise InvalidInput(
+            f"{what}: invalid label key {key!r} (letters, digits, '_', '.', '/', '-')"
+        )
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what}: label {key} must have a string value, got {value!r}")
+    if len(value) > 253 or any(ord(c) < 32 for c in value) or ('"' in value and "'" in value):
+        raise InvalidInput(f"{what}: invalid value {value!r} for label {key}")
+
+
+@dataclass(frozen=True)
+class IPAMConfig:
+    strict_affinity: bool = False
+    max_blocks_per_host: int = 0
+    auto_allocate_blocks: bool = True
+    ip_cooldown_seconds: int = 0
+
+    _FIELDS = {
+        "strictAffinity": "strict_affinity",
+        "maxBlocksPerHost": "max_blocks_per_host",
+        "autoAllocateBlocks": "auto_allocate_blocks",
+        "ipCooldownSeconds": "ip_cooldown_seconds",
+    }
+
+    def __post_init__(self) -> None:
+        _bool("ipamconfig: strictAffinity", self.strict_affinity)
+        _bool("ipamconfig: autoAllocateBlocks", self.auto_allocate_blocks)
+        _int("ipamconfig: maxBlocksPerHost", self.max_blocks_per_host)
+        _int("ipamconfig: ipCooldownSeconds", self.ip_cooldown_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, attr) for key, attr in self._FIELDS.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IPAMConfig:
+        if not isinstance(data, Mapping):
+            raise InvalidInput("ipamconfig: spec must be a mapping")
+        _expect_keys("ipamconfig", data, cls._FIELDS)
+        return cls(**{cls._FIELDS[k]: v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class IPReservation:
+    name: str
+    cidrs: tuple[IPNetwork, ...]
+
+    def __post_init__(self) -> None:
+        check_name("ipreservation", self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cidrs": [str(c) for c in self.cidrs]}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> IPReservation:
+        what = f"ipreservation {name}"
+        if not isinstance(data, Mapping):
+            raise InvalidInput(f"{what}: spec must be a mapping")
+        _expect_keys(what, data, ("cidrs", "reservedCIDRs"))
+        raw = data.get("cidrs", data.get("reservedCIDRs"))
+        if not isinstance(raw, list) or not raw:
+            raise InvalidInput(f"{what}: cidrs must be a non-empty list")
+        cidrs = []
+        for item in raw:
+            text = item if isinstance(item, str) and "/" in item else f"{item}"
+            if isinstance(item, str) and "/" not in item:
+                addr = parse_address(item, f"{what}: cidrs")
+                text = f"{addr}/{addr.max_prefixlen}"
+            cidrs.append(parse_network(text, f"{what}: cidrs"))
+        return cls(name=name, cidrs=tuple(cidrs))
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One container interface on one network: the unit a handle tracks."""
+
+    network: str
+    container_id: str
+    ifname: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.network, str) or not _ATTACHMENT_PART_RE.match(self.network):
+            raise InvalidInput(f"invalid network name {self.network!r}")
+        if not isinstance(self.container_id, str) or not _ATTACHMENT_PART_RE.match(
+            self.container_id
+        ):
+            raise InvalidInput(f"invalid container ID {self.container_id!r}")
+        if not isinstance(self.ifname, str) or not _IFNAME_RE.match(self.ifname):
+            raise InvalidInput(f"invalid interface name {self.ifname!r}")
+
+    @property
+    def handle_id(self) -> str:
+        return f"{self.network}.{self.container_id}.{self.ifname}"
+
+
+@dataclass(frozen=True)
+class HandleAddress:
+    ip: IPAddress
+    block: IPNetwork
+
+
+@dataclass(frozen=True)
+class Handle:
+    """Who holds which addresses. Written in the same transaction as its blocks."""
+
+    id: str
+    node: str
+    addresses: tuple[HandleAddress, ...]
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "addresses": [{"ip": str(a.ip), "block": str(a.block)} for a in self.addresses],
+            "attributes": dict(self.attributes),
+        }
+
+    @classmethod
+    def from_dict(cls, handle_id: str, data: Mapping[str, Any]) -> Handle:
+        try:
+            return cls(
+                id=handle_id,
+                node=str(data["node"]),
+                addresses=tuple(
+                    HandleAddress(
+                        ipaddress.ip_address(a["ip"]), ipaddress.ip_network(a["block"])
+                    )
+                    for a in data.get("addresses", [])
+                ),
+                attributes={str(k): str(v) for k, v in (data.get("attributes") or {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidInput(f"handle {handle_id}: corrupt value ({exc})") from exc
+
+
+@dataclass
+class Block:
+    """A block of addresses, its owner node and its allocations.
+
+    ``unallocated`` is the free list in hand-out order: released ordinals go
+    to its back so an address is reused as late as possible. ``released_at``
+    keeps the release time of free ordinals, for the reuse cooldown. A Block
+    is mutable only while an allocator plans a change on its own copy
+    (:meth:`copy`); cached blocks are never modified in place.
+    """
+
+    cidr: IPNetwork
+    affinity: str | None
+    allocations: dict[int, str]
+    unallocated: list[int]
+    released_at: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, cidr: IPNetwork, affinity: str | None) -> Block:
+        return cls(cidr, affinity, {}, list(range(cidr.num_addresses)))
+
+    def copy(self) -> Block:
+        return Block(
+            self.cidr, self.affinity, dict(self.allocations), list(self.unallocated),
+            dict(self.released_at),
+        )
+
+    @property
+    def size(self) -> int:
+        return self.cidr.num_addresses
+
+    @property
+    def family(self) -> int:
+        return self.cidr.version
+
+    def address(self, ordinal: int) -> IPAddress:
+        return self.cidr.network_address + ordinal
+
+    def ordinal(self, address: IPAddress) -> int:
+        if address not in self.cidr:
+            raise InvalidInput(f"{address} is not in block {self.cidr}")
+        return int(address) - int(self.cidr.network_address)
+
+    @property
+    def in_use(self) -> int:
+        return len(self.allocations)
+
+    def is_empty(self) -> bool:
+        return not self.allocations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cidr": str(self.cidr),
+            "affinity": self.affinity,
+            "allocations": {str(k): v for k, v in sorted(self.allocations.items())},
+            "unallocated": self.unallocated,
+            "releasedAt": {str(k): v for k, v in sorted(self.released_at.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Block:
+        try:
+            cidr = ipaddress.ip_network(data["cidr"])
+            block = cls(
+                cidr=cidr,
+                affinity=data.get("affinity"),
+                allocations={int(k): str(v) for k, v in data.get("allocations", {}).items()},
+                unallocated=[int(o) for o in data.get("unallocated", [])],
+                released_at={int(k): float(v) for k, v in data.get("releasedAt", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidInput(f"corrupt block value ({exc})") from exc
+        seen = set(block.allocations) | set(block.unallocated)
+        if len(seen) != cidr.num_addresses or len(block.unallocated) + len(
+            block.allocations
+        ) != cidr.num_addresses or min(seen, default=0) < 0 or max(
+            seen, default=0
+        ) >= cidr.num_addresses:
+            raise InvalidInput(f"corrupt block {cidr}: allocations and free list disagree")
+        return block

@@ -1,0 +1,782 @@
+"""The etcd store: the one module that knows the key schema and talks to etcd.
+
+Keys (prefix default ``/topoipam/v1``)::
+
+    config
+    pools/<name>
+    nodes/<name>
+    blocks/<v4|v6>/<fixed-width hex network>-<prefixlen>
+    affinities/<node>/<v4|v6>/<hex network>-<prefixlen>
+    handles/<handle id>
+    reservations/<name>
+
+Writes are compare-and-swap transactions built from domain-level ``Write``
+values (:class:`PutBlock`, :class:`PutHandle`, ...): the allocator decides what
+must change together, the store turns it into one etcd transaction whose
+compares guard every value that was read. When a compare fails, the same round
+trip returns the current values of the guarded keys, so the caller re-plans
+without another read.
+
+We speak to etcd with aetcd's generated v3 stubs on a channel we build
+ourselves: aetcd's ``Client`` has no TLS and only one endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import grpc
+import grpc.aio
+from aetcd import rpc
+
+from .errors import DatastoreUnavailable, InvalidInput
+from .model import (
+    Block,
+    Handle,
+    IPAMConfig,
+    IPNetwork,
+    IPPool,
+    IPReservation,
+    Node,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "/topoipam/v1"
+DEFAULT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Versioned(Generic[T]):
+    """A value as read from etcd, with the mod_revision that guards a later write."""
+
+    value: T
+    mod_revision: int
+
+
+def _family_segment(version: int) -> str:
+    return "v4" if version == 4 else "v6"
+
+
+def _hex_network(cidr: IPNetwork) -> str:
+    width = 8 if cidr.version == 4 else 32
+    return f"{int(cidr.network_address):0{width}x}-{cidr.prefixlen}"
+
+
+def _network_from_hex(segment: str, family: str) -> IPNetwork:
+    hex_part, _, length = segment.partition("-")
+    version = 4 if family == "v4" else 6
+    address = ipaddress.ip_address(int(hex_part, 16)) if version == 4 else ipaddress.IPv6Address(
+        int(hex_part, 16)
+    )
+    return ipaddress.ip_network(f"{address}/{int(length)}")
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """The etcd range end that covers every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+class KeySchema:
+    """Both directions of the etcd key schema: objects to keys and keys to objects."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        prefix = prefix.rstrip("/")
+        if not prefix.startswith("/"):
+            raise InvalidInput(f"etcd prefix {prefix!r} must start with '/'")
+        self.prefix = prefix
+
+    def _key(self, *parts: str) -> bytes:
+        return "/".join((self.prefix, *parts)).encode()
+
+    # objects -> keys
+    def config(self) -> bytes:
+        return self._key("config")
+
+    def pool(self, name: str) -> bytes:
+        return self._key("pools", name)
+
+    def pools(self) -> bytes:
+        return self._key("pools", "")
+
+    def node(self, name: str) -> bytes:
+        return self._key("nodes", name)
+
+    def nodes(self) -> bytes:
+        return self._key("nodes", "")
+
+    def block(self, cidr: IPNetwork) -> bytes:
+        return self._key("blocks", _family_segment(cidr.version), _hex_network(cidr))
+
+    def blocks(self, family: int | None = None) -> bytes:
+        if family is None:
+            return self._key("blocks", "")
+        return self._key("blocks", _family_segment(family), "")
+
+    def blocks_in(self, cidr: IPNetwork) -> tuple[bytes, bytes]:
+        """Key range [start, end) that holds exactly the blocks inside ``cidr``."""
+        start = self.block(cidr)[: -len(f"-{cidr.prefixlen}")]
+        last = int(cidr.broadcast_address) + 1
+        width = 8 if cidr.version == 4 else 32
+        end = self._key("blocks", _family_segment(cidr.version), f"{last:0{width}x}")
+        return start, end
+
+    def affinity(self, node: str, cidr: IPNetwork) -> bytes:
+        return self._key("affinities", node, _family_segment(cidr.version), _hex_network(cidr))
+
+    def affinities(self, node: str | None = None) -> bytes:
+        return self._key("affinities", node, "") if node else self._key("affinities", "")
+
+    def handle(self, handle_id: str) -> bytes:
+        return self._key("handles", handle_id)
+
+    def handles(self) -> bytes:
+        return self._key("handles", "")
+
+    def reservation(self, name: str) -> bytes:
+        return self._key("reservations", name)
+
+    def reservations(self) -> bytes:
+        return self._key("reservations", "")
+
+    # keys -> objects
+    def kind_of(self, key: bytes) -> tuple[str, list[str]]:
+        """('pools', ['name']), ('blocks', ['v4', 'c0a80000-26']), ... or ('', [])."""
+        text = key.decode(errors="replace")
+        if not text.startswith(self.prefix + "/"):
+            return "", []
+        parts = text[len(self.prefix) + 1 :].split("/")
+        return parts[0], parts[1:]
+
+    def block_cidr(self, key: bytes) -> IPNetwork:
+        kind, rest = self.kind_of(key)
+        if kind != "blocks" or len(rest) != 2:
+            raise InvalidInput(f"not a block key: {key!r}")
+        return _network_from_hex(rest[1], rest[0])
+
+    def affinity_of(self, key: bytes) -> tuple[str, IPNetwork]:
+        kind, rest = self.kind_of(key)
+        if kind != "affinities" or len(rest) != 3:
+            raise InvalidInput(f"not an affinity key: {key!r}")
+        return rest[0], _network_from_hex(rest[2], rest[1])
+
+    def name_of(self, key: bytes) -> str:
+        _, rest = self.kind_of(key)
+        return "/".join(rest)
+
+
+def encode(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{what}: value is not JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what}: value is not a JSON object")
+    return value
+
+
+# Domain-level writes. Each names what it guards; the store makes the keys.
+@dataclass(frozen=True)
+class PutBlock:
+    block: Block
+    expect_revision: int  # 0: the block must not exist yet
+
+
+@dataclass(frozen=True)
+class DeleteBlock:
+    cidr: IPNetwork
+    expect_revision: int
+
+
+@dataclass(frozen=True)
+class PutAffinity:
+    node: str
+    cidr: IPNetwork
+
+
+@dataclass(frozen=True)
+class DeleteAffinity:
+    node: str
+    cidr: IPNetwork
+
+
+@dataclass(frozen=True)
+class PutHandle:
+    handle: Handle
+    expect_revision: int  # 0: the handle must not exist yet
+
+
+@dataclass(frozen=True)
+class DeleteHandle:
+    handle_id: str
+    expect_revision: int
+
+
+@dataclass(frozen=True)
+class PutObject:
+    """A pool, node, config or reservation; expect_revision None = unconditional."""
+
+    obj: IPPool | Node | IPAMConfig | IPReservation
+    expect_revision: int | None = None
+
+
+@dataclass(frozen=True)
+class DeleteObject:
+    kind: str  # "pool" | "node" | "reservation"
+    name: str
+    expect_revision: int | None = None
+
+
+Write = (
+    PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutHandle | DeleteHandle | PutObject
+    | DeleteObject
+)
+
+
+@dataclass
+class CommitResult:
+    """Outcome of one transaction.
+
+    On success ``revision`` is the new mod_revision of everything written.
+    On failure ``blocks`` and ``handles`` hold the current value of every
+    guarded block and handle (None where absent), read in the same round trip.
+    """
+
+    succeeded: bool
+    revision: int
+    blocks: dict[IPNetwork, Versioned[Block] | None] = field(default_factory=dict)
+    handles: dict[str, Versioned[Handle] | None] = field(default_factory=dict)
+    raw: dict[bytes, tuple[bytes, int] | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EtcdOptions:
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    user: str | None = None
+    password: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise InvalidInput("at least one etcd endpoint is required")
+        for endpoint in self.endpoints:
+            _split_endpoint(endpoint)
+        if bool(self.cert_file) != bool(self.key_file):
+            raise InvalidInput("etcd client certificate and key must be given together")
+        if (self.user is None) != (self.password is None):
+            raise InvalidInput("etcd user and password must be given together")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca_file or self.cert_file) or any(
+            e.startswith("https://") for e in self.endpoints
+        )
+
+    def __repr__(self) -> str:  # never print the password
+        return (
+            f"EtcdOptions(endpoints={self.endpoints!r}, tls={self.tls}, "
+            f"user={self.user!r}, password={'***' if self.password else None})"
+        )
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    text = endpoint.strip()
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme) :]
+    text = text.rstrip("/")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(
+            f"invalid etcd endpoint {endpoint!r} (expected e.g. http://127.0.0.1:2379)"
+        )
+    return host.strip("[]"), int(port)
+
+
+def _grpc_target(endpoints: Sequence[str]) -> tuple[str, str]:
+    """A gRPC target for all endpoints, and the authority (TLS name) to use.
+
+    IP literals become one ``ipv4:``/``ipv6:`` target, so gRPC fails over
+    between cluster members; a host name can only be a target on its own.
+    """
+    hosts = [_split_endpoint(e) for e in endpoints]
+    authority = hosts[0][0]
+    addresses = []
+    for host, port in hosts:
+        try:
+            addresses.append(ipaddress.ip_address(host))
+        except ValueError:
+            return f"dns:{host}:{port}", host
+    if all(a.version == 4 for a in addresses):
+        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in hosts), authority
+    return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in hosts), authority
+
+
+_UNAVAILABLE_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+class EtcdStore:
+    """Connection to etcd plus typed reads and CAS writes of topoipam objects.
+
+    All methods are coroutine-safe: several tasks may call them at once on one
+    store. A failed RPC raises :class:`DatastoreUnavailable` (retriable);
+    nothing is half-written because every write is a single transaction.
+    """
+
+    def __init__(self, options: EtcdOptions, prefix: str = DEFAULT_PREFIX) -> None:
+        self.options = options
+        self.keys = KeySchema(prefix)
+        self._channel: grpc.aio.Channel | None = None
+        self._kv: Any = None
+        self._watch: Any = None
+        self._metadata: tuple[tuple[str, str], ...] | None = None
+        self._connect_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ connection
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._channel is not None:
+                return
+            target, authority = _grpc_target(self.options.endpoints)
+            channel_options: list[tuple[str, Any]] = [
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1_000),
+            ]
+            if self.options.tls:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=_read(self.options.ca_file),
+                    private_key=_read(self.options.key_file),
+                    certificate_chain=_read(self.options.cert_file),
+                )
+                channel_options.append(("grpc.default_authority", authority))
+                channel_options.append(("grpc.ssl_target_name_override", authority))
+                channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=channel_options)
+            self._channel = channel
+            self._kv = rpc.KVStub(channel)
+            self._watch = rpc.WatchStub(channel)
+            if self.options.user is not None:
+                try:
+                    await self._authenticate()
+                except BaseException:
+                    await self._close_channel()
+                    raise
+
+    async def _authenticate(self) -> None:
+        assert self._channel is not None
+        try:
+            response = await rpc.AuthStub(self._channel).Authenticate(
+                rpc.AuthenticateRequest(name=self.options.user, password=self.options.password),
+                timeout=self.options.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _UNAVAILABLE_CODES:
+                raise DatastoreUnavailable(f"etcd unreachable: {exc.details()}") from exc
+            raise DatastoreUnavailable(
+                f"etcd authentication failed for user {self.options.user}: {exc.details()}"
+            ) from exc
+        self._metadata = (("token", response.token),)
+
+    async def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        self._kv = self._watch = None
+        if channel is not None:
+            await channel.close()
+
+    async def close(self) -> None:
+        async with self._connect_lock:
+            await self._close_channel()
+
+    async def __aenter__(self) -> EtcdStore:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """One unary KV call with the error mapping and one re-auth on token expiry."""
+        if self._channel is None:
+            await self.connect()
+        for attempt in (1, 2):
+            try:
+                return await getattr(self._kv, method)(
+                    request,
+                    timeout=timeout or self.options.timeout,
+                    metadata=self._metadata,
+                )
+            except grpc.aio.AioRpcError as exc:
+                details = exc.details() or ""
+                if (
+                    attempt == 1
+                    and self.options.user is not None
+                    and (exc.code() == grpc.StatusCode.UNAUTHENTICATED or "auth token" in details)
+                ):
+                    await self._authenticate()
+                    continue
+                if exc.code() in _UNAVAILABLE_CODES:
+                    raise DatastoreUnavailable(f"etcd unreachable: {details}") from exc
+                if "too many operations in txn" in details:
+                    raise DatastoreUnavailable(f"etcd refused the transaction: {details}") from exc
+                raise DatastoreUnavailable(f"etcd error: {exc.code().name}: {details}") from exc
+        raise AssertionError("unreachable")
+
+    async def ping(self) -> int:
+        """Current etcd revision; raises DatastoreUnavailable when etcd does not answer."""
+        response = await self._call(
+            "Range", rpc.RangeRequest(key=self.keys.config(), count_only=True)
+        )
+        return int(response.header.revision)
+
+    # ------------------------------------------------------------------ raw reads
+    async def get_raw(self, key: bytes) -> tuple[bytes, int] | None:
+        response = await self._call("Range", rpc.RangeRequest(key=key))
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return kv.value, kv.mod_revision
+
+    async def range_raw(
+        self, start: bytes, end: bytes, *, keys_only: bool = False, revision: int = 0
+    ) -> tuple[list[Any], int]:
+        """Every key-value in [start, end) and the revision the read was made at."""
+        response = await self._call(
+            "Range",
+            rpc.RangeRequest(key=start, range_end=end, keys_only=keys_only, revision=revision),
+            timeout=max(self.options.timeout, 30.0),
+        )
+        return list(response.kvs), int(response.header.revision)
+
+    async def prefix_raw(
+        self, prefix: bytes, *, keys_only: bool = False, revision: int = 0
+    ) -> tuple[list[Any], int]:
+        return await self.range_raw(
+            prefix, prefix_range_end(prefix), keys_only=keys_only, revision=revision
+        )
+
+    # ------------------------------------------------------------------ typed reads
+    def decode_pool(self, key: bytes, raw: bytes) -> IPPool:
+        name = self.keys.name_of(key)
+        return IPPool.from_dict(name, decode(raw, f"pool {name}"))
+
+    def decode_node(self, key: bytes, raw: bytes) -> Node:
+        name = self.keys.name_of(key)
+        return Node.from_dict(name, decode(raw, f"node {name}"))
+
+    def decode_block(self, key: bytes, raw: bytes) -> Block:
+        block = Block.from_dict(decode(raw, f"block {key.decode(errors='replace')}"))
+        if self.keys.block(block.cidr) != key:
+            raise InvalidInput(f"block {block.cidr} stored under the wrong key {key!r}")
+        return block
+
+    def decode_handle(self, key: bytes, raw: bytes) -> Handle:
+        handle_id = self.keys.name_of(key)
+        return Handle.from_dict(handle_id, decode(raw, f"handle {handle_id}"))
+
+    def decode_reservation(self, key: bytes, raw: bytes) -> IPReservation:
+        name = self.keys.name_of(key)
+        return IPReservation.from_dict(name, decode(raw, f"ipreservation {name}"))
+
+    def decode_config(self, raw: bytes) -> IPAMConfig:
+        return IPAMConfig.from_dict(decode(raw, "ipamconfig"))
+
+    async def _typed_prefix(self, prefix: bytes, decoder: Any) -> list[Versioned[Any]]:
+        kvs, _ = await self.prefix_raw(prefix)
+        result: list[Versioned[Any]] = []
+        for kv in kvs:
+            try:
+                result.append(Versioned(decoder(kv.key, kv.value), kv.mod_revision))
+            except InvalidInput as exc:
+                log.warning("skipping corrupt value at %s: %s", kv.key.decode(errors="replace"),
+                            exc)
+        return result
+
+    async def get_config(self) -> Versioned[IPAMConfig]:
+        raw = await self.get_raw(self.keys.config())
+        if raw is None:
+            return Versioned(IPAMConfig(), 0)
+        try:
+            return Versioned(self.decode_config(raw[0]), raw[1])
+        except InvalidInput as exc:
+            log.warning("ignoring corrupt ipamconfig, using defaults: %s", exc)
+            return Versioned(IPAMConfig(), raw[1])
+
+    async def list_pools(self) -> list[Versioned[IPPool]]:
+        return await self._typed_prefix(self.keys.pools(), self.decode_pool)
+
+    async def get_pool(self, name: str) -> Versioned[IPPool] | None:
+        raw = await self.get_raw(self.keys.pool(name))
+        return None if raw is None else Versioned(self.decode_pool(self.keys.pool(name), raw[0]),
+                                                  raw[1])
+
+    async def list_nodes(self) -> list[Versioned[Node]]:
+        return await self._typed_prefix(self.keys.nodes(), self.decode_node)
+
+    async def get_node(self, name: str) -> Versioned[Node] | None:
+        raw = await self.get_raw(self.keys.node(name))
+        return None if raw is None else Versioned(self.decode_node(self.keys.node(name), raw[0]),
+                                                  raw[1])
+
+    async def list_reservations(self) -> list[Versioned[IPReservation]]:
+        return await self._typed_prefix(self.keys.reservations(), self.decode_reservation)
+
+    async def get_block(self, cidr: IPNetwork) -> Versioned[Block] | None:
+        key = self.keys.block(cidr)
+        raw = await self.get_raw(key)
+        return None if raw is None else Versioned(self.decode_block(key, raw[0]), raw[1])
+
+    async def list_blocks(self, within: IPNetwork | None = None) -> list[Versioned[Block]]:
+        if within is None:
+            return await self._typed_prefix(self.keys.blocks(), self.decode_block)
+        start, end = self.keys.blocks_in(within)
+        kvs, _ = await self.range_raw(start, end)
+        result = []
+        for kv in kvs:
+            try:
+                result.append(Versioned(self.decode_block(kv.key, kv.value), kv.mod_revision))
+            except InvalidInput as exc:
+                log.warning("skipping corrupt block at %s: %s", kv.key.decode(errors="replace"),
+                            exc)
+        return result
+
+    async def block_cidrs(self, within: IPNetwork) -> set[IPNetwork]:
+        """CIDRs of the blocks that exist inside ``within`` (keys only: cheap)."""
+        start, end = self.keys.blocks_in(within)
+        kvs, _ = await self.range_raw(start, end, keys_only=True)
+        cidrs = set()
+        for kv in kvs:
+            try:
+                cidrs.add(self.keys.block_cidr(kv.key))
+            except (InvalidInput, ValueError):
+                log.warning("skipping malformed block key %s", kv.key.decode(errors="replace"))
+        return cidrs
+
+    async def list_affinities(self, node: str | None = None) -> list[tuple[str, IPNetwork]]:
+        kvs, _ = await self.prefix_raw(self.keys.affinities(node), keys_only=True)
+        result = []
+        for kv in kvs:
+            try:
+                result.append(self.keys.affinity_of(kv.key))
+            except (InvalidInput, ValueError):
+                log.warning("skipping malformed affinity key %s", kv.key.decode(errors="replace"))
+        return result
+
+    async def get_handle(self, handle_id: str) -> Versioned[Handle] | None:
+        key = self.keys.handle(handle_id)
+        raw = await self.get_raw(key)
+        return None if raw is None else Versioned(self.decode_handle(key, raw[0]), raw[1])
+
+    async def list_handles(self) -> list[Versioned[Handle]]:
+        return await self._typed_prefix(self.keys.handles(), self.decode_handle)
+
+    # ------------------------------------------------------------------ writes
+    def _guarded_key(self, write: Write) -> tuple[bytes, int | None] | None:
+        match write:
+            case PutBlock(block=block, expect_revision=rev):
+                return self.keys.block(block.cidr), rev
+            case DeleteBlock(cidr=cidr, expect_revision=rev):
+                return self.keys.block(cidr), rev
+            case PutHandle(handle=handle, expect_revision=rev):
+                return self.keys.handle(handle.id), rev
+            case DeleteHandle(handle_id=handle_id, expect_revision=rev):
+                return self.keys.handle(handle_id), rev
+            case PutObject(obj=obj, expect_revision=rev):
+                return self._object_key(obj), rev
+            case DeleteObject(kind=kind, name=name, expect_revision=rev):
+                return self._named_key(kind, name), rev
+        return None
+
+    def _object_key(self, obj: IPPool | Node | IPAMConfig | IPReservation) -> bytes:
+        if isinstance(obj, IPPool):
+            return self.keys.pool(obj.name)
+        if isinstance(obj, Node):
+            return self.keys.node(obj.name)
+        if isinstance(obj, IPReservation):
+            return self.keys.reservation(obj.name)
+        return self.keys.config()
+
+    def _named_key(self, kind: str, name: str) -> bytes:
+        return {"pool": self.keys.pool, "node": self.keys.node,
+                "reservation": self.keys.reservation}[kind](name)
+
+    def _request_op(self, write: Write) -> Any:
+        match write:
+            case PutBlock(block=block):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.block(block.cidr), value=encode(block.to_dict())))
+            case DeleteBlock(cidr=cidr):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.block(cidr)))
+            case PutAffinity(node=node, cidr=cidr):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.affinity(node, cidr), value=b"{}"))
+            case DeleteAffinity(node=node, cidr=cidr):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.affinity(node, cidr)))
+            case PutHandle(handle=handle):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.handle(handle.id), value=encode(handle.to_dict())))
+            case DeleteHandle(handle_id=handle_id):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.handle(handle_id)))
+            case PutObject(obj=obj):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self._object_key(obj), value=encode(obj.to_dict())))
+            case DeleteObject(kind=kind, name=name):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self._named_key(kind, name)))
+        raise TypeError(f"unknown write {write!r}")
+
+    async def commit(self, writes: Iterable[Write]) -> CommitResult:
+        """Apply ``writes`` atomically if every guarded key is still at its expected revision.
+
+        Each guarded key is compared on ``mod_revision`` (0 means "must not
+        exist"). On a failed compare nothing is written and the result
+        carries the current values of the guarded blocks and handles.
+        Raises DatastoreUnavailable if etcd cannot be reached; in that case
+        the transaction may or may not have been applied, which callers
+        resolve by re-reading (an allocation is acknowledged only on success).
+        """
+        writes = list(writes)
+        compares = []
+        guarded: list[bytes] = []
+        for write in writes:
+            guard = self._guarded_key(write)
+            if guard is None or guard[1] is None:
+                continue
+            key, revision = guard
+            if key in guarded:
+                continue
+            guarded.append(key)
+            compares.append(rpc.Compare(
+                key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=revision))
+        request = rpc.TxnRequest(
+            compare=compares,
+            success=[self._request_op(w) for w in writes],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k)) for k in guarded],
+        )
+        response = await self._call("Txn", request)
+        revision = int(response.header.revision)
+        if response.succeeded:
+            return CommitResult(True, revision)
+        result = CommitResult(False, revision)
+        for key, op in zip(guarded, response.responses, strict=True):
+            kvs = op.response_range.kvs
+            result.raw[key] = (kvs[0].value, kvs[0].mod_revision) if kvs else None
+            kind, _ = self.keys.kind_of(key)
+            try:
+                if kind == "blocks":
+                    cidr = self.keys.block_cidr(key)
+                    result.blocks[cidr] = (
+                        Versioned(self.decode_block(key, kvs[0].value), kvs[0].mod_revision)
+                        if kvs else None
+                    )
+                elif kind == "handles":
+                    handle_id = self.keys.name_of(key)
+                    result.handles[handle_id] = (
+                        Versioned(self.decode_handle(key, kvs[0].value), kvs[0].mod_revision)
+                        if kvs else None
+                    )
+            except InvalidInput as exc:
+                log.warning("corrupt value at %s: %s", key.decode(errors="replace"), exc)
+        return result
+
+    async def delete_prefix(self, prefix: bytes) -> None:
+        await self._call("DeleteRange", rpc.DeleteRangeRequest(
+            key=prefix, range_end=prefix_range_end(prefix)))
+
+    async def compact(self, revision: int) -> None:
+        await self._call("Compact", rpc.CompactionRequest(revision=revision, physical=True))
+
+    # ------------------------------------------------------------------ watches
+    async def watch(
+        self, ranges: Sequence[tuple[bytes, bytes]], start_revision: int
+    ) -> AsyncIterator[list[Any]]:
+        """Yield lists of etcd events for several key ranges, from ``start_revision``.
+
+        Raises :class:`WatchCompacted` when etcd has compacted past the start
+        revision, and DatastoreUnavailable when the stream breaks; the caller
+        relists in both cases.
+        """
+        if self._channel is None:
+            await self.connect()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        for start, end in ranges:
+            queue.put_nowait(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                key=start, range_end=end, start_revision=start_revision, progress_notify=True)))
+
+        async def requests() -> AsyncIterator[Any]:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                yield item
+
+        call = self._watch.Watch(requests(), metadata=self._metadata)
+        created = 0
+        try:
+            async for response in call:
+                if response.compact_revision:
+                    raise WatchCompacted(int(response.compact_revision))
+                if response.canceled:
+                    raise DatastoreUnavailable(
+                        f"etcd cancelled the watch: {response.cancel_reason or 'no reason'}")
+                if response.created:
+                    created += 1
+                    if created == len(ranges):
+                        yield []  # all watches are established
+                    continue
+                if response.events:
+                    yield list(response.events)
+        except grpc.aio.AioRpcError as exc:
+            raise DatastoreUnavailable(f"etcd watch broke: {exc.details()}") from exc
+        finally:
+            queue.put_nowait(None)
+            call.cancel()
+        raise DatastoreUnavailable("etcd closed the watch stream")
+
+
+class WatchCompacted(Exception):
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"watch start revision was compacted (now at {compact_revision})")
+        self.compact_revision = compact_revision
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from exc

@@ -1,0 +1,1 @@
+"""topoipam: topology-aware IP address management for container networks."""
