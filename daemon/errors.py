@@ -44,7 +44,8 @@ class SelectorSyntaxError(InvalidInput):
         self.selector = selector
         self.column = column
         self.reason = reason
-        super().__init__(f"invalid selector {selector!r} at column {column}: {reason}")
+        shown = selector if len(selector) <= 80 else selector[:77] + "..."
+        super().__init__(f"invalid selector {shown!r} at column {column}: {reason}")
 
 
 class NotFound(TopoipamError):
