@@ -174,6 +174,7 @@ class Ipam:
         self.source: StateSource = source or EtcdSource(store, node)
         self.clock = clock
         self.max_attempts = max_attempts
+        self.on_conflict: Callable[[], None] = lambda: None
         # One claim at a time per node, so concurrent calls do not each claim a block.
         self._claim_lock = asyncio.Lock()
 
@@ -216,6 +217,7 @@ class Ipam:
             if existing_handle is not None:
                 return self._allocation_of(existing_handle.value, state)
             self._observe_failure(result)
+            self.on_conflict()
             await _backoff(attempt)
         raise Conflict(
             f"allocation for {handle_id} on node {self.node} lost {self.max_attempts} "
@@ -390,6 +392,7 @@ class Ipam:
                 self._observe_success(writes, result.revision)
                 return freed_all
             self._observe_failure(result)
+            self.on_conflict()
             await _backoff(attempt)
         raise Conflict(f"release of {handle_id} lost {self.max_attempts} update races; try again")
 
@@ -439,6 +442,7 @@ class Ipam:
                 self._observe_success(writes, result.revision)
                 return holder
             self._observe_failure(result)
+            self.on_conflict()
             await _backoff(attempt)
         raise Conflict(f"release of {address} lost {self.max_attempts} update races; try again")
 

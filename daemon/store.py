@@ -27,7 +27,7 @@ import asyncio
 import ipaddress
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -356,6 +356,8 @@ class EtcdStore:
         self._watch: Any = None
         self._metadata: tuple[tuple[str, str], ...] | None = None
         self._connect_lock = asyncio.Lock()
+        #: Called on every failed etcd call (a metrics hook).
+        self.on_error: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ connection
     async def connect(self) -> None:
@@ -436,6 +438,7 @@ class EtcdStore:
                     metadata=self._metadata,
                 )
             except grpc.aio.AioRpcError as exc:
+                self.on_error()
                 details = exc.details() or ""
                 if (
                     attempt == 1
@@ -459,8 +462,8 @@ class EtcdStore:
         return int(response.header.revision)
 
     # ------------------------------------------------------------------ raw reads
-    async def get_raw(self, key: bytes) -> tuple[bytes, int] | None:
-        response = await self._call("Range", rpc.RangeRequest(key=key))
+    async def get_raw(self, key: bytes, revision: int = 0) -> tuple[bytes, int] | None:
+        response = await self._call("Range", rpc.RangeRequest(key=key, revision=revision))
         if not response.kvs:
             return None
         kv = response.kvs[0]

@@ -1,0 +1,302 @@
+"""The daemon's watch-synced copy of what its node needs from etcd.
+
+One writer task lists config, pools, reservations, this node and this node's
+affine blocks at one revision, then watches those keys from the next
+revision. After a compaction or a broken watch it marks itself out of sync
+and relists. While out of sync, :meth:`state` raises NotReady so the daemon
+answers "try again" instead of acting on stale data.
+
+The cache is only a copy: every write the engine makes is guarded by
+mod_revision compares in etcd, so a stale block costs one failed transaction
+(whose reply refreshes the block through :meth:`observe`), never a double
+allocation. Other nodes' blocks are not read or watched here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .allocator import Reservations
+from .errors import DatastoreUnavailable, InvalidInput, NotReady
+from .ipam import ClusterState
+from .model import Block, IPAMConfig, IPNetwork, IPPool, IPReservation
+from .store import EtcdStore, Versioned, WatchCompacted, prefix_range_end
+
+log = logging.getLogger(__name__)
+
+RELIST_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.5)
+
+
+class NodeCache:
+    """Config, pools, reservations, this node's labels and affine blocks, kept current."""
+
+    def __init__(
+        self,
+        store: EtcdStore,
+        node: str,
+        on_change: Callable[[], None] | None = None,
+        on_sync_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.keys = store.keys
+        self._on_change = on_change or (lambda: None)
+        self._on_sync_change = on_sync_change or (lambda _: None)
+        self.in_sync = asyncio.Event()
+        self.last_error: str = ""
+        self.revision = 0
+        self.config = IPAMConfig()
+        self.pools: dict[str, IPPool] = {}
+        self.reservations: dict[str, IPReservation] = {}
+        self.labels: dict[str, str] = {}
+        self.blocks: dict[IPNetwork, Versioned[Block]] = {}
+        self._state: ClusterState | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.relists = 0
+        # Affinities seen in a watch batch whose block is not cached yet.
+        self._affinity_pending: set[IPNetwork] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"topoipam-cache-{self.node}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def wait_in_sync(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self.in_sync.wait(), timeout)
+
+    def _set_sync(self, value: bool, error: str = "") -> None:
+        self.last_error = error
+        if value == self.in_sync.is_set():
+            return
+        if value:
+            self.in_sync.set()
+        else:
+            self.in_sync.clear()
+        log.info("cache %s", "in sync" if value else f"out of sync: {error}")
+        self._on_sync_change(value)
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._list()
+                failures = 0
+                await self._watch()
+            except WatchCompacted as exc:
+                log.warning("watch compacted (%s); relisting", exc)
+                self._set_sync(False, str(exc))
+            except DatastoreUnavailable as exc:
+                self._set_sync(False, str(exc))
+                await asyncio.sleep(RELIST_BACKOFF[min(failures, len(RELIST_BACKOFF) - 1)])
+                failures += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the one writer die silently
+                log.exception("cache watcher failed; relisting")
+                self._set_sync(False, f"internal error: {exc}")
+                await asyncio.sleep(0.5)
+
+    # ------------------------------------------------------------------ list
+    async def _list(self) -> None:
+        """Read everything at one revision, then replace the cached copy at once."""
+        revision = await self.store.ping()
+        reads = await asyncio.gather(
+            self.store.get_raw(self.keys.config(), revision),
+            self.store.prefix_raw(self.keys.pools(), revision=revision),
+            self.store.prefix_raw(self.keys.reservations(), revision=revision),
+            self.store.get_raw(self.keys.node(self.node), revision),
+            self.store.prefix_raw(self.keys.affinities(self.node), keys_only=True,
+                                  revision=revision),
+        )
+        config_raw, (pool_kvs, _), (reservation_kvs, _), node_raw, (affinity_kvs, _) = reads
+        affine = []
+        for kv in affinity_kvs:
+            try:
+                affine.append(self.keys.affinity_of(kv.key)[1])
+            except (InvalidInput, ValueError):
+                log.warning("skipping malformed affinity key %r", kv.key)
+        block_reads = await asyncio.gather(
+            *(self.store.get_raw(self.keys.block(cidr), revision) for cidr in affine)
+        )
+        self.config = self._decode_config(config_raw[0] if config_raw else None)
+        self.pools = {}
+        for kv in pool_kvs:
+            self._apply_pool(kv.key, kv.value)
+        self.reservations = {}
+        for kv in reservation_kvs:
+            self._apply_reservation(kv.key, kv.value)
+        self.labels = self._decode_labels(node_raw[0] if node_raw else None)
+        self.blocks = {}
+        for cidr, raw in zip(affine, block_reads, strict=True):
+            if raw is not None:
+                self._apply_block(self.keys.block(cidr), raw[0], raw[1])
+        self.revision = revision
+        self.relists += 1
+        self._changed()
+
+    # ------------------------------------------------------------------ watch
+    def _ranges(self) -> list[tuple[bytes, bytes]]:
+        single = [self.keys.config(), self.keys.node(self.node)]
+        single += [self.keys.block(cidr) for cidr in sorted(self.blocks, key=str)]
+        ranges = [(key, key + b"\0") for key in single]
+        for prefix in (self.keys.pools(), self.keys.reservations(),
+                       self.keys.affinities(self.node)):
+            ranges.append((prefix, prefix_range_end(prefix)))
+        return ranges
+
+    async def _watch(self) -> None:
+        """Watch from revision+1 until the set of affine blocks changes, then re-watch."""
+        while True:
+            watched_blocks = set(self.blocks)
+            async for events in self.store.watch(self._ranges(), self.revision + 1):
+                if not events:
+                    self._set_sync(True)
+                    continue
+                for event in events:
+                    self._apply_event(event)
+                self.revision = max(self.revision, int(events[-1].kv.mod_revision))
+                missing = sorted(self._affinity_pending, key=str)
+                self._affinity_pending.clear()
+                for cidr in missing:
+                    raw = await self.store.get_raw(self.keys.block(cidr))
+                    if raw is not None:
+                        self._apply_block(self.keys.block(cidr), raw[0], raw[1])
+                self._changed()
+                if set(self.blocks) != watched_blocks:
+                    break
+
+    def _apply_event(self, event: Any) -> None:
+        key: bytes = event.kv.key
+        deleted = event.type == 1  # etcd mvccpb.Event.DELETE
+        kind, rest = self.keys.kind_of(key)
+        if key == self.keys.config():
+            self.config = self._decode_config(None if deleted else event.kv.value)
+        elif key == self.keys.node(self.node):
+            self.labels = self._decode_labels(None if deleted else event.kv.value)
+        elif kind == "pools":
+            if deleted:
+                self.pools.pop(self.keys.name_of(key), None)
+            else:
+                self._apply_pool(key, event.kv.value)
+        elif kind == "reservations":
+            if deleted:
+                self.reservations.pop(self.keys.name_of(key), None)
+            else:
+                self._apply_reservation(key, event.kv.value)
+        elif kind == "affinities":
+            try:
+                _, cidr = self.keys.affinity_of(key)
+            except (InvalidInput, ValueError):
+                return
+            if deleted:
+                self.blocks.pop(cidr, None)
+            elif cidr not in self.blocks:
+                self._affinity_pending.add(cidr)
+        elif kind == "blocks":
+            if deleted:
+                try:
+                    self.blocks.pop(self.keys.block_cidr(key), None)
+                except (InvalidInput, ValueError):
+                    pass
+            else:
+                self._apply_block(key, event.kv.value, int(event.kv.mod_revision))
+
+    # ------------------------------------------------------------------ decoding
+    def _decode_config(self, raw: bytes | None) -> IPAMConfig:
+        if raw is None:
+            return IPAMConfig()
+        try:
+            return self.store.decode_config(raw)
+        except InvalidInput as exc:
+            log.warning("ignoring corrupt ipamconfig (using defaults): %s", exc)
+            return IPAMConfig()
+
+    def _decode_labels(self, raw: bytes | None) -> dict[str, str]:
+        if raw is None:
+            return {}
+        try:
+            return dict(self.store.decode_node(self.keys.node(self.node), raw).labels)
+        except InvalidInput as exc:
+            log.warning("ignoring corrupt node %s (no labels): %s", self.node, exc)
+            return {}
+
+    def _apply_pool(self, key: bytes, raw: bytes) -> None:
+        name = self.keys.name_of(key)
+        try:
+            self.pools[name] = self.store.decode_pool(key, raw)
+        except InvalidInput as exc:
+            log.warning("skipping corrupt pool %s: %s", name, exc)
+            self.pools.pop(name, None)
+
+    def _apply_reservation(self, key: bytes, raw: bytes) -> None:
+        name = self.keys.name_of(key)
+        try:
+            self.reservations[name] = self.store.decode_reservation(key, raw)
+        except InvalidInput as exc:
+            log.warning("skipping corrupt ipreservation %s: %s", name, exc)
+            self.reservations.pop(name, None)
+
+    def _apply_block(self, key: bytes, raw: bytes, revision: int) -> None:
+        try:
+            block = self.store.decode_block(key, raw)
+        except InvalidInput as exc:
+            log.warning("skipping corrupt block %s: %s", key.decode(errors="replace"), exc)
+            return
+        self.observe(block.cidr, Versioned(block, revision))
+
+    def _changed(self) -> None:
+        self._state = None
+        self._on_change()
+
+    # ------------------------------------------------------------------ StateSource
+    async def state(self) -> ClusterState:
+        if not self.in_sync.is_set():
+            raise NotReady(
+                f"topoipamd on node {self.node} is not in sync with etcd"
+                + (f" ({self.last_error})" if self.last_error else "") + "; try again"
+            )
+        return self.snapshot()
+
+    def snapshot(self) -> ClusterState:
+        """The cached state as it is now, in sync or not (for status and metrics)."""
+        if self._state is None:
+            self._state = ClusterState(
+                config=self.config,
+                pools=tuple(sorted(self.pools.values(), key=lambda p: p.name)),
+                labels=dict(self.labels),
+                reservations=Reservations(self.reservations.values()),
+            )
+        return self._state
+
+    async def affine_blocks(self) -> list[Versioned[Block]]:
+        return [b for b in self.blocks.values() if b.value.affinity == self.node]
+
+    async def block(self, cidr: IPNetwork) -> Versioned[Block] | None:
+        cached = self.blocks.get(cidr)
+        if cached is not None:
+            return cached
+        return await self.store.get_block(cidr)
+
+    def observe(self, cidr: IPNetwork, block: Versioned[Block] | None) -> None:
+        """Take a fresher value of a block, from a watch event or a transaction reply."""
+        current = self.blocks.get(cidr)
+        if block is None:
+            if current is not None:
+                del self.blocks[cidr]
+            return
+        if block.value.affinity != self.node:
+            self.blocks.pop(cidr, None)
+            return
+        if current is None or block.mod_revision >= current.mod_revision:
+            self.blocks[cidr] = block

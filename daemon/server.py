@@ -1,0 +1,265 @@
+"""The daemon object: start, serve, drain, close. Signals live in main.py.
+
+Start-up order (DESIGN §5): connect to etcd, register the node if absent,
+list and watch, and only then report ready (health SERVING, systemd
+READY=1). The sockets are bound early so clients get a clear "not ready"
+(UNAVAILABLE) rather than "connection refused" while the cache syncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from topoipam.client.wire import cni_socket_path
+from topoipam.proto import ipam_pb2, ipam_pb2_grpc
+
+from . import allocator
+from .cache import NodeCache
+from .cni_socket import CniSocketServer
+from .config import DaemonConfig, parse_host_port
+from .errors import DatastoreUnavailable, InvalidInput, TopoipamError
+from .ipam import Ipam
+from .metrics import Metrics
+from .model import Node
+from .service import IpamService, StatusProvider
+from .store import EtcdStore, PutObject
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = ipam_pb2.DESCRIPTOR.services_by_name["Ipam"].full_name
+
+
+def prepare_socket_dir(path: str) -> None:
+    """Create the socket's directory 0750, and refuse one that anyone may write to.
+
+    A world-writable directory would let any local user replace the socket
+    and impersonate the daemon to the CNI plugin.
+    """
+    directory = Path(path).parent
+    if not directory.exists():
+        directory.mkdir(mode=0o750, parents=True)
+        os.chmod(directory, 0o750)
+    mode = directory.stat().st_mode
+    if mode & stat.S_IWOTH:
+        raise InvalidInput(
+            f"socket directory {directory} is world-writable (mode {stat.S_IMODE(mode):o}); "
+            "refusing to serve there"
+        )
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+
+
+class Daemon:
+    """One node's topoipamd. ``async with Daemon(config):`` or start()/close()."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = EtcdStore(config.etcd_options(), config.prefix)
+        self.cache = NodeCache(self.store, config.node, on_change=self._on_cache_change,
+                               on_sync_change=self._on_sync_change)
+        self.ipam = Ipam(self.store, config.node, source=self.cache)
+        self.ipam.on_conflict = self.metrics.etcd_conflicts.inc
+        self.store.on_error = self.metrics.etcd_errors.inc
+        self.service = IpamService(
+            self.ipam,
+            StatusProvider(self.cache.in_sync.is_set, self._etcd_check, self._cache_state),
+            self.metrics,
+            request_timeout=config.request_timeout,
+        )
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._cni_server: CniSocketServer | None = None
+        self._metrics_server: Any = None
+        self._closed = asyncio.Event()
+        self._closing = False
+        self._register_task: asyncio.Task[None] | None = None
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._ready_once = False
+        self.metrics.add_pool_collector(self._pool_metrics)
+        self.metrics.relists.set_function(lambda: self.cache.relists)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        prepare_socket_dir(self.config.socket)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        ipam_pb2_grpc.add_IpamServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        if os.path.exists(self.config.socket):
+            os.unlink(self.config.socket)
+        server.add_insecure_port(f"unix:{self.config.socket}")
+        if self.config.tcp_address:
+            server.add_insecure_port(self.config.tcp_address)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        os.chmod(self.config.socket, 0o660)
+        self._server = server
+        self._cni_server = CniSocketServer(cni_socket_path(self.config.socket),
+                                           self.service.dispatch)
+        await self._cni_server.start()
+        if self.config.metrics_address != "off":
+            host, port = parse_host_port(self.config.metrics_address, "metrics-address")
+            self._metrics_server = start_http_server(port, host, registry=self.metrics.registry)
+        self._register_task = asyncio.create_task(self._register_then_sync())
+        log.info("topoipamd serving node %s on %s (CNI socket %s)", self.config.node,
+                 self.config.socket, cni_socket_path(self.config.socket))
+
+    async def _register_then_sync(self) -> None:
+        """Register the node (retrying while etcd is down), then start the cache."""
+        delay = 0.05
+        while True:
+            try:
+                await self.register_node()
+                break
+            except DatastoreUnavailable as exc:
+                log.warning("cannot register node %s yet: %s", self.config.node, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        self.cache.start()
+
+    async def register_node(self) -> None:
+        """Create this node's record with the configured labels, only if it is absent."""
+        existing = await self.store.get_node(self.config.node)
+        if existing is not None:
+            return
+        result = await self.store.commit(
+            [PutObject(Node(self.config.node, self.config.labels), expect_revision=0)])
+        if result.succeeded:
+            log.info("registered node %s with labels %s", self.config.node,
+                     dict(self.config.labels))
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await self.cache.wait_in_sync(timeout)
+
+    def _on_sync_change(self, in_sync: bool) -> None:
+        self.metrics.cache_in_sync.set(1 if in_sync else 0)
+        if self._closing:
+            return
+        status = (health_pb2.HealthCheckResponse.SERVING if in_sync
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        asyncio.get_running_loop().create_task(self._set_health(status))
+        if in_sync and not self._ready_once:
+            self._ready_once = True
+            sd_notify("READY=1\nSTATUS=in sync with etcd")
+        elif not in_sync:
+            sd_notify(f"STATUS=out of sync with etcd: {self.cache.last_error}")
+
+    async def _set_health(self, status: Any) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    def _on_cache_change(self) -> None:
+        # Pools or labels may have stopped selecting some of our empty blocks.
+        if self._cleanup_task is None or self._cleanup_task.done():
+            self._cleanup_task = asyncio.get_running_loop().create_task(self._release_unwanted())
+
+    async def _release_unwanted(self) -> None:
+        await asyncio.sleep(0)  # let the cache finish applying the batch
+        try:
+            dropped = await self.ipam.release_unwanted_blocks()
+            if dropped:
+                log.info("released empty blocks no longer selected for %s: %s",
+                         self.config.node, ", ".join(map(str, dropped)))
+        except TopoipamError as exc:
+            log.debug("block cleanup deferred: %s", exc)
+
+    def _cache_state(self) -> Any:
+        return self.cache.snapshot() if self.cache.in_sync.is_set() else None
+
+    async def _etcd_check(self) -> str:
+        try:
+            await asyncio.wait_for(self.store.ping(), 2.0)
+            return ""
+        except (DatastoreUnavailable, TimeoutError) as exc:
+            return str(exc) or "etcd did not answer within 2s"
+
+    def _pool_metrics(self) -> list[tuple[str, int, int, int]]:
+        rows: dict[str, list[int]] = {}
+        state = self.cache.snapshot()
+        pools = state.pools
+        now = time.time()
+        for versioned in self.cache.blocks.values():
+            block = versioned.value
+            pool = allocator.pool_of_block(pools, block.cidr)
+            name = pool.name if pool else "(deleted)"
+            row = rows.setdefault(name, [0, 0, 0])
+            row[0] += 1
+            row[1] += block.in_use
+            if pool is not None:
+                ctx = allocator.AssignContext(pool, state.reservations, now,
+                                              float(state.config.ip_cooldown_seconds))
+                row[2] += allocator.free_count(block, ctx)
+        return [(name, *values) for name, values in sorted(rows.items())]  # type: ignore[misc]
+
+    async def close(self) -> None:
+        """Stop taking calls, let in-flight ones finish (bounded), then close everything."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        await self.health.enter_graceful_shutdown()
+        sd_notify("STOPPING=1")
+        if self._cni_server is not None:
+            self._cni_server.close()
+        if self._server is not None:
+            await self._server.stop(self.config.drain_seconds)
+        if self._cni_server is not None:
+            await self._cni_server.wait_closed()
+        for task in (self._register_task, self._cleanup_task):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        await self.cache.close()
+        await self.store.close()
+        if self._metrics_server is not None:
+            server, thread = self._metrics_server
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+        for path in (self.config.socket,):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,237 @@
+"""The gRPC servicer: protobuf in, domain values to the engine, protobuf out.
+
+Domain errors become status codes through one table (each TopoipamError
+subclass names its code). The same methods serve the CNI plugin's framed-JSON
+socket through :meth:`IpamService.dispatch`, so both transports carry the
+same messages and the same errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from topoipam.proto import ipam_pb2, ipam_pb2_grpc
+
+from . import allocator
+from .errors import InvalidInput, TopoipamError
+from .ipam import Allocation, AllocationRequest, Ipam
+from .metrics import Metrics
+from .model import Attachment, check_label
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+# The one table from domain errors to gRPC status codes.
+STATUS_OF = {name: getattr(grpc.StatusCode, name) for name in (
+    "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION",
+    "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL",
+)}
+
+
+def _attachment(message: Any) -> Attachment:
+    if not message.network and not message.container_id and not message.ifname:
+        raise InvalidInput("attachment (network, container_id, ifname) is required")
+    return Attachment(message.network, message.container_id, message.ifname)
+
+
+def _allocation_message(allocation: Allocation, response: Any) -> Any:
+    response.handle = allocation.handle_id
+    for address in allocation.addresses:
+        response.addresses.add(
+            ip=str(address.ip),
+            pool=address.pool.name if address.pool else "",
+            pool_cidr=str(address.pool.cidr) if address.pool else str(address.block),
+            block=str(address.block),
+            family=address.ip.version,
+        )
+    return response
+
+
+class StatusProvider:
+    """What Status reports beyond the engine: cache sync and etcd reachability."""
+
+    def __init__(self, in_sync: Callable[[], bool], etcd_check: Callable[[], Awaitable[str]],
+                 state: Callable[[], Any]) -> None:
+        self.in_sync = in_sync
+        self.etcd_check = etcd_check
+        self.state = state
+
+
+class IpamService(ipam_pb2_grpc.IpamServicer):  # type: ignore[misc]
+    """topoipam.v1.Ipam on top of one node's :class:`Ipam` engine."""
+
+    def __init__(self, ipam: Ipam, status: StatusProvider, metrics: Metrics,
+                 request_timeout: float = 20.0) -> None:
+        self.ipam = ipam
+        self.status = status
+        self.metrics = metrics
+        self.request_timeout = request_timeout
+        self._methods: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
+            "Allocate": (ipam_pb2.AllocateRequest, self.allocate),
+            "Release": (ipam_pb2.ReleaseRequest, self.release),
+            "Get": (ipam_pb2.GetRequest, self.get),
+            "GarbageCollect": (ipam_pb2.GarbageCollectRequest, self.garbage_collect),
+            "Status": (ipam_pb2.StatusRequest, self.node_status),
+        }
+
+    # ------------------------------------------------------------------ domain calls
+    async def allocate(self, request: Any) -> Any:
+        attributes = dict(request.attributes)
+        for key, value in attributes.items():
+            check_label(key, value, "attributes")
+        addresses = []
+        for text in request.ips:
+            try:
+                addresses.append(ipaddress.ip_address(text.split("/")[0]))
+            except ValueError:
+                raise InvalidInput(f"requested address {text!r} is not an IP address") from None
+        domain = AllocationRequest(
+            attachment=_attachment(request.attachment),
+            ipv4=request.assign_ipv4,
+            ipv6=request.assign_ipv6,
+            ipv4_pools=tuple(request.ipv4_pools),
+            ipv6_pools=tuple(request.ipv6_pools),
+            addresses=tuple(addresses),
+            attributes=attributes,
+        )
+        allocation = await self.ipam.allocate(domain)
+        return _allocation_message(allocation, ipam_pb2.AllocateResponse())
+
+    async def release(self, request: Any) -> Any:
+        released = await self.ipam.release(_attachment(request.attachment).handle_id)
+        return ipam_pb2.ReleaseResponse(released=[str(a) for a in released])
+
+    async def get(self, request: Any) -> Any:
+        attachment = _attachment(request.attachment)
+        allocation = await self.ipam.get(attachment)
+        if allocation is None:
+            from .errors import NotFound
+
+            raise NotFound(f"{attachment.handle_id} holds no address")
+        return _allocation_message(allocation, ipam_pb2.GetResponse())
+
+    async def garbage_collect(self, request: Any) -> Any:
+        if not request.network:
+            raise InvalidInput("network is required")
+        keep = {_attachment(a).handle_id for a in request.valid_attachments}
+        for attachment in request.valid_attachments:
+            if attachment.network != request.network:
+                raise InvalidInput(
+                    f"valid attachment of network {attachment.network!r} in a GC of "
+                    f"network {request.network!r}"
+                )
+        released = await self.ipam.garbage_collect(request.network, keep)
+        return ipam_pb2.GarbageCollectResponse(released_handles=released)
+
+    async def node_status(self, request: Any) -> Any:
+        etcd_error = await self.status.etcd_check()
+        in_sync = self.status.in_sync()
+        state = self.status.state()
+        response = ipam_pb2.StatusResponse(
+            node=self.ipam.node,
+            in_sync=in_sync,
+            etcd_reachable=not etcd_error,
+            etcd_error=etcd_error,
+            version=VERSION,
+        )
+        if state is not None:
+            response.labels.update(state.labels)
+            for pool in state.pools:
+                selected, reason = allocator.explain_pool(pool, state.labels)
+                response.pools.add(name=pool.name, cidr=str(pool.cidr), selected=selected,
+                                   reason=reason)
+            free, blocks = self.status_blocks(state)
+            response.affine_blocks = blocks
+            response.free_addresses = free
+        return response
+
+    def status_blocks(self, state: Any) -> tuple[int, int]:
+        free = 0
+        blocks = 0
+        source = self.ipam.source
+        for versioned in getattr(source, "blocks", {}).values():
+            block = versioned.value
+            blocks += 1
+            pool = allocator.pool_of_block(state.pools, block.cidr)
+            if pool is None:
+                continue
+            ctx = allocator.AssignContext(pool, state.reservations, time.time(),
+                                          float(state.config.ip_cooldown_seconds))
+            free += allocator.free_count(block, ctx)
+        return free, blocks
+
+    # ------------------------------------------------------------------ transports
+    async def _call(self, method: str, request: Message) -> Message:
+        handler = self._methods[method][1]
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await asyncio.wait_for(handler(request), self.request_timeout)
+        except TopoipamError as exc:
+            outcome = type(exc).__name__
+            raise
+        except TimeoutError:
+            outcome = "timeout"
+            raise
+        finally:
+            self.metrics.observe_call(method, outcome, time.perf_counter() - started)
+
+    async def _grpc(self, method: str, request: Message, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await self._call(method, request)
+        except TopoipamError as exc:
+            await context.abort(STATUS_OF.get(exc.code, grpc.StatusCode.UNKNOWN), exc.message)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"{method} did not finish within {self.request_timeout:g}s; "
+                                "etcd may be unreachable")
+
+    async def Allocate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._grpc("Allocate", request, context)
+
+    async def Release(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._grpc("Release", request, context)
+
+    async def Get(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._grpc("Get", request, context)
+
+    async def GarbageCollect(  # noqa: N802
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        return await self._grpc("GarbageCollect", request, context)
+
+    async def Status(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._grpc("Status", request, context)
+
+    async def dispatch(self, method: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """The CNI socket's entry: proto3 JSON (proto field names) in and out."""
+        entry = self._methods.get(method)
+        if entry is None:
+            return {"code": "UNIMPLEMENTED", "message": f"unknown method {method!r}",
+                    "cni_code": 4}
+        try:
+            request = json_format.ParseDict(payload, entry[0]())
+        except (json_format.ParseError, TypeError, ValueError) as exc:
+            return {"code": "INVALID_ARGUMENT", "message": f"bad {method} request: {exc}",
+                    "cni_code": 7}
+        try:
+            response = await self._call(method, request)
+        except TopoipamError as exc:
+            return {"code": exc.code, "message": exc.message, "cni_code": exc.cni_code}
+        except TimeoutError:
+            return {"code": "UNAVAILABLE", "cni_code": 11,
+                    "message": f"{method} did not finish within {self.request_timeout:g}s; "
+                               "etcd may be unreachable"}
+        return {"code": "OK", "response": json_format.MessageToDict(
+            response, preserving_proto_field_name=True)}

@@ -1,0 +1,193 @@
+"""The pure allocator and model: tables and properties, no I/O."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from topoipam.daemon import allocator
+from topoipam.daemon.allocator import AssignContext, Reservations
+from topoipam.daemon.errors import (
+    AddressUnavailable,
+    InvalidInput,
+    NoPoolForNode,
+    PoolOverlap,
+    UnknownPool,
+)
+from topoipam.daemon.model import Block, IPAMConfig, IPPool, IPReservation, check_pool_overlaps
+
+
+def pool(name: str, cidr: str, selector: str = "all()", block: int | None = None,
+         **kw: object) -> IPPool:
+    network = ipaddress.ip_network(cidr)
+    return IPPool(name, network, block or (26 if network.version == 4 else 122), selector,
+                  **kw)  # type: ignore[arg-type]
+
+
+RACK0 = pool("rack-0", "192.168.0.0/24", 'rack == "0"')
+RACK1 = pool("rack-1", "192.168.1.0/24", 'rack == "1"')
+MANUAL = pool("manual", "10.9.0.0/24", assignment_mode="Manual")
+OFF = pool("off", "10.8.0.0/24", disabled=True)
+V6 = pool("v6", "fd00::/120")
+
+
+@pytest.mark.parametrize(
+    ("labels", "family", "requested", "expected"),
+    [
+        ({"rack": "0"}, 4, (), ["rack-0"]),
+        ({"rack": "1"}, 4, (), ["rack-1"]),
+        ({"rack": "1"}, 6, (), ["v6"]),
+        ({"rack": "0"}, 4, ("manual",), ["manual"]),
+        ({"rack": "0"}, 4, ("192.168.1.0/24",), ["rack-1"]),
+        ({"rack": "0"}, 4, ("rack-1", "rack-0"), ["rack-1", "rack-0"]),
+    ],
+)
+def test_pool_choice(labels: dict[str, str], family: int, requested: tuple[str, ...],
+                     expected: list[str]) -> None:
+    chosen = allocator.pools_for_node([RACK1, MANUAL, OFF, V6, RACK0], "n", labels, family,
+                                      requested)
+    assert [p.name for p in chosen] == expected
+
+
+def test_no_pool_for_node_names_node_labels_and_pools() -> None:
+    with pytest.raises(NoPoolForNode) as info:
+        allocator.pools_for_node([RACK0, RACK1], "node-9", {"rack": "7"}, 4)
+    message = str(info.value)
+    assert "node-9" in message and "rack=7" in message
+    assert "rack-0" in message and "rack-1" in message
+
+
+@pytest.mark.parametrize(
+    ("requested", "fragment"),
+    [(("nope",), "nope does not exist"), (("off",), "off is disabled"),
+     (("v6",), "is an IPv6 pool"), (("10.0.0.0/8",), "10.0.0.0/8 does not exist")],
+)
+def test_unknown_requested_pool(requested: tuple[str, ...], fragment: str) -> None:
+    with pytest.raises(UnknownPool, match=fragment):
+        allocator.pools_for_node([RACK0, OFF, V6], "n", {}, 4, requested)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"cidr": "192.168.0.1/24"}, "host bits set"),
+        ({"cidr": "not-a-cidr"}, "not a CIDR"),
+        ({"cidr": "192.168.0.0/24", "blockSize": 19}, "out of range"),
+        ({"cidr": "192.168.0.0/24", "blockSize": 33}, "out of range"),
+        ({"cidr": "fd00::/64", "blockSize": 26}, "out of range"),
+        ({"cidr": "192.168.0.0/28", "blockSize": 26}, "smaller than one /26 block"),
+        ({"cidr": "192.168.0.0/24", "nodeSelector": "rack =="}, "column"),
+        ({"cidr": "192.168.0.0/24", "assignmentMode": "Sometimes"}, "Automatic or Manual"),
+        ({"cidr": "192.168.0.0/24", "colour": "blue"}, "unknown field"),
+    ],
+)
+def test_pool_validation(kwargs: dict[str, object], fragment: str) -> None:
+    with pytest.raises(InvalidInput, match=fragment):
+        IPPool.from_dict("p", kwargs)
+
+
+def test_pool_defaults_and_overlap() -> None:
+    p4 = IPPool.from_dict("a", {"cidr": "10.0.0.0/16"})
+    p6 = IPPool.from_dict("b", {"cidr": "fd00::/64"})
+    assert (p4.block_size, p6.block_size, p4.node_selector) == (26, 122, "all()")
+    with pytest.raises(PoolOverlap, match="overlaps pool a"):
+        check_pool_overlaps(IPPool.from_dict("c", {"cidr": "10.0.1.0/24"}), [p4, p6])
+    check_pool_overlaps(IPPool.from_dict("a", {"cidr": "10.0.0.0/8"}), [p4])  # same name: update
+
+
+def test_config_validation() -> None:
+    assert IPAMConfig.from_dict({"strictAffinity": True}).strict_affinity
+    with pytest.raises(InvalidInput, match="maxBlocksPerHost"):
+        IPAMConfig.from_dict({"maxBlocksPerHost": -1})
+    with pytest.raises(InvalidInput, match="unknown field"):
+        IPAMConfig.from_dict({"strict": True})
+
+
+def ctx(p: IPPool = RACK0, reservations: Reservations = allocator.NO_RESERVATIONS,
+        now: float = 0.0, cooldown: float = 0.0) -> AssignContext:
+    return AssignContext(p, reservations, now, cooldown)
+
+
+def test_assign_skips_network_address_and_reservations() -> None:
+    block = Block.empty(ipaddress.ip_network("192.168.0.0/26"), "n")
+    reserved = Reservations([IPReservation("gw", (ipaddress.ip_network("192.168.0.1/32"),))])
+    new, address = allocator.assign_next(block, "h", ctx(reservations=reserved)) or (None, None)
+    assert str(address) == "192.168.0.2"
+    assert block.in_use == 0 and new is not None and new.in_use == 1  # the input is untouched
+
+
+def test_released_addresses_go_to_the_back_and_cool_down() -> None:
+    block = Block.empty(ipaddress.ip_network("192.168.0.64/26"), "n")
+    first = allocator.assign_next(block, "a", ctx())
+    assert first is not None
+    block, address = first
+    block, freed = allocator.release_addresses(block, [address], "a", now=100.0)
+    assert freed == [address] and block.unallocated[-1] == 0
+    again = allocator.assign_next(block, "b", ctx())
+    assert again is not None and again[1] != address
+    with pytest.raises(AddressUnavailable, match="cooling down"):
+        allocator.assign_address(block, address, "c", ctx(now=105.0, cooldown=10.0))
+    allocator.assign_address(block, address, "c", ctx(now=111.0, cooldown=10.0))
+
+
+def test_release_only_frees_the_holders_addresses() -> None:
+    block = Block.empty(ipaddress.ip_network("192.168.0.0/26"), "n")
+    block = allocator.assign_address(block, ipaddress.ip_address("192.168.0.5"), "a", ctx())
+    after, freed = allocator.release_addresses(block, [ipaddress.ip_address("192.168.0.5")],
+                                               "someone-else", now=0)
+    assert freed == [] and after.in_use == 1
+
+
+def test_specific_address_errors() -> None:
+    block = Block.empty(ipaddress.ip_network("192.168.0.0/26"), "n")
+    block = allocator.assign_address(block, ipaddress.ip_address("192.168.0.5"), "a", ctx())
+    with pytest.raises(AddressUnavailable, match="already allocated"):
+        allocator.assign_address(block, ipaddress.ip_address("192.168.0.5"), "b", ctx())
+    with pytest.raises(AddressUnavailable, match="network or broadcast"):
+        allocator.assign_address(block, ipaddress.ip_address("192.168.0.0"), "b", ctx())
+
+
+def test_first_unclaimed_block() -> None:
+    p = pool("p", "10.0.0.0/24")
+    existing = {ipaddress.ip_network("10.0.0.0/26"), ipaddress.ip_network("10.0.0.128/26")}
+    assert str(allocator.first_unclaimed_block(p, existing)) == "10.0.0.64/26"
+    everything = set(p.block_cidrs())
+    assert allocator.first_unclaimed_block(p, everything) is None
+
+
+def test_block_round_trip_and_corruption() -> None:
+    block = Block.empty(ipaddress.ip_network("fd00::40/122"), "n")
+    block = allocator.assign_address(block, ipaddress.ip_address("fd00::41"), "h", ctx(V6))
+    assert Block.from_dict(block.to_dict()) == block
+    broken = block.to_dict()
+    broken["unallocated"] = broken["unallocated"][1:]
+    with pytest.raises(InvalidInput, match="disagree"):
+        Block.from_dict(broken)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 20)), max_size=120))
+def test_assign_release_never_double_allocates(ops: list[tuple[bool, int]]) -> None:
+    """Any sequence of assigns and releases keeps the block a partition of its ordinals."""
+    block = Block.empty(ipaddress.ip_network("192.168.0.0/27"), "n")
+    held: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+    for is_assign, n in ops:
+        handle = f"h{n}"
+        if is_assign and handle not in held:
+            result = allocator.assign_next(block, handle, ctx())
+            if result is None:
+                assert allocator.free_count(block, ctx()) == 0
+                continue
+            block, address = result
+            assert address not in held.values()
+            held[handle] = address
+        elif not is_assign and handle in held:
+            block, freed = allocator.release_addresses(block, [held.pop(handle)], handle, now=1)
+            assert len(freed) == 1
+        assert sorted(block.allocations) + sorted(block.unallocated) != []
+        assert set(block.allocations).isdisjoint(block.unallocated)
+        assert len(block.allocations) + len(block.unallocated) == block.size
+        assert {block.address(o) for o in block.allocations} == set(held.values())
