@@ -1,0 +1,125 @@
+"""Real ``topoipamd`` processes on real unix sockets, for integration and e2e tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from topoipam.proto import ipam_pb2, ipam_pb2_grpc
+
+BIN = Path(sys.executable).parent
+TOPOIPAMD = str(BIN / "topoipamd")
+TOPOIPAMCTL = str(BIN / "topoipamctl")
+TOPOIPAM = str(BIN / "topoipam")
+
+
+@dataclass
+class DaemonProcess:
+    node: str
+    socket: str
+    endpoints: str
+    prefix: str
+    log_path: str
+    extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True, timeout: float = 20.0) -> DaemonProcess:
+        log = open(self.log_path, "ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOPOIPAM_")}
+        env.update(self.env)
+        self.process = subprocess.Popen(
+            [TOPOIPAMD, "--etcd-endpoints", self.endpoints, "--node", self.node,
+             "--socket", self.socket, "--prefix", self.prefix, "--metrics-address", "off",
+             *self.extra],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        log.close()
+        if wait:
+            self.wait_serving(timeout)
+        return self
+
+    def wait_serving(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"topoipamd {self.node} exited {self.process.returncode}:\n"
+                                   f"{self.log()}")
+            if self.health() == "SERVING":
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"topoipamd {self.node} not SERVING after {timeout}s:\n{self.log()}")
+
+    def health(self) -> str:
+        if not os.path.exists(self.socket):
+            return "NO_SOCKET"
+        try:
+            with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1)
+                return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        except grpc.RpcError as exc:
+            return str(exc.code().name)
+
+    @contextmanager
+    def stub(self) -> Iterator[Any]:
+        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+            yield ipam_pb2_grpc.IpamStub(channel)
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def cni(command: str, config: dict[str, Any], container: str = "", ifname: str = "eth0",
+        netns: str = "", args: str = "", extra_env: dict[str, str] | None = None,
+        timeout: float = 60) -> tuple[int, dict[str, Any] | None, str]:
+    """Exec the `topoipam` plugin the way a runtime does; returns (exit, stdout JSON, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
+    env.update({
+        "CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_IFNAME": ifname,
+        "CNI_NETNS": netns, "CNI_ARGS": args, "CNI_PATH": str(BIN),
+    })
+    env.update(extra_env or {})
+    done = subprocess.run([TOPOIPAM], input=json.dumps(config).encode(), env=env,
+                          capture_output=True, timeout=timeout)
+    out = done.stdout.decode().strip()
+    return done.returncode, json.loads(out) if out else None, done.stderr.decode()
+
+
+def ctl(env: dict[str, str], *args: str, input: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TOPOIPAMCTL, *args], env=env, capture_output=True, text=True,
+                          timeout=60, input=input)
