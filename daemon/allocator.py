@@ -148,7 +148,10 @@ def assign_next(block: Block, handle_id: str, ctx: AssignContext) -> tuple[Block
 def assign_address(
     block: Block, address: IPAddress, handle_id: str, ctx: AssignContext
 ) -> Block:
-    """A copy of ``block`` with ``address`` given to ``handle_id``; AddressUnavailable if not free."""
+    """A copy of ``block`` with ``address`` given to ``handle_id``.
+
+    Raises AddressUnavailable if the address is held, reserved, unusable or cooling down.
+    """
     ordinal = block.ordinal(address)
     holder = block.allocations.get(ordinal)
     if holder is not None:

@@ -18,11 +18,18 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import allocator
 from .allocator import AssignContext, Reservations
-from .errors import AddressUnavailable, Conflict, InvalidInput, NoPoolForNode, PoolExhausted
+from .errors import (
+    AddressUnavailable,
+    Conflict,
+    InvalidInput,
+    NoPoolForNode,
+    PoolExhausted,
+    TopoipamError,
+)
 from .model import (
     Attachment,
     Block,
@@ -151,15 +158,95 @@ class Allocation:
     addresses: tuple[AllocatedAddress, ...]
 
 
+class _Txn:
+    """The working set of one transaction: planned block values and what guards them.
+
+    Blocks are never modified in place (the allocator returns copies), so a
+    snapshot is a shallow copy of the dicts: an operation that fails while
+    planning is rolled back without touching the others of its batch.
+    """
+
+    def __init__(self) -> None:
+        # cidr -> (planned block or None for deleted, mod_revision it was read at; 0 = new)
+        self.blocks: dict[IPNetwork, tuple[Block | None, int]] = {}
+        self.affinities: dict[tuple[str, IPNetwork], bool] = {}  # True put, False delete
+        self.handles: dict[str, Write] = {}
+        # Block CIDRs that exist in etcd, per pool, read once per transaction.
+        self.existing: dict[str, set[IPNetwork]] = {}
+        self.affine_read: list[Versioned[Block]] | None = None
+
+    def snapshot(self) -> tuple[dict[IPNetwork, tuple[Block | None, int]],
+                                dict[tuple[str, IPNetwork], bool], dict[str, Write]]:
+        return dict(self.blocks), dict(self.affinities), dict(self.handles)
+
+    def restore(self, saved: tuple[dict[IPNetwork, tuple[Block | None, int]],
+                                   dict[tuple[str, IPNetwork], bool], dict[str, Write]]) -> None:
+        self.blocks, self.affinities, self.handles = (dict(x) for x in saved)  # type: ignore[assignment]
+
+    def current(self, versioned: Versioned[Block]) -> Block | None:
+        """The planned value of a block read at ``versioned``, if this transaction touched it."""
+        planned = self.blocks.get(versioned.value.cidr)
+        return versioned.value if planned is None else planned[0]
+
+    def put_block(self, block: Block, read_revision: int) -> None:
+        guard = self.blocks.get(block.cidr, (None, read_revision))[1]
+        self.blocks[block.cidr] = (block, guard)
+
+    def delete_block(self, block: Block, read_revision: int) -> None:
+        guard = self.blocks.get(block.cidr, (None, read_revision))[1]
+        self.blocks[block.cidr] = (None, guard)
+        if block.affinity is not None:
+            self.affinities[(block.affinity, block.cidr)] = False
+
+    def claimed(self, node: str) -> list[Block]:
+        return [b for b, rev in self.blocks.values() if rev == 0 and b is not None
+                and b.affinity == node]
+
+    def writes(self) -> list[Write]:
+        writes: list[Write] = []
+        for cidr, (block, revision) in self.blocks.items():
+            if block is not None:
+                writes.append(PutBlock(block, revision))
+            elif revision:
+                writes.append(DeleteBlock(cidr, revision))
+        for (node, cidr), put in self.affinities.items():
+            writes.append(PutAffinity(node, cidr) if put else DeleteAffinity(node, cidr))
+        writes += self.handles.values()
+        return writes
+
+    def size(self) -> int:
+        return len(self.blocks) + len(self.affinities) + len(self.handles)
+
+
 @dataclass
-class _Plan:
-    writes: list[Write] = field(default_factory=list)
-    blocks: dict[IPNetwork, Block] = field(default_factory=dict)
+class _Op:
+    """One allocation or release waiting for its batch's transaction."""
+
+    future: asyncio.Future[Any]
+    request: AllocationRequest | None = None
+    release: str | None = None
     addresses: list[AllocatedAddress] = field(default_factory=list)
+    freed: list[IPAddress] = field(default_factory=list)
+
+
+class _Defer(Exception):
+    """The call touches what another call of the same batch changes: plan it in the next."""
+
+
+# etcd refuses transactions with more than 128 operations in a branch (--max-txn-ops).
+MAX_TXN_OPS = 120
 
 
 class Ipam:
-    """Allocation and release for one node. Safe to call from many tasks at once."""
+    """Allocation and release for one node. Safe to call from many tasks at once.
+
+    With ``group_commit`` (the daemon), calls that arrive while a transaction
+    is in flight are planned together and committed in the next single
+    transaction, bounded by etcd's operation limit. Each call still succeeds
+    or fails on its own: a call that cannot be planned fails alone, and the
+    batch's transaction is all-or-nothing, so nothing is acknowledged that
+    etcd has not committed.
+    """
 
     def __init__(
         self,
@@ -168,6 +255,7 @@ class Ipam:
         source: StateSource | None = None,
         clock: Callable[[], float] = time.time,
         max_attempts: int = MAX_ATTEMPTS,
+        group_commit: bool = True,
     ) -> None:
         self.store = store
         self.node = node
@@ -175,10 +263,15 @@ class Ipam:
         self.clock = clock
         self.max_attempts = max_attempts
         self.on_conflict: Callable[[], None] = lambda: None
-        # One claim at a time per node, so concurrent calls do not each claim a block.
-        self._claim_lock = asyncio.Lock()
+        self.group_commit = group_commit
+        # Handles this engine wrote, so a release needs no read first. Only a
+        # hint: a stale entry fails its compare and is refreshed.
+        self._handles: dict[str, Versioned[Handle]] = {}
+        self._queue: list[_Op] = []
+        self._committer: asyncio.Task[None] | None = None
+        self.batches = 0
 
-    # ------------------------------------------------------------------ allocate
+    # ------------------------------------------------------------------ public calls
     async def allocate(self, request: AllocationRequest) -> Allocation:
         """Give the attachment one address per requested family, or raise.
 
@@ -186,58 +279,191 @@ class Ipam:
         All families are committed in one transaction together with the
         handle, so a failure of one family keeps nothing. Raises
         NoPoolForNode, PoolExhausted, UnknownPool, AddressUnavailable (final)
-        or Conflict / DatastoreUnavailable (retriable).
+        or Conflict / DatastoreUnavailable / NotReady (retriable).
         """
-        handle_id = request.attachment.handle_id
-        for attempt in range(self.max_attempts):
-            state = await self.source.state()
+        result: Allocation = await self._submit(_Op(self._future(), request=request))
+        return result
+
+    async def release(self, handle_id: str) -> list[IPAddress]:
+        """Free every address of the handle and delete it, in one transaction.
+
+        Releasing an unknown handle returns [] (CNI DEL must be idempotent).
+        Affine blocks that become empty while their pool no longer selects
+        this node are released in the same transaction.
+        """
+        result: list[IPAddress] = await self._submit(_Op(self._future(), release=handle_id))
+        return result
+
+    @staticmethod
+    def _future() -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, op: _Op) -> Any:
+        if not self.group_commit:
+            await self._run_batch([op])
+            return op.future.result()
+        self._queue.append(op)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_loop())
+        return await op.future
+
+    async def _commit_loop(self) -> None:
+        """The one task that drains the queue, a batch per transaction."""
+        while self._queue:
+            batch, self._queue = self._queue, []
             try:
-                plan = await self._plan(state, request, handle_id)
-            except (NoPoolForNode, PoolExhausted, AddressUnavailable):
-                existing = await self.store.get_handle(handle_id)
-                if existing is not None:
-                    return self._allocation_of(existing.value, state)
-                raise
-            handle = Handle(
-                id=handle_id,
-                node=self.node,
-                addresses=tuple(HandleAddress(a.ip, a.block) for a in plan.addresses),
-                attributes={
-                    **request.attributes,
-                    "network": request.attachment.network,
-                    "container_id": request.attachment.container_id,
-                    "ifname": request.attachment.ifname,
-                },
-            )
-            result = await self.store.commit([*plan.writes, PutHandle(handle, 0)])
+                await self._run_batch(batch)
+            except BaseException as exc:  # never strand a waiting caller
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+    async def close(self) -> None:
+        if self._committer is not None and not self._committer.done():
+            self._committer.cancel()
+            try:
+                await self._committer
+            except asyncio.CancelledError:
+                pass
+
+    # ------------------------------------------------------------------ batches
+    async def _run_batch(self, batch: list[_Op]) -> None:
+        pending = [op for op in batch if not op.future.done()]
+        for attempt in range(self.max_attempts):
+            if not pending:
+                return
+            try:
+                state = await self.source.state()
+            except TopoipamError as exc:
+                _fail(pending, exc)
+                return
+            txn = _Txn()
+            planned: list[_Op] = []
+            deferred: list[_Op] = []
+            for op in pending:
+                if txn.size() >= MAX_TXN_OPS:
+                    deferred.append(op)
+                    continue
+                saved = txn.snapshot()
+                try:
+                    done = await self._plan_op(state, op, txn)
+                except _Defer:
+                    txn.restore(saved)
+                    deferred.append(op)
+                    continue
+                except TopoipamError as exc:
+                    txn.restore(saved)
+                    await self._fail_or_return_existing(op, exc, state)
+                    continue
+                if done:
+                    continue
+                if txn.size() > MAX_TXN_OPS and planned:
+                    txn.restore(saved)
+                    deferred.append(op)
+                    continue
+                planned.append(op)
+            if not planned:
+                pending = deferred
+                continue
+            writes = txn.writes()
+            try:
+                result = await self.store.commit(writes)
+            except TopoipamError as exc:
+                _fail(planned, exc)
+                pending = deferred
+                continue
+            self.batches += 1
             if result.succeeded:
-                self._observe_success(plan.writes, result.revision)
-                return Allocation(handle_id, tuple(plan.addresses))
-            existing_handle = result.handles.get(handle_id)
-            if existing_handle is not None:
-                return self._allocation_of(existing_handle.value, state)
+                self._observe_success(writes, result.revision)
+                for op in planned:
+                    self._resolve(op, result.revision, txn)
+                pending = deferred
+                continue
             self._observe_failure(result)
             self.on_conflict()
+            retry = []
+            for op in planned:
+                if op.request is not None:
+                    handle_id = op.request.attachment.handle_id
+                    existing = result.handles.get(handle_id)
+                    if existing is not None:  # an earlier ADD of this attachment won
+                        self._handles[handle_id] = existing
+                        op.future.set_result(self._allocation_of(existing.value, state))
+                        continue
+                elif op.release is not None and op.release in result.handles:
+                    current = result.handles[op.release]
+                    if current is None:
+                        self._handles.pop(op.release, None)
+                    else:
+                        self._handles[op.release] = current
+                retry.append(op)
+            pending = retry + deferred
             await _backoff(attempt)
-        raise Conflict(
-            f"allocation for {handle_id} on node {self.node} lost {self.max_attempts} "
-            "concurrent update races; try again"
-        )
+        _fail(pending, Conflict(
+            f"node {self.node}: {len(pending)} call(s) lost {self.max_attempts} concurrent "
+            "update races; try again"))
 
-    async def _plan(
-        self, state: ClusterState, request: AllocationRequest, handle_id: str
-    ) -> _Plan:
-        plan = _Plan()
+    def _resolve(self, op: _Op, revision: int, txn: _Txn) -> None:
+        if op.request is not None:
+            handle_id = op.request.attachment.handle_id
+            write = txn.handles[handle_id]
+            assert isinstance(write, PutHandle)
+            self._handles[handle_id] = Versioned(write.handle, revision)
+            op.future.set_result(Allocation(handle_id, tuple(op.addresses)))
+        else:
+            assert op.release is not None
+            self._handles.pop(op.release, None)
+            op.future.set_result(op.freed)
+
+    async def _fail_or_return_existing(self, op: _Op, exc: TopoipamError,
+                                       state: ClusterState) -> None:
+        """A repeated ADD whose pools are now full or gone still gets what it holds."""
+        if op.request is not None and isinstance(
+                exc, (NoPoolForNode, PoolExhausted, AddressUnavailable)):
+            existing = await self.store.get_handle(op.request.attachment.handle_id)
+            if existing is not None:
+                op.future.set_result(self._allocation_of(existing.value, state))
+                return
+        op.future.set_exception(exc)
+
+    async def _plan_op(self, state: ClusterState, op: _Op, txn: _Txn) -> bool:
+        """Plan one call into ``txn``; True if it finished without needing a write."""
+        op.addresses, op.freed = [], []
+        if op.request is not None:
+            await self._plan_allocation(state, op, txn)
+            return False
+        assert op.release is not None
+        return await self._plan_release(state, op, txn)
+
+    async def _plan_allocation(self, state: ClusterState, op: _Op, txn: _Txn) -> None:
+        request = op.request
+        assert request is not None
+        handle_id = request.attachment.handle_id
+        if handle_id in txn.handles:
+            raise _Defer()
         for family in request.families():
             specific = request.specific(family)
             if specific is not None:
-                await self._plan_specific(state, request, family, specific, handle_id, plan)
+                await self._plan_specific(state, request, family, specific, handle_id, op, txn)
             else:
                 pools = allocator.pools_for_node(
                     state.pools, self.node, state.labels, family, request.requested_pools(family)
                 )
-                await self._plan_next(state, pools, family, handle_id, plan)
-        return plan
+                await self._plan_next(state, pools, family, handle_id, op, txn)
+        handle = Handle(
+            id=handle_id,
+            node=self.node,
+            addresses=tuple(HandleAddress(a.ip, a.block) for a in op.addresses),
+            attributes={
+                **request.attributes,
+                "network": request.attachment.network,
+                "container_id": request.attachment.container_id,
+                "ifname": request.attachment.ifname,
+            },
+        )
+        txn.handles[handle_id] = PutHandle(handle, 0)
 
     def _context(self, state: ClusterState, pool: IPPool) -> AssignContext:
         return AssignContext(
@@ -249,7 +475,7 @@ class Ipam:
 
     async def _plan_specific(
         self, state: ClusterState, request: AllocationRequest, family: int,
-        address: IPAddress, handle_id: str, plan: _Plan,
+        address: IPAddress, handle_id: str, op: _Op, txn: _Txn,
     ) -> None:
         requested = request.requested_pools(family)
         candidates = (
@@ -261,34 +487,53 @@ class Ipam:
             raise AddressUnavailable(f"address {address} is not in any enabled pool"
                                      + (f" of {', '.join(requested)}" if requested else ""))
         cidr = pool.block_of(address)
-        current = await self.source.block(cidr)
         ctx = self._context(state, pool)
-        if current is None:
-            block = allocator.assign_address(Block.empty(cidr, self.node), address, handle_id, ctx)
-            plan.writes += [PutBlock(block, 0), PutAffinity(self.node, cidr)]
+        planned = txn.blocks.get(cidr)
+        if planned is not None:
+            if planned[0] is None:
+                raise _Defer()
+            txn.put_block(allocator.assign_address(planned[0], address, handle_id, ctx),
+                          planned[1])
         else:
-            block = allocator.assign_address(current.value, address, handle_id, ctx)
-            plan.writes.append(PutBlock(block, current.mod_revision))
-        plan.addresses.append(AllocatedAddress(address, cidr, pool))
+            current = await self.source.block(cidr)
+            if current is None:
+                block = allocator.assign_address(Block.empty(cidr, self.node), address,
+                                                 handle_id, ctx)
+                txn.put_block(block, 0)
+                txn.affinities[(self.node, cidr)] = True
+            else:
+                txn.put_block(allocator.assign_address(current.value, address, handle_id, ctx),
+                              current.mod_revision)
+        op.addresses.append(AllocatedAddress(address, cidr, pool))
 
     async def _plan_next(
         self, state: ClusterState, pools: Sequence[IPPool], family: int, handle_id: str,
-        plan: _Plan,
+        op: _Op, txn: _Txn,
     ) -> None:
-        affine = await self.source.affine_blocks()
+        # This node's blocks as the transaction has them so far, with their read revisions.
+        affine: list[tuple[Block, int]] = []
+        if txn.affine_read is None:  # one read per batch (a cache hit in the daemon)
+            txn.affine_read = await self.source.affine_blocks()
+        for versioned in txn.affine_read:
+            block = txn.current(versioned)
+            if block is not None:
+                guard = txn.blocks.get(block.cidr, (None, versioned.mod_revision))[1]
+                affine.append((block, guard))
+        known = {block.cidr for block, _ in affine}
+        affine += [(b, 0) for b in txn.claimed(self.node) if b.cidr not in known]
         # 1. this node's own blocks, pool order then address order
         for pool in pools:
             ctx = self._context(state, pool)
-            for current in sorted(
-                (b for b in affine if b.value.family == family
-                 and b.value.cidr.subnet_of(pool.cidr)),  # type: ignore[arg-type]
-                key=lambda b: int(b.value.cidr.network_address),
+            for block, revision in sorted(
+                (entry for entry in affine if entry[0].family == family
+                 and entry[0].cidr.subnet_of(pool.cidr)),  # type: ignore[arg-type]
+                key=lambda entry: int(entry[0].cidr.network_address),
             ):
-                assigned = allocator.assign_next(current.value, handle_id, ctx)
+                assigned = allocator.assign_next(block, handle_id, ctx)
                 if assigned is not None:
-                    block, address = assigned
-                    plan.writes.append(PutBlock(block, current.mod_revision))
-                    plan.addresses.append(AllocatedAddress(address, block.cidr, pool))
+                    new, address = assigned
+                    txn.put_block(new, revision)
+                    op.addresses.append(AllocatedAddress(address, new.cidr, pool))
                     return
         # 2. claim a new block for this node
         config = state.config
@@ -299,7 +544,10 @@ class Ipam:
             reason = f"node has reached maxBlocksPerHost={config.max_blocks_per_host}"
         else:
             for pool in pools:
-                existing = await self.store.block_cidrs(pool.cidr)
+                existing = txn.existing.get(pool.name)
+                if existing is None:  # one read per pool and batch, not per call
+                    existing = txn.existing[pool.name] = await self.store.block_cidrs(pool.cidr)
+                existing.update(txn.blocks)
                 cidr = allocator.first_unclaimed_block(pool, existing, state.reservations)
                 if cidr is None:
                     continue
@@ -308,9 +556,10 @@ class Ipam:
                 )
                 if assigned is None:
                     continue
-                block, address = assigned
-                plan.writes += [PutBlock(block, 0), PutAffinity(self.node, cidr)]
-                plan.addresses.append(AllocatedAddress(address, cidr, pool))
+                new, address = assigned
+                txn.put_block(new, 0)
+                txn.affinities[(self.node, cidr)] = True
+                op.addresses.append(AllocatedAddress(address, cidr, pool))
                 return
             reason = "no unclaimed block left"
         # 3. borrow from another node's block
@@ -321,17 +570,56 @@ class Ipam:
             )
         for pool in pools:
             ctx = self._context(state, pool)
-            for current in await self.store.list_blocks(pool.cidr):
-                if current.value.affinity == self.node:
+            for versioned in await self.store.list_blocks(pool.cidr):
+                block = txn.current(versioned)
+                if block is None or block.affinity == self.node:
                     continue
-                assigned = allocator.assign_next(current.value, handle_id, ctx)
+                assigned = allocator.assign_next(block, handle_id, ctx)
                 if assigned is not None:
-                    block, address = assigned
-                    plan.writes.append(PutBlock(block, current.mod_revision))
-                    plan.addresses.append(AllocatedAddress(address, block.cidr, pool))
+                    new, address = assigned
+                    txn.put_block(new, versioned.mod_revision)
+                    op.addresses.append(AllocatedAddress(address, new.cidr, pool))
                     return
         raise PoolExhausted(self.node, state.labels, family, [p.name for p in pools],
                             f"{reason}; no free address to borrow")
+
+    async def _plan_release(self, state: ClusterState, op: _Op, txn: _Txn) -> bool:
+        handle_id = op.release
+        assert handle_id is not None
+        if handle_id in txn.handles:
+            raise _Defer()
+        handle = self._handles.get(handle_id) or await self.store.get_handle(handle_id)
+        if handle is None:
+            op.future.set_result([])
+            return True
+        txn.handles[handle_id] = DeleteHandle(handle_id, handle.mod_revision)
+        by_block: dict[IPNetwork, list[IPAddress]] = {}
+        for entry in handle.value.addresses:
+            by_block.setdefault(entry.block, []).append(entry.ip)
+        for cidr, addresses in by_block.items():
+            planned = txn.blocks.get(cidr)
+            if planned is not None:
+                block, revision = planned
+            else:
+                current = await self.source.block(cidr)
+                block, revision = (current.value, current.mod_revision) if current else (None, 0)
+            if block is None:
+                continue  # the block is gone: nothing left to free there
+            new, freed = allocator.release_addresses(block, addresses, handle_id, self.clock())
+            op.freed += freed
+            if self._unwanted(state, new):
+                txn.delete_block(new, revision)
+            else:
+                txn.put_block(new, revision)
+        return False
+
+    def _unwanted(self, state: ClusterState, block: Block) -> bool:
+        """An empty block of this node whose pool no longer selects it (or is gone)."""
+        if not block.is_empty() or block.affinity != self.node:
+            return False
+        pool = allocator.pool_of_block(state.pools, block.cidr)
+        return pool is None or pool.disabled or not pool.automatic or not pool.selects(
+            state.labels)
 
     def _allocation_of(self, handle: Handle, state: ClusterState) -> Allocation:
         return Allocation(
@@ -359,58 +647,6 @@ class Ipam:
         if handle is None:
             return None
         return self._allocation_of(handle.value, await self.source.state())
-
-    # ------------------------------------------------------------------ release
-    async def release(self, handle_id: str) -> list[IPAddress]:
-        """Free every address of the handle and delete it, in one transaction.
-
-        Releasing an unknown handle returns [] (CNI DEL must be idempotent).
-        Affine blocks that become empty while their pool no longer selects
-        this node are released in the same transaction.
-        """
-        for attempt in range(self.max_attempts):
-            handle = await self.store.get_handle(handle_id)
-            if handle is None:
-                return []
-            state = await self.source.state()
-            writes: list[Write] = [DeleteHandle(handle_id, handle.mod_revision)]
-            freed_all: list[IPAddress] = []
-            by_block: dict[IPNetwork, list[IPAddress]] = {}
-            for entry in handle.value.addresses:
-                by_block.setdefault(entry.block, []).append(entry.ip)
-            for cidr, addresses in by_block.items():
-                current = await self.source.block(cidr)
-                if current is None:
-                    continue
-                block, freed = allocator.release_addresses(
-                    current.value, addresses, handle_id, self.clock()
-                )
-                freed_all += freed
-                writes += self._block_after_release(state, current, block)
-            result = await self.store.commit(writes)
-            if result.succeeded:
-                self._observe_success(writes, result.revision)
-                return freed_all
-            self._observe_failure(result)
-            self.on_conflict()
-            await _backoff(attempt)
-        raise Conflict(f"release of {handle_id} lost {self.max_attempts} update races; try again")
-
-    def _block_after_release(
-        self, state: ClusterState, current: Versioned[Block], block: Block
-    ) -> list[Write]:
-        """Write the block back, or drop it if it is empty and no longer wanted by its node."""
-        if block.is_empty() and block.affinity is not None:
-            owner_labels = state.labels if block.affinity == self.node else None
-            pool = allocator.pool_of_block(state.pools, block.cidr)
-            unwanted = pool is None or (
-                owner_labels is not None
-                and not (not pool.disabled and pool.automatic and pool.selects(owner_labels))
-            )
-            if unwanted:
-                return [DeleteBlock(block.cidr, current.mod_revision),
-                        DeleteAffinity(block.affinity, block.cidr)]
-        return [PutBlock(block, current.mod_revision)]
 
     async def release_address(self, address: IPAddress) -> str | None:
         """Free one address wherever it is held; returns the handle that held it, if any.
@@ -466,7 +702,8 @@ class Ipam:
     async def garbage_collect(self, network: str, keep: set[str]) -> list[str]:
         """Release this node's handles of ``network`` whose ids are not in ``keep``."""
         released = []
-        for handle in await self.store.list_handles():
+        # Handle ids start with the network name, so this reads only that network's handles.
+        for handle in await self.store.list_handles(f"{network}."):
             value = handle.value
             if value.node != self.node or value.attributes.get("network", "") != network:
                 continue
@@ -481,11 +718,11 @@ class Ipam:
         dropped = []
         state = await self.source.state()
         for current in await self.source.affine_blocks():
-            if not current.value.is_empty():
+            if not self._unwanted(state, current.value):
                 continue
-            writes = self._block_after_release(state, current, current.value)
-            if not isinstance(writes[0], DeleteBlock):
-                continue
+            txn = _Txn()
+            txn.delete_block(current.value, current.mod_revision)
+            writes = txn.writes()
             result = await self.store.commit(writes)
             if result.succeeded:
                 self._observe_success(writes, result.revision)
@@ -493,6 +730,12 @@ class Ipam:
             else:
                 self._observe_failure(result)
         return dropped
+
+
+def _fail(ops: Iterable[_Op], exc: BaseException) -> None:
+    for op in ops:
+        if not op.future.done():
+            op.future.set_exception(exc)
 
 
 async def _backoff(attempt: int) -> None:

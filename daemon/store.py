@@ -599,8 +599,9 @@ class EtcdStore:
         raw = await self.get_raw(key)
         return None if raw is None else Versioned(self.decode_handle(key, raw[0]), raw[1])
 
-    async def list_handles(self) -> list[Versioned[Handle]]:
-        return await self._typed_prefix(self.keys.handles(), self.decode_handle)
+    async def list_handles(self, id_prefix: str = "") -> list[Versioned[Handle]]:
+        return await self._typed_prefix(self.keys.handles() + id_prefix.encode(),
+                                        self.decode_handle)
 
     # ------------------------------------------------------------------ writes
     def _guarded_key(self, write: Write) -> tuple[bytes, int | None] | None:

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from topoipam.proto import ipam_pb2, ipam_pb2_grpc
+from topoipam.proto import ipam_pb2_grpc
 
 BIN = Path(sys.executable).parent
 TOPOIPAMD = str(BIN / "topoipamd")
