@@ -244,6 +244,8 @@ def test_dev_mode_starts_etcd_and_seeds_default_pool(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(30)
+        if process.stdout is not None:
+            process.stdout.close()
     # Its etcd stops with it.
     port = int(endpoint.rsplit(":", 1)[1])
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
