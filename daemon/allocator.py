@@ -204,13 +204,23 @@ def release_addresses(
 def first_unclaimed_block(
     pool: IPPool, existing: set[IPNetwork], reservations: Reservations = NO_RESERVATIONS
 ) -> IPNetwork | None:
-    """The first block CIDR of ``pool`` that no block occupies yet.
+    """The first block CIDR of ``pool`` that no existing block overlaps.
 
-    A block whose every address is reserved or unusable is skipped: claiming
-    it would give the node nothing to hand out.
+    Existing blocks may have another size (left over from a deleted pool
+    with another block size): a candidate that overlaps one is taken, or two
+    blocks would hand out the same addresses. A block whose every address is
+    reserved or unusable is skipped: claiming it would give the node nothing.
     """
+    occupied = set()
+    for block in existing:
+        if block.version != pool.family:
+            continue
+        if block.prefixlen >= pool.block_size:
+            occupied.add(block.supernet(new_prefix=pool.block_size))
+        else:
+            occupied.update(block.subnets(new_prefix=pool.block_size))
     for cidr in pool.block_cidrs():
-        if cidr in existing:
+        if cidr in occupied:
             continue
         if _has_assignable(pool, cidr, reservations):
             return cidr

@@ -39,11 +39,9 @@ Dispatch = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class _Connection:
-    """One accepted connection and whether it is in the middle of a request."""
+    """Whether an accepted connection is in the middle of a request."""
 
-    def __init__(self, task: asyncio.Task[None]) -> None:
-        self.task = task
-        self.busy = False
+    busy = False
 
 
 class CniSocketServer:
@@ -76,7 +74,8 @@ class CniSocketServer:
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], _Connection] = {}
         self._closing = False
-        self._closed = False
+        self._close_requested = asyncio.Event()
+        self._drained: asyncio.Future[None] | None = None
         # (st_dev, st_ino) of the socket file we bound, so close() never
         # unlinks a socket that another process has put there since.
         self._inode: tuple[int, int] | None = None
@@ -110,18 +109,24 @@ class CniSocketServer:
         if self._closing:
             return
         self._closing = True
+        self._close_requested.set()
         if self._server is not None:
             self._server.close()
-        for connection in self._connections.values():
+        for task, connection in self._connections.items():
             if not connection.busy:
-                connection.task.cancel()
+                task.cancel()
 
     async def wait_closed(self) -> None:
-        """Wait (bounded) for in-flight requests, then close everything and unlink."""
-        if not self._closing:
-            raise RuntimeError("call close() before wait_closed()")
-        if self._closed:
-            return
+        """Once close() is called: wait (bounded) for in-flight requests, then close
+        every connection and unlink the socket. Safe to await from several tasks;
+        cancelling one waiter does not cut the drain short.
+        """
+        await self._close_requested.wait()
+        if self._drained is None:
+            self._drained = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._drained)
+
+    async def _drain(self) -> None:
         tasks = set(self._connections)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self._drain_timeout)
@@ -136,7 +141,6 @@ class CniSocketServer:
         if self._server is not None:
             await self._server.wait_closed()
         self._unlink_own_socket()
-        self._closed = True
 
     async def __aenter__(self) -> CniSocketServer:
         await self.start()
@@ -165,18 +169,31 @@ class CniSocketServer:
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None  # asyncio.start_unix_server runs callbacks as tasks
-        connection = _Connection(task)
+        # asyncio 3.11 reports a client_connected_cb task that ends cancelled
+        # as an "Unhandled exception", so the work runs in a task of our own
+        # (which close() may cancel) and this one always ends normally.
+        connection = _Connection()
+        task = asyncio.create_task(self._serve(reader, writer, connection))
         self._connections[task] = connection
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()  # the loop itself is shutting down
+            return
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("CNI connection failed", exc_info=task.exception())
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection
+    ) -> None:
         try:
             if self._closing:
                 return
             if len(self._connections) > self._max_connections:
-                await _send(writer, wire.error_response(
+                await _send(writer, wire.encode_frame(wire.error_response(
                     "UNAVAILABLE", "topoipam daemon has too many CNI connections; retry",
                     wire.CNI_TRY_AGAIN,
-                ))
+                )))
                 return
             while not self._closing:
                 keep_open = await self._serve_one(reader, writer, connection)
@@ -186,6 +203,8 @@ class CniSocketServer:
             # The peer went away or stalled; there is nobody left to answer.
             pass
         finally:
+            task = asyncio.current_task()
+            assert task is not None
             del self._connections[task]
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
@@ -208,7 +227,7 @@ class CniSocketServer:
                 length = wire.frame_length(header)
             except wire.FrameError as exc:
                 # The length cannot be trusted, so neither can anything after it.
-                await _send(writer, _invalid(str(exc)))
+                await _send(writer, _invalid_frame(str(exc)))
                 return False
             async with asyncio.timeout(self._frame_timeout):
                 payload = await reader.readexactly(length)
@@ -217,34 +236,35 @@ class CniSocketServer:
         finally:
             connection.busy = False
 
-    async def _answer(self, payload: bytes) -> dict[str, Any]:
+    async def _answer(self, payload: bytes) -> bytes:
+        """The encoded answer frame to one request payload."""
         try:
             message = wire.decode_payload(payload)
         except wire.FrameError as exc:
-            return _invalid(str(exc))
+            return _invalid_frame(str(exc))
         method = message.get("method")
         if not isinstance(method, str) or not method:
-            return _invalid('request has no "method"')
+            return _invalid_frame('request has no "method"')
         if method not in wire.METHODS:
-            return _invalid(f"unknown method {method!r}; known: {', '.join(sorted(wire.METHODS))}")
+            known = ", ".join(sorted(wire.METHODS))
+            return _invalid_frame(f"unknown method {method!r}; known: {known}")
         request = message.get("request", {})
         if not isinstance(request, dict):
-            return _invalid(f'"request" of {method} must be a JSON object')
+            return _invalid_frame(f'"request" of {method} must be a JSON object')
         async with self._requests:
             try:
                 response = await self._dispatch(method, request)
             except Exception as exc:
                 _log.exception("CNI %s request failed", method)
-                return _internal(f"{method} failed: {type(exc).__name__}: {exc}")
+                return _internal_frame(f"{method} failed: {type(exc).__name__}: {exc}")
         if not isinstance(response, dict) or not isinstance(response.get("code"), str):
             _log.error("CNI dispatch of %s returned %r, not a response payload", method, response)
-            return _internal(f"{method} failed: the daemon built no valid response")
+            return _internal_frame(f"{method} failed: the daemon built no valid response")
         try:
-            wire.encode_frame(response)
+            return wire.encode_frame(response)
         except (wire.FrameError, TypeError, ValueError) as exc:
             _log.error("CNI response to %s cannot be sent: %s", method, exc)
-            return _internal(f"{method} failed: response cannot be encoded: {exc}")
-        return response
+            return _internal_frame(f"{method} failed: response cannot be encoded: {exc}")
 
 
 async def _read_header(reader: asyncio.StreamReader) -> bytes | None:
@@ -257,17 +277,19 @@ async def _read_header(reader: asyncio.StreamReader) -> bytes | None:
         raise
 
 
-async def _send(writer: asyncio.StreamWriter, payload: dict[str, Any]) -> None:
-    writer.write(wire.encode_frame(payload))
+async def _send(writer: asyncio.StreamWriter, frame: bytes) -> None:
+    writer.write(frame)
     await writer.drain()
 
 
-def _invalid(message: str) -> dict[str, Any]:
-    return wire.error_response("INVALID_ARGUMENT", message, wire.CNI_DECODE_ERROR)
+def _invalid_frame(message: str) -> bytes:
+    return wire.encode_frame(
+        wire.error_response("INVALID_ARGUMENT", message, wire.CNI_DECODE_ERROR)
+    )
 
 
-def _internal(message: str) -> dict[str, Any]:
-    return wire.error_response("INTERNAL", message, wire.CNI_INTERNAL_ERROR)
+def _internal_frame(message: str) -> bytes:
+    return wire.encode_frame(wire.error_response("INTERNAL", message, wire.CNI_INTERNAL_ERROR))
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -282,10 +304,11 @@ def _remove_stale_socket(path: str) -> None:
     try:
         probe.settimeout(1.0)
         probe.connect(path)
-    except OSError:
-        pass  # nobody listens: stale
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass  # nobody listens (or it vanished meanwhile): stale
     else:
         raise OSError(f"another process is already serving on {path}")
     finally:
         probe.close()
-    os.unlink(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -12,7 +12,6 @@ retriable :class:`Conflict`.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 import time
@@ -486,24 +485,32 @@ class Ipam:
         if pool is None:
             raise AddressUnavailable(f"address {address} is not in any enabled pool"
                                      + (f" of {', '.join(requested)}" if requested else ""))
-        cidr = pool.block_of(address)
         ctx = self._context(state, pool)
-        planned = txn.blocks.get(cidr)
-        if planned is not None:
-            if planned[0] is None:
+        cidr = next((c for c in txn.blocks if address in c), None)
+        if cidr is not None:
+            planned, revision = txn.blocks[cidr]
+            if planned is None:
                 raise _Defer()
-            txn.put_block(allocator.assign_address(planned[0], address, handle_id, ctx),
-                          planned[1])
+            txn.put_block(allocator.assign_address(planned, address, handle_id, ctx), revision)
         else:
-            current = await self.source.block(cidr)
+            # The block may have another size than the pool's (left over from a deleted pool).
+            current = await self.source.block(pool.block_of(address))
             if current is None:
+                current = await self.store.block_containing(address)
+            if current is not None:
+                cidr = current.value.cidr
+                txn.put_block(allocator.assign_address(current.value, address, handle_id, ctx),
+                              current.mod_revision)
+            else:
+                cidr = pool.block_of(address)
+                if await self.store.block_cidrs(cidr):
+                    raise AddressUnavailable(
+                        f"address {address}: its block {cidr} would overlap a smaller block "
+                        "left over from another pool")
                 block = allocator.assign_address(Block.empty(cidr, self.node), address,
                                                  handle_id, ctx)
                 txn.put_block(block, 0)
                 txn.affinities[(self.node, cidr)] = True
-            else:
-                txn.put_block(allocator.assign_address(current.value, address, handle_id, ctx),
-                              current.mod_revision)
         op.addresses.append(AllocatedAddress(address, cidr, pool))
 
     async def _plan_next(
@@ -689,15 +696,8 @@ class Ipam:
             found = await self.source.block(pool.block_of(address))
             if found is not None:
                 return found
-        # The pool may be gone or have had another block size: look at every size.
-        for length in range(address.max_prefixlen, -1, -1):
-            cidr = ipaddress.ip_network(f"{address}/{length}", strict=False)
-            found = await self.store.get_block(cidr)
-            if found is not None:
-                return found
-            if address.max_prefixlen - length > 16:
-                break
-        return None
+        # The pool may be gone or have had another block size.
+        return await self.store.block_containing(address)
 
     async def garbage_collect(self, network: str, keep: set[str]) -> list[str]:
         """Release this node's handles of ``network`` whose ids are not in ``keep``."""

@@ -108,7 +108,7 @@ class Daemon:
     async def start(self) -> None:
         prepare_socket_dir(self.config.socket)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        ipam_pb2_grpc.add_IpamServicer_to_server(self.service, server)
+        ipam_pb2_grpc.add_IpamServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -68,7 +68,7 @@ class StatusProvider:
         self.state = state
 
 
-class IpamService(ipam_pb2_grpc.IpamServicer):  # type: ignore[misc]
+class IpamService(ipam_pb2_grpc.IpamServicer):
     """topoipam.v1.Ipam on top of one node's :class:`Ipam` engine."""
 
     def __init__(self, ipam: Ipam, status: StatusProvider, metrics: Metrics,

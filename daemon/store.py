@@ -37,8 +37,10 @@ from aetcd import rpc
 
 from .errors import DatastoreUnavailable, InvalidInput
 from .model import (
+    BLOCK_SIZE_RANGE,
     Block,
     Handle,
+    IPAddress,
     IPAMConfig,
     IPNetwork,
     IPPool,
@@ -476,7 +478,7 @@ class EtcdStore:
         response = await self._call(
             "Range",
             rpc.RangeRequest(key=start, range_end=end, keys_only=keys_only, revision=revision),
-            timeout=max(self.options.timeout, 30.0),
+            timeout=self.options.timeout,
         )
         return list(response.kvs), int(response.header.revision)
 
@@ -557,6 +559,21 @@ class EtcdStore:
         key = self.keys.block(cidr)
         raw = await self.get_raw(key)
         return None if raw is None else Versioned(self.decode_block(key, raw[0]), raw[1])
+
+    async def block_containing(self, address: IPAddress) -> Versioned[Block] | None:
+        """The block that holds ``address``, whatever its size, in one round trip."""
+        low, high = BLOCK_SIZE_RANGE[address.version]
+        cidrs = [ipaddress.ip_network(f"{address}/{length}", strict=False)
+                 for length in range(low, high + 1)]
+        response = await self._call("Txn", rpc.TxnRequest(success=[
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=self.keys.block(c))) for c in cidrs
+        ]))
+        for cidr, op in zip(cidrs, response.responses, strict=True):
+            kvs = op.response_range.kvs
+            if kvs:
+                return Versioned(self.decode_block(self.keys.block(cidr), kvs[0].value),
+                                 kvs[0].mod_revision)
+        return None
 
     async def list_blocks(self, within: IPNetwork | None = None) -> list[Versioned[Block]]:
         if within is None:

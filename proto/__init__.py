@@ -1,1 +1,4 @@
-"""Generated protobuf/gRPC modules for topoipam.v1 (regenerate: python -m topoipam.proto.generate)."""
+"""Generated protobuf/gRPC modules for topoipam.v1.
+
+Regenerate with ``python -m topoipam.proto.generate``.
+"""

@@ -34,7 +34,8 @@ def generate() -> dict[str, str]:
         generated = {}
         for name in OUTPUTS:
             text = (Path(out) / "topoipam" / "v1" / name).read_text()
-            text = text.replace("from topoipam.v1 import ipam_pb2", "from topoipam.proto import ipam_pb2")
+            text = text.replace("from topoipam.v1 import ipam_pb2",
+                                "from topoipam.proto import ipam_pb2")
             generated[name] = text
         return generated
 

@@ -191,3 +191,9 @@ def test_assign_release_never_double_allocates(ops: list[tuple[bool, int]]) -> N
         assert set(block.allocations).isdisjoint(block.unallocated)
         assert len(block.allocations) + len(block.unallocated) == block.size
         assert {block.address(o) for o in block.allocations} == set(held.values())
+
+
+def test_claim_skips_candidates_overlapping_leftover_blocks_of_another_size() -> None:
+    p = pool("p", "10.0.0.0/24")  # /26 blocks
+    leftovers = {ipaddress.ip_network("10.0.0.8/29"), ipaddress.ip_network("10.0.0.128/25")}
+    assert str(allocator.first_unclaimed_block(p, leftovers)) == "10.0.0.64/26"

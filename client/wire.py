@@ -1,0 +1,103 @@
+"""Framing of the daemon's fast CNI socket, shared by the plugin and the daemon.
+
+The CNI plugin is exec'd once per pod, so it cannot afford to import grpc or
+protobuf (100+ ms). The daemon therefore serves the same ``topoipam.v1.Ipam``
+API a second time, on ``<grpc socket>.cni``, as length-prefixed JSON:
+
+* a frame is a 4-byte big-endian unsigned length followed by that many bytes of
+  UTF-8 JSON holding one object; frames larger than :data:`MAX_FRAME` are
+  rejected;
+* a request is ``{"method": "Allocate", "request": {...}}`` where ``request``
+  is the proto3 JSON of the request message with the proto field names
+  (``container_id``, ``assign_ipv4``, ...);
+* a response is ``{"code": "OK", "response": {...}}`` or
+  ``{"code": "<grpc status name>", "message": "one line", "cni_code": <int>}``.
+
+A connection may carry several requests, answered in order.
+
+This module is imported by the plugin on every pod start-up: it must stay pure
+and import nothing but :mod:`json` (not even :mod:`struct`: ``int.to_bytes``
+does the same work without another import).
+"""
+
+from __future__ import annotations
+
+import json
+
+# Only the type checker needs typing (see topoipam.client.cni).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+#: Largest accepted payload (the JSON object, not counting the 4-byte header).
+MAX_FRAME = 1 << 20
+HEADER_SIZE = 4
+
+#: The RPCs of ``topoipam.v1.Ipam``, which are all this socket carries.
+METHODS = frozenset({"Allocate", "Release", "Get", "GarbageCollect", "Status"})
+
+#: CNI code of a request the server could not parse ("failed to decode content").
+CNI_DECODE_ERROR = 6
+#: CNI code of an unexpected failure ("internal error", as libcni uses it).
+CNI_INTERNAL_ERROR = 999
+#: CNI code of a transient failure ("try again later").
+CNI_TRY_AGAIN = 11
+
+
+class FrameError(ValueError):
+    """A frame that cannot be encoded or decoded; the message is one line."""
+
+
+def cni_socket_path(grpc_socket: str) -> str:
+    """The fast CNI socket that sits next to the daemon's gRPC socket."""
+    return grpc_socket + ".cni"
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    """Header + compact JSON of ``message``; FrameError if it is too large."""
+    payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(payload) > MAX_FRAME:
+        raise FrameError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return len(payload).to_bytes(HEADER_SIZE, "big") + payload
+
+
+def frame_length(header: bytes) -> int:
+    """The payload length announced by a 4-byte header.
+
+    Zero is rejected too: an empty payload can never hold a JSON object, and a
+    peer that sends one has lost track of the framing.
+    """
+    if len(header) != HEADER_SIZE:
+        raise FrameError(f"frame header must be {HEADER_SIZE} bytes, got {len(header)}")
+    length = int.from_bytes(header, "big")
+    if length == 0:
+        raise FrameError("empty frame")
+    if length > MAX_FRAME:
+        raise FrameError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+    return length
+
+
+def decode_payload(payload: bytes) -> dict[str, Any]:
+    """The JSON object of a frame's payload; FrameError if it is anything else."""
+    try:
+        message = json.loads(payload.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8 and bad JSON; RecursionError very deep nesting.
+        raise FrameError(f"frame is not UTF-8 JSON: {_one_line(str(exc))}") from None
+    if not isinstance(message, dict):
+        raise FrameError(f"frame must hold a JSON object, not {type(message).__name__}")
+    return message
+
+
+def ok_response(response: dict[str, Any]) -> dict[str, Any]:
+    """The success payload for a proto3-JSON response message."""
+    return {"code": "OK", "response": response}
+
+
+def error_response(code: str, message: str, cni_code: int) -> dict[str, Any]:
+    """The failure payload: gRPC status name, one-line message, CNI error code."""
+    return {"code": code, "message": _one_line(message), "cni_code": cni_code}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

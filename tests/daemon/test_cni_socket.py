@@ -1,0 +1,428 @@
+"""The daemon's fast CNI socket, on a real unix socket with a dispatch written here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from topoipam.client import wire
+from topoipam.daemon.cni_socket import CniSocketServer
+
+Json = dict[str, Any]
+
+
+class Client:
+    """A raw framed-JSON client, so tests can also send broken frames."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, path: str) -> Client:
+        reader, writer = await asyncio.open_unix_connection(path)
+        return cls(reader, writer)
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def receive(self) -> Json:
+        header = await asyncio.wait_for(self.reader.readexactly(4), 5)
+        payload = await asyncio.wait_for(self.reader.readexactly(wire.frame_length(header)), 5)
+        return wire.decode_payload(payload)
+
+    async def call(self, method: str, request: Json | None = None) -> Json:
+        await self.send_raw(wire.encode_frame({"method": method, "request": request or {}}))
+        return await self.receive()
+
+    async def at_eof(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), 5) == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+class Recorder:
+    """A dispatch that records its calls and answers OK with the request echoed."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Json]] = []
+
+    async def __call__(self, method: str, request: Json) -> Json:
+        self.calls.append((method, request))
+        return wire.ok_response({"method": method, "echo": request})
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def no_loop_errors() -> AsyncIterator[None]:
+    """Fail on anything asyncio reports through the loop's exception handler
+    (e.g. "Unhandled exception in client_connected_cb"): it only logs them."""
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    yield
+    await asyncio.sleep(0.01)  # let done-callbacks of finished tasks run
+    loop.set_exception_handler(None)
+    assert reported == []
+
+
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "d.sock.cni")
+
+
+@pytest_asyncio.fixture
+async def recorder_server(tmp_path: Path) -> AsyncIterator[tuple[CniSocketServer, Recorder]]:
+    recorder = Recorder()
+    async with CniSocketServer(sock_path(tmp_path), recorder) as server:
+        yield server, recorder
+
+
+@pytest_asyncio.fixture
+async def client(
+    recorder_server: tuple[CniSocketServer, Recorder],
+) -> AsyncIterator[Client]:
+    opened = await Client.connect(recorder_server[0].path)
+    yield opened
+    await opened.close()
+
+
+# --- requests and answers ---------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_request_reaches_dispatch_and_answer_comes_back(
+    recorder_server: tuple[CniSocketServer, Recorder], client: Client
+) -> None:
+    request = {"attachment": {"network": "n", "container_id": "c", "ifname": "eth0"},
+               "assign_ipv4": True}
+    answer = await client.call("Allocate", request)
+    assert answer == {"code": "OK", "response": {"method": "Allocate", "echo": request}}
+    assert recorder_server[1].calls == [("Allocate", request)]
+
+
+@pytest.mark.asyncio
+async def test_several_sequential_requests_on_one_connection(
+    recorder_server: tuple[CniSocketServer, Recorder], client: Client
+) -> None:
+    for method in sorted(wire.METHODS):
+        assert (await client.call(method))["response"]["method"] == method
+    assert [m for m, _ in recorder_server[1].calls] == sorted(wire.METHODS)
+
+
+@pytest.mark.asyncio
+async def test_missing_request_is_an_empty_message(
+    recorder_server: tuple[CniSocketServer, Recorder], client: Client
+) -> None:
+    await client.send_raw(wire.encode_frame({"method": "Status"}))
+    assert (await client.receive())["code"] == "OK"
+    assert recorder_server[1].calls == [("Status", {})]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        (b"{not json", "not UTF-8 JSON"),
+        (b"\xff\xfe{}", "not UTF-8 JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"request": {}}', '"method"'),
+        (b'{"method": 5}', '"method"'),
+        (b'{"method": "Explode"}', "unknown method"),
+        (b'{"method": "Get", "request": [1]}', "must be a JSON object"),
+        (b"[" * 100_000 + b"]" * 100_000, "not UTF-8 JSON"),
+    ],
+    ids=["not-json", "not-utf8", "not-object", "no-method", "method-not-string",
+         "unknown-method", "request-not-object", "too-deep"],
+)
+async def test_malformed_frame_is_invalid_argument_and_connection_survives(
+    recorder_server: tuple[CniSocketServer, Recorder], client: Client,
+    payload: bytes, fragment: str,
+) -> None:
+    await client.send_raw(len(payload).to_bytes(4, "big") + payload)
+    answer = await client.receive()
+    assert answer["code"] == "INVALID_ARGUMENT"
+    assert answer["cni_code"] == 6
+    assert fragment in answer["message"]
+    assert "\n" not in answer["message"]
+    # The framing is intact, so the same connection keeps working.
+    assert (await client.call("Status"))["code"] == "OK"
+    assert recorder_server[1].calls == [("Status", {})]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("length", [0, wire.MAX_FRAME + 1, 2**32 - 1])
+async def test_bad_length_is_invalid_argument_and_closes(
+    recorder_server: tuple[CniSocketServer, Recorder], client: Client, length: int
+) -> None:
+    await client.send_raw(length.to_bytes(4, "big"))
+    answer = await client.receive()
+    assert (answer["code"], answer["cni_code"]) == ("INVALID_ARGUMENT", 6)
+    assert await client.at_eof()
+    assert recorder_server[1].calls == []
+
+
+@pytest.mark.asyncio
+async def test_frame_of_exactly_max_size_is_accepted(
+    recorder_server: tuple[CniSocketServer, Recorder], client: Client
+) -> None:
+    head = b'{"method": "Get", "request": {}, "pad": "'
+    payload = head + b"x" * (wire.MAX_FRAME - len(head) - 2) + b'"}'
+    assert len(payload) == wire.MAX_FRAME
+    await client.send_raw(len(payload).to_bytes(4, "big") + payload)
+    assert (await client.receive())["code"] == "OK"
+
+
+@pytest.mark.asyncio
+async def test_peer_vanishing_mid_frame_does_not_hurt_the_server(
+    recorder_server: tuple[CniSocketServer, Recorder],
+) -> None:
+    broken = await Client.connect(recorder_server[0].path)
+    await broken.send_raw((100).to_bytes(4, "big") + b'{"meth')
+    await broken.close()
+    fine = await Client.connect(recorder_server[0].path)
+    assert (await fine.call("Status"))["code"] == "OK"
+    await fine.close()
+
+
+# --- dispatch failures ------------------------------------------------------
+
+
+async def _serve_with(
+    tmp_path: Path, dispatch: Callable[[str, Json], Awaitable[Json]], method: str = "Get"
+) -> Json:
+    async with CniSocketServer(sock_path(tmp_path), dispatch) as server:
+        client = await Client.connect(server.path)
+        try:
+            return await client.call(method)
+        finally:
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_dispatch_exception_is_internal_999_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def explode(method: str, request: Json) -> Json:
+        raise RuntimeError("boom\nsecond line")
+
+    with caplog.at_level(logging.ERROR, logger="topoipam.daemon.cni_socket"):
+        answer = await _serve_with(tmp_path, explode)
+    assert answer == {"code": "INTERNAL", "cni_code": 999,
+                      "message": "Get failed: RuntimeError: boom second line"}
+    assert any(r.exc_info and "Get" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "bad", [None, [], {"response": {}}, {"code": "OK", "response": {"x": object()}}],
+    ids=["none", "list", "no-code", "not-serialisable"],
+)
+async def test_dispatch_returning_garbage_is_internal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: object
+) -> None:
+    async def garbage(method: str, request: Json) -> Json:
+        return bad  # type: ignore[return-value]  # the point of the test
+
+    with caplog.at_level(logging.ERROR, logger="topoipam.daemon.cni_socket"):
+        answer = await _serve_with(tmp_path, garbage)
+    assert (answer["code"], answer["cni_code"]) == ("INTERNAL", 999)
+
+
+@pytest.mark.asyncio
+async def test_error_payload_from_dispatch_is_passed_through(tmp_path: Path) -> None:
+    async def exhausted(method: str, request: Json) -> Json:
+        return wire.error_response("RESOURCE_EXHAUSTED", "no free IPv4 address for node n1", 111)
+
+    answer = await _serve_with(tmp_path, exhausted, "Allocate")
+    assert answer == {"code": "RESOURCE_EXHAUSTED", "cni_code": 111,
+                      "message": "no free IPv4 address for node n1"}
+
+
+@pytest.mark.asyncio
+async def test_concurrent_dispatches_are_bounded(tmp_path: Path) -> None:
+    running = 0
+    most = 0
+
+    async def slow(method: str, request: Json) -> Json:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return wire.ok_response({})
+
+    async with CniSocketServer(sock_path(tmp_path), slow, max_concurrent_requests=2) as server:
+        clients = [await Client.connect(server.path) for _ in range(6)]
+        answers = await asyncio.gather(*(c.call("Get") for c in clients))
+        for c in clients:
+            await c.close()
+    assert all(a["code"] == "OK" for a in answers)
+    assert most == 2
+
+
+@pytest.mark.asyncio
+async def test_connections_beyond_the_limit_get_unavailable(tmp_path: Path) -> None:
+    async with CniSocketServer(sock_path(tmp_path), Recorder(), max_connections=1) as server:
+        first = await Client.connect(server.path)
+        assert (await first.call("Status"))["code"] == "OK"  # holds the only slot
+        second = await Client.connect(server.path)
+        answer = await second.receive()
+        assert (answer["code"], answer["cni_code"]) == ("UNAVAILABLE", 11)
+        assert await second.at_eof()
+        await second.close()
+        assert (await first.call("Status"))["code"] == "OK"
+        await first.close()
+
+
+# --- the socket file --------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", [0o660, 0o600])
+async def test_socket_gets_the_mode(tmp_path: Path, mode: int) -> None:
+    async with CniSocketServer(sock_path(tmp_path), Recorder(), mode=mode) as server:
+        info = os.stat(server.path)
+        assert stat.S_ISSOCK(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == mode
+
+
+@pytest.mark.asyncio
+async def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
+    path = sock_path(tmp_path)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # bound, never listening: what a crashed daemon leaves
+    stale.close()
+    async with CniSocketServer(path, Recorder()) as server:
+        client = await Client.connect(server.path)
+        assert (await client.call("Status"))["code"] == "OK"
+        await client.close()
+
+
+@pytest.mark.asyncio
+async def test_refuses_to_replace_a_regular_file(tmp_path: Path) -> None:
+    path = sock_path(tmp_path)
+    Path(path).write_text("not a socket")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        await CniSocketServer(path, Recorder()).start()
+    assert Path(path).read_text() == "not a socket"
+
+
+@pytest.mark.asyncio
+async def test_refuses_to_steal_a_live_socket(
+    recorder_server: tuple[CniSocketServer, Recorder],
+) -> None:
+    with pytest.raises(OSError, match="already serving"):
+        await CniSocketServer(recorder_server[0].path, Recorder()).start()
+    client = await Client.connect(recorder_server[0].path)
+    assert (await client.call("Status"))["code"] == "OK"
+    await client.close()
+
+
+# --- shutdown ---------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_close_lets_in_flight_request_finish_then_unlinks(tmp_path: Path) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(method: str, request: Json) -> Json:
+        started.set()
+        await release.wait()
+        return wire.ok_response({"done": True})
+
+    server = CniSocketServer(sock_path(tmp_path), slow)
+    await server.start()
+    busy = await Client.connect(server.path)
+    idle = await Client.connect(server.path)
+    await busy.send_raw(wire.encode_frame({"method": "Get"}))
+    await started.wait()
+
+    server.close()
+    # No new connections once closed; the idle one is dropped at once.
+    with pytest.raises(OSError):
+        await Client.connect(server.path)
+    assert await idle.at_eof()
+
+    waiting = asyncio.create_task(server.wait_closed())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # still draining the in-flight request
+    release.set()
+    assert await busy.receive() == {"code": "OK", "response": {"done": True}}
+    await asyncio.wait_for(waiting, 5)
+    assert await busy.at_eof()
+    assert not os.path.exists(server.path)
+    await busy.close()
+    await idle.close()
+
+
+@pytest.mark.asyncio
+async def test_drain_is_bounded(tmp_path: Path) -> None:
+    cancelled = asyncio.Event()
+
+    async def hang(method: str, request: Json) -> Json:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        raise AssertionError("unreachable")
+
+    server = CniSocketServer(sock_path(tmp_path), hang, drain_timeout=0.2)
+    await server.start()
+    client = await Client.connect(server.path)
+    await client.send_raw(wire.encode_frame({"method": "Allocate"}))
+    await asyncio.sleep(0.05)
+    server.close()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await asyncio.wait_for(server.wait_closed(), 5)
+    assert loop.time() - began < 2
+    assert cancelled.is_set()
+    assert await client.at_eof()
+    assert not os.path.exists(server.path)
+    await client.close()
+
+
+@pytest.mark.asyncio
+async def test_close_does_not_unlink_a_socket_that_replaced_ours(tmp_path: Path) -> None:
+    path = sock_path(tmp_path)
+    server = CniSocketServer(path, Recorder())
+    await server.start()
+    os.unlink(path)
+    successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    successor.bind(path)
+    try:
+        server.close()
+        await server.wait_closed()
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    finally:
+        successor.close()
+
+
+@pytest.mark.asyncio
+async def test_lifecycle(tmp_path: Path) -> None:
+    server = CniSocketServer(sock_path(tmp_path), Recorder())
+    await server.start()
+    with pytest.raises(RuntimeError):
+        await server.start()
+    waiters = [asyncio.create_task(server.wait_closed()) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in waiters)  # wait_closed waits for close()
+    server.close()
+    server.close()  # idempotent
+    await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    await server.wait_closed()
+    assert not os.path.exists(server.path)
