@@ -33,7 +33,7 @@ _IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
 
 
 def check_name(kind: str, name: object) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidInput(
             f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-', "
             "starting and ending with a letter or digit (at most 253 characters)"
@@ -224,7 +224,7 @@ class Node:
 
 
 def check_label(key: object, value: object, what: str) -> None:
-    if not isinstance(key, str) or not _LABEL_KEY_RE.match(key):
+    if not isinstance(key, str) or not _LABEL_KEY_RE.fullmatch(key):
         raise InvalidInput(
             f"{what}: invalid label key {key!r} (letters, digits, '_', '.', '/', '-')"
         )
@@ -304,13 +304,13 @@ class Attachment:
     ifname: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.network, str) or not _ATTACHMENT_PART_RE.match(self.network):
+        if not isinstance(self.network, str) or not _ATTACHMENT_PART_RE.fullmatch(self.network):
             raise InvalidInput(f"invalid network name {self.network!r}")
-        if not isinstance(self.container_id, str) or not _ATTACHMENT_PART_RE.match(
+        if not isinstance(self.container_id, str) or not _ATTACHMENT_PART_RE.fullmatch(
             self.container_id
         ):
             raise InvalidInput(f"invalid container ID {self.container_id!r}")
-        if not isinstance(self.ifname, str) or not _IFNAME_RE.match(self.ifname):
+        if not isinstance(self.ifname, str) or not _IFNAME_RE.fullmatch(self.ifname):
             raise InvalidInput(f"invalid interface name {self.ifname!r}")
 
     @property

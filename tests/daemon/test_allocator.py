@@ -197,3 +197,13 @@ def test_claim_skips_candidates_overlapping_leftover_blocks_of_another_size() ->
     p = pool("p", "10.0.0.0/24")  # /26 blocks
     leftovers = {ipaddress.ip_network("10.0.0.8/29"), ipaddress.ip_network("10.0.0.128/25")}
     assert str(allocator.first_unclaimed_block(p, leftovers)) == "10.0.0.64/26"
+
+
+@pytest.mark.parametrize("bad", ["abc\n", "abc/def", "", "a b"])
+def test_attachment_parts_are_refused_whole(bad: str) -> None:
+    from topoipam.daemon.model import Attachment, Node
+
+    with pytest.raises(InvalidInput):
+        Attachment("net", bad, "eth0")
+    with pytest.raises(InvalidInput):
+        Node(bad)

@@ -256,3 +256,57 @@ def test_generated_protobuf_modules_are_fresh() -> None:
     done = subprocess.run([sys.executable, "-m", "topoipam.proto.generate", "--check"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_sigterm_drains_in_flight_calls(daemon_factory: list[DaemonProcess], etcd: EtcdServer,
+                                        prefix: str, tmp_path: Path,
+                                        ctl_env: dict[str, str]) -> None:
+    """Calls in flight when SIGTERM arrives finish; nothing acknowledged is lost."""
+    import asyncio
+    import signal
+
+    from topoipam.daemon.store import EtcdOptions, EtcdStore
+    from topoipam.proto import ipam_pb2_grpc
+
+    assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.45.0.0/22").returncode == 0
+    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-t")
+
+    async def storm() -> tuple[list[object], int]:
+        async with grpc.aio.insecure_channel(f"unix:{daemon.socket}") as channel:
+            stub = ipam_pb2_grpc.IpamStub(channel)
+            calls = [asyncio.ensure_future(stub.Allocate(ipam_pb2.AllocateRequest(
+                attachment=attachment(f"t{i}"), assign_ipv4=True), timeout=20))
+                for i in range(200)]
+            await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
+            assert daemon.process is not None
+            daemon.process.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        assert daemon.process is not None
+        code = await asyncio.to_thread(daemon.process.wait, 30)
+        return results, code
+
+    results, code = asyncio.run(storm())
+    assert code == 0, daemon.log()
+    succeeded = [r for r in results if not isinstance(r, BaseException)]
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert succeeded
+    for error in failed:
+        assert isinstance(error, grpc.aio.AioRpcError)
+        assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), error
+
+    async def held() -> set[str]:
+        async with EtcdStore(EtcdOptions((etcd.endpoint,)), prefix) as store:
+            return {str(a.ip) for h in await store.list_handles() for a in h.value.addresses}
+
+    in_etcd = asyncio.run(held())
+    for reply in succeeded:
+        assert reply.addresses[0].ip in in_etcd  # type: ignore[attr-defined]
+    assert "Traceback" not in daemon.log()
+
+
+def test_example_config_file_is_valid() -> None:
+    from topoipam.daemon.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_config({}, str(root / "systemd" / "topoipamd.toml.example"), environ={})
+    assert config.etcd_endpoints[0].startswith("https://") and config.labels["rack"] == "0"
