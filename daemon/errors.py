@@ -75,6 +75,15 @@ class PoolInUse(TopoipamError):
         )
 
 
+class NodeInUse(TopoipamError):
+    def __init__(self, name: str, handles: int) -> None:
+        self.name, self.handles = name, handles
+        super().__init__(
+            f"node {name} still holds addresses for {handles} attachment(s); "
+            "release them first or use --force"
+        )
+
+
 def _describe_labels(labels: Mapping[str, str]) -> str:
     if not labels:
         return "{}"

@@ -25,6 +25,7 @@ from .errors import (
     AddressUnavailable,
     Conflict,
     InvalidInput,
+    NodeInUse,
     NoPoolForNode,
     PoolExhausted,
     TopoipamError,
@@ -44,6 +45,7 @@ from .store import (
     DeleteAffinity,
     DeleteBlock,
     DeleteHandle,
+    DeleteObject,
     EtcdStore,
     PutAffinity,
     PutBlock,
@@ -712,6 +714,48 @@ class Ipam:
             await self.release(value.id)
             released.append(value.id)
         return released
+
+    async def retire_node(self, force: bool = False) -> tuple[int, int, int]:
+        """Remove this node: its handles (only with ``force``), blocks, affinities, record.
+
+        Refuses with NodeInUse while the node holds addresses, unless ``force``,
+        which releases them. Empty blocks are deleted; a block that still
+        holds addresses other nodes borrowed loses its affinity but keeps them.
+        Each step is its own guarded transaction, so an interrupted removal
+        can simply be run again. Returns (handles released, blocks deleted,
+        blocks kept unaffined).
+        """
+        handles = [h.value.id for h in await self.store.list_handles()
+                   if h.value.node == self.node]
+        if handles and not force:
+            raise NodeInUse(self.node, len(handles))
+        for handle_id in handles:
+            await self.release(handle_id)
+        deleted = kept = 0
+        for _, cidr in await self.store.list_affinities(self.node):
+            for attempt in range(self.max_attempts):
+                current = await self.store.get_block(cidr)
+                writes: list[Write] = [DeleteAffinity(self.node, cidr)]
+                if current is not None and current.value.affinity == self.node:
+                    if current.value.is_empty():
+                        writes.append(DeleteBlock(cidr, current.mod_revision))
+                    else:
+                        orphan = current.value.copy()
+                        orphan.affinity = None
+                        writes.append(PutBlock(orphan, current.mod_revision))
+                if (await self.store.commit(writes)).succeeded:
+                    if any(isinstance(w, DeleteBlock) for w in writes):
+                        deleted += 1
+                    elif len(writes) > 1:
+                        kept += 1
+                    break
+                await _backoff(attempt)
+            else:
+                raise Conflict(f"block {cidr} kept changing while node {self.node} was removed")
+        node = await self.store.get_node(self.node)
+        if node is not None:
+            await self.store.commit([DeleteObject("node", self.node, node.mod_revision)])
+        return len(handles), deleted, kept
 
     async def release_unwanted_blocks(self) -> list[IPNetwork]:
         """Drop this node's empty affine blocks whose pool no longer selects it."""

@@ -88,7 +88,8 @@ class Daemon:
         self.store.on_error = self.metrics.etcd_errors.inc
         self.service = IpamService(
             self.ipam,
-            StatusProvider(self.cache.in_sync.is_set, self._etcd_check, self._cache_state),
+            StatusProvider(self.cache.in_sync.is_set, self._etcd_check, self._cache_state,
+                           self._pool_usage),
             self.metrics,
             request_timeout=config.request_timeout,
         )
@@ -101,7 +102,7 @@ class Daemon:
         self._register_task: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
         self._ready_once = False
-        self.metrics.add_pool_collector(self._pool_metrics)
+        self.metrics.add_pool_collector(self._pool_usage)
         self.metrics.relists.set_function(lambda: self.cache.relists)
 
     # ------------------------------------------------------------------ lifecycle
@@ -201,7 +202,7 @@ class Daemon:
         except (DatastoreUnavailable, TimeoutError) as exc:
             return str(exc) or "etcd did not answer within 2s"
 
-    def _pool_metrics(self) -> list[tuple[str, int, int, int]]:
+    def _pool_usage(self) -> list[tuple[str, int, int, int]]:
         rows: dict[str, list[int]] = {}
         state = self.cache.snapshot()
         pools = state.pools

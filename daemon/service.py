@@ -23,8 +23,8 @@ from google.protobuf.message import Message
 from topoipam.proto import ipam_pb2, ipam_pb2_grpc
 
 from . import allocator
-from .errors import InvalidInput, TopoipamError
-from .ipam import Allocation, AllocationRequest, Ipam
+from .errors import InvalidInput, NotFound, TopoipamError
+from .ipam import Allocation, AllocationRequest, ClusterState, Ipam
 from .metrics import Metrics
 from .model import Attachment, check_label
 
@@ -59,13 +59,20 @@ def _allocation_message(allocation: Allocation, response: Any) -> Any:
 
 
 class StatusProvider:
-    """What Status reports beyond the engine: cache sync and etcd reachability."""
+    """What Status reports beyond the engine: cache sync, etcd reachability, block usage."""
 
-    def __init__(self, in_sync: Callable[[], bool], etcd_check: Callable[[], Awaitable[str]],
-                 state: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        in_sync: Callable[[], bool],
+        etcd_check: Callable[[], Awaitable[str]],
+        state: Callable[[], ClusterState | None],
+        usage: Callable[[], list[tuple[str, int, int, int]]],
+    ) -> None:
         self.in_sync = in_sync
         self.etcd_check = etcd_check
         self.state = state
+        #: (pool, affine blocks, addresses in use, free addresses) per pool
+        self.usage = usage
 
 
 class IpamService(ipam_pb2_grpc.IpamServicer):
@@ -116,8 +123,6 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         attachment = _attachment(request.attachment)
         allocation = await self.ipam.get(attachment)
         if allocation is None:
-            from .errors import NotFound
-
             raise NotFound(f"{attachment.handle_id} holds no address")
         return _allocation_message(allocation, ipam_pb2.GetResponse())
 
@@ -151,25 +156,10 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
                 selected, reason = allocator.explain_pool(pool, state.labels)
                 response.pools.add(name=pool.name, cidr=str(pool.cidr), selected=selected,
                                    reason=reason)
-            free, blocks = self.status_blocks(state)
-            response.affine_blocks = blocks
-            response.free_addresses = free
+            rows = self.status.usage()
+            response.affine_blocks = sum(row[1] for row in rows)
+            response.free_addresses = sum(row[3] for row in rows)
         return response
-
-    def status_blocks(self, state: Any) -> tuple[int, int]:
-        free = 0
-        blocks = 0
-        source = self.ipam.source
-        for versioned in getattr(source, "blocks", {}).values():
-            block = versioned.value
-            blocks += 1
-            pool = allocator.pool_of_block(state.pools, block.cidr)
-            if pool is None:
-                continue
-            ctx = allocator.AssignContext(pool, state.reservations, time.time(),
-                                          float(state.config.ip_cooldown_seconds))
-            free += allocator.free_count(block, ctx)
-        return free, blocks
 
     # ------------------------------------------------------------------ transports
     async def _call(self, method: str, request: Message) -> Message:
