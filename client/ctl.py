@@ -567,6 +567,8 @@ async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
 
 
 async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
+    if args.kind in ("node", "nodes"):
+        return await delete_node(store, args.name, args.force)
     if args.filename is not None:
         parsed = read_manifests(args.filename)
         targets = [Target.of(d) for d in parsed.documents]
@@ -574,6 +576,15 @@ async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
         kind = GET_KINDS[args.kind]
         targets = [Target(kind, args.name, None)]
     return report(await write_targets(store, targets, "delete", args.force))
+
+
+async def delete_node(store: EtcdStore, name: str, force: bool) -> int:
+    if await store.get_node(name) is None and not await store.list_affinities(name):
+        raise NotFound(f"node {name} does not exist")
+    released, deleted, kept = await Ipam(store, name).retire_node(force)
+    print(f"node/{name} deleted ({released} attachment(s) released, {deleted} block(s) "
+          f"deleted, {kept} block(s) with borrowed addresses kept without affinity)")
+    return 0
 
 
 # ---------------------------------------------------------------------------- verbs: get
@@ -1146,11 +1157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     delete = verb(verbs, "delete", cmd_delete, "delete resources")
     delete.add_argument("kind", nargs="?",
-                        choices=["ippool", "ippools", "ipreservation", "ipreservations"])
+                        choices=["ippool", "ippools", "ipreservation", "ipreservations", "node",
+                                 "nodes"])
     delete.add_argument("name", nargs="?")
     delete.add_argument("-f", "--filename", help="manifest file, or - for stdin")
     delete.add_argument("--force", action="store_true",
-                        help="delete pools even while addresses in them are allocated")
+                        help="delete pools even while addresses in them are allocated; "
+                             "delete a node and release the addresses it holds")
 
     get = verb(verbs, "get", cmd_get, "list resources or allocations")
     get.add_argument("kind", choices=sorted(GET_KINDS))

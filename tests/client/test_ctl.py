@@ -709,3 +709,41 @@ def test_executable_reports_bad_input_without_traceback(
     result = run_executable("create", "ippool", env=ctl_env)
     assert result.returncode == 2
     assert "usage:" in result.stderr
+
+
+@pytest.mark.asyncio
+async def test_delete_node_refuses_while_holding_addresses_unless_forced(
+    run_ctl: Ctl, store: EtcdStore, prefix: str
+) -> None:
+    assert (await run_ctl("create", "ippool", "p", "--cidr", "10.70.0.0/28",
+                          "--block-size", "29")).code == 0
+    assert (await run_ctl("ipam", "configure", "--max-blocks-per-host", "1")).code == 0
+    assert (await run_ctl("label", "nodes", "gone", "rack=0")).code == 0
+    assert (await run_ctl("label", "nodes", "stay", "rack=0")).code == 0
+    mine = await allocate(store, "gone", "g1", "pod-g1")
+    # "stay" claims the other block, fills it, then borrows from "gone"'s block.
+    others = [await allocate(store, "stay", f"s{i}", f"pod-s{i}") for i in range(9)]
+    borrowed = [ip for ip in others if ipaddress.ip_address(ip) in
+                ipaddress.ip_network(mine).supernet(new_prefix=29)]
+    assert borrowed
+    before = await dump(store, prefix)
+    refused = await run_ctl("delete", "node", "gone")
+    assert refused.code == 1 and "node gone still holds addresses for 1" in refused.err
+    assert len(refused.err.strip().splitlines()) == 1
+    assert await dump(store, prefix) == before
+    forced = await run_ctl("delete", "node", "gone", "--force")
+    assert forced.code == 0, forced.err
+    assert await store.get_node("gone") is None
+    assert await store.list_affinities("gone") == []
+    rows = json.loads((await run_ctl("get", "allocations", "-o", "json")).out)
+    assert sorted(r["ip"] for r in rows) == sorted(others)  # borrowed addresses kept
+    check = await run_ctl("ipam", "check")
+    assert check.code == 0, check.out + check.err
+    # A node without addresses goes without --force, and its empty blocks with it.
+    for i in range(9):
+        await Ipam(store, "stay").release(f"k8s-pod-network.s{i}.eth0")
+    assert (await run_ctl("delete", "node", "stay")).code == 0
+    assert await store.list_blocks() == [] or all(
+        b.value.affinity is None for b in await store.list_blocks())
+    missing = await run_ctl("delete", "node", "never-existed")
+    assert missing.code == 1 and "does not exist" in missing.err
