@@ -162,6 +162,10 @@ class DatastoreUnavailable(TopoipamError):
     cni_code = 11
 
 
+class AuthenticationFailed(DatastoreUnavailable):
+    """etcd refused our credentials: retrying soon will not help, but a fixed password may."""
+
+
 class NotReady(TopoipamError):
     """The daemon's cache is not in sync with etcd; answering would risk stale data."""
 

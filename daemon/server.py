@@ -30,7 +30,7 @@ from . import allocator
 from .cache import NodeCache
 from .cni_socket import CniSocketServer
 from .config import DaemonConfig, parse_host_port
-from .errors import DatastoreUnavailable, InvalidInput, TopoipamError
+from .errors import AuthenticationFailed, DatastoreUnavailable, InvalidInput, TopoipamError
 from .ipam import Ipam
 from .metrics import Metrics
 from .model import Node
@@ -140,6 +140,11 @@ class Daemon:
             try:
                 await self.register_node()
                 break
+            except AuthenticationFailed as exc:
+                # Not transient: back off far, so a wrong password does not hammer etcd.
+                log.error("%s; retrying in %.0fs", exc, max(delay, 5.0))
+                await asyncio.sleep(max(delay, 5.0))
+                delay = min(max(delay, 5.0) * 2, 60.0)
             except DatastoreUnavailable as exc:
                 log.warning("cannot register node %s yet: %s", self.config.node, exc)
                 await asyncio.sleep(delay)

@@ -35,7 +35,7 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
-from .errors import DatastoreUnavailable, InvalidInput
+from .errors import AuthenticationFailed, DatastoreUnavailable, InvalidInput
 from .model import (
     BLOCK_SIZE_RANGE,
     Block,
@@ -406,7 +406,7 @@ class EtcdStore:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _UNAVAILABLE_CODES:
                 raise DatastoreUnavailable(f"etcd unreachable: {exc.details()}") from exc
-            raise DatastoreUnavailable(
+            raise AuthenticationFailed(
                 f"etcd authentication failed for user {self.options.user}: {exc.details()}"
             ) from exc
         self._metadata = (("token", response.token),)

@@ -1,0 +1,727 @@
+"""Chaos: CNI churn on four daemons while daemons and etcd members die, restart and stall.
+
+A three-member etcd cluster, four ``topoipamd`` (two per rack) started with
+all three etcd endpoints, two small rack pools (/26 in /29 blocks, at most two
+blocks per host, borrowing allowed) and one thread per node that execs the
+real ``topoipam`` plugin (ADD, DEL, now and then a repeated ADD). Meanwhile the
+main thread injects faults one after another, with churn in between: SIGKILL
+and restart of daemons, SIGKILL of an etcd follower and then of the leader
+(each restarted later), the whole etcd cluster stopped for 5 s, and a
+compaction while one daemon is frozen (SIGSTOP) long enough for etcd to drop
+its connection, so that it must relist.
+
+Only CNI code 11 (try again) is an acceptable failure: such a call is retried
+later (or, for an ADD, sometimes abandoned to GC, as a runtime would). Every
+acknowledged ADD is checked at once against every other live address, and at
+quiet points (churn paused) and at the end etcd itself is read through its
+JSON gateway: no address held twice, every acknowledged and not deleted
+allocation present with its address, nothing left of an acknowledged DEL.
+Then ``topoipamctl ipam check``, CNI GC per node with the live containers as
+valid attachments, DEL of everything, and no address may remain allocated.
+
+The summary (printed, and written as JSON to ``$TOPOIPAM_CHAOS_REPORT`` if
+set) counts operations, faults and invariant checks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+import signal
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.conftest import free_port
+from tests.daemons import DaemonProcess, cni, ctl
+from tests.etcd_cluster import TCP_ESTABLISHED, EtcdCluster, process_tcp_sockets
+from topoipam.proto import ipam_pb2
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
+
+NETWORK = "chaos-net"
+TRY_AGAIN = 11
+RACK = {"node-0": "0", "node-1": "0", "node-2": "1", "node-3": "1"}
+POOLS = {"0": ipaddress.ip_network("10.77.0.0/26"), "1": ipaddress.ip_network("10.77.1.0/26")}
+BLOCK_SIZE = 29
+MAX_BLOCKS_PER_HOST = 2
+# Addresses a node may hold at once (live + in doubt). Per rack 4 blocks of 8
+# can be claimed (maxBlocksPerHost 2), minus the pool's network address: 31.
+# The small nodes claim both their blocks before the churn (see pre_claim), so
+# the big node owns 16 addresses and borrows the rest of its 20 from them.
+CAPACITY = {"node-0": 20, "node-1": 8, "node-2": 20, "node-3": 8}
+MAX_OPERATIONS = 4000  # a bound on churn operations, all workers together
+CNI_TIMEOUT = 8  # seconds the plugin waits for its daemon (ipam "timeout")
+SEED = int(os.environ.get("TOPOIPAM_CHAOS_SEED", "0")) or random.SystemRandom().randrange(1 << 30)
+
+
+def net_config(daemon: DaemonProcess, version: str = "1.0.0") -> dict[str, Any]:
+    return {"cniVersion": version, "name": NETWORK,
+            "ipam": {"type": "topoipam", "socket": daemon.socket, "timeout": CNI_TIMEOUT}}
+
+
+def handle_id(container: str) -> str:
+    return f"{NETWORK}.{container}.eth0"
+
+
+# ---------------------------------------------------------------------------- bookkeeping
+
+
+@dataclass
+class Ledger:
+    """What the runtime side knows: acknowledged allocations and deletions, and what is in doubt.
+
+    ``holders`` maps an address to the live container that holds it by an
+    acknowledged ADD with no DEL started since: no other container may be
+    given that address while it is there.
+    """
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    live: dict[str, tuple[str, str]] = field(default_factory=dict)  # container -> (node, ip)
+    pending_add: dict[str, str] = field(default_factory=dict)  # ADD answered 11 -> node
+    pending_del: dict[str, tuple[str, str]] = field(default_factory=dict)  # DEL answered 11
+    deleted: dict[str, str] = field(default_factory=dict)  # DEL acknowledged -> node
+    abandoned: dict[str, str] = field(default_factory=dict)  # left for GC -> node
+    holders: dict[str, str] = field(default_factory=dict)  # ip -> live container
+    ops: Counter[str] = field(default_factory=Counter)
+    checks: Counter[str] = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+    next_id: int = 0
+
+    def new_container(self, node: str) -> str:
+        with self.lock:
+            self.next_id += 1
+            return f"chaos-{node}-{self.next_id:05d}"
+
+    def held_by(self, node: str) -> int:
+        """Containers of ``node`` that may hold an address (live or in doubt)."""
+        return (sum(1 for n, _ in self.live.values() if n == node)
+                + sum(1 for n in self.pending_add.values() if n == node)
+                + sum(1 for n, _ in self.pending_del.values() if n == node))
+
+    def acknowledge_add(self, container: str, node: str, ip: str) -> None:
+        with self.lock:
+            self.ops["add_acknowledged"] += 1
+            self.checks["ack_address_in_rack_pool"] += 1
+            if ipaddress.ip_address(ip) not in POOLS[RACK[node]]:
+                self.violations.append(f"{container} on {node} got {ip}, outside its rack pool")
+            self.checks["ack_address_not_held_by_another"] += 1
+            holder = self.holders.get(ip)
+            if holder is not None and holder != container:
+                self.violations.append(
+                    f"double allocation: {ip} acknowledged to {container} ({node}) while "
+                    f"{holder} ({self.live[holder][0]}) holds it")
+            if container in self.live:
+                self.checks["readd_same_address"] += 1
+                if self.live[container][1] != ip:
+                    self.violations.append(f"repeated ADD of {container} returned {ip}, "
+                                           f"not {self.live[container][1]}")
+                return
+            self.pending_add.pop(container, None)
+            self.live[container] = (node, ip)
+            self.holders[ip] = container
+
+    def start_del(self, container: str) -> tuple[str, str] | None:
+        """Take a live container out of ``holders``: its address may be reused from now on."""
+        with self.lock:
+            entry = self.live.pop(container, None)
+            if entry is not None and self.holders.get(entry[1]) == container:
+                del self.holders[entry[1]]
+            return entry
+
+
+def addresses_in_etcd(cluster: EtcdCluster, prefix: str
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Blocks (cidr -> JSON) and handles (id -> JSON) as etcd has them now."""
+    blocks = {}
+    for _, value in cluster.range_prefix(f"{prefix}/blocks/"):
+        block = json.loads(value)
+        blocks[block["cidr"]] = block
+    handles = {key.rsplit("/", 1)[1]: json.loads(value)
+               for key, value in cluster.range_prefix(f"{prefix}/handles/")}
+    return blocks, handles
+
+
+def check_etcd(cluster: EtcdCluster, prefix: str, ledger: Ledger) -> int:
+    """Compare etcd with the ledger while no CNI call is in flight; returns borrowed addresses."""
+    blocks, handles = addresses_in_etcd(cluster, prefix)
+    problems = []
+    given: dict[str, str] = {}  # ip -> handle, from the blocks
+    affinity_of: dict[str, str | None] = {}
+    for cidr, block in blocks.items():
+        network = ipaddress.ip_network(cidr)
+        for ordinal, holder in block["allocations"].items():
+            ip = str(network.network_address + int(ordinal))
+            affinity_of[ip] = block["affinity"]
+            if ip in given:
+                problems.append(f"{ip} allocated twice: to {given[ip]} and {holder}")
+            given[ip] = holder
+    listed: dict[str, str] = {}
+    for hid, handle in handles.items():
+        for entry in handle["addresses"]:
+            if entry["ip"] in listed:
+                problems.append(f"{entry['ip']} listed by handles {listed[entry['ip']]} and {hid}")
+            listed[entry["ip"]] = hid
+    borrowed = 0
+    with ledger.lock:
+        for container, (node, ip) in ledger.live.items():
+            stored = handles.get(handle_id(container))
+            ips = [a["ip"] for a in stored["addresses"]] if stored else None
+            if stored is None or stored["node"] != node or ips != [ip]:
+                problems.append(f"acknowledged {container} ({node}, {ip}) is in etcd as {stored}")
+            elif given.get(ip) != handle_id(container):
+                problems.append(f"acknowledged {container} ({ip}): its block gives {ip} to "
+                                f"{given.get(ip)}")
+            elif affinity_of[ip] != node:
+                borrowed += 1
+        for container, (_, ip) in ledger.pending_del.items():
+            in_doubt = handles.get(handle_id(container))
+            if in_doubt is not None and [a["ip"] for a in in_doubt["addresses"]] != [ip]:
+                problems.append(f"{container} (DEL in doubt) held {ip}, etcd has {in_doubt}")
+        for container in ledger.deleted:
+            if handle_id(container) in handles or handle_id(container) in given.values():
+                problems.append(f"{container} was deleted (DEL acknowledged) but etcd still "
+                                "holds an address for it")
+        known = set(ledger.live) | set(ledger.pending_add) | set(ledger.pending_del) | set(
+            ledger.abandoned)
+        for hid, handle in handles.items():
+            if hid.startswith(f"{NETWORK}.") and hid.split(".")[1] not in known:
+                problems.append(f"handle {hid} belongs to no container the runtime knows")
+            node = handle["node"]
+            for entry in handle["addresses"]:
+                if ipaddress.ip_address(entry["ip"]) not in POOLS[RACK[node]]:
+                    problems.append(f"handle {hid} of {node} holds {entry['ip']} outside its "
+                                    "rack pool")
+        ledger.checks["quiesced_etcd_comparisons"] += 1
+        ledger.checks["acknowledged_allocations_verified"] += len(ledger.live)
+        ledger.checks["deleted_allocations_verified_gone"] += len(ledger.deleted)
+        ledger.checks["blocks_scanned_for_double_allocation"] += len(blocks)
+        ledger.violations += problems
+    assert not problems, "\n".join(problems)
+    return borrowed
+
+
+# ---------------------------------------------------------------------------- the churn
+
+
+class Gate:
+    """Lets the main thread pause every worker between two CNI calls."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.condition = threading.Condition()
+        self.paused = False
+        self.idle = 0
+
+    def checkpoint(self, stop: threading.Event) -> None:
+        with self.condition:
+            if not self.paused:
+                return
+            self.idle += 1
+            self.condition.notify_all()
+            while self.paused and not stop.is_set():
+                self.condition.wait(0.2)
+            self.idle -= 1
+
+    def pause(self, timeout: float = 60) -> None:
+        with self.condition:
+            self.paused = True
+            if not self.condition.wait_for(lambda: self.idle == self.workers, timeout):
+                raise AssertionError("workers did not pause (a CNI call hangs?)")
+
+    def resume(self) -> None:
+        with self.condition:
+            self.paused = False
+            self.condition.notify_all()
+
+
+class Worker(threading.Thread):
+    """One node's runtime: ADDs up to its capacity, DELs, retries what answered 11."""
+
+    def __init__(self, node: str, daemon: DaemonProcess, ledger: Ledger, gate: Gate,
+                 stop: threading.Event, seed: int) -> None:
+        super().__init__(name=f"churn-{node}", daemon=True)
+        self.node = node
+        self.daemon_process = daemon
+        self.ledger = ledger
+        self.gate = gate
+        self.stop = stop
+        self.rng = random.Random(seed)
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.gate.checkpoint(self.stop)
+                if self.stop.is_set():
+                    break
+                with self.ledger.lock:
+                    if self.ledger.ops["attempted"] >= MAX_OPERATIONS:
+                        break
+                self.step()
+                time.sleep(self.rng.uniform(0, 0.03))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test, never lost
+            with self.ledger.lock:
+                self.ledger.violations.append(f"worker {self.node} crashed: {exc!r}")
+            self.stop.set()
+        finally:
+            with self.gate.condition:  # a finished worker never blocks a pause
+                self.gate.idle += 1
+                self.gate.condition.notify_all()
+
+    def step(self) -> None:
+        ledger, rng = self.ledger, self.rng
+        with ledger.lock:
+            mine = sorted(c for c, (n, _) in ledger.live.items() if n == self.node)
+            doubt_del = sorted(c for c, (n, _) in ledger.pending_del.items() if n == self.node)
+            doubt_add = sorted(c for c, n in ledger.pending_add.items() if n == self.node)
+            room = CAPACITY[self.node] - ledger.held_by(self.node)
+        if doubt_del and rng.random() < 0.5:
+            self.delete(rng.choice(doubt_del), retry=True)
+        elif doubt_add and rng.random() < 0.5:
+            container = rng.choice(doubt_add)
+            if rng.random() < 0.7:
+                self.add(container, retry=True)
+            else:  # the runtime gives up on the pod
+                self.delete(container, retry=True)
+        elif mine and rng.random() < 0.05:
+            self.add(rng.choice(mine), retry=False)  # ADD is idempotent
+        elif room > 0 and (rng.random() < 0.6 or len(mine) < 2):
+            self.add(ledger.new_container(self.node), retry=False)
+        elif mine:
+            self.delete(rng.choice(mine), retry=False)
+
+    def call(self, command: str, container: str) -> tuple[int, dict[str, Any] | None]:
+        with self.ledger.lock:
+            self.ledger.ops["attempted"] += 1
+            self.ledger.ops[f"{command.lower()}_attempted"] += 1
+        code, out, err = cni(command, net_config(self.daemon_process), container=container,
+                             args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=chaos;"
+                                  f"K8S_POD_NAME={container}")
+        if code == 0:
+            return 0, out
+        if code == 1 and out is not None and out.get("code") == TRY_AGAIN \
+                and "Traceback" not in err:
+            with self.ledger.lock:
+                self.ledger.ops["answered_try_again"] += 1
+            return TRY_AGAIN, out
+        with self.ledger.lock:
+            self.ledger.violations.append(
+                f"{command} {container} on {self.node}: exit {code}, {out}, stderr {err[-500:]!r}")
+        self.stop.set()
+        return -1, out
+
+    def add(self, container: str, retry: bool) -> None:
+        if retry:
+            with self.ledger.lock:
+                self.ledger.ops["retried"] += 1
+        code, out = self.call("ADD", container)
+        if code == 0:
+            assert out is not None
+            address = str(out["ips"][0]["address"])
+            with self.ledger.lock:
+                self.ledger.checks["ack_prefix_is_pool"] += 1
+                if not address.endswith(f"/{POOLS[RACK[self.node]].prefixlen}"):
+                    self.ledger.violations.append(f"ADD {container} answered {address}")
+            self.ledger.acknowledge_add(container, self.node, address.split("/")[0])
+        elif code == TRY_AGAIN:
+            with self.ledger.lock:
+                if container not in self.ledger.live:
+                    self.ledger.pending_add[container] = self.node
+
+    def delete(self, container: str, retry: bool) -> None:
+        ledger = self.ledger
+        with ledger.lock:
+            if retry:
+                ledger.ops["retried"] += 1
+            ip = (ledger.pending_del.get(container) or (self.node, ""))[1]
+        started = ledger.start_del(container)
+        if started is not None:
+            ip = started[1]
+        code, _ = self.call("DEL", container)
+        with ledger.lock:
+            if code == 0:
+                ledger.ops["del_acknowledged"] += 1
+                ledger.pending_del.pop(container, None)
+                ledger.pending_add.pop(container, None)
+                ledger.deleted[container] = self.node
+            elif code == TRY_AGAIN:
+                if container in ledger.pending_add:
+                    return  # still in doubt as an ADD: nothing was acknowledged
+                ledger.pending_del[container] = (self.node, ip)
+
+
+# ---------------------------------------------------------------------------- the test
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    # A short server keepalive so that etcd drops a client that stops answering pings
+    # (the frozen daemon of the compaction fault) within a few seconds.
+    cluster = EtcdCluster(str(tmp_path / "etcd"), extra=(
+        "--grpc-keepalive-interval", "1s", "--grpc-keepalive-timeout", "2s"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+def metric(daemon: DaemonProcess, port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in the metrics of {daemon.node}")
+
+
+def wait_for(what: str, condition: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def retry_until_done(ledger: Ledger, command: str, daemon: DaemonProcess, container: str,
+                     config: dict[str, Any] | None = None, attempts: int = 40
+                     ) -> dict[str, Any] | None:
+    """One CNI call, repeated while it answers 11 (everything is up again: it must succeed)."""
+    for attempt in range(attempts):
+        with ledger.lock:
+            ledger.ops["attempted"] += 1
+            ledger.ops[f"{command.lower()}_attempted"] += 1
+            if attempt:
+                ledger.ops["retried"] += 1
+        code, out, err = cni(command, config or net_config(daemon), container=container)
+        if code == 0:
+            return out
+        assert code == 1 and out is not None and out.get("code") == TRY_AGAIN, (
+            f"{command} {container} on {daemon.node}: {code} {out} {err[-500:]}")
+        with ledger.lock:
+            ledger.ops["answered_try_again"] += 1
+        time.sleep(0.25)
+    raise AssertionError(f"{command} {container} on {daemon.node} still answers 11")
+
+
+def test_churn_under_daemon_and_etcd_faults(etcd_cluster: EtcdCluster, prefix: str,
+                                            tmp_path: Path) -> None:
+    started = time.monotonic()
+    rng = random.Random(SEED)
+    cluster = etcd_cluster
+    ctl_env = {k: v for k, v in os.environ.items() if not k.startswith("TOPOIPAM_")}
+    ctl_env.update(TOPOIPAM_ETCD_ENDPOINTS=cluster.endpoints, TOPOIPAM_PREFIX=prefix)
+
+    def run_ctl(*args: str) -> str:
+        done = ctl(ctl_env, *args)
+        assert done.returncode == 0, f"topoipamctl {' '.join(args)}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+    for rack, cidr in POOLS.items():
+        run_ctl("create", "ippool", f"rack-{rack}", "--cidr", str(cidr), "--block-size",
+                str(BLOCK_SIZE), "--node-selector", f'rack == "{rack}"')
+    run_ctl("ipam", "configure", "--strictaffinity", "false", "--max-blocks-per-host",
+            str(MAX_BLOCKS_PER_HOST))
+
+    daemons: dict[str, DaemonProcess] = {}
+    metrics_port: dict[str, int] = {}
+    ledger = Ledger()
+    stop = threading.Event()
+    gate = Gate(len(RACK))
+    workers: list[Worker] = []
+    faults: Counter[str] = Counter()
+    phases: dict[str, dict[str, int]] = {}
+    failed_over: dict[str, list[str]] = {}
+    borrowed_seen = 0
+    in_doubt_adds: dict[str, int] = {}
+    try:
+        members = cluster.endpoints.split(",")
+        for index, (node, rack) in enumerate(RACK.items()):
+            # Rotated lists: gRPC connects to the first reachable endpoint, so the
+            # daemons spread over the members and every member kill cuts some off.
+            endpoints = ",".join(members[index % 3:] + members[:index % 3])
+            run_dir = tmp_path / node
+            run_dir.mkdir(mode=0o750)
+            metrics_port[node] = free_port()
+            daemons[node] = DaemonProcess(
+                node, str(run_dir / "topoipamd.sock"), endpoints, prefix,
+                str(tmp_path / f"{node}.log"),
+                ["--labels", f"rack={rack}", "--metrics-address",
+                 f"127.0.0.1:{metrics_port[node]}"]).start(wait=False)
+        for daemon in daemons.values():
+            daemon.wait_serving(30)
+
+        # The small nodes claim both their blocks first, so the big ones must borrow.
+        for node in ("node-1", "node-3"):
+            for command in ("ADD", "DEL"):
+                for i in range(9):
+                    retry_until_done(ledger, command, daemons[node], f"warm-{node}-{i}")
+                    ledger.ops[f"{command.lower()}_acknowledged"] += 1
+            affinities = cluster.range_prefix(f"{prefix}/affinities/{node}/")
+            assert len(affinities) == MAX_BLOCKS_PER_HOST, affinities
+
+        for index, node in enumerate(RACK):
+            workers.append(Worker(node, daemons[node], ledger, gate, stop, SEED + index))
+        for worker in workers:
+            worker.start()
+
+        def churn(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and not stop.is_set():
+                time.sleep(0.1)
+            assert not ledger.violations, "\n".join(ledger.violations)
+
+        def quiet_check() -> None:
+            nonlocal borrowed_seen
+            wait_for("every daemon SERVING",
+                     lambda: all(d.health() == "SERVING" for d in daemons.values()))
+            gate.pause()
+            try:
+                borrowed_seen = max(borrowed_seen, check_etcd(cluster, prefix, ledger))
+            finally:
+                gate.resume()
+
+        @contextmanager
+        def phase(name: str) -> Iterator[None]:
+            """A fault window; the churn must really have run through it."""
+            with ledger.lock:
+                before = Counter(ledger.ops)
+            yield
+            with ledger.lock:
+                delta = Counter(ledger.ops)
+                delta.subtract(before)
+            phases[name] = {"attempted": delta["attempted"],
+                            "acknowledged": delta["add_acknowledged"] + delta["del_acknowledged"],
+                            "answered_try_again": delta["answered_try_again"]}
+            assert delta["attempted"] >= 5, f"almost no churn during {name}: {phases[name]}"
+
+        def connected_member(daemon: DaemonProcess) -> int | None:
+            """The etcd member the daemon's gRPC channel is connected to, from /proc."""
+            assert daemon.process is not None
+            ports = {m.client_port: i for i, m in enumerate(cluster.members)}
+            for sock in process_tcp_sockets(daemon.process.pid):
+                if sock.state == TCP_ESTABLISHED and sock.remote_port in ports:
+                    return ports[sock.remote_port]
+            return None
+
+        def kill_member_and_fail_over(index: int, kind: str) -> None:
+            clients = [n for n, d in daemons.items() if connected_member(d) == index]
+            cluster.kill_member(index)
+            faults[kind] += 1
+            churn(1)
+            # Each daemon knows all three endpoints: the ones that lost their member
+            # reconnect to a survivor and are in sync again while it is still down.
+            wait_for("every daemon SERVING with a member down",
+                     lambda: all(d.health() == "SERVING" for d in daemons.values()))
+            for node in clients:
+                assert connected_member(daemons[node]) not in (None, index), node
+            ledger.checks[f"failover_verified_{kind}"] += len(clients)
+            ledger.checks["serving_with_member_down"] += len(daemons)
+            failed_over[kind] = clients
+            churn(3)
+            cluster.start_member(index)
+            churn(2)
+
+        with phase("warmup"):
+            churn(6)
+        quiet_check()
+
+        # 1. daemons SIGKILLed and restarted
+        with phase("daemon_sigkill_restart"):
+            for _ in range(3):
+                victim = daemons[rng.choice(sorted(daemons))]
+                victim.kill()
+                faults["daemon_sigkill_restart"] += 1
+                churn(1.0)
+                victim.start(wait=True, timeout=30)
+                churn(2.5)
+        quiet_check()
+
+        # 2. an etcd follower killed, later restarted (one that daemons are connected to)
+        with phase("etcd_follower_kill"):
+            leader = cluster.leader()
+            followers = [i for i in range(3) if i != leader]
+            in_use = [i for i in followers
+                      if any(connected_member(d) == i for d in daemons.values())]
+            kill_member_and_fail_over(rng.choice(in_use or followers), "etcd_follower_kill")
+        quiet_check()
+
+        # 3. the etcd leader killed, later restarted
+        with phase("etcd_leader_kill"):
+            kill_member_and_fail_over(cluster.leader(), "etcd_leader_kill")
+        quiet_check()
+
+        # 4. the whole etcd cluster stopped for 5 s
+        with phase("etcd_cluster_stop_5s"):
+            down = time.monotonic()
+            for index in range(3):
+                cluster.stop_member(index)
+            faults["etcd_cluster_stop_5s"] += 1
+            # No daemon may claim to be ready while etcd is gone.
+            wait_for("every daemon NOT_SERVING while etcd is down",
+                     lambda: all(d.health() == "NOT_SERVING" for d in daemons.values()),
+                     timeout=4)
+            ledger.checks["not_serving_while_etcd_down"] += len(daemons)
+            churn(5 - (time.monotonic() - down))
+            for index in range(3):
+                cluster.start_member(index, wait=False)
+            cluster.wait_healthy(30)
+            churn(3)
+        quiet_check()
+
+        # 5. compaction while a daemon is frozen and etcd has dropped its connection
+        with phase("etcd_compaction_while_daemon_disconnected"):
+            victim = daemons[rng.choice(sorted(daemons))]
+            assert victim.process is not None
+            relists_before = metric(victim, metrics_port[victim.node], "topoipam_cache_relists")
+            victim.process.send_signal(signal.SIGSTOP)
+            try:
+                run_ctl("label", "nodes", victim.node, "chaos-epoch=1")
+                churn(1)  # the others write too (and may borrow from the frozen node's blocks)
+                wait_for("etcd to drop the frozen daemon's connection",
+                         lambda: connected_member(victim) is None, timeout=20)
+                cluster.compact(cluster.revision())
+                faults["etcd_compaction_while_daemon_disconnected"] += 1
+            finally:
+                victim.process.send_signal(signal.SIGCONT)
+
+            def sees_new_label() -> bool:
+                try:
+                    with victim.stub() as stub:
+                        status = stub.Status(ipam_pb2.StatusRequest(), timeout=2)
+                except grpc.RpcError:
+                    return False
+                return bool(status.in_sync and status.labels.get("chaos-epoch") == "1")
+
+            wait_for(f"{victim.node} to relist and see its new label", sees_new_label, timeout=30)
+            relists_after = metric(victim, metrics_port[victim.node], "topoipam_cache_relists")
+            assert relists_after > relists_before, (relists_before, relists_after)
+            ledger.checks["relist_after_compaction_observed"] += 1
+            churn(3)
+        quiet_check()
+
+        stop.set()
+        for worker in workers:
+            worker.join(CNI_TIMEOUT * 3)
+            assert not worker.is_alive(), f"{worker.name} did not stop"
+        assert not ledger.violations, "\n".join(ledger.violations)
+
+        # ------------------------------------------------------------ settle
+        for daemon in daemons.values():
+            daemon.wait_serving(30)
+        for container, (node, _) in sorted(ledger.pending_del.items()):
+            ledger.ops["retried"] += 1  # the first call of the loop retries the churn's DEL
+            retry_until_done(ledger, "DEL", daemons[node], container)
+            ledger.ops["del_acknowledged"] += 1
+            del ledger.pending_del[container]
+            ledger.deleted[container] = node
+        for i, (container, node) in enumerate(sorted(ledger.pending_add.items())):
+            if i % 2:
+                ledger.abandoned[container] = node  # the runtime gave up: GC's job
+                continue
+            ledger.ops["retried"] += 1
+            out = retry_until_done(ledger, "ADD", daemons[node], container)
+            assert out is not None
+            ledger.acknowledge_add(container, node, out["ips"][0]["address"].split("/")[0])
+        ledger.pending_add.clear()
+        # Top the big nodes up to their capacity: they must borrow now.
+        for node in ("node-0", "node-2"):
+            while ledger.held_by(node) + sum(
+                    1 for n in ledger.abandoned.values() if n == node) < CAPACITY[node]:
+                container = ledger.new_container(node)
+                out = retry_until_done(ledger, "ADD", daemons[node], container)
+                assert out is not None
+                ledger.acknowledge_add(container, node, out["ips"][0]["address"].split("/")[0])
+        assert not ledger.violations, "\n".join(ledger.violations)
+        borrowed = check_etcd(cluster, prefix, ledger)
+        borrowed_seen = max(borrowed_seen, borrowed)
+        assert borrowed > 0, "no address is borrowed from another node's block"
+
+        check = ctl(ctl_env, "ipam", "check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        ledger.checks["ipam_check_exit_0"] += 1
+
+        # ------------------------------------------------------------ GC
+        # ADDs that answered 11 and were given up: some were committed all the same.
+        _, handles = addresses_in_etcd(cluster, prefix)
+        in_doubt_adds = {"given_up": len(ledger.abandoned), "committed_anyway": sum(
+            1 for c in ledger.abandoned if handle_id(c) in handles)}
+        for node in RACK:  # two acknowledged pods per node vanish without a DEL
+            for container in sorted(c for c, (n, _) in ledger.live.items() if n == node)[:2]:
+                ledger.start_del(container)
+                ledger.abandoned[container] = node
+        for node, daemon in daemons.items():
+            valid = [{"containerID": c, "ifname": "eth0"}
+                     for c, (n, _) in sorted(ledger.live.items()) if n == node]
+            gc_config = {**net_config(daemon, "1.1.0"), "cni.dev/valid-attachments": valid}
+            retry_until_done(ledger, "GC", daemon, "", config=gc_config)
+            ledger.ops["gc_acknowledged"] += 1
+        _, handles = addresses_in_etcd(cluster, prefix)
+        expected = {handle_id(c): (n, ip) for c, (n, ip) in ledger.live.items()}
+        actual = {hid: (h["node"], h["addresses"][0]["ip"]) for hid, h in handles.items()}
+        assert actual == expected, {"left by GC": set(actual) - set(expected),
+                                    "lost by GC": set(expected) - set(actual)}
+        ledger.checks["gc_released_exactly_the_invalid"] += 1
+        ledger.deleted.update(ledger.abandoned)
+        ledger.abandoned.clear()
+        check_etcd(cluster, prefix, ledger)
+        check = ctl(ctl_env, "ipam", "check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        ledger.checks["ipam_check_exit_0"] += 1
+
+        # ------------------------------------------------------------ DEL everything
+        for container, (node, _) in sorted(ledger.live.items()):
+            ledger.start_del(container)
+            retry_until_done(ledger, "DEL", daemons[node], container)
+            ledger.ops["del_acknowledged"] += 1
+            ledger.deleted[container] = node
+        blocks, handles = addresses_in_etcd(cluster, prefix)
+        assert handles == {}, handles
+        assert all(not b["allocations"] for b in blocks.values()), blocks
+        ledger.checks["no_leak_after_del_all"] += 1
+        check_etcd(cluster, prefix, ledger)
+        check = ctl(ctl_env, "ipam", "check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        ledger.checks["ipam_check_exit_0"] += 1
+    finally:
+        stop.set()
+        gate.resume()
+        for worker in workers:
+            worker.join(CNI_TIMEOUT * 3)
+        for daemon in daemons.values():
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGCONT)
+            daemon.stop()
+
+    summary = {
+        "seed": SEED,
+        "duration_seconds": round(time.monotonic() - started, 1),
+        "operations": {
+            "attempted": ledger.ops["attempted"],
+            "acknowledged": ledger.ops["add_acknowledged"] + ledger.ops["del_acknowledged"],
+            "add_acknowledged": ledger.ops["add_acknowledged"],
+            "del_acknowledged": ledger.ops["del_acknowledged"],
+            "answered_try_again": ledger.ops["answered_try_again"],
+            "retried": ledger.ops["retried"],
+            "gc_acknowledged": ledger.ops["gc_acknowledged"],
+        },
+        "faults": dict(faults),
+        "operations_during_fault_phases": phases,
+        "daemons_that_failed_over": failed_over,
+        "invariant_checks": {**dict(ledger.checks), "total": sum(ledger.checks.values())},
+        "max_borrowed_addresses_seen": borrowed_seen,
+        "in_doubt_adds_left_to_gc": in_doubt_adds,
+    }
+    print("topoipam chaos summary:", json.dumps(summary, indent=2))
+    report = os.environ.get("TOPOIPAM_CHAOS_REPORT")
+    if report:
+        Path(report).write_text(json.dumps(summary, indent=2) + "\n")
