@@ -23,7 +23,7 @@ from .allocator import Reservations
 from .errors import DatastoreUnavailable, InvalidInput, NotReady
 from .ipam import ClusterState
 from .model import Block, IPAMConfig, IPNetwork, IPPool, IPReservation
-from .store import EtcdStore, Versioned, WatchCompacted, prefix_range_end
+from .store import EtcdStore, Versioned, WatchCompacted, WatchStream, prefix_range_end
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class NodeCache:
         self.relists = 0
         # Affinities seen in a watch batch whose block is not cached yet.
         self._affinity_pending: set[IPNetwork] = set()
+        self._stream: WatchStream | None = None
+        self._block_watches: dict[IPNetwork, int] = {}
+        self._next_watch_id = 1
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -146,37 +149,69 @@ class NodeCache:
         self._changed()
 
     # ------------------------------------------------------------------ watch
-    def _ranges(self) -> list[tuple[bytes, bytes]]:
-        single = [self.keys.config(), self.keys.node(self.node)]
-        single += [self.keys.block(cidr) for cidr in sorted(self.blocks, key=str)]
-        ranges = [(key, key + b"\0") for key in single]
+    def _static_ranges(self) -> list[tuple[bytes, bytes]]:
+        ranges = [(key, key + b"\0") for key in (self.keys.config(), self.keys.node(self.node))]
         for prefix in (self.keys.pools(), self.keys.reservations(),
                        self.keys.affinities(self.node)):
             ranges.append((prefix, prefix_range_end(prefix)))
         return ranges
 
     async def _watch(self) -> None:
-        """Watch from revision+1 until the set of affine blocks changes, then re-watch."""
-        while True:
-            watched_blocks = set(self.blocks)
-            async for events in self.store.watch(self._ranges(), self.revision + 1):
+        """Watch everything from the list's revision; block watchers come and go.
+
+        The watchers of config, node, pools, reservations and affinities live
+        as long as the stream; each affine block has a watcher of its own,
+        added when the block joins the cache and cancelled when it leaves, so
+        no watcher is ever restarted and no event is lost.
+        """
+        stream = self.store.open_watch()
+        self._stream = stream
+        self._block_watches = {}
+        waiting = set()
+        for number, (start, end) in enumerate(self._static_ranges(), start=1):
+            stream.add(number, start, end, self.revision + 1)
+            waiting.add(number)
+        self._next_watch_id = len(waiting) + 1
+        for cidr in list(self.blocks):
+            waiting.add(self._watch_block(cidr, self.revision + 1))
+        try:
+            async for watch_id, events in stream:
                 if not events:
-                    self._set_sync(True)
+                    waiting.discard(watch_id)
+                    if not waiting:
+                        self._set_sync(True)
                     continue
+                topology = False
                 for event in events:
-                    self._apply_event(event)
-                self.revision = max(self.revision, int(events[-1].kv.mod_revision))
+                    topology = self._apply_event(event) or topology
                 missing = sorted(self._affinity_pending, key=str)
                 self._affinity_pending.clear()
                 for cidr in missing:
                     raw = await self.store.get_raw(self.keys.block(cidr))
                     if raw is not None:
                         self._apply_block(self.keys.block(cidr), raw[0], raw[1])
-                self._changed()
-                if set(self.blocks) != watched_blocks:
-                    break
+                if topology:
+                    self._changed()
+        finally:
+            self._stream = None
 
-    def _apply_event(self, event: Any) -> None:
+    def _watch_block(self, cidr: IPNetwork, start_revision: int) -> int:
+        assert self._stream is not None
+        watch_id = self._next_watch_id
+        self._next_watch_id += 1
+        self._block_watches[cidr] = watch_id
+        key = self.keys.block(cidr)
+        self._stream.add(watch_id, key, key + b"\0", start_revision)
+        return watch_id
+
+    def _forget_block(self, cidr: IPNetwork) -> None:
+        self.blocks.pop(cidr, None)
+        watch_id = self._block_watches.pop(cidr, None)
+        if watch_id is not None and self._stream is not None:
+            self._stream.cancel(watch_id)
+
+    def _apply_event(self, event: Any) -> bool:
+        """Apply one watch event; True if it changed config, pools, labels or reservations."""
         key: bytes = event.kv.key
         deleted = event.type == 1  # etcd mvccpb.Event.DELETE
         kind, rest = self.keys.kind_of(key)
@@ -198,19 +233,28 @@ class NodeCache:
             try:
                 _, cidr = self.keys.affinity_of(key)
             except (InvalidInput, ValueError):
-                return
+                return False
             if deleted:
-                self.blocks.pop(cidr, None)
+                self._forget_block(cidr)
             elif cidr not in self.blocks:
                 self._affinity_pending.add(cidr)
+            return False
         elif kind == "blocks":
+            try:
+                cidr = self.keys.block_cidr(key)
+            except (InvalidInput, ValueError):
+                return False
             if deleted:
-                try:
-                    self.blocks.pop(self.keys.block_cidr(key), None)
-                except (InvalidInput, ValueError):
-                    pass
+                self._forget_block(cidr)
             else:
-                self._apply_block(key, event.kv.value, int(event.kv.mod_revision))
+                cached = self.blocks.get(cidr)
+                # Our own writes come back as events: the cache has them already.
+                if cached is None or cached.mod_revision < event.kv.mod_revision:
+                    self._apply_block(key, event.kv.value, int(event.kv.mod_revision))
+            return False
+        else:
+            return False
+        return True
 
     # ------------------------------------------------------------------ decoding
     def _decode_config(self, raw: bytes | None) -> IPAMConfig:
@@ -291,12 +335,13 @@ class NodeCache:
     def observe(self, cidr: IPNetwork, block: Versioned[Block] | None) -> None:
         """Take a fresher value of a block, from a watch event or a transaction reply."""
         current = self.blocks.get(cidr)
-        if block is None:
+        if block is None or block.value.affinity != self.node:
             if current is not None:
-                del self.blocks[cidr]
+                self._forget_block(cidr)
             return
-        if block.value.affinity != self.node:
-            self.blocks.pop(cidr, None)
-            return
-        if current is None or block.mod_revision >= current.mod_revision:
+        if current is None:
+            self.blocks[cidr] = block
+            if self._stream is not None:
+                self._watch_block(cidr, block.mod_revision + 1)
+        elif block.mod_revision >= current.mod_revision:
             self.blocks[cidr] = block

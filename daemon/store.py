@@ -740,49 +740,70 @@ class EtcdStore:
         await self._call("Compact", rpc.CompactionRequest(revision=revision, physical=True))
 
     # ------------------------------------------------------------------ watches
-    async def watch(
-        self, ranges: Sequence[tuple[bytes, bytes]], start_revision: int
-    ) -> AsyncIterator[list[Any]]:
-        """Yield lists of etcd events for several key ranges, from ``start_revision``.
+    def open_watch(self) -> WatchStream:
+        """A watch stream on which watchers can be added and cancelled while it runs."""
+        return WatchStream(self)
 
-        Raises :class:`WatchCompacted` when etcd has compacted past the start
-        revision, and DatastoreUnavailable when the stream breaks; the caller
-        relists in both cases.
-        """
-        if self._channel is None:
-            await self.connect()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        for start, end in ranges:
-            queue.put_nowait(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-                key=start, range_end=end, start_revision=start_revision, progress_notify=True)))
 
-        async def requests() -> AsyncIterator[Any]:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                yield item
+class WatchStream:
+    """One etcd watch stream carrying watchers that come and go.
 
-        call = self._watch.Watch(requests(), metadata=self._metadata)
-        created = 0
+    Each watcher has its own id (chosen by us) and start revision, and gets
+    the events of its key range in revision order. Adding or cancelling one
+    never restarts the others, so no event of a running watcher is lost or
+    replayed. Iterating yields ``(watch_id, events)``; ``events`` is empty
+    for the "created" confirmation. Raises :class:`WatchCompacted` when a
+    start revision was compacted and DatastoreUnavailable when the stream
+    breaks: the caller then relists.
+    """
+
+    def __init__(self, store: EtcdStore) -> None:
+        self._store = store
+        self._requests: asyncio.Queue[Any] = asyncio.Queue()
+        self._cancelled: set[int] = set()
+        self._closed = False
+
+    def add(self, watch_id: int, start: bytes, end: bytes, start_revision: int) -> None:
+        self._requests.put_nowait(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=start, range_end=end, start_revision=start_revision, watch_id=watch_id,
+            progress_notify=True)))
+
+    def cancel(self, watch_id: int) -> None:
+        self._cancelled.add(watch_id)
+        self._requests.put_nowait(rpc.WatchRequest(
+            cancel_request=rpc.WatchCancelRequest(watch_id=watch_id)))
+
+    async def _request_stream(self) -> AsyncIterator[Any]:
+        while True:
+            item = await self._requests.get()
+            if item is None:
+                return
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, list[Any]]]:
+        store = self._store
+        if store._channel is None:
+            await store.connect()
+        call = store._watch.Watch(self._request_stream(), metadata=store._metadata)
         try:
             async for response in call:
+                watch_id = int(response.watch_id)
                 if response.compact_revision:
                     raise WatchCompacted(int(response.compact_revision))
                 if response.canceled:
+                    if watch_id in self._cancelled:
+                        self._cancelled.discard(watch_id)
+                        continue
                     raise DatastoreUnavailable(
-                        f"etcd cancelled the watch: {response.cancel_reason or 'no reason'}")
+                        f"etcd cancelled a watch: {response.cancel_reason or 'no reason'}")
                 if response.created:
-                    created += 1
-                    if created == len(ranges):
-                        yield []  # all watches are established
-                    continue
-                if response.events:
-                    yield list(response.events)
+                    yield watch_id, []
+                elif response.events:
+                    yield watch_id, list(response.events)
         except grpc.aio.AioRpcError as exc:
             raise DatastoreUnavailable(f"etcd watch broke: {exc.details()}") from exc
         finally:
-            queue.put_nowait(None)
+            self._requests.put_nowait(None)
             call.cancel()
         raise DatastoreUnavailable("etcd closed the watch stream")
 

@@ -310,3 +310,49 @@ def test_example_config_file_is_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     config = load_config({}, str(root / "systemd" / "topoipamd.toml.example"), environ={})
     assert config.etcd_endpoints[0].startswith("https://") and config.labels["rack"] == "0"
+
+
+def test_no_watch_event_is_lost_while_blocks_come_and_go(
+    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
+    ctl_env: dict[str, str],
+) -> None:
+    """Claims add block watchers while labels and pools change: every change arrives.
+
+    (A cache that restarted its watch on each claim from the last revision it
+    had seen lost the events that other watchers had not delivered yet.)
+    """
+    import asyncio
+
+    from topoipam.daemon.model import IPPool, Node
+    from topoipam.daemon.store import EtcdOptions, EtcdStore, PutObject
+    from topoipam.proto import ipam_pb2_grpc
+
+    assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.46.0.0/23", "--block-size",
+               "30").returncode == 0
+    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-w")
+
+    async def churn() -> None:
+        async with EtcdStore(EtcdOptions((etcd.endpoint,)), prefix) as store, \
+                grpc.aio.insecure_channel(f"unix:{daemon.socket}") as channel:
+            stub = ipam_pb2_grpc.IpamStub(channel)
+            for i in range(40):
+                # A claim (new block watcher) and a label and a pool change, all at once.
+                await asyncio.gather(
+                    *(stub.Allocate(ipam_pb2.AllocateRequest(
+                        attachment=attachment(f"w{i}-{j}"), assign_ipv4=True), timeout=10)
+                      for j in range(3)),
+                    store.commit([PutObject(Node("node-w", {"round": str(i)}))]),
+                    store.commit([PutObject(IPPool.from_dict(
+                        f"extra-{i}", {"cidr": f"10.48.{i}.0/24"}))]),
+                )
+                deadline = time.monotonic() + 1.0
+                while True:
+                    status = await stub.Status(ipam_pb2.StatusRequest(), timeout=5)
+                    seen = (status.labels.get("round"),
+                            f"extra-{i}" in {p.name for p in status.pools})
+                    if seen == (str(i), True):
+                        break
+                    assert time.monotonic() < deadline, f"change {i} not seen: {seen}"
+                    await asyncio.sleep(0.01)
+
+    asyncio.run(churn())
