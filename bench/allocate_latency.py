@@ -7,6 +7,11 @@ to a generic-handler server in *another process* on a unix socket (the daemon
 is another process too). Client style everywhere: grpc.aio, one channel.
 
 Targets: Allocate and Release p50 <= 1.5 x floor, p99 <= 3 x floor.
+
+Reference (information, not a target): the same Allocate loop against a
+minimal grpc.aio Ipam server whose handler does nothing but one raw etcd
+transaction — what any Python grpc.aio daemon costs before doing any work of
+its own (two gRPC stacks and a poller thread in one process).
 Measurements are interleaved in chunks (daemon calls, etcd floor, gRPC floor,
 ...) so machine noise hits all of them alike. Every allocation uses a distinct
 container id in a 10.0.0.0/16 pool; then the same attachments are released one
@@ -32,6 +37,7 @@ from common import (
     pool,
     print_table,
     put_objects,
+    py_spy,
     run_main,
     sample,
 )
@@ -46,12 +52,14 @@ async def measure(args: argparse.Namespace) -> Report:
         await put_objects(store, [pool("bench-pool", "10.0.0.0/16")])
         await store.close()
         daemon = ws.daemon("node-0", PREFIX, metrics=True)
-        echo_socket = ws.echo_server()
+        echo_server = ws.echo_server()
+        minimal_server = ws.minimal_server()
 
         client = IpamClient(daemon.socket)
+        minimal = IpamClient(minimal_server.socket)
         etcd_floor = EtcdTxnFloor(ws.etcd.endpoint, b"/topoipam-bench/floor/block",
                                   block_value("10.255.0.0/26"))
-        echo_floor = EchoFloor(echo_socket)
+        echo_floor = EchoFloor(echo_server.socket)
         await etcd_floor.setup()
         try:
             # Warm-up: channels connected, daemon cache and first blocks claimed, code paths hot.
@@ -61,46 +69,56 @@ async def measure(args: argparse.Namespace) -> Report:
                 await client.release(f"warm-{i}")
             await sample(etcd_floor.once, args.warmup)
             await sample(echo_floor.once, args.warmup)
+            for i in range(args.warmup):
+                await minimal.allocate(f"warm-{i}")
             before = daemon.metrics()
 
             alloc_ns: list[int] = []
             release_ns: list[int] = []
             etcd_ns: list[int] = []
             echo_ns: list[int] = []
+            minimal_ns: list[int] = []
             addresses: set[str] = set()
             containers = [f"c-{i:06d}" for i in range(args.samples)]
             parts = chunks(args.samples, args.chunks)
             floor_parts = chunks(args.floor_samples, 2 * len(parts))
-            start = 0
-            for i, size in enumerate(parts):
-                for container in containers[start:start + size]:
-                    elapsed, reply = await client.timed_allocate(container)
-                    alloc_ns.append(elapsed)
-                    addresses.update(a.ip for a in reply.addresses)
-                start += size
-                etcd_ns += await sample(etcd_floor.once, floor_parts[i])
-                echo_ns += await sample(echo_floor.once, floor_parts[i])
-            if len(addresses) != args.samples:
-                raise RuntimeError(f"{args.samples} allocations gave {len(addresses)} addresses")
-            start = 0
-            for i, size in enumerate(parts):
-                for container in containers[start:start + size]:
-                    release_ns.append(await client.timed_release(container))
-                start += size
-                etcd_ns += await sample(etcd_floor.once, floor_parts[len(parts) + i])
-                echo_ns += await sample(echo_floor.once, floor_parts[len(parts) + i])
+            with py_spy(daemon.pid if args.profile else None, args.profile or ""):
+                start = 0
+                for i, size in enumerate(parts):
+                    for container in containers[start:start + size]:
+                        elapsed, reply = await client.timed_allocate(container)
+                        alloc_ns.append(elapsed)
+                        addresses.update(a.ip for a in reply.addresses)
+                    start += size
+                    etcd_ns += await sample(etcd_floor.once, floor_parts[i])
+                    echo_ns += await sample(echo_floor.once, floor_parts[i])
+                    for j in range(floor_parts[i]):
+                        minimal_ns.append((await minimal.timed_allocate(f"m{i}-{j}"))[0])
+                if len(addresses) != args.samples:
+                    raise RuntimeError(
+                        f"{args.samples} allocations gave {len(addresses)} addresses")
+                start = 0
+                for i, size in enumerate(parts):
+                    for container in containers[start:start + size]:
+                        release_ns.append(await client.timed_release(container))
+                    start += size
+                    etcd_ns += await sample(etcd_floor.once, floor_parts[len(parts) + i])
+                    echo_ns += await sample(echo_floor.once, floor_parts[len(parts) + i])
             after = daemon.metrics()
         finally:
             await client.close()
+            await minimal.close()
             await etcd_floor.close()
             await echo_floor.close()
 
     alloc, release = Stats.of_ns(alloc_ns), Stats.of_ns(release_ns)
     etcd, echo = Stats.of_ns(etcd_ns), Stats.of_ns(echo_ns)
+    minimal_stats = Stats.of_ns(minimal_ns)
     floor = etcd.p50 + echo.p50
     print_table("latency (sequential, grpc.aio client, unix socket)", STATS_HEADERS, [
         alloc.row("Allocate (daemon)"), release.row("Release (daemon)"),
         etcd.row("floor: raw etcd txn"), echo.row("floor: empty gRPC call"),
+        minimal_stats.row("ref: minimal server, 1 txn/call"),
     ])
 
     # Where the daemon's time goes: its own handler histogram (server side, excludes
@@ -124,6 +142,10 @@ async def measure(args: argparse.Namespace) -> Report:
     report.check("Allocate p99", alloc.p99, floor, 3.0)
     report.check("Release p50", release.p50, floor, 1.5)
     report.check("Release p99", release.p99, floor, 3.0)
+    report.check("reference: minimal server p50", minimal_stats.p50, floor, 1.5, gate=False)
+    report.check("reference: minimal server p99", minimal_stats.p99, floor, 3.0, gate=False)
+    report.check("reference: etcd txn p99 (floor's own tail)", etcd.p99, floor, 3.0,
+                 gate=False)
     return report
 
 
@@ -136,6 +158,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="warm-up calls (default 200)")
     parser.add_argument("--chunks", type=int, default=10,
                         help="interleaving chunks per phase (default 10)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="py-spy the daemon during the measurement (collapsed stacks)")
     run_main(measure, parser)
 
 

@@ -8,7 +8,10 @@ Run as a script, this module is the empty-gRPC floor server
 (``python bench/common.py echo-server SOCKET``): a grpc.aio server with one
 generic unary handler that answers an empty request with an empty reply. It
 runs in its own process, like the daemon, so the floor pays the same
-cross-process hand-off the daemon's calls pay.
+cross-process hand-off the daemon's calls pay. ``minimal-server SOCKET
+ENDPOINT`` is a reference point: the ``topoipam.v1.Ipam`` service whose
+Allocate does nothing but one raw etcd CAS transaction (what any Python
+grpc.aio daemon must at least do per call).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ HOST_LOCAL = "/usr/lib/cni/host-local"
 BENCH_DIR = Path(__file__).resolve().parent
 
 ECHO_METHOD = "/bench.Echo/Empty"
+
+# Daemon has a field named ``socket``: annotate with an alias of the class.
+Socket = socket.socket
 
 ns = time.perf_counter_ns
 
@@ -149,6 +155,21 @@ class Verdict:
             return False
         return value >= self.limit if self.higher_is_better else value <= self.limit
 
+    @property
+    def limit_text(self) -> str:
+        if math.isinf(self.limit):
+            return "-"
+        cmp = ">=" if self.higher_is_better else "<="
+        if self.floor is None:
+            return f"{cmp} {fmt(self.limit)} {self.unit}".rstrip()
+        return f"{cmp} {self.limit:g}x"
+
+    @property
+    def verdict(self) -> str:
+        if self.gate:
+            return "PASS" if self.passed else "FAIL"
+        return "info" if self.passed else "info (miss)"
+
 
 @dataclass
 class Report:
@@ -168,16 +189,10 @@ class Report:
         return [v for v in self.verdicts if v.gate and not v.passed]
 
     def print(self) -> None:
-        rows = []
-        for v in self.verdicts:
-            cmp = ">=" if v.higher_is_better else "<="
-            if v.ratio is None:
-                floor, ratio, target = "-", "-", f"{cmp} {fmt(v.limit)} {v.unit}"
-            else:
-                floor, ratio, target = fmt(v.floor or 0.0), f"{v.ratio:.2f}x", f"{cmp} {v.limit:g}x"
-            status = ("PASS" if v.passed else "FAIL") if v.gate else (
-                "info" if v.passed else "info (miss)")
-            rows.append([v.name, f"{fmt(v.measured)} {v.unit}", floor, ratio, target, status])
+        rows = [[v.name, f"{fmt(v.measured)} {v.unit}",
+                 "-" if v.floor is None else fmt(v.floor),
+                 "-" if v.ratio is None else f"{v.ratio:.2f}x", v.limit_text, v.verdict]
+                for v in self.verdicts]
         print_table(f"{self.benchmark}: targets",
                     ["target", "measured", "floor", "ratio", "limit", "result"], rows)
         for note in self.notes:
@@ -190,8 +205,9 @@ class Report:
             "benchmark": self.benchmark,
             "passed": not failed,
             "targets": [{"name": v.name, "measured": v.measured, "floor": v.floor,
-                         "ratio": v.ratio, "limit": v.limit, "unit": v.unit,
-                         "passed": v.passed, "gate": v.gate} for v in self.verdicts],
+                         "ratio": v.ratio, "limit": v.limit, "limit_text": v.limit_text,
+                         "unit": v.unit, "passed": v.passed, "gate": v.gate,
+                         "verdict": v.verdict} for v in self.verdicts],
         }))
         sys.stdout.flush()
 
@@ -227,6 +243,16 @@ def _stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> No
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (all threads) so far; None = this process."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -320,7 +346,7 @@ class Daemon:
     process: subprocess.Popen[bytes]
     log_path: str
     started_ns: int
-    notify: socket.socket
+    notify: Socket
     metrics_url: str | None = None
     ready_ns: int = 0  # when it sent READY=1 (sd_notify)
     serving_ns: int = 0  # when a health check first answered SERVING
@@ -403,6 +429,7 @@ class Workspace(contextlib.ExitStack):
         self.dir = tempfile.mkdtemp(prefix=f"topoipam-bench-{name}-")
         self.callback(shutil.rmtree, self.dir, True)
         self._etcd: Etcd | None = None
+        self._daemons = 0
 
     @property
     def etcd(self) -> Etcd:
@@ -416,10 +443,13 @@ class Workspace(contextlib.ExitStack):
 
     def daemon(self, node: str, prefix: str, labels: dict[str, str] | None = None,
                extra: Sequence[str] = (), wait: bool = True, timeout: float = 30.0,
-               metrics: bool = False) -> Daemon:
-        sock_dir = self.path(f"run-{node}")
+               metrics: bool = False, wrapper: Sequence[str] = ()) -> Daemon:
+        """Start ``topoipamd`` for ``node`` (``wrapper`` is prepended, e.g. a profiler)."""
+        self._daemons += 1
+        tag = f"{node}-{self._daemons}"  # one node may run several times, in several prefixes
+        sock_dir = self.path(f"run-{tag}")
         os.makedirs(sock_dir, mode=0o750, exist_ok=True)
-        notify_path = self.path(f"notify-{node}.sock")
+        notify_path = self.path(f"notify-{tag}.sock")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOPOIPAM_")}
@@ -430,11 +460,11 @@ class Workspace(contextlib.ExitStack):
                 "--metrics-address", metrics_address, "--log-level", "warning"]
         if labels:
             args += ["--labels", ",".join(f"{k}={v}" for k, v in labels.items())]
-        log_path = self.path(f"topoipamd-{node}.log")
+        log_path = self.path(f"topoipamd-{tag}.log")
         with open(log_path, "ab") as log:
             started = ns()
-            process = subprocess.Popen([*args, *extra], stdout=log, stderr=subprocess.STDOUT,
-                                       env=env)
+            process = subprocess.Popen([*wrapper, *args, *extra], stdout=log,
+                                       stderr=subprocess.STDOUT, env=env)
         daemon = Daemon(node, args[args.index("--socket") + 1], prefix, process, log_path,
                         started, notify,
                         f"http://{metrics_address}/metrics" if metrics else None)
@@ -448,19 +478,31 @@ class Workspace(contextlib.ExitStack):
         self.callback(_stop_process, process)
         return process
 
-    def echo_server(self) -> str:
-        """Start the empty-gRPC floor server in its own process; returns its unix socket."""
-        sock = self.path("echo.sock")
-        log = open(self.path("echo.log"), "ab")  # noqa: SIM115 - closed by the stack
-        self.callback(log.close)
-        process = self.spawn([sys.executable, str(BENCH_DIR / "common.py"), "echo-server", sock],
+    def echo_server(self) -> EchoServer:
+        """Start the empty-gRPC floor server in its own process."""
+        return self._helper_server("echo-server")
+
+    def minimal_server(self) -> EchoServer:
+        """Start the one-raw-transaction-per-Allocate reference server in its own process."""
+        return self._helper_server("minimal-server", self.etcd.endpoint)
+
+    def _helper_server(self, kind: str, *extra: str) -> EchoServer:
+        sock = self.path(f"{kind}.sock")
+        log = self.enter_context(open(self.path(f"{kind}.log"), "ab"))
+        process = self.spawn([sys.executable, str(BENCH_DIR / "common.py"), kind, sock, *extra],
                              stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not os.path.exists(sock):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("echo server did not start")
+                raise RuntimeError(f"{kind} did not start")
             time.sleep(0.01)
-        return sock
+        return EchoServer(sock, process.pid)
+
+
+@dataclass(frozen=True)
+class EchoServer:
+    socket: str
+    pid: int
 
 
 def run_main(body: Callable[[argparse.Namespace], Awaitable[Report] | Report],
@@ -595,7 +637,7 @@ class IpamClient:
 
         self.pb = ipam_pb2
         self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
-        self.stub = ipam_pb2_grpc.IpamStub(self.channel)
+        self.stub = ipam_pb2_grpc.IpamStub(self.channel)  # type: ignore[no-untyped-call]
         self.network = network
 
     def attachment(self, container: str) -> Any:
@@ -623,6 +665,62 @@ class IpamClient:
         await self.channel.close()
 
 
+class CniSocketClient:
+    """The daemon's framed-JSON CNI socket, one connection per call (as the plugin does).
+
+    A connection the daemon did not take (its listen backlog was full) is retried
+    after 1 ms, as a runtime retries a CNI error 11; ``retries`` counts them. Every
+    call is idempotent per attachment, so a retry is safe.
+    """
+
+    def __init__(self, grpc_socket: str, network: str = "bench-cni") -> None:
+        from topoipam.client import wire
+
+        self.wire: Any = wire  # the module, imported lazily
+        self.path = wire.cni_socket_path(grpc_socket)
+        self.network = network
+        self.retries = 0
+
+    async def call(self, method: str, request: dict[str, Any], timeout: float = 30.0
+                   ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                answer = await self._once(method, request)
+                break
+            except (OSError, asyncio.IncompleteReadError):
+                if time.monotonic() > deadline:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(0.001)
+        if answer.get("code") != "OK":
+            raise RuntimeError(f"{method}: {answer.get('code')}: {answer.get('message')}")
+        response: dict[str, Any] = answer.get("response", {})
+        return response
+
+    async def _once(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
+        wire = self.wire
+        reader, writer = await asyncio.open_unix_connection(self.path)
+        try:
+            writer.write(wire.encode_frame({"method": method, "request": request}))
+            header = await reader.readexactly(wire.HEADER_SIZE)
+            payload = await reader.readexactly(wire.frame_length(header))
+            message: dict[str, Any] = wire.decode_payload(payload)
+            return message
+        finally:
+            writer.close()
+
+    def attachment(self, container: str) -> dict[str, str]:
+        return {"network": self.network, "container_id": container, "ifname": "eth0"}
+
+    async def allocate(self, container: str) -> dict[str, Any]:
+        return await self.call("Allocate", {"attachment": self.attachment(container),
+                                            "assign_ipv4": True})
+
+    async def release(self, container: str) -> dict[str, Any]:
+        return await self.call("Release", {"attachment": self.attachment(container)})
+
+
 def block_value(cidr: str, affinity: str | None = "bench") -> bytes:
     import ipaddress
 
@@ -641,6 +739,88 @@ def timer() -> Iterator[Callable[[], float]]:
     end.append(ns())
 
 
+# ---------------------------------------------------------------------------- profiling
+
+
+@contextlib.contextmanager
+def py_spy(pid: int | None, out_path: str, rate: int = 500) -> Iterator[None]:
+    """Sample ``pid`` with py-spy (collapsed stacks in ``out_path``) while the block runs.
+
+    ``pid`` None: do nothing (profiling off). py-spy must be installed in the venv
+    (``pip install py-spy``); it runs non-blocking so the target is barely slowed.
+    """
+    if pid is None:
+        yield
+        return
+    exe = BIN / "py-spy"
+    if not exe.exists():
+        raise RuntimeError("--profile needs py-spy: pip install py-spy into the venv")
+    process = subprocess.Popen(
+        [str(exe), "record", "--pid", str(pid), "--rate", str(rate), "--nonblocking",
+         "--format", "raw", "--output", out_path],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)  # attach before the measured work starts
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        duration = time.monotonic() - started
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+        if process.returncode not in (0, -signal.SIGINT):
+            print(f"py-spy failed: {stderr.decode()[-500:]}")
+        else:
+            summarize_profile(out_path, duration + 0.5, rate)
+
+
+def summarize_profile(path: str, seconds: float, rate: int, top: int = 25) -> None:
+    """Print self and inclusive time per function from py-spy's collapsed stacks."""
+    self_samples: dict[str, int] = {}
+    incl_samples: dict[str, int] = {}
+    total = 0
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        print(f"no profile at {path}")
+        return
+    for line in lines:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if not f.startswith("process ")
+                  and not f.startswith("thread ")]
+        if not frames:
+            continue
+        total += count
+        leaf = _frame_name(frames[-1])
+        self_samples[leaf] = self_samples.get(leaf, 0) + count
+        for name in {_frame_name(f) for f in frames}:
+            incl_samples[name] = incl_samples.get(name, 0) + count
+    if not total:
+        print("profile is empty")
+        return
+    possible = seconds * rate
+    print(f"\nprofile {path}: {total} busy samples over {seconds:.1f}s at {rate} Hz "
+          f"(~{100 * total / possible:.0f}% of one core busy in Python-visible code)")
+    rows = [[name, f"{100 * n / total:.1f}%", f"{n * 1000 / rate:.0f}"]
+            for name, n in sorted(self_samples.items(), key=lambda kv: -kv[1])[:top]]
+    print_table("py-spy: self time (leaf functions)", ["function", "% busy", "ms"], rows)
+    rows = [[name, f"{100 * n / total:.1f}%", f"{n * 1000 / rate:.0f}"]
+            for name, n in sorted(incl_samples.items(), key=lambda kv: -kv[1])[:top]]
+    print_table("py-spy: inclusive time", ["function", "% busy", "ms"], rows)
+
+
+def _frame_name(frame: str) -> str:
+    # "func (path/to/module.py:123)" -> "func (module.py)"
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    file = where.rsplit(":", 1)[0]
+    parts = file.split("/")
+    short = "/".join(parts[-2:]) if len(parts) >= 2 else file
+    return f"{name} ({short})"
+
+
 # ---------------------------------------------------------------------------- echo server
 
 
@@ -656,6 +836,35 @@ async def _echo_server(socket_path: str) -> None:
         "bench.Echo", {"Empty": grpc.unary_unary_rpc_method_handler(empty)}),))
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
+    await _serve_until_signal(server)
+
+
+async def _minimal_server(socket_path: str, endpoint: str) -> None:
+    import grpc.aio
+
+    from topoipam.proto import ipam_pb2, ipam_pb2_grpc
+
+    floor = EtcdTxnFloor(endpoint, b"/topoipam-bench/minimal-server/block",
+                         block_value("10.254.0.0/26"))
+    await floor.setup()
+
+    class Minimal(ipam_pb2_grpc.IpamServicer):
+        async def Allocate(self, request: Any, context: Any) -> Any:  # noqa: N802
+            await floor.once()
+            response = ipam_pb2.AllocateResponse(handle=request.attachment.container_id)
+            response.addresses.add(ip="10.254.0.1", pool="minimal", pool_cidr="10.254.0.0/16",
+                                   block="10.254.0.0/26", family=4)
+            return response
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    ipam_pb2_grpc.add_IpamServicer_to_server(Minimal(), server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    await _serve_until_signal(server)
+    await floor.close()
+
+
+async def _serve_until_signal(server: Any) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -667,5 +876,8 @@ async def _echo_server(socket_path: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "echo-server":
         asyncio.run(_echo_server(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "minimal-server":
+        asyncio.run(_minimal_server(sys.argv[2], sys.argv[3]))
     else:
-        sys.exit("usage: python bench/common.py echo-server SOCKET")
+        sys.exit("usage: python bench/common.py echo-server SOCKET | "
+                 "minimal-server SOCKET ETCD_ENDPOINT")
