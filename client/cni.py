@@ -352,6 +352,20 @@ def _version_info(stdin: bytes) -> str:
 # --- the daemon call --------------------------------------------------------
 
 
+def _connect(sock: _socket.socket, path: str, deadline: float) -> None:
+    """Connect, waiting while the daemon's listen queue is full (EAGAIN on unix sockets)."""
+    pause = 0.001
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
 def _call(socket_path: str, timeout: float, method: str, request: Json) -> Json:
     """One request on ``<socket_path>.cni``; the response message or a CniError.
 
@@ -369,7 +383,7 @@ def _call(socket_path: str, timeout: float, method: str, request: Json) -> Json:
     try:
         try:
             sock.settimeout(timeout)
-            sock.connect(path)
+            _connect(sock, path, deadline)
         except OSError as exc:
             raise CniError(
                 ERR_TRY_AGAIN, f"topoipam daemon unreachable at {path}",

@@ -97,7 +97,9 @@ class CniSocketServer:
             os.chmod(self.path, self._mode)
             info = os.stat(self.path)
             self._inode = (info.st_dev, info.st_ino)
-            self._server = await asyncio.start_unix_server(self._serve_connection, sock=sock)
+            # A storm of pod starts must queue in the kernel, not bounce with EAGAIN.
+            self._server = await asyncio.start_unix_server(
+                self._serve_connection, sock=sock, backlog=self._max_connections)
         except BaseException:
             sock.close()
             self._unlink_own_socket()
