@@ -60,6 +60,9 @@ class NodeCache:
         self._affinity_pending: set[IPNetwork] = set()
         self._stream: WatchStream | None = None
         self._block_watches: dict[IPNetwork, int] = {}
+        self._watched_keys: dict[bytes, IPNetwork] = {}
+        # Block events newer than the cached block, not decoded yet: (value, mod_revision).
+        self._undecoded: dict[IPNetwork, tuple[bytes, int]] = {}
         self._next_watch_id = 1
 
     # ------------------------------------------------------------------ lifecycle
@@ -141,6 +144,7 @@ class NodeCache:
             self._apply_reservation(kv.key, kv.value)
         self.labels = self._decode_labels(node_raw[0] if node_raw else None)
         self.blocks = {}
+        self._undecoded = {}
         for cidr, raw in zip(affine, block_reads, strict=True):
             if raw is not None:
                 self._apply_block(self.keys.block(cidr), raw[0], raw[1])
@@ -167,6 +171,7 @@ class NodeCache:
         stream = self.store.open_watch()
         self._stream = stream
         self._block_watches = {}
+        self._watched_keys = {}
         waiting = set()
         for number, (start, end) in enumerate(self._static_ranges(), start=1):
             stream.add(number, start, end, self.revision + 1)
@@ -201,11 +206,14 @@ class NodeCache:
         self._next_watch_id += 1
         self._block_watches[cidr] = watch_id
         key = self.keys.block(cidr)
+        self._watched_keys[key] = cidr
         self._stream.add(watch_id, key, key + b"\0", start_revision)
         return watch_id
 
     def _forget_block(self, cidr: IPNetwork) -> None:
         self.blocks.pop(cidr, None)
+        self._undecoded.pop(cidr, None)
+        self._watched_keys.pop(self.keys.block(cidr), None)
         watch_id = self._block_watches.pop(cidr, None)
         if watch_id is not None and self._stream is not None:
             self._stream.cancel(watch_id)
@@ -214,6 +222,17 @@ class NodeCache:
         """Apply one watch event; True if it changed config, pools, labels or reservations."""
         key: bytes = event.kv.key
         deleted = event.type == 1  # etcd mvccpb.Event.DELETE
+        cidr = self._watched_keys.get(key)
+        if cidr is not None:  # one of our blocks: the hot path, so no key parsing
+            if deleted:
+                self._forget_block(cidr)
+                return False
+            cached = self.blocks.get(cidr)
+            # Most block events are the echo of our own writes, which the cache
+            # already has: keep the bytes and decode only if still needed later.
+            if cached is None or cached.mod_revision < event.kv.mod_revision:
+                self._undecoded[cidr] = (event.kv.value, int(event.kv.mod_revision))
+            return False
         kind, rest = self.keys.kind_of(key)
         if key == self.keys.config():
             self.config = self._decode_config(None if deleted else event.kv.value)
@@ -238,19 +257,6 @@ class NodeCache:
                 self._forget_block(cidr)
             elif cidr not in self.blocks:
                 self._affinity_pending.add(cidr)
-            return False
-        elif kind == "blocks":
-            try:
-                cidr = self.keys.block_cidr(key)
-            except (InvalidInput, ValueError):
-                return False
-            if deleted:
-                self._forget_block(cidr)
-            else:
-                cached = self.blocks.get(cidr)
-                # Our own writes come back as events: the cache has them already.
-                if cached is None or cached.mod_revision < event.kv.mod_revision:
-                    self._apply_block(key, event.kv.value, int(event.kv.mod_revision))
             return False
         else:
             return False
@@ -323,10 +329,21 @@ class NodeCache:
             )
         return self._state
 
-    async def affine_blocks(self) -> list[Versioned[Block]]:
+    def _decode_pending(self) -> None:
+        while self._undecoded:
+            cidr, (raw, revision) = self._undecoded.popitem()
+            self._apply_block(self.keys.block(cidr), raw, revision)
+
+    def current_blocks(self) -> list[Versioned[Block]]:
+        """This node's blocks as they are now (for status and metrics too)."""
+        self._decode_pending()
         return [b for b in self.blocks.values() if b.value.affinity == self.node]
 
+    async def affine_blocks(self) -> list[Versioned[Block]]:
+        return self.current_blocks()
+
     async def block(self, cidr: IPNetwork) -> Versioned[Block] | None:
+        self._decode_pending()
         cached = self.blocks.get(cidr)
         if cached is not None:
             return cached
@@ -345,3 +362,6 @@ class NodeCache:
                 self._watch_block(cidr, block.mod_revision + 1)
         elif block.mod_revision >= current.mod_revision:
             self.blocks[cidr] = block
+        pending = self._undecoded.get(cidr)
+        if pending is not None and pending[1] <= block.mod_revision:
+            del self._undecoded[cidr]

@@ -270,6 +270,7 @@ class Ipam:
         self._handles: dict[str, Versioned[Handle]] = {}
         self._queue: list[_Op] = []
         self._committer: asyncio.Task[None] | None = None
+        self._inline = False  # a caller is committing its own lone call right now
         self.batches = 0
 
     # ------------------------------------------------------------------ public calls
@@ -304,9 +305,22 @@ class Ipam:
             await self._run_batch([op])
             return op.future.result()
         self._queue.append(op)
-        if self._committer is None or self._committer.done():
+        if self._inline or (self._committer is not None and not self._committer.done()):
+            return await op.future  # the running batch's owner picks it up next
+        if len(self._queue) > 1:
             self._committer = asyncio.create_task(self._commit_loop())
-        return await op.future
+            return await op.future
+        # Nobody else is waiting: commit in the caller's own task (no hand-off);
+        # calls arriving meanwhile queue up and get a committer task afterwards.
+        self._inline = True
+        self._queue.clear()
+        try:
+            await self._run_batch([op])
+        finally:
+            self._inline = False
+            if self._queue:
+                self._committer = asyncio.create_task(self._commit_loop())
+        return op.future.result()
 
     async def _commit_loop(self) -> None:
         """The one task that drains the queue, a batch per transaction."""
@@ -520,23 +534,27 @@ class Ipam:
         op: _Op, txn: _Txn,
     ) -> None:
         # This node's blocks as the transaction has them so far, with their read revisions.
-        affine: list[tuple[Block, int]] = []
         if txn.affine_read is None:  # one read per batch (a cache hit in the daemon)
             txn.affine_read = await self.source.affine_blocks()
-        for versioned in txn.affine_read:
-            block = txn.current(versioned)
-            if block is not None:
-                guard = txn.blocks.get(block.cidr, (None, versioned.mod_revision))[1]
-                affine.append((block, guard))
-        known = {block.cidr for block, _ in affine}
-        affine += [(b, 0) for b in txn.claimed(self.node) if b.cidr not in known]
+        if not txn.blocks:  # the common case: nothing planned yet in this transaction
+            affine = [(v.value, v.mod_revision) for v in txn.affine_read]
+        else:
+            affine = []
+            for versioned in txn.affine_read:
+                block = txn.current(versioned)
+                if block is not None:
+                    guard = txn.blocks.get(block.cidr, (None, versioned.mod_revision))[1]
+                    affine.append((block, guard))
+            known = {block.cidr for block, _ in affine}
+            affine += [(b, 0) for b in txn.claimed(self.node) if b.cidr not in known]
         # 1. this node's own blocks, pool order then address order
         for pool in pools:
             ctx = self._context(state, pool)
+            first, last = pool.bounds
             for block, revision in sorted(
                 (entry for entry in affine if entry[0].family == family
-                 and entry[0].cidr.subnet_of(pool.cidr)),  # type: ignore[arg-type]
-                key=lambda entry: int(entry[0].cidr.network_address),
+                 and first <= entry[0].first and entry[0].last <= last),
+                key=lambda entry: entry[0].first,
             ):
                 assigned = allocator.assign_next(block, handle_id, ctx)
                 if assigned is not None:

@@ -14,6 +14,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "topoipam_request_duration_seconds", "Latency of daemon API calls",
@@ -41,8 +42,13 @@ class Metrics:
         )
 
     def observe_call(self, method: str, outcome: str, seconds: float) -> None:
-        self.latency.labels(method).observe(seconds)
-        self.results.labels(method, outcome).inc()
+        # labels() costs a lock and a dict lookup per call: keep the children.
+        child = self._children.get((method, outcome))
+        if child is None:
+            child = self._children[(method, outcome)] = (
+                self.latency.labels(method), self.results.labels(method, outcome))
+        child[0].observe(seconds)
+        child[1].inc()
 
     def add_pool_collector(self, collect: Callable[[], list[tuple[str, int, int, int]]]) -> None:
         """Pool utilization and affine blocks, computed from the cache at scrape time.

@@ -125,6 +125,11 @@ class IPPool:
         return self.cidr.version
 
     @property
+    def bounds(self) -> tuple[int, int]:
+        """First and last address of the pool, as integers (cheap containment tests)."""
+        return int(self.cidr.network_address), int(self.cidr.broadcast_address)
+
+    @property
     def automatic(self) -> bool:
         return self.assignment_mode == "Automatic"
 
@@ -390,6 +395,14 @@ class Block:
         return self.cidr.num_addresses
 
     @property
+    def first(self) -> int:
+        return int(self.cidr.network_address)
+
+    @property
+    def last(self) -> int:
+        return int(self.cidr.network_address) + self.cidr.num_addresses - 1
+
+    @property
     def family(self) -> int:
         return self.cidr.version
 
@@ -412,9 +425,9 @@ class Block:
         return {
             "cidr": str(self.cidr),
             "affinity": self.affinity,
-            "allocations": {str(k): v for k, v in sorted(self.allocations.items())},
+            "allocations": {str(k): v for k, v in self.allocations.items()},
             "unallocated": self.unallocated,
-            "releasedAt": {str(k): v for k, v in sorted(self.released_at.items())},
+            "releasedAt": {str(k): v for k, v in self.released_at.items()},
         }
 
     @classmethod

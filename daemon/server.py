@@ -212,7 +212,7 @@ class Daemon:
         state = self.cache.snapshot()
         pools = state.pools
         now = time.time()
-        for versioned in self.cache.blocks.values():
+        for versioned in self.cache.current_blocks():
             block = versioned.value
             pool = allocator.pool_of_block(pools, block.cidr)
             name = pool.name if pool else "(deleted)"

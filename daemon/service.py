@@ -167,7 +167,8 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         started = time.perf_counter()
         outcome = "ok"
         try:
-            return await asyncio.wait_for(handler(request), self.request_timeout)
+            async with asyncio.timeout(self.request_timeout):
+                return await handler(request)
         except TopoipamError as exc:
             outcome = type(exc).__name__
             raise

@@ -181,7 +181,7 @@ class KeySchema:
 
 
 def encode(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def decode(raw: bytes, what: str) -> dict[str, Any]:
