@@ -171,19 +171,18 @@ class CniSocketServer:
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        # asyncio 3.11 reports a client_connected_cb task that ends cancelled
-        # as an "Unhandled exception", so the work runs in a task of our own
-        # (which close() may cancel) and this one always ends normally.
-        connection = _Connection()
-        task = asyncio.create_task(self._serve(reader, writer, connection))
-        self._connections[task] = connection
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = _Connection()
         try:
-            await asyncio.wait({task})
+            await self._serve(reader, writer, self._connections[task])
         except asyncio.CancelledError:
-            task.cancel()  # the loop itself is shutting down
-            return
-        if not task.cancelled() and task.exception() is not None:
-            _log.error("CNI connection failed", exc_info=task.exception())
+            # close() cancels idle connections. asyncio 3.11 reports a
+            # client_connected_cb task that ends cancelled as an "Unhandled
+            # exception", so this one ends normally instead.
+            pass
+        except Exception:
+            _log.exception("CNI connection failed")
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection
@@ -208,9 +207,7 @@ class CniSocketServer:
             task = asyncio.current_task()
             assert task is not None
             del self._connections[task]
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+            writer.close()  # no wait_closed(): the peer has its answer, nothing is left to flush
 
     async def _serve_one(
         self,

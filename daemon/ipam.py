@@ -234,6 +234,9 @@ class _Defer(Exception):
     """The call touches what another call of the same batch changes: plan it in the next."""
 
 
+# Loop turns the committer waits for more calls while they keep arriving.
+LINGER_TURNS = 8
+
 # etcd refuses transactions with more than 128 operations in a branch (--max-txn-ops).
 MAX_TXN_OPS = 120
 
@@ -325,6 +328,15 @@ class Ipam:
     async def _commit_loop(self) -> None:
         """The one task that drains the queue, a batch per transaction."""
         while self._queue:
+            # While calls keep arriving (a storm), give the transports a few loop
+            # turns to hand them over: one bigger transaction beats several small ones.
+            for _ in range(LINGER_TURNS):
+                waiting = len(self._queue)
+                if waiting >= MAX_TXN_OPS // 2:
+                    break
+                await asyncio.sleep(0)
+                if len(self._queue) == waiting:
+                    break
             batch, self._queue = self._queue, []
             try:
                 await self._run_batch(batch)
