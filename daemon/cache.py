@@ -23,7 +23,14 @@ from .allocator import Reservations
 from .errors import DatastoreUnavailable, InvalidInput, NotReady
 from .ipam import ClusterState
 from .model import Block, IPAMConfig, IPNetwork, IPPool, IPReservation
-from .store import EtcdStore, Versioned, WatchCompacted, WatchStream, prefix_range_end
+from .store import (
+    EtcdStore,
+    Versioned,
+    WatchCompacted,
+    WatchStream,
+    WatchTokenExpired,
+    prefix_range_end,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,8 @@ class NodeCache:
         self._state: ClusterState | None = None
         self._task: asyncio.Task[None] | None = None
         self.relists = 0
+        self._refusals = 0  # watch refusals for auth in a row (see _run)
+        self._last_refusal = 0.0
         # Affinities seen in a watch batch whose block is not cached yet.
         self._affinity_pending: set[IPNetwork] = set()
         self._stream: WatchStream | None = None
@@ -102,6 +111,17 @@ class NodeCache:
             except WatchCompacted as exc:
                 log.warning("watch compacted (%s); relisting", exc)
                 self._set_sync(False, str(exc))
+            except WatchTokenExpired as exc:
+                # etcd is there and answering: relist and reopen the stream with a fresh
+                # token, and keep serving meanwhile (writes are guarded in etcd anyway).
+                # Repeated refusals are a real permission problem: go out of sync.
+                now = asyncio.get_running_loop().time()
+                self._refusals = self._refusals + 1 if now - self._last_refusal < 2.0 else 1
+                self._last_refusal = now
+                if self._refusals > 3:
+                    self._set_sync(False, str(exc))
+                    await asyncio.sleep(RELIST_BACKOFF[-1])
+                log.info("reopening the watch: %s", exc)
             except DatastoreUnavailable as exc:
                 self._set_sync(False, str(exc))
                 await asyncio.sleep(RELIST_BACKOFF[min(failures, len(RELIST_BACKOFF) - 1)])

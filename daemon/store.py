@@ -794,8 +794,12 @@ class WatchStream:
                     if watch_id in self._cancelled:
                         self._cancelled.discard(watch_id)
                         continue
-                    raise DatastoreUnavailable(
-                        f"etcd cancelled a watch: {response.cancel_reason or 'no reason'}")
+                    reason = response.cancel_reason or "no reason"
+                    if "permission denied" in reason or "auth" in reason:
+                        # The stream carries the token it was opened with; etcd refuses
+                        # new watchers once that token expired.
+                        raise WatchTokenExpired(f"etcd refused a watch: {reason}")
+                    raise DatastoreUnavailable(f"etcd cancelled a watch: {reason}")
                 if response.created:
                     yield watch_id, []
                 elif response.events:
@@ -806,6 +810,10 @@ class WatchStream:
             self._requests.put_nowait(None)
             call.cancel()
         raise DatastoreUnavailable("etcd closed the watch stream")
+
+
+class WatchTokenExpired(DatastoreUnavailable):
+    """A watch stream's auth token expired: reopen it with the current token."""
 
 
 class WatchCompacted(Exception):
