@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections import Counter
@@ -1284,6 +1285,8 @@ async def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The store logs values it skips (corrupt, unknown); say so the way other warnings read.
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         return asyncio.run(run(argv))
     except KeyboardInterrupt:
