@@ -114,9 +114,18 @@ class AssignContext:
     now: float = 0.0
     cooldown: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Integers of the pool's unusable addresses: the hot path compares ints,
+        # not address objects.
+        unusable = {int(a) for a in (self.pool.cidr.network_address,
+                                     self.pool.cidr.broadcast_address)
+                    if not self.pool.usable(a)}
+        object.__setattr__(self, "_unusable", frozenset(unusable))
+
     def available(self, block: Block, ordinal: int) -> bool:
-        address = block.address(ordinal)
-        if not self.pool.usable(address) or address in self.reservations:
+        if block.first + ordinal in self._unusable:  # type: ignore[attr-defined]
+            return False
+        if self.reservations and block.address(ordinal) in self.reservations:
             return False
         if self.cooldown:
             released = block.released_at.get(ordinal)

@@ -274,6 +274,9 @@ class Ipam:
         self._queue: list[_Op] = []
         self._committer: asyncio.Task[None] | None = None
         self._inline = False  # a caller is committing its own lone call right now
+        # Pool choices per (family, requested pools) for one ClusterState object.
+        self._pool_choice: tuple[object, dict[tuple[int, tuple[str, ...]],
+                                              list[IPPool] | TopoipamError]] = (None, {})
         self.batches = 0
 
     # ------------------------------------------------------------------ public calls
@@ -475,9 +478,7 @@ class Ipam:
             if specific is not None:
                 await self._plan_specific(state, request, family, specific, handle_id, op, txn)
             else:
-                pools = allocator.pools_for_node(
-                    state.pools, self.node, state.labels, family, request.requested_pools(family)
-                )
+                pools = self._pools_for(state, family, request.requested_pools(family))
                 await self._plan_next(state, pools, family, handle_id, op, txn)
         handle = Handle(
             id=handle_id,
@@ -491,6 +492,24 @@ class Ipam:
             },
         )
         txn.handles[handle_id] = PutHandle(handle, 0)
+
+    def _pools_for(self, state: ClusterState, family: int,
+                   requested: tuple[str, ...]) -> list[IPPool]:
+        """pools_for_node, remembered for as long as the state object lives."""
+        key = (family, requested)
+        if self._pool_choice[0] is not state:
+            self._pool_choice = (state, {})
+        choices = self._pool_choice[1]
+        if key not in choices:
+            try:
+                choices[key] = allocator.pools_for_node(
+                    state.pools, self.node, state.labels, family, requested)
+            except TopoipamError as exc:
+                choices[key] = exc
+        choice = choices[key]
+        if isinstance(choice, TopoipamError):
+            raise choice.with_traceback(None)  # reused: keep its traceback from growing
+        return choice
 
     def _context(self, state: ClusterState, pool: IPPool) -> AssignContext:
         return AssignContext(
