@@ -8,6 +8,7 @@ race and simply plan again from fresher values.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,10 @@ class Reservations:
     def __init__(self, reservations: Iterable[IPReservation] = ()) -> None:
         self._set = netaddr.IPSet(str(c) for r in reservations for c in r.cidrs)
         self._empty = not self._set
+
+    @property
+    def ip_set(self) -> netaddr.IPSet:
+        return self._set
 
     def __contains__(self, address: IPAddress) -> bool:
         if self._empty:
@@ -219,27 +224,21 @@ def first_unclaimed_block(
     with another block size): a candidate that overlaps one is taken, or two
     blocks would hand out the same addresses. A block whose every address is
     reserved or unusable is skipped: claiming it would give the node nothing.
+    The search works on address sets, not candidate by candidate, so a pool
+    that is mostly reserved or claimed costs no more than an empty one.
     """
-    occupied = set()
+    free = netaddr.IPSet([str(pool.cidr)])
     for block in existing:
-        if block.version != pool.family:
-            continue
-        if block.prefixlen >= pool.block_size:
-            occupied.add(block.supernet(new_prefix=pool.block_size))
-        else:
-            occupied.update(block.subnets(new_prefix=pool.block_size))
-    for cidr in pool.block_cidrs():
-        if cidr in occupied:
-            continue
-        if _has_assignable(pool, cidr, reservations):
-            return cidr
+        if block.version == pool.family:
+            free.remove(str(block.supernet(new_prefix=pool.block_size)
+                            if block.prefixlen >= pool.block_size else block))
+    if reservations:
+        free = free - reservations.ip_set
+    for address in (pool.cidr.network_address, pool.cidr.broadcast_address):
+        if not pool.usable(address):
+            free.remove(str(address))
+    for free_range in free.iter_cidrs():  # in address order; the first one will do
+        first = (ipaddress.IPv4Address if pool.family == 4 else ipaddress.IPv6Address)(
+            int(free_range.first))
+        return pool.block_of(first)
     return None
-
-
-def _has_assignable(pool: IPPool, cidr: IPNetwork, reservations: Reservations) -> bool:
-    if not reservations and cidr.num_addresses > 2:
-        return True
-    return any(
-        pool.usable(address) and address not in reservations
-        for address in (cidr.network_address + offset for offset in range(cidr.num_addresses))
-    )

@@ -369,11 +369,17 @@ class NodeCache:
             return cached
         return await self.store.get_block(cidr)
 
-    def observe(self, cidr: IPNetwork, block: Versioned[Block] | None) -> None:
-        """Take a fresher value of a block, from a watch event or a transaction reply."""
+    def observe(self, cidr: IPNetwork, block: Versioned[Block] | None,
+                seen_at: int = 0) -> None:
+        """Take a fresher value of a block, from a watch event or a transaction reply.
+
+        ``None`` means the block was absent at revision ``seen_at`` (0: now);
+        a cached block written after that revision is kept.
+        """
         current = self.blocks.get(cidr)
         if block is None or block.value.affinity != self.node:
-            if current is not None:
+            newer = block.mod_revision if block is not None else seen_at
+            if current is not None and (not newer or newer >= current.mod_revision):
                 self._forget_block(cidr)
             return
         if current is None:

@@ -78,7 +78,8 @@ class StateSource(Protocol):
 
     async def block(self, cidr: IPNetwork) -> Versioned[Block] | None: ...
 
-    def observe(self, cidr: IPNetwork, block: Versioned[Block] | None) -> None: ...
+    def observe(self, cidr: IPNetwork, block: Versioned[Block] | None,
+                seen_at: int = 0) -> None: ...
 
 
 class EtcdSource:
@@ -110,7 +111,8 @@ class EtcdSource:
     async def block(self, cidr: IPNetwork) -> Versioned[Block] | None:
         return await self.store.get_block(cidr)
 
-    def observe(self, cidr: IPNetwork, block: Versioned[Block] | None) -> None:
+    def observe(self, cidr: IPNetwork, block: Versioned[Block] | None,
+                seen_at: int = 0) -> None:
         pass
 
 
@@ -344,9 +346,7 @@ class Ipam:
             try:
                 await self._run_batch(batch)
             except BaseException as exc:  # never strand a waiting caller
-                for op in batch:
-                    if not op.future.done():
-                        op.future.set_exception(exc)
+                _fail(batch, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
 
@@ -360,8 +360,17 @@ class Ipam:
 
     # ------------------------------------------------------------------ batches
     async def _run_batch(self, batch: list[_Op]) -> None:
-        pending = [op for op in batch if not op.future.done()]
-        for attempt in range(self.max_attempts):
+        """Plan and commit ``batch`` in as few transactions as etcd's limit allows.
+
+        Only lost races count against ``max_attempts``: transactions that
+        succeed, or calls deferred to the next one, do not. A caller that
+        gave up (cancelled) meanwhile is skipped; its planned change may still
+        commit, exactly as if it had been cancelled after the commit.
+        """
+        pending = batch
+        conflicts = 0
+        while True:
+            pending = [op for op in pending if not op.future.done()]
             if not pending:
                 return
             try:
@@ -395,6 +404,9 @@ class Ipam:
                     continue
                 planned.append(op)
             if not planned:
+                if len(deferred) == len(pending):  # no progress possible: never spin
+                    _fail(deferred, Conflict(f"node {self.node}: calls could not be planned"))
+                    return
                 pending = deferred
                 continue
             writes = txn.writes()
@@ -420,7 +432,7 @@ class Ipam:
                     existing = result.handles.get(handle_id)
                     if existing is not None:  # an earlier ADD of this attachment won
                         self._handles[handle_id] = existing
-                        op.future.set_result(self._allocation_of(existing.value, state))
+                        _settle(op, result=self._allocation_of(existing.value, state))
                         continue
                 elif op.release is not None and op.release in result.handles:
                     current = result.handles[op.release]
@@ -430,10 +442,13 @@ class Ipam:
                         self._handles[op.release] = current
                 retry.append(op)
             pending = retry + deferred
-            await _backoff(attempt)
-        _fail(pending, Conflict(
-            f"node {self.node}: {len(pending)} call(s) lost {self.max_attempts} concurrent "
-            "update races; try again"))
+            conflicts += 1
+            if conflicts >= self.max_attempts:
+                _fail(pending, Conflict(
+                    f"node {self.node}: {len(pending)} call(s) lost {self.max_attempts} "
+                    "concurrent update races; try again"))
+                return
+            await _backoff(conflicts)
 
     def _resolve(self, op: _Op, revision: int, txn: _Txn) -> None:
         if op.request is not None:
@@ -441,11 +456,11 @@ class Ipam:
             write = txn.handles[handle_id]
             assert isinstance(write, PutHandle)
             self._handles[handle_id] = Versioned(write.handle, revision)
-            op.future.set_result(Allocation(handle_id, tuple(op.addresses)))
+            _settle(op, result=Allocation(handle_id, tuple(op.addresses)))
         else:
             assert op.release is not None
             self._handles.pop(op.release, None)
-            op.future.set_result(op.freed)
+            _settle(op, result=op.freed)
 
     async def _fail_or_return_existing(self, op: _Op, exc: TopoipamError,
                                        state: ClusterState) -> None:
@@ -454,9 +469,9 @@ class Ipam:
                 exc, (NoPoolForNode, PoolExhausted, AddressUnavailable)):
             existing = await self.store.get_handle(op.request.attachment.handle_id)
             if existing is not None:
-                op.future.set_result(self._allocation_of(existing.value, state))
+                _settle(op, result=self._allocation_of(existing.value, state))
                 return
-        op.future.set_exception(exc)
+        _settle(op, error=exc)
 
     async def _plan_op(self, state: ClusterState, op: _Op, txn: _Txn) -> bool:
         """Plan one call into ``txn``; True if it finished without needing a write."""
@@ -648,7 +663,7 @@ class Ipam:
             raise _Defer()
         handle = self._handles.get(handle_id) or await self.store.get_handle(handle_id)
         if handle is None:
-            op.future.set_result([])
+            _settle(op, result=[])
             return True
         txn.handles[handle_id] = DeleteHandle(handle_id, handle.mod_revision)
         by_block: dict[IPNetwork, list[IPAddress]] = {}
@@ -672,8 +687,12 @@ class Ipam:
         return False
 
     def _unwanted(self, state: ClusterState, block: Block) -> bool:
-        """An empty block of this node whose pool no longer selects it (or is gone)."""
-        if not block.is_empty() or block.affinity != self.node:
+        """An empty block of nobody, or of this node whose pool no longer selects it."""
+        if not block.is_empty():
+            return False
+        if block.affinity is None:  # left behind by a removed node once borrowers are gone
+            return True
+        if block.affinity != self.node:
             return False
         pool = allocator.pool_of_block(state.pools, block.cidr)
         return pool is None or pool.disabled or not pool.automatic or not pool.selects(
@@ -697,7 +716,7 @@ class Ipam:
 
     def _observe_failure(self, result: CommitResult) -> None:
         for cidr, block in result.blocks.items():
-            self.source.observe(cidr, block)
+            self.source.observe(cidr, block, seen_at=result.revision)
 
     # ------------------------------------------------------------------ read
     async def get(self, attachment: Attachment) -> Allocation | None:
@@ -825,10 +844,19 @@ class Ipam:
         return dropped
 
 
+def _settle(op: _Op, result: Any = None, error: BaseException | None = None) -> None:
+    """Answer a waiting caller, unless it stopped waiting (cancelled, timed out)."""
+    if op.future.done():
+        return
+    if error is not None:
+        op.future.set_exception(error)
+    else:
+        op.future.set_result(result)
+
+
 def _fail(ops: Iterable[_Op], exc: BaseException) -> None:
     for op in ops:
-        if not op.future.done():
-            op.future.set_exception(exc)
+        _settle(op, error=exc)
 
 
 async def _backoff(attempt: int) -> None:

@@ -101,6 +101,7 @@ class Daemon:
         self._closing = False
         self._register_task: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
+        self._cleanup_wanted = False
         self._ready_once = False
         self.metrics.add_pool_collector(self._pool_usage)
         self.metrics.relists.set_function(lambda: self.cache.relists)
@@ -172,6 +173,8 @@ class Daemon:
         status = (health_pb2.HealthCheckResponse.SERVING if in_sync
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         asyncio.get_running_loop().create_task(self._set_health(status))
+        if in_sync:
+            self._on_cache_change()  # rules may have changed while we were not watching
         if in_sync and not self._ready_once:
             self._ready_once = True
             sd_notify("READY=1\nSTATUS=in sync with etcd")
@@ -184,18 +187,28 @@ class Daemon:
 
     def _on_cache_change(self) -> None:
         # Pools or labels may have stopped selecting some of our empty blocks.
+        self._cleanup_wanted = True
         if self._cleanup_task is None or self._cleanup_task.done():
             self._cleanup_task = asyncio.get_running_loop().create_task(self._release_unwanted())
 
     async def _release_unwanted(self) -> None:
-        await asyncio.sleep(0)  # let the cache finish applying the batch
-        try:
-            dropped = await self.ipam.release_unwanted_blocks()
+        """Drop unwanted empty blocks; again if the rules changed meanwhile.
+
+        Runs only in sync (out of sync the rules may be stale); the return to
+        sync after a restart or relist schedules it again.
+        """
+        while self._cleanup_wanted and self.cache.in_sync.is_set():
+            self._cleanup_wanted = False
+            await asyncio.sleep(0)  # let the cache finish applying the batch
+            try:
+                dropped = await self.ipam.release_unwanted_blocks()
+            except TopoipamError as exc:
+                log.debug("block cleanup deferred: %s", exc)
+                self._cleanup_wanted = True
+                return
             if dropped:
                 log.info("released empty blocks no longer selected for %s: %s",
                          self.config.node, ", ".join(map(str, dropped)))
-        except TopoipamError as exc:
-            log.debug("block cleanup deferred: %s", exc)
 
     def _cache_state(self) -> Any:
         return self.cache.snapshot() if self.cache.in_sync.is_set() else None

@@ -177,9 +177,12 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         addresses = []
         for text in request.ips:
             try:
-                addresses.append(ipaddress.ip_address(text.split("/")[0]))
+                address = ipaddress.ip_address(text.split("/")[0])
             except ValueError:
                 raise InvalidInput(f"requested address {text!r} is not an IP address") from None
+            if getattr(address, "scope_id", None):
+                raise InvalidInput(f"requested address {text!r} carries a zone; drop the %zone")
+            addresses.append(address)
         domain = AllocationRequest(
             attachment=_attachment(request.attachment),
             ipv4=request.assign_ipv4,

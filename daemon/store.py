@@ -131,9 +131,11 @@ class KeySchema:
     def blocks_in(self, cidr: IPNetwork) -> tuple[bytes, bytes]:
         """Key range [start, end) that holds exactly the blocks inside ``cidr``."""
         start = self.block(cidr)[: -len(f"-{cidr.prefixlen}")]
-        last = int(cidr.broadcast_address) + 1
+        after = int(cidr.broadcast_address) + 1
+        if after >> cidr.max_prefixlen:  # the range ends at the top of the address space
+            return start, prefix_range_end(self.blocks(cidr.version))
         width = 8 if cidr.version == 4 else 32
-        end = self._key("blocks", _family_segment(cidr.version), f"{last:0{width}x}")
+        end = self._key("blocks", _family_segment(cidr.version), f"{after:0{width}x}")
         return start, end
 
     def affinity(self, node: str, cidr: IPNetwork) -> bytes:

@@ -356,3 +356,25 @@ def test_no_watch_event_is_lost_while_blocks_come_and_go(
                     await asyncio.sleep(0.01)
 
     asyncio.run(churn())
+
+
+def test_blocks_unselected_while_the_daemon_was_down_are_released(
+    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
+    ctl_env: dict[str, str],
+) -> None:
+    assert ctl(ctl_env, "create", "ippool", "rack-0", "--cidr", "10.49.0.0/24",
+               "--node-selector", 'rack == "0"').returncode == 0
+    assert ctl(ctl_env, "label", "nodes", "node-u", "rack=0").returncode == 0
+    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-u")
+    with daemon.stub() as stub:
+        stub.Allocate(ipam_pb2.AllocateRequest(attachment=attachment("u"), assign_ipv4=True),
+                      timeout=10)
+        stub.Release(ipam_pb2.ReleaseRequest(attachment=attachment("u")), timeout=10)
+    assert "node-u" in ctl(ctl_env, "ipam", "show", "--show-blocks").stdout
+    daemon.stop()
+    assert ctl(ctl_env, "label", "nodes", "node-u", "rack=1", "--overwrite").returncode == 0
+    daemon.start()
+    deadline = time.monotonic() + 2
+    while "node-u" in ctl(ctl_env, "ipam", "show", "--show-blocks").stdout:
+        assert time.monotonic() < deadline, "the empty, unselected block is still claimed"
+        time.sleep(0.05)

@@ -207,3 +207,95 @@ async def test_reservations_and_unwanted_blocks(store: EtcdStore) -> None:
     await engine.release("net.c.eth0")
     assert await store.list_blocks() == []
     assert await store.list_affinities("n") == []
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_caller_does_not_poison_its_batch(store: EtcdStore) -> None:
+    await seed(store, IPPool("p", net("10.5.0.0/24"), 26), Node("n"))
+    engine = Ipam(store, "n")
+    real_commit = store.commit
+
+    async def slow_commit(writes: list[object]) -> object:  # etcd under load
+        await asyncio.sleep(0.2)
+        return await real_commit(writes)  # type: ignore[arg-type]
+
+    store.commit = slow_commit  # type: ignore[assignment,method-assign]
+    first = asyncio.create_task(engine.allocate(request("a")))
+    await asyncio.sleep(0.01)
+    batch = {c: asyncio.create_task(engine.allocate(request(c))) for c in "bcd"}
+    await asyncio.sleep(0.3)  # "a" is done; the batch [b, c, d] is being committed
+    batch["c"].cancel()  # c's caller gives up (deadline, client gone)
+    await first
+    for name in "bd":
+        allocation = await batch[name]
+        assert allocation.addresses, name
+    with pytest.raises(asyncio.CancelledError):
+        await batch["c"]
+    store.commit = real_commit  # type: ignore[method-assign]
+    await audit(store)
+
+
+@pytest.mark.asyncio
+async def test_many_transactions_in_one_batch_are_not_lost_races(store: EtcdStore) -> None:
+    """A batch larger than etcd's transaction limit takes several commits, not retries."""
+    await seed(store, IPPool("p", net("10.6.0.0/16"), 26), Node("n"))
+    engine = Ipam(store, "n", max_attempts=2)
+    results = await asyncio.gather(*(engine.allocate(request(f"m{i}")) for i in range(600)))
+    assert len({r.addresses[0].ip for r in results}) == 600
+    await audit(store)
+
+
+@pytest.mark.asyncio
+async def test_pool_at_the_top_of_the_address_space(store: EtcdStore) -> None:
+    await seed(store, IPPool("top", net("255.255.255.0/24"), 26), Node("n1"), Node("n2"))
+    for node in ("n1", "n2"):
+        allocation = await Ipam(store, node).allocate(request(node))
+        assert allocation.addresses[0].ip in net("255.255.255.0/24")
+    assert len(await store.block_cidrs(net("255.255.255.0/24"))) == 2
+
+
+@pytest.mark.asyncio
+async def test_claim_is_fast_when_reservations_cover_most_of_a_big_pool(
+    store: EtcdStore
+) -> None:
+    await seed(store, IPPool("big", net("10.128.0.0/9"), 26),
+               IPReservation("low", (net("10.128.0.0/10"),)), Node("n"))
+    started = asyncio.get_running_loop().time()
+    allocation = await Ipam(store, "n").allocate(request("x"))
+    assert allocation.addresses[0].ip in net("10.192.0.0/10")
+    # Not a benchmark: a walk over 65,536 candidate blocks would take minutes.
+    assert asyncio.get_running_loop().time() - started < 5
+
+
+@pytest.mark.asyncio
+async def test_empty_unaffined_blocks_are_dropped_on_release(store: EtcdStore) -> None:
+    await seed(store, IPPool("p", net("10.7.0.0/28"), 29), IPAMConfig(max_blocks_per_host=1),
+               Node("gone"), Node("stay"))
+    await Ipam(store, "gone").allocate(request("g"))
+    stay = Ipam(store, "stay")
+    held = [await stay.allocate(request(f"s{i}")) for i in range(8)]  # 7 own + 1 borrowed
+    gone_block = (await store.list_affinities("gone"))[0][1]
+    assert any(a.block == gone_block for h in held for a in h.addresses)
+    await Ipam(store, "gone").retire_node(force=True)
+    for i in range(8):
+        await stay.release(f"net.s{i}.eth0")
+    assert await store.get_block(gone_block) is None
+
+
+
+@pytest.mark.asyncio
+async def test_scoped_addresses_are_refused(store: EtcdStore) -> None:
+    from topoipam.daemon.metrics import Metrics
+    from topoipam.daemon.service import IpamService, JsonRequest, StatusProvider
+    from topoipam.proto import ipam_pb2
+
+    async def no_error() -> str:
+        return ""
+
+    service = IpamService(Ipam(store, "n"), StatusProvider(lambda: True, no_error,
+                                                           lambda: None, list), Metrics())
+    request = JsonRequest(ipam_pb2.AllocateRequest.DESCRIPTOR, {
+        "attachment": {"network": "n", "container_id": "c", "ifname": "eth0"},
+        "assign_ipv6": True, "ips": ["fd00::5%eth0"]})
+    with pytest.raises(InvalidInput, match="zone"):
+        await service.allocate(request)
