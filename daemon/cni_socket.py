@@ -57,7 +57,6 @@ class CniSocketServer:
         max_connections: int = 1024,
         drain_timeout: float = 5.0,
         idle_timeout: float = 30.0,
-        frame_timeout: float = 10.0,
     ) -> None:
         if max_concurrent_requests < 1 or max_connections < 1:
             raise ValueError("max_concurrent_requests and max_connections must be >= 1")
@@ -69,7 +68,6 @@ class CniSocketServer:
         # A plugin sends its request right after connecting; a peer that stays
         # silent (or stalls mid-frame) only holds a connection slot.
         self._idle_timeout = idle_timeout
-        self._frame_timeout = frame_timeout
         self._requests = asyncio.Semaphore(max_concurrent_requests)
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], _Connection] = {}
@@ -216,20 +214,20 @@ class CniSocketServer:
         connection: _Connection,
     ) -> bool:
         """Read one frame and answer it; False when the connection should end."""
+        # One timer per request, not per read: a plugin sends its whole frame at once.
         async with asyncio.timeout(self._idle_timeout):
             header = await _read_header(reader)
-        if header is None:
-            return False  # clean EOF between requests
-        connection.busy = True
-        try:
+            if header is None:
+                return False  # clean EOF between requests
             try:
                 length = wire.frame_length(header)
             except wire.FrameError as exc:
                 # The length cannot be trusted, so neither can anything after it.
                 await _send(writer, _invalid_frame(str(exc)))
                 return False
-            async with asyncio.timeout(self._frame_timeout):
-                payload = await reader.readexactly(length)
+            payload = await reader.readexactly(length)
+        connection.busy = True
+        try:
             await _send(writer, await self._answer(payload))
             return True
         finally:
