@@ -246,8 +246,8 @@ MAX_TXN_OPS = 120
 class Ipam:
     """Allocation and release for one node. Safe to call from many tasks at once.
 
-    With ``group_commit`` (the daemon), calls that arrive while a transaction
-    is in flight are planned together and committed in the next single
+    Group commit: calls that arrive while a transaction is in flight are
+    planned together and committed in the next single
     transaction, bounded by etcd's operation limit. Each call still succeeds
     or fails on its own: a call that cannot be planned fails alone, and the
     batch's transaction is all-or-nothing, so nothing is acknowledged that
@@ -261,7 +261,6 @@ class Ipam:
         source: StateSource | None = None,
         clock: Callable[[], float] = time.time,
         max_attempts: int = MAX_ATTEMPTS,
-        group_commit: bool = True,
     ) -> None:
         self.store = store
         self.node = node
@@ -269,7 +268,6 @@ class Ipam:
         self.clock = clock
         self.max_attempts = max_attempts
         self.on_conflict: Callable[[], None] = lambda: None
-        self.group_commit = group_commit
         # Handles this engine wrote, so a release needs no read first. Only a
         # hint: a stale entry fails its compare and is refreshed.
         self._handles: dict[str, Versioned[Handle]] = {}
@@ -309,9 +307,6 @@ class Ipam:
         return asyncio.get_running_loop().create_future()
 
     async def _submit(self, op: _Op) -> Any:
-        if not self.group_commit:
-            await self._run_batch([op])
-            return op.future.result()
         self._queue.append(op)
         if self._inline or (self._committer is not None and not self._committer.done()):
             return await op.future  # the running batch's owner picks it up next

@@ -259,6 +259,7 @@ class Daemon:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        await self.ipam.close()
         await self.cache.close()
         await self.store.close()
         if self._metrics_server is not None:
