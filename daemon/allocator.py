@@ -227,6 +227,22 @@ def first_unclaimed_block(
     The search works on address sets, not candidate by candidate, so a pool
     that is mostly reserved or claimed costs no more than an empty one.
     """
+    if not reservations:  # the common case: the first candidate no block overlaps
+        occupied: set[IPNetwork] = set()
+        for block in existing:
+            if block.version != pool.family:
+                continue
+            if block.prefixlen >= pool.block_size:
+                occupied.add(block.supernet(new_prefix=pool.block_size))
+            else:
+                occupied.update(block.subnets(new_prefix=pool.block_size))
+        if len(occupied) < 4096:  # beyond that, the set arithmetic below is cheaper
+            for cidr in pool.block_cidrs():
+                if cidr not in occupied and (cidr.num_addresses > 2 or any(
+                        pool.usable(cidr.network_address + i)
+                        for i in range(cidr.num_addresses))):
+                    return cidr
+            return None
     free = netaddr.IPSet([str(pool.cidr)])
     for block in existing:
         if block.version == pool.family:

@@ -588,13 +588,15 @@ class Ipam:
                     affine.append((block, guard))
             known = {block.cidr for block, _ in affine}
             affine += [(b, 0) for b in txn.claimed(self.node) if b.cidr not in known]
-        # 1. this node's own blocks, pool order then address order
+        # 1. this node's own blocks with free addresses, pool order then address order
+        with_space = [entry for entry in affine
+                      if entry[0].unallocated and entry[0].family == family]
         for pool in pools:
             ctx = self._context(state, pool)
             first, last = pool.bounds
             for block, revision in sorted(
-                (entry for entry in affine if entry[0].family == family
-                 and first <= entry[0].first and entry[0].last <= last),
+                (entry for entry in with_space
+                 if first <= entry[0].first and entry[0].last <= last),
                 key=lambda entry: entry[0].first,
             ):
                 assigned = allocator.assign_next(block, handle_id, ctx)

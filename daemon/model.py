@@ -379,6 +379,13 @@ class Block:
     allocations: dict[int, str]
     unallocated: list[int]
     released_at: dict[int, float] = field(default_factory=dict)
+    # First and last address as integers: cheap ordering and containment tests.
+    first: int = field(init=False, repr=False, compare=False)
+    last: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.first = int(self.cidr.network_address)
+        self.last = self.first + (1 << (self.cidr.max_prefixlen - self.cidr.prefixlen)) - 1
 
     @classmethod
     def empty(cls, cidr: IPNetwork, affinity: str | None) -> Block:
@@ -394,13 +401,6 @@ class Block:
     def size(self) -> int:
         return self.cidr.num_addresses
 
-    @property
-    def first(self) -> int:
-        return int(self.cidr.network_address)
-
-    @property
-    def last(self) -> int:
-        return int(self.cidr.network_address) + self.cidr.num_addresses - 1
 
     @property
     def family(self) -> int:

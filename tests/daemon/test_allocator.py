@@ -207,3 +207,12 @@ def test_attachment_parts_are_refused_whole(bad: str) -> None:
         Attachment("net", bad, "eth0")
     with pytest.raises(InvalidInput):
         Node(bad)
+
+
+def test_claim_never_picks_a_block_of_only_unusable_addresses() -> None:
+    p = pool("tiny", "10.0.0.0/30", block=32)  # .0 and .3 are never handed out
+    assert str(allocator.first_unclaimed_block(p, set())) == "10.0.0.1/32"
+    reserved = Reservations([IPReservation("r", (ipaddress.ip_network("10.0.0.1/32"),))])
+    assert str(allocator.first_unclaimed_block(p, set(), reserved)) == "10.0.0.2/32"
+    taken = {ipaddress.ip_network("10.0.0.1/32"), ipaddress.ip_network("10.0.0.2/32")}
+    assert allocator.first_unclaimed_block(p, taken) is None
