@@ -65,6 +65,7 @@ from topoipam.daemon.store import (
     DeleteObject,
     EtcdOptions,
     EtcdStore,
+    PoolsUnchangedSince,
     PutBlock,
     PutHandle,
     PutObject,
@@ -360,7 +361,8 @@ async def plan_writes(
                 "(IPAMConfig: use `topoipamctl ipam configure`; Node: not yet)"
             )
     currents = await asyncio.gather(*(read_current(store, t.kind, t.name) for t in targets))
-    stored_pools = [p.value for p in await store.list_pools()]
+    stored, pools_revision = await store.pools_at_revision()
+    stored_pools = [p.value for p in stored]
     file_pools = [t.obj for t in targets if isinstance(t.obj, IPPool)]
     block_cidrs: dict[int, list[IPNetwork]] = {}
     plan = Plan()
@@ -394,6 +396,9 @@ async def plan_writes(
         plan.writes.append(PutObject(target.obj, revision))
         outcome = "configured" if revision else "created"
         plan.lines.append(f"{resource_id(target.obj)} {outcome}")
+    if any(isinstance(w, PutObject) and isinstance(w.obj, IPPool) for w in plan.writes):
+        # The overlap checks above hold only if no pool appears meanwhile.
+        plan.writes.append(PoolsUnchangedSince(pools_revision))
     if len(plan.writes) > MAX_TXN_OPS:
         raise InvalidInput(
             f"{len(plan.writes)} changes do not fit in one etcd transaction (at most "

@@ -248,9 +248,20 @@ class DeleteObject:
     expect_revision: int | None = None
 
 
+@dataclass(frozen=True)
+class PoolsUnchangedSince:
+    """A guard, not a write: no pool was created or changed after ``revision``.
+
+    Checks that were made against the pools read at that revision (overlaps)
+    still hold when the transaction commits.
+    """
+
+    revision: int
+
+
 Write = (
     PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutHandle | DeleteHandle | PutObject
-    | DeleteObject
+    | DeleteObject | PoolsUnchangedSince
 )
 
 
@@ -539,7 +550,19 @@ class EtcdStore:
             return Versioned(IPAMConfig(), raw[1])
 
     async def list_pools(self) -> list[Versioned[IPPool]]:
-        return await self._typed_prefix(self.keys.pools(), self.decode_pool)
+        return (await self.pools_at_revision())[0]
+
+    async def pools_at_revision(self) -> tuple[list[Versioned[IPPool]], int]:
+        """Every pool, and the revision the read was made at (for PoolsUnchangedSince)."""
+        kvs, revision = await self.prefix_raw(self.keys.pools())
+        pools: list[Versioned[IPPool]] = []
+        for kv in kvs:
+            try:
+                pools.append(Versioned(self.decode_pool(kv.key, kv.value), kv.mod_revision))
+            except InvalidInput as exc:
+                log.warning("skipping corrupt value at %s: %s", kv.key.decode(errors="replace"),
+                            exc)
+        return pools, revision
 
     async def get_pool(self, name: str) -> Versioned[IPPool] | None:
         raw = await self.get_raw(self.keys.pool(name))
@@ -694,6 +717,12 @@ class EtcdStore:
         compares = []
         guarded: list[bytes] = []
         for write in writes:
+            if isinstance(write, PoolsUnchangedSince):
+                prefix = self.keys.pools()
+                compares.append(rpc.Compare(
+                    key=prefix, range_end=prefix_range_end(prefix), result=rpc.Compare.LESS,
+                    target=rpc.Compare.MOD, mod_revision=write.revision + 1))
+                continue
             guard = self._guarded_key(write)
             if guard is None or guard[1] is None:
                 continue
@@ -705,7 +734,8 @@ class EtcdStore:
                 key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=revision))
         request = rpc.TxnRequest(
             compare=compares,
-            success=[self._request_op(w) for w in writes],
+            success=[self._request_op(w) for w in writes
+                     if not isinstance(w, PoolsUnchangedSince)],
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k)) for k in guarded],
         )
         response = await self._call("Txn", request)

@@ -299,3 +299,21 @@ async def test_scoped_addresses_are_refused(store: EtcdStore) -> None:
         "assign_ipv6": True, "ips": ["fd00::5%eth0"]})
     with pytest.raises(InvalidInput, match="zone"):
         await service.allocate(request)
+
+
+@pytest.mark.asyncio
+async def test_pools_unchanged_guard_refuses_a_commit_after_a_pool_appeared(
+    store: EtcdStore
+) -> None:
+    from topoipam.daemon.store import PoolsUnchangedSince
+
+    _, revision = await store.pools_at_revision()
+    ours = IPPool("mine", net("10.8.0.0/24"), 26)
+    # Someone else creates an overlapping pool after our overlap check read the pools.
+    await seed(store, IPPool("theirs", net("10.8.0.0/16"), 26))
+    result = await store.commit([PutObject(ours, 0), PoolsUnchangedSince(revision)])
+    assert not result.succeeded
+    assert await store.get_pool("mine") is None
+    _, revision = await store.pools_at_revision()
+    assert (await store.commit([PutObject(IPPool("other", net("10.9.0.0/24"), 26), 0),
+                                PoolsUnchangedSince(revision)])).succeeded
