@@ -7,8 +7,8 @@ request, awaits ``dispatch(method, request)`` and writes back whatever payload
 dispatch built. Dispatch owns the API semantics and the error table (domain
 error -> gRPC status name + CNI code), exactly as the gRPC servicer does.
 
-Concurrency: each connection is served by its own task, one request at a time
-and in order; at most ``max_concurrent_requests`` dispatches run at once
+Concurrency: each connection is an asyncio protocol answering one request at a
+time and in order (a task per request); at most ``max_concurrent_requests`` dispatches run at once
 across all connections (the rest wait their turn), and connections beyond
 ``max_connections`` are answered UNAVAILABLE (CNI 11, the runtime retries) and
 closed.
@@ -38,10 +38,97 @@ _log = logging.getLogger(__name__)
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-class _Connection:
-    """Whether an accepted connection is in the middle of a request."""
+class _FrameProtocol(asyncio.Protocol):
+    """One plugin connection: frames in, one request at a time, answers out.
 
-    busy = False
+    A protocol rather than streams: a pod start costs one short connection,
+    and streams add a task, two buffers and timers per request on that path.
+    """
+
+    def __init__(self, server: CniSocketServer) -> None:
+        self._server = server
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        #: The request being answered, if any (one at a time, in order).
+        self.task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server = self._server
+        server._connections.add(self)
+        if server._closing:
+            transport.close()
+        elif len(server._connections) > server._max_connections:
+            transport.write(wire.encode_frame(wire.error_response(
+                "UNAVAILABLE", "topoipam daemon has too many CNI connections; retry",
+                wire.CNI_TRY_AGAIN)))
+            transport.close()
+        else:
+            self._arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A request still being answered runs to its end; its answer goes nowhere.
+        self._server._connections.discard(self)
+        self._disarm_timer()
+
+    def _arm_timer(self) -> None:
+        # A plugin sends its request right after connecting; a peer that stays
+        # silent (or stalls mid-frame) only holds a connection slot, for a while.
+        self._disarm_timer()
+        assert self.transport is not None
+        self._timer = asyncio.get_running_loop().call_later(
+            self._server._idle_timeout, self.transport.close)
+
+    def _disarm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self.task is None:
+            self._next_request()
+
+    def _next_request(self) -> None:
+        buffer = self._buffer
+        if len(buffer) < wire.HEADER_SIZE or self.transport is None:
+            return
+        try:
+            length = wire.frame_length(bytes(buffer[:wire.HEADER_SIZE]))
+        except wire.FrameError as exc:
+            # The length cannot be trusted, so neither can anything after it.
+            buffer.clear()
+            self.transport.write(_invalid_frame(str(exc)))
+            self.transport.close()
+            return
+        end = wire.HEADER_SIZE + length
+        if len(buffer) < end:
+            return
+        payload = bytes(buffer[wire.HEADER_SIZE:end])
+        del buffer[:end]
+        self._disarm_timer()
+        self.task = asyncio.get_running_loop().create_task(self._respond(payload))
+
+    async def _respond(self, payload: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            frame = await self._server._answer(payload)
+        except asyncio.CancelledError:  # the drain gave up on this request
+            transport.close()
+            return
+        finally:
+            self.task = None
+        if transport.is_closing():
+            return
+        transport.write(frame)
+        if self._server._closing:
+            transport.close()
+            return
+        self._arm_timer()
+        self._next_request()
 
 
 class CniSocketServer:
@@ -70,7 +157,7 @@ class CniSocketServer:
         self._idle_timeout = idle_timeout
         self._requests = asyncio.Semaphore(max_concurrent_requests)
         self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task[None], _Connection] = {}
+        self._connections: set[_FrameProtocol] = set()
         self._closing = False
         self._close_requested = asyncio.Event()
         self._drained: asyncio.Future[None] | None = None
@@ -96,8 +183,8 @@ class CniSocketServer:
             info = os.stat(self.path)
             self._inode = (info.st_dev, info.st_ino)
             # A storm of pod starts must queue in the kernel, not bounce with EAGAIN.
-            self._server = await asyncio.start_unix_server(
-                self._serve_connection, sock=sock, backlog=self._max_connections)
+            self._server = await asyncio.get_running_loop().create_unix_server(
+                lambda: _FrameProtocol(self), sock=sock, backlog=self._max_connections)
         except BaseException:
             sock.close()
             self._unlink_own_socket()
@@ -112,9 +199,9 @@ class CniSocketServer:
         self._close_requested.set()
         if self._server is not None:
             self._server.close()
-        for task, connection in self._connections.items():
-            if not connection.busy:
-                task.cancel()
+        for connection in list(self._connections):
+            if connection.task is None and connection.transport is not None:
+                connection.transport.close()
 
     async def wait_closed(self) -> None:
         """Once close() is called: wait (bounded) for in-flight requests, then close
@@ -127,7 +214,7 @@ class CniSocketServer:
         await asyncio.shield(self._drained)
 
     async def _drain(self) -> None:
-        tasks = set(self._connections)
+        tasks = {c.task for c in self._connections if c.task is not None}
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self._drain_timeout)
             if pending:
@@ -138,6 +225,9 @@ class CniSocketServer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        for connection in list(self._connections):
+            if connection.transport is not None:
+                connection.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
         self._unlink_own_socket()
@@ -165,73 +255,6 @@ class CniSocketServer:
         if (info.st_dev, info.st_ino) == self._inode:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-
-    async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections[task] = _Connection()
-        try:
-            await self._serve(reader, writer, self._connections[task])
-        except asyncio.CancelledError:
-            # close() cancels idle connections. asyncio 3.11 reports a
-            # client_connected_cb task that ends cancelled as an "Unhandled
-            # exception", so this one ends normally instead.
-            pass
-        except Exception:
-            _log.exception("CNI connection failed")
-
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection
-    ) -> None:
-        try:
-            if self._closing:
-                return
-            if len(self._connections) > self._max_connections:
-                await _send(writer, wire.encode_frame(wire.error_response(
-                    "UNAVAILABLE", "topoipam daemon has too many CNI connections; retry",
-                    wire.CNI_TRY_AGAIN,
-                )))
-                return
-            while not self._closing:
-                keep_open = await self._serve_one(reader, writer, connection)
-                if not keep_open:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            # The peer went away or stalled; there is nobody left to answer.
-            pass
-        finally:
-            task = asyncio.current_task()
-            assert task is not None
-            del self._connections[task]
-            writer.close()  # no wait_closed(): the peer has its answer, nothing is left to flush
-
-    async def _serve_one(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        connection: _Connection,
-    ) -> bool:
-        """Read one frame and answer it; False when the connection should end."""
-        # One timer per request, not per read: a plugin sends its whole frame at once.
-        async with asyncio.timeout(self._idle_timeout):
-            header = await _read_header(reader)
-            if header is None:
-                return False  # clean EOF between requests
-            try:
-                length = wire.frame_length(header)
-            except wire.FrameError as exc:
-                # The length cannot be trusted, so neither can anything after it.
-                await _send(writer, _invalid_frame(str(exc)))
-                return False
-            payload = await reader.readexactly(length)
-        connection.busy = True
-        try:
-            await _send(writer, await self._answer(payload))
-            return True
-        finally:
-            connection.busy = False
 
     async def _answer(self, payload: bytes) -> bytes:
         """The encoded answer frame to one request payload."""
@@ -262,21 +285,6 @@ class CniSocketServer:
         except (wire.FrameError, TypeError, ValueError) as exc:
             _log.error("CNI response to %s cannot be sent: %s", method, exc)
             return _internal_frame(f"{method} failed: response cannot be encoded: {exc}")
-
-
-async def _read_header(reader: asyncio.StreamReader) -> bytes | None:
-    """The next 4-byte header, or None on EOF before its first byte."""
-    try:
-        return await reader.readexactly(wire.HEADER_SIZE)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise
-
-
-async def _send(writer: asyncio.StreamWriter, frame: bytes) -> None:
-    writer.write(frame)
-    await writer.drain()
 
 
 def _invalid_frame(message: str) -> bytes:
