@@ -242,11 +242,14 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         return response
 
     # ------------------------------------------------------------------ transports
-    async def _call(self, method: str, request: Any) -> dict[str, Any]:
+    async def _call(self, method: str, request: Any, bounded: bool = True) -> dict[str, Any]:
+        """Run a handler, with metrics; ``bounded`` adds the request timeout."""
         handler = self._methods[method][2]
         started = time.perf_counter()
         outcome = "ok"
         try:
+            if not bounded:
+                return await handler(request)
             async with asyncio.timeout(self.request_timeout):
                 return await handler(request)
         except TopoipamError as exc:
@@ -292,7 +295,10 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             return {"code": "UNIMPLEMENTED", "message": f"unknown method {method!r}",
                     "cni_code": 4}
         try:
-            response = await self._call(method, JsonRequest(entry[0].DESCRIPTOR, payload))
+            # No timer of our own on this, the per-pod path: the plugin's deadline
+            # governs, and every etcd call a handler makes is bounded already.
+            response = await self._call(method, JsonRequest(entry[0].DESCRIPTOR, payload),
+                                        bounded=False)
         except TopoipamError as exc:
             return {"code": exc.code, "message": exc.message, "cni_code": exc.cni_code}
         except TimeoutError:
