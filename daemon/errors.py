@@ -5,7 +5,7 @@ data an operator needs (node, labels, pools tried). ``retriable`` is read by
 the retry loops and by the CNI error-code mapping: a retriable error means
 "try again later" (CNI code 11, gRPC UNAVAILABLE); anything else is final.
 ``code`` names the gRPC status the service answers with, through one table in
-the servicer.
+the servicer (retriable errors are always UNAVAILABLE / CNI 11 there).
 """
 
 from __future__ import annotations
@@ -150,16 +150,12 @@ class Conflict(TopoipamError):
     """Optimistic concurrency retries were exhausted; safe to retry later."""
 
     retriable = True
-    code = "UNAVAILABLE"
-    cni_code = 11
 
 
 class DatastoreUnavailable(TopoipamError):
     """etcd could not be reached or did not answer in time."""
 
     retriable = True
-    code = "UNAVAILABLE"
-    cni_code = 11
 
 
 class AuthenticationFailed(DatastoreUnavailable):
@@ -170,5 +166,3 @@ class NotReady(TopoipamError):
     """The daemon's cache is not in sync with etcd; answering would risk stale data."""
 
     retriable = True
-    code = "UNAVAILABLE"
-    cni_code = 11

@@ -279,7 +279,6 @@ class Ipam:
         # Pool choices per (family, requested pools) for one ClusterState object.
         self._pool_choice: tuple[object, dict[tuple[int, tuple[str, ...]],
                                               list[IPPool] | TopoipamError]] = (None, {})
-        self.batches = 0
 
     # ------------------------------------------------------------------ public calls
     async def allocate(self, request: AllocationRequest) -> Allocation:
@@ -415,7 +414,6 @@ class Ipam:
                 _fail(planned, exc)
                 pending = deferred
                 continue
-            self.batches += 1
             if result.succeeded:
                 self._observe_success(writes, result.revision)
                 for op in planned:

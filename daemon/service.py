@@ -38,6 +38,13 @@ STATUS_OF = {name: getattr(grpc.StatusCode, name) for name in (
 )}
 
 
+def error_codes(exc: TopoipamError) -> tuple[str, int]:
+    """(gRPC status name, CNI code) of a domain error: retriable ones are "try again"."""
+    if exc.retriable:
+        return "UNAVAILABLE", 11
+    return exc.code, exc.cni_code
+
+
 def _attachment(message: Any) -> Attachment:
     if not message.network and not message.container_id and not message.ifname:
         raise InvalidInput("attachment (network, container_id, ifname) is required")
@@ -265,7 +272,8 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         try:
             return self._methods[method][1](**await self._call(method, request))
         except TopoipamError as exc:
-            await context.abort(STATUS_OF.get(exc.code, grpc.StatusCode.UNKNOWN), exc.message)
+            await context.abort(STATUS_OF.get(error_codes(exc)[0], grpc.StatusCode.UNKNOWN),
+                                exc.message)
         except TimeoutError:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"{method} did not finish within {self.request_timeout:g}s; "
@@ -300,7 +308,8 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             response = await self._call(method, JsonRequest(entry[0].DESCRIPTOR, payload),
                                         bounded=False)
         except TopoipamError as exc:
-            return {"code": exc.code, "message": exc.message, "cni_code": exc.cni_code}
+            code, cni_code = error_codes(exc)
+            return {"code": code, "message": exc.message, "cni_code": cni_code}
         except TimeoutError:
             return {"code": "UNAVAILABLE", "cni_code": 11,
                     "message": f"{method} did not finish within {self.request_timeout:g}s; "

@@ -764,10 +764,6 @@ class EtcdStore:
                 log.warning("corrupt value at %s: %s", key.decode(errors="replace"), exc)
         return result
 
-    async def delete_prefix(self, prefix: bytes) -> None:
-        await self._call("DeleteRange", rpc.DeleteRangeRequest(
-            key=prefix, range_end=prefix_range_end(prefix)))
-
     async def compact(self, revision: int) -> None:
         await self._call("Compact", rpc.CompactionRequest(revision=revision, physical=True))
 
