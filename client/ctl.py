@@ -268,43 +268,20 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     )
     snap = Snapshot(revision, [], {}, [], {}, [], {})
 
-    def corrupt(key: bytes, exc: Exception) -> None:
-        snap.corrupt.append(f"corrupt value at {key.decode(errors='replace')}: {exc}")
+    def decoded(kvs: Iterable[Any], decode: Callable[[bytes, bytes], Any]) -> Iterator[Any]:
+        """The values that decode; the others are reported by ``ipam check``."""
+        for kv in kvs:
+            try:
+                yield decode(kv.key, kv.value)
+            except (InvalidInput, ValueError) as exc:
+                snap.corrupt.append(f"corrupt value at {kv.key.decode(errors='replace')}: {exc}")
 
-    for kv in pool_kvs:
-        try:
-            snap.pools.append(store.decode_pool(kv.key, kv.value))
-        except InvalidInput as exc:
-            corrupt(kv.key, exc)
-    snap.pools.sort(key=lambda p: p.name)
-    for kv in node_kvs:
-        try:
-            node = store.decode_node(kv.key, kv.value)
-            snap.nodes[node.name] = node
-        except InvalidInput as exc:
-            corrupt(kv.key, exc)
-    for kv in reservation_kvs:
-        try:
-            snap.reservations.append(store.decode_reservation(kv.key, kv.value))
-        except InvalidInput as exc:
-            corrupt(kv.key, exc)
-    for kv in block_kvs:
-        try:
-            block = store.decode_block(kv.key, kv.value)
-            snap.blocks[block.cidr] = block
-        except InvalidInput as exc:
-            corrupt(kv.key, exc)
-    for kv in affinity_kvs:
-        try:
-            snap.affinities.append(keys.affinity_of(kv.key))
-        except (InvalidInput, ValueError) as exc:
-            corrupt(kv.key, exc)
-    for kv in handle_kvs:
-        try:
-            handle = store.decode_handle(kv.key, kv.value)
-            snap.handles[handle.id] = handle
-        except InvalidInput as exc:
-            corrupt(kv.key, exc)
+    snap.pools.extend(sorted(decoded(pool_kvs, store.decode_pool), key=lambda p: p.name))
+    snap.nodes.update((n.name, n) for n in decoded(node_kvs, store.decode_node))
+    snap.reservations.extend(decoded(reservation_kvs, store.decode_reservation))
+    snap.blocks.update((b.cidr, b) for b in decoded(block_kvs, store.decode_block))
+    snap.affinities.extend(decoded(affinity_kvs, lambda key, _: keys.affinity_of(key)))
+    snap.handles.update((h.id, h) for h in decoded(handle_kvs, store.decode_handle))
     return snap
 
 
