@@ -48,6 +48,13 @@ def allocate(daemon: DaemonProcess, container: str, timeout: float = 30) -> str:
     return str(reply.addresses[0].ip)
 
 
+def start_daemon(tmp_path: Path, node: str, endpoint: str, prefix: str) -> DaemonProcess:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o750)
+    return DaemonProcess(node, str(run / "d.sock"), endpoint, prefix,
+                         str(tmp_path / "d.log")).start()
+
+
 def env_for(server: EtcdServer, prefix: str) -> dict[str, str]:
     import os
 
@@ -57,10 +64,7 @@ def env_for(server: EtcdServer, prefix: str) -> dict[str, str]:
 def test_etcd_down_then_back(private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     env = env_for(private_etcd, prefix)
     assert ctl(env, "create", "ippool", "p", "--cidr", "10.60.0.0/24").returncode == 0
-    run = tmp_path / "run"
-    run.mkdir(mode=0o750)
-    daemon = DaemonProcess("node-f", str(run / "d.sock"), private_etcd.endpoint, prefix,
-                           str(tmp_path / "d.log")).start()
+    daemon = start_daemon(tmp_path, "node-f", private_etcd.endpoint, prefix)
     try:
         before = allocate(daemon, "before")
         private_etcd.stop()
@@ -108,10 +112,7 @@ def test_compaction_while_disconnected_relists(private_etcd: EtcdServer, prefix:
                                                tmp_path: Path) -> None:
     env = env_for(private_etcd, prefix)
     assert ctl(env, "create", "ippool", "a", "--cidr", "10.61.0.0/24").returncode == 0
-    run = tmp_path / "run"
-    run.mkdir(mode=0o750)
-    daemon = DaemonProcess("node-c", str(run / "d.sock"), private_etcd.endpoint, prefix,
-                           str(tmp_path / "d.log")).start()
+    daemon = start_daemon(tmp_path, "node-c", private_etcd.endpoint, prefix)
     try:
         allocate(daemon, "one")
         assert daemon.process is not None
@@ -165,10 +166,7 @@ def test_corrupt_values_are_skipped_and_the_daemon_keeps_serving(
                 await store._call("Put", rpc.PutRequest(key=prefix.encode() + key, value=value))
 
     asyncio.run(corrupt())
-    run = tmp_path / "run"
-    run.mkdir(mode=0o750)
-    daemon = DaemonProcess("node-z", str(run / "d.sock"), etcd.endpoint, prefix,
-                           str(tmp_path / "d.log")).start()
+    daemon = start_daemon(tmp_path, "node-z", etcd.endpoint, prefix)
     try:
         assert allocate(daemon, "x").startswith("10.63.0.")
         log = daemon.log()
@@ -195,10 +193,7 @@ def test_cooldown_survives_restart(etcd: EtcdServer, prefix: str, tmp_path: Path
     assert ctl(ctl_env, "create", "ippool", "tiny", "--cidr", "10.64.0.0/29", "--block-size",
                "29").returncode == 0
     assert ctl(ctl_env, "ipam", "configure", "--ip-cooldown-seconds", "3").returncode == 0
-    run = tmp_path / "run"
-    run.mkdir(mode=0o750)
-    daemon = DaemonProcess("node-cd", str(run / "d.sock"), etcd.endpoint, prefix,
-                           str(tmp_path / "d.log")).start()
+    daemon = start_daemon(tmp_path, "node-cd", etcd.endpoint, prefix)
     try:
         # /29 = 6 usable addresses; take them all, free one, restart, ask again.
         held = [allocate(daemon, f"c{i}") for i in range(6)]
