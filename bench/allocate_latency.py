@@ -8,10 +8,12 @@ is another process too). Client style everywhere: grpc.aio, one channel.
 
 Targets: Allocate and Release p50 <= 1.5 x floor, p99 <= 3 x floor.
 
-Reference (information, not a target): the same Allocate loop against a
+References (information, not targets): the same Allocate loop against a
 minimal grpc.aio Ipam server whose handler does nothing but one raw etcd
 transaction — what any Python grpc.aio daemon costs before doing any work of
-its own (two gRPC stacks and a poller thread in one process).
+its own (two gRPC stacks and a poller thread in one process); and the same
+daemon's Allocate / Release over its framed-JSON CNI socket, one connection per
+call as the ``topoipam`` plugin makes them (the path a pod's address takes).
 Measurements are interleaved in chunks (daemon calls, etcd floor, gRPC floor,
 ...) so machine noise hits all of them alike. Every allocation uses a distinct
 container id in a 10.0.0.0/16 pool; then the same attachments are released one
@@ -24,6 +26,7 @@ import argparse
 
 from common import (
     STATS_HEADERS,
+    CniSocketClient,
     EchoFloor,
     EtcdTxnFloor,
     IpamClient,
@@ -33,6 +36,7 @@ from common import (
     block_value,
     chunks,
     metric,
+    ns,
     open_store,
     pool,
     print_table,
@@ -56,6 +60,7 @@ async def measure(args: argparse.Namespace) -> Report:
         minimal_server = ws.minimal_server()
 
         client = IpamClient(daemon.socket)
+        cni = CniSocketClient(daemon.socket)
         minimal = IpamClient(minimal_server.socket)
         etcd_floor = EtcdTxnFloor(ws.etcd.endpoint, b"/topoipam-bench/floor/block",
                                   block_value("10.255.0.0/26"))
@@ -71,6 +76,8 @@ async def measure(args: argparse.Namespace) -> Report:
             await sample(echo_floor.once, args.warmup)
             for i in range(args.warmup):
                 await minimal.allocate(f"warm-{i}")
+                await cni.allocate(f"warm-{i}")
+                await cni.release(f"warm-{i}")
             before = daemon.metrics()
 
             alloc_ns: list[int] = []
@@ -78,6 +85,8 @@ async def measure(args: argparse.Namespace) -> Report:
             etcd_ns: list[int] = []
             echo_ns: list[int] = []
             minimal_ns: list[int] = []
+            cni_alloc_ns: list[int] = []
+            cni_release_ns: list[int] = []
             addresses: set[str] = set()
             containers = [f"c-{i:06d}" for i in range(args.samples)]
             parts = chunks(args.samples, args.chunks)
@@ -94,6 +103,10 @@ async def measure(args: argparse.Namespace) -> Report:
                     echo_ns += await sample(echo_floor.once, floor_parts[i])
                     for j in range(floor_parts[i]):
                         minimal_ns.append((await minimal.timed_allocate(f"m{i}-{j}"))[0])
+                    for j in range(floor_parts[i]):
+                        started = ns()
+                        await cni.allocate(f"cni-{i}-{j}")
+                        cni_alloc_ns.append(ns() - started)
                 if len(addresses) != args.samples:
                     raise RuntimeError(
                         f"{args.samples} allocations gave {len(addresses)} addresses")
@@ -104,6 +117,10 @@ async def measure(args: argparse.Namespace) -> Report:
                     start += size
                     etcd_ns += await sample(etcd_floor.once, floor_parts[len(parts) + i])
                     echo_ns += await sample(echo_floor.once, floor_parts[len(parts) + i])
+                    for j in range(floor_parts[i]):
+                        started = ns()
+                        await cni.release(f"cni-{i}-{j}")
+                        cni_release_ns.append(ns() - started)
             after = daemon.metrics()
         finally:
             await client.close()
@@ -114,15 +131,18 @@ async def measure(args: argparse.Namespace) -> Report:
     alloc, release = Stats.of_ns(alloc_ns), Stats.of_ns(release_ns)
     etcd, echo = Stats.of_ns(etcd_ns), Stats.of_ns(echo_ns)
     minimal_stats = Stats.of_ns(minimal_ns)
+    cni_alloc, cni_release = Stats.of_ns(cni_alloc_ns), Stats.of_ns(cni_release_ns)
     floor = etcd.p50 + echo.p50
     print_table("latency (sequential, grpc.aio client, unix socket)", STATS_HEADERS, [
         alloc.row("Allocate (daemon)"), release.row("Release (daemon)"),
         etcd.row("floor: raw etcd txn"), echo.row("floor: empty gRPC call"),
         minimal_stats.row("ref: minimal server, 1 txn/call"),
+        cni_alloc.row("ref: Allocate, CNI socket"), cni_release.row("ref: Release, CNI socket"),
     ])
 
     # Where the daemon's time goes: its own handler histogram (server side, excludes
-    # the gRPC transport), from the Prometheus endpoint.
+    # the transport), from the Prometheus endpoint. The histogram has no transport
+    # label, so its mean covers the gRPC and the CNI-socket calls alike (same handler).
     rows = []
     for method, client_stats in (("Allocate", alloc), ("Release", release)):
         count = (metric(after, "topoipam_request_duration_seconds_count", method=method)
@@ -146,6 +166,9 @@ async def measure(args: argparse.Namespace) -> Report:
     report.check("reference: minimal server p99", minimal_stats.p99, floor, 3.0, gate=False)
     report.check("reference: etcd txn p99 (floor's own tail)", etcd.p99, floor, 3.0,
                  gate=False)
+    for name, stats in (("Allocate", cni_alloc), ("Release", cni_release)):
+        report.check(f"info: {name} p50 over the CNI socket", stats.p50, floor, 1.5, gate=False)
+        report.check(f"info: {name} p99 over the CNI socket", stats.p99, floor, 3.0, gate=False)
     return report
 
 
