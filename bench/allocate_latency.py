@@ -36,7 +36,6 @@ from common import (
     block_value,
     chunks,
     metric,
-    ns,
     open_store,
     pool,
     print_table,
@@ -104,9 +103,7 @@ async def measure(args: argparse.Namespace) -> Report:
                     for j in range(floor_parts[i]):
                         minimal_ns.append((await minimal.timed_allocate(f"m{i}-{j}"))[0])
                     for j in range(floor_parts[i]):
-                        started = ns()
-                        await cni.allocate(f"cni-{i}-{j}")
-                        cni_alloc_ns.append(ns() - started)
+                        cni_alloc_ns.append(await cni.timed_allocate(f"cni-{i}-{j}"))
                 if len(addresses) != args.samples:
                     raise RuntimeError(
                         f"{args.samples} allocations gave {len(addresses)} addresses")
@@ -118,9 +115,7 @@ async def measure(args: argparse.Namespace) -> Report:
                     etcd_ns += await sample(etcd_floor.once, floor_parts[len(parts) + i])
                     echo_ns += await sample(echo_floor.once, floor_parts[len(parts) + i])
                     for j in range(floor_parts[i]):
-                        started = ns()
-                        await cni.release(f"cni-{i}-{j}")
-                        cni_release_ns.append(ns() - started)
+                        cni_release_ns.append(await cni.timed_release(f"cni-{i}-{j}"))
             after = daemon.metrics()
         finally:
             await client.close()

@@ -720,6 +720,16 @@ class CniSocketClient:
     async def release(self, container: str) -> dict[str, Any]:
         return await self.call("Release", {"attachment": self.attachment(container)})
 
+    async def timed_allocate(self, container: str) -> int:
+        started = ns()
+        await self.allocate(container)
+        return ns() - started
+
+    async def timed_release(self, container: str) -> int:
+        started = ns()
+        await self.release(container)
+        return ns() - started
+
 
 def block_value(cidr: str, affinity: str | None = "bench") -> bytes:
     import ipaddress
