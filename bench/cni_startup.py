@@ -164,7 +164,7 @@ async def measure(args: argparse.Namespace) -> Report:
                     samples[e.name].append(elapsed)
         # Every ADD must be committed in etcd with the address it printed.
         for container, address in checks:
-            handle = await store.get_handle(f"{NETWORK}.{container}.eth0")
+            handle = await store.get_handle(f"{NETWORK}/{container}/eth0")
             if handle is None or address not in {str(a.ip) for a in handle.value.addresses}:
                 raise RuntimeError(f"ADD of {container} printed {address} but etcd has {handle}")
         await store.close()

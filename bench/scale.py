@@ -99,7 +99,7 @@ class DataSet:
                 cidr = ipaddress.ip_network(f"{base + 64 * index}/26")
                 block = Block.empty(cidr, name)
                 for ordinal in range(1, self.allocations_per_block + 1):
-                    handle_id = f"{NETWORK}.c{container:07d}.eth0"
+                    handle_id = f"{NETWORK}/c{container:07d}/eth0"
                     block.allocations[ordinal] = handle_id
                     block.unallocated.remove(ordinal)
                     handle = Handle(handle_id, name, (HandleAddress(block.address(ordinal),

@@ -100,6 +100,9 @@ LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 _LEGACY_VERSIONS = ("0.3.1", "0.4.0")
 
 DEFAULT_SOCKET = "/run/topoipam/topoipamd.sock"
+# ipam.gateway: each address with its own pool's gateway (the default), or none.
+GATEWAY_POOL = "pool"
+GATEWAY_NONE = "none"
 # Long enough for a daemon retrying etcd conflicts, well inside the runtime's
 # own CNI timeout, so a stuck daemon surfaces as a retriable error.
 DEFAULT_TIMEOUT = 20.0
@@ -211,7 +214,7 @@ def _cmd_add(environ: Mapping[str, str], config: Json, version: str) -> str:
         raise _config_error(
             f"ipam.prefix must be one of {', '.join(_PREFIX_MODES)}, not {prefix!r}"
         )
-    gateways = _gateways(ipam.get("gateway"))
+    gateways = _gateways(ipam.get("gateway", GATEWAY_POOL))
     routes = _routes(ipam.get("routes"))
     dns = _dns(ipam.get("dns"))
     cni_args = _cni_args(environ)
@@ -226,6 +229,8 @@ def _cmd_add(environ: Mapping[str, str], config: Json, version: str) -> str:
             attribute: cni_args[key] for key, attribute in _K8S_ATTRIBUTES.items()
             if cni_args.get(key)
         },
+        # Configured gateways are never handed out to this network.
+        "gateways": list(gateways.values()) if gateways else [],
     }
     response = _call(socket_path, timeout, "Allocate", request)
     ips = [_result_ip(address, prefix, gateways, version) for address in _addresses(response)]
@@ -253,7 +258,7 @@ def _cmd_del(environ: Mapping[str, str], config: Json, version: str) -> str:
 def _cmd_check(environ: Mapping[str, str], config: Json, version: str) -> str:
     attachment = _attachment(environ, config)
     socket_path, timeout = _connection(_ipam(config))
-    handle = f"{attachment['network']}.{attachment['container_id']}.{attachment['ifname']}"
+    handle = f"{attachment['network']}/{attachment['container_id']}/{attachment['ifname']}"
     try:
         response = _call(socket_path, timeout, "Get", {"attachment": attachment})
     except DaemonError as err:
@@ -279,9 +284,18 @@ def _cmd_check(environ: Mapping[str, str], config: Json, version: str) -> str:
 
 
 def _cmd_status(environ: Mapping[str, str], config: Json, version: str) -> str:
-    socket_path, timeout = _connection(_ipam(config))
+    ipam = _ipam(config)
+    socket_path, timeout = _connection(ipam)
+    # What an ADD of this network would ask for, so the daemon can say whether
+    # one can succeed (a config ADD would refuse is not ready either).
     try:
-        status = _call(socket_path, timeout, "Status", {})
+        request = {
+            "assign_ipv4": _flag(ipam, "assign_ipv4", True),
+            "assign_ipv6": _flag(ipam, "assign_ipv6", False),
+            "ipv4_pools": _strings(ipam.get("ipv4_pools"), "ipam.ipv4_pools"),
+            "ipv6_pools": _strings(ipam.get("ipv6_pools"), "ipam.ipv6_pools"),
+        }
+        status = _call(socket_path, timeout, "Status", request)
     except CniError as err:
         raise CniError(ERR_NOT_AVAILABLE, err.msg, err.details) from None
     problems = []
@@ -289,6 +303,8 @@ def _cmd_status(environ: Mapping[str, str], config: Json, version: str) -> str:
         problems.append("its cache is not in sync with etcd")
     if not status.get("etcd_reachable"):
         problems.append(f"etcd unreachable: {status.get('etcd_error') or 'no reason given'}")
+    if not problems and not status.get("ready"):
+        problems.append(str(status.get("not_ready_reason") or "no reason given"))
     if problems:
         node = status.get("node") or "?"
         raise CniError(
@@ -452,7 +468,8 @@ def _addresses(response: Json) -> list[Json]:
 # --- result -----------------------------------------------------------------
 
 
-def _result_ip(address: Json, prefix: str, gateways: dict[int, str], version: str) -> Json:
+def _result_ip(address: Json, prefix: str, gateways: dict[int, str] | None,
+               version: str) -> Json:
     family, ip = _canonical_ip(address["ip"])
     length: int | None = None
     if prefix == "pool":
@@ -463,8 +480,9 @@ def _result_ip(address: Json, prefix: str, gateways: dict[int, str], version: st
         length = 32 if family == 4 else 128
     entry: Json = {"version": str(family)} if version in _LEGACY_VERSIONS else {}
     entry["address"] = f"{ip}/{length}"
-    if family in gateways:
-        entry["gateway"] = gateways[family]
+    gateway = address.get("gateway") if gateways is None else gateways.get(family)
+    if gateway and isinstance(gateway, str):
+        entry["gateway"] = _canonical_ip(gateway, "the daemon's gateway")[1]
     return entry
 
 
@@ -576,7 +594,15 @@ def _strings(value: object, what: str) -> list[str]:
     return value
 
 
-def _gateways(value: object) -> dict[int, str]:
+def _gateways(value: object) -> dict[int, str] | None:
+    """ipam.gateway: None for "pool" (each address with its pool's), else per family.
+
+    "none" reports no gateway at all (a routed setup that configures its own).
+    """
+    if value == GATEWAY_POOL:
+        return None
+    if value == GATEWAY_NONE:
+        return {}
     listed = [value] if isinstance(value, str) else _strings(value, "ipam.gateway")
     gateways: dict[int, str] = {}
     for text in listed:

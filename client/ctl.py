@@ -55,6 +55,7 @@ from topoipam.daemon.model import (
     Node,
     check_pool_overlaps,
     parse_address,
+    parse_gateway_spec,
     parse_network,
 )
 from topoipam.daemon.store import (
@@ -544,6 +545,7 @@ async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
             node_selector=args.node_selector,
             disabled=args.disabled,
             assignment_mode=args.assignment_mode,
+            gateway_spec=parse_gateway_spec(f"pool {args.name}", args.gateway),
         )
         targets = [Target("IPPool", pool.name, pool)]
     return report(await write_targets(store, targets, "create"))
@@ -627,10 +629,10 @@ async def print_pools(pools: list[IPPool], store: EtcdStore, wide: bool) -> None
         return
     in_use = await asyncio.gather(*(allocated_in(store, p.cidr) for p in pools))
     print_table(
-        ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "DISABLED", "ASSIGNMENTMODE", "IN-USE",
-         "TOTAL"],
+        ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "DISABLED", "ASSIGNMENTMODE", "GATEWAY",
+         "IN-USE", "TOTAL"],
         [[p.name, str(p.cidr), str(p.block_size), p.node_selector, str(p.disabled).lower(),
-          p.assignment_mode, str(used), str(p.capacity)]
+          p.assignment_mode, show(p.gateway), str(used), str(p.capacity)]
          for p, used in zip(pools, in_use, strict=True)],
     )
 
@@ -779,6 +781,8 @@ def describe_address(snap: Snapshot, address: IPAddress) -> str:
     pool = allocator.pool_of(snap.pools, address)
     if pool is None:
         return f"{address} is not in any pool"
+    if address == pool.gateway:
+        return f"{address} is the gateway of pool {pool.name} (never handed out)"
     if not pool.usable(address):
         return f"{address} is the network or broadcast address of pool {pool.name} (never used)"
     reserved_by = [r.name for r in snap.reservations
@@ -801,7 +805,17 @@ def find_inconsistencies(snap: Snapshot) -> list[str]:
         *affinity_problems(snap),
         *pool_problems(snap),
         *double_allocations(snap),
+        *gateway_problems(snap),
     ]
+
+
+def gateway_problems(snap: Snapshot) -> Iterator[str]:
+    """Allocations that hold their pool's gateway (made before pools had gateways)."""
+    for row in snap.allocations():
+        if row.pool is not None and row.ip == row.pool.gateway:
+            yield (f"gateway allocated: {row.ip} is the gateway of pool {row.pool.name} but "
+                   f"is held by handle {row.handle_id} (pod {row.pod}); recreate that pod, "
+                   "or give the pool another gateway")
 
 
 def handle_problems(snap: Snapshot) -> Iterator[str]:
@@ -1137,6 +1151,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--node-selector", default="all()")
     create.add_argument("--disabled", action="store_true")
     create.add_argument("--assignment-mode", choices=ASSIGNMENT_MODES, default="Automatic")
+    create.add_argument("--gateway", help="the pool's gateway address, never handed out "
+                        "(default: its first usable address; 'none' for a routed pool)")
 
     delete = verb(verbs, "delete", cmd_delete, "delete resources")
     delete.add_argument("kind", nargs="?",

@@ -118,13 +118,13 @@ class AssignContext:
     reservations: Reservations = NO_RESERVATIONS
     now: float = 0.0
     cooldown: float = 0.0
+    #: Addresses (as integers) the request itself names as gateways.
+    excluded: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
-        # Integers of the pool's unusable addresses: the hot path compares ints,
-        # not address objects.
-        unusable = {int(a) for a in (self.pool.cidr.network_address,
-                                     self.pool.cidr.broadcast_address)
-                    if not self.pool.usable(a)}
+        # Integers of the pool's unusable addresses (network, broadcast, gateway):
+        # the hot path compares ints, not address objects.
+        unusable = {int(a) for a in self.pool.unusable()} | self.excluded
         object.__setattr__(self, "_unusable", frozenset(unusable))
 
     def available(self, block: Block, ordinal: int) -> bool:
@@ -172,6 +172,10 @@ def assign_address(
         raise AddressUnavailable(f"address {address} is already allocated (to {holder})")
     if address in ctx.reservations:
         raise AddressUnavailable(f"address {address} is reserved by an IPReservation")
+    if address == ctx.pool.gateway:
+        raise AddressUnavailable(f"address {address} is the gateway of pool {ctx.pool.name}")
+    if int(address) in ctx.excluded:
+        raise AddressUnavailable(f"address {address} is a gateway of the network's config")
     if not ctx.pool.usable(address):
         raise AddressUnavailable(
             f"address {address} is the network or broadcast address of pool {ctx.pool.name}"
@@ -250,9 +254,8 @@ def first_unclaimed_block(
                             if block.prefixlen >= pool.block_size else block))
     if reservations:
         free = free - reservations.ip_set
-    for address in (pool.cidr.network_address, pool.cidr.broadcast_address):
-        if not pool.usable(address):
-            free.remove(str(address))
+    for address in pool.unusable():
+        free.remove(str(address))
     for free_range in free.iter_cidrs():  # in address order; the first one will do
         first = (ipaddress.IPv4Address if pool.family == 4 else ipaddress.IPv6Address)(
             int(free_range.first))

@@ -26,7 +26,6 @@ from .errors import (
     Conflict,
     InvalidInput,
     NodeInUse,
-    NoPoolForNode,
     PoolExhausted,
     TopoipamError,
 )
@@ -39,6 +38,7 @@ from .model import (
     IPAMConfig,
     IPNetwork,
     IPPool,
+    handle_prefix,
 )
 from .store import (
     CommitResult,
@@ -125,6 +125,8 @@ class AllocationRequest:
     ipv6_pools: tuple[str, ...] = ()
     addresses: tuple[IPAddress, ...] = ()
     attributes: Mapping[str, str] = field(default_factory=dict)
+    #: The network config's gateways: never handed out to this request.
+    gateways: tuple[IPAddress, ...] = ()
 
     def __post_init__(self) -> None:
         families = [a.version for a in self.addresses]
@@ -150,9 +152,19 @@ class AllocationRequest:
 
 @dataclass(frozen=True)
 class AllocatedAddress:
+    """An address as ADD reports it: its pool, the pool's subnet and gateway."""
+
     ip: IPAddress
     block: IPNetwork
-    pool: IPPool | None
+    pool: str = ""
+    subnet: IPNetwork | None = None  # None: the pool is unknown (deleted before 0.2)
+    gateway: IPAddress | None = None
+
+    @classmethod
+    def of(cls, ip: IPAddress, block: IPNetwork, pool: IPPool | None) -> AllocatedAddress:
+        if pool is None:
+            return cls(ip, block)
+        return cls(ip, block, pool.name, pool.cidr, pool.gateway)
 
 
 @dataclass(frozen=True)
@@ -228,6 +240,8 @@ class _Op:
     future: asyncio.Future[Any]
     request: AllocationRequest | None = None
     release: str | None = None
+    # For a release by attachment: where to look when no handle has the current id.
+    legacy: Attachment | None = None
     addresses: list[AllocatedAddress] = field(default_factory=list)
     freed: list[IPAddress] = field(default_factory=list)
 
@@ -293,15 +307,22 @@ class Ipam:
         result: Allocation = await self._submit(_Op(self._future(), request=request))
         return result
 
-    async def release(self, handle_id: str) -> list[IPAddress]:
+    async def release(self, handle_id: str, attachment: Attachment | None = None
+                      ) -> list[IPAddress]:
         """Free every address of the handle and delete it, in one transaction.
 
         Releasing an unknown handle returns [] (CNI DEL must be idempotent).
+        With ``attachment``, a handle written under its legacy dotted id (before
+        0.2) is released too, if its recorded attributes name that attachment.
         Affine blocks that become empty while their pool no longer selects
         this node are released in the same transaction.
         """
-        result: list[IPAddress] = await self._submit(_Op(self._future(), release=handle_id))
+        result: list[IPAddress] = await self._submit(
+            _Op(self._future(), release=handle_id, legacy=attachment))
         return result
+
+    async def release_attachment(self, attachment: Attachment) -> list[IPAddress]:
+        return await self.release(attachment.handle_id, attachment)
 
     @staticmethod
     def _future() -> asyncio.Future[Any]:
@@ -429,7 +450,11 @@ class Ipam:
                     existing = result.handles.get(handle_id)
                     if existing is not None:  # an earlier ADD of this attachment won
                         self._handles[handle_id] = existing
-                        _settle(op, result=self._allocation_of(existing.value, state))
+                        try:
+                            _settle(op, result=self._existing_allocation(
+                                op.request, existing.value, state))
+                        except TopoipamError as exc:
+                            _settle(op, error=exc)
                         continue
                 elif op.release is not None and op.release in result.handles:
                     current = result.handles[op.release]
@@ -461,12 +486,15 @@ class Ipam:
 
     async def _fail_or_return_existing(self, op: _Op, exc: TopoipamError,
                                        state: ClusterState) -> None:
-        """A repeated ADD whose pools are now full or gone still gets what it holds."""
-        if op.request is not None and isinstance(
-                exc, (NoPoolForNode, PoolExhausted, AddressUnavailable)):
+        """A repeated ADD whose pools are now full, disabled or gone still gets what it holds."""
+        if op.request is not None and not exc.retriable:
             existing = await self.store.get_handle(op.request.attachment.handle_id)
             if existing is not None:
-                _settle(op, result=self._allocation_of(existing.value, state))
+                try:
+                    _settle(op, result=self._existing_allocation(
+                        op.request, existing.value, state))
+                except TopoipamError as other:
+                    _settle(op, error=other)
                 return
         _settle(op, error=exc)
 
@@ -495,7 +523,8 @@ class Ipam:
         handle = Handle(
             id=handle_id,
             node=self.node,
-            addresses=tuple(HandleAddress(a.ip, a.block) for a in op.addresses),
+            addresses=tuple(HandleAddress(a.ip, a.block, a.pool, a.subnet, a.gateway)
+                            for a in op.addresses),
             attributes={
                 **request.attributes,
                 "network": request.attachment.network,
@@ -523,12 +552,15 @@ class Ipam:
             raise choice.with_traceback(None)  # reused: keep its traceback from growing
         return choice
 
-    def _context(self, state: ClusterState, pool: IPPool) -> AssignContext:
+    def _context(self, state: ClusterState, pool: IPPool,
+                 request: AllocationRequest | None = None) -> AssignContext:
         return AssignContext(
             pool=pool,
             reservations=state.reservations,
             now=self.clock(),
             cooldown=float(state.config.ip_cooldown_seconds),
+            excluded=(frozenset(map(int, request.gateways)) if request and request.gateways
+                      else frozenset()),
         )
 
     async def _plan_specific(
@@ -544,7 +576,7 @@ class Ipam:
         if pool is None:
             raise AddressUnavailable(f"address {address} is not in any enabled pool"
                                      + (f" of {', '.join(requested)}" if requested else ""))
-        ctx = self._context(state, pool)
+        ctx = self._context(state, pool, op.request)
         cidr = next((c for c in txn.blocks if address in c), None)
         if cidr is not None:
             planned, revision = txn.blocks[cidr]
@@ -570,7 +602,7 @@ class Ipam:
                                                  handle_id, ctx)
                 txn.put_block(block, 0)
                 txn.affinities[(self.node, cidr)] = True
-        op.addresses.append(AllocatedAddress(address, cidr, pool))
+        op.addresses.append(AllocatedAddress.of(address, cidr, pool))
 
     async def _plan_next(
         self, state: ClusterState, pools: Sequence[IPPool], family: int, handle_id: str,
@@ -594,7 +626,7 @@ class Ipam:
         with_space = [entry for entry in affine
                       if entry[0].unallocated and entry[0].family == family]
         for pool in pools:
-            ctx = self._context(state, pool)
+            ctx = self._context(state, pool, op.request)
             first, last = pool.bounds
             for block, revision in sorted(
                 (entry for entry in with_space
@@ -605,7 +637,7 @@ class Ipam:
                 if assigned is not None:
                     new, address = assigned
                     txn.put_block(new, revision)
-                    op.addresses.append(AllocatedAddress(address, new.cidr, pool))
+                    op.addresses.append(AllocatedAddress.of(address, new.cidr, pool))
                     return
         # 2. claim a new block for this node
         config = state.config
@@ -624,14 +656,14 @@ class Ipam:
                 if cidr is None:
                     continue
                 assigned = allocator.assign_next(
-                    Block.empty(cidr, self.node), handle_id, self._context(state, pool)
-                )
+                    Block.empty(cidr, self.node), handle_id,
+                    self._context(state, pool, op.request))
                 if assigned is None:
                     continue
                 new, address = assigned
                 txn.put_block(new, 0)
                 txn.affinities[(self.node, cidr)] = True
-                op.addresses.append(AllocatedAddress(address, cidr, pool))
+                op.addresses.append(AllocatedAddress.of(address, cidr, pool))
                 return
             reason = "no unclaimed block left"
         # 3. borrow from another node's block
@@ -641,7 +673,7 @@ class Ipam:
                 f"{reason}, and strictAffinity forbids borrowing from other nodes' blocks",
             )
         for pool in pools:
-            ctx = self._context(state, pool)
+            ctx = self._context(state, pool, op.request)
             for versioned in await self.store.list_blocks(pool.cidr):
                 block = txn.current(versioned)
                 if block is None or block.affinity == self.node:
@@ -650,7 +682,7 @@ class Ipam:
                 if assigned is not None:
                     new, address = assigned
                     txn.put_block(new, versioned.mod_revision)
-                    op.addresses.append(AllocatedAddress(address, new.cidr, pool))
+                    op.addresses.append(AllocatedAddress.of(address, new.cidr, pool))
                     return
         raise PoolExhausted(self.node, state.labels, family, [p.name for p in pools],
                             f"{reason}; no free address to borrow")
@@ -661,6 +693,11 @@ class Ipam:
         if handle_id in txn.handles:
             raise _Defer()
         handle = self._handles.get(handle_id) or await self.store.get_handle(handle_id)
+        if handle is None and op.legacy is not None:
+            handle = await self._legacy_handle(op.legacy)
+            if handle is not None:
+                op.release = handle_id = handle.value.id
+                op.legacy = None
         if handle is None:
             _settle(op, result=[])
             return True
@@ -698,13 +735,32 @@ class Ipam:
             state.labels)
 
     def _allocation_of(self, handle: Handle, state: ClusterState) -> Allocation:
+        """What the handle holds, reported as its first ADD reported it."""
         return Allocation(
             handle.id,
             tuple(
-                AllocatedAddress(a.ip, a.block, allocator.pool_of(state.pools, a.ip))
+                AllocatedAddress(a.ip, a.block, a.pool, a.subnet, a.gateway)
+                if a.subnet is not None
+                else AllocatedAddress.of(a.ip, a.block, allocator.pool_of(state.pools, a.ip))
                 for a in handle.addresses
             ),
         )
+
+    def _existing_allocation(self, request: AllocationRequest, handle: Handle,
+                             state: ClusterState) -> Allocation:
+        """A repeated ADD's answer: what the attachment holds, if the request fits it.
+
+        Raises AddressUnavailable when the repeated ADD asks for a specific
+        address the attachment does not hold: answering with the old one would
+        be a silent success for something that did not happen.
+        """
+        held = {a.ip for a in handle.addresses}
+        wrong = [a for a in request.addresses if a not in held]
+        if wrong:
+            raise AddressUnavailable(
+                f"attachment {handle.id} already holds {', '.join(sorted(map(str, held)))}; "
+                f"it cannot be given {', '.join(map(str, wrong))} as well (DEL it first)")
+        return self._allocation_of(handle, state)
 
     def _observe_success(self, writes: Iterable[Write], revision: int) -> None:
         for write in writes:
@@ -718,11 +774,45 @@ class Ipam:
             self.source.observe(cidr, block, seen_at=result.revision)
 
     # ------------------------------------------------------------------ read
+    async def readiness(self, families: Sequence[int],
+                        requested: Mapping[int, Sequence[str]]) -> str:
+        """Why an ADD asking for ``families`` (from ``requested`` pools) cannot succeed now.
+
+        "" when it can. A dry run of the same plan an ADD makes (own blocks,
+        then a claim, then borrowing), committed nowhere; with no family given,
+        every family that has a pool is checked. Only as current as the state
+        it reads: a racing ADD may still take the last address.
+        """
+        state = await self.source.state()
+        if not families:
+            families = sorted({p.family for p in state.pools})
+            if not families:
+                return "no IP pool exists"
+        probe = Attachment("status", "readiness-probe", "eth0").handle_id
+        for family in families:
+            op = _Op(self._future())
+            try:
+                pools = self._pools_for(state, family, tuple(requested.get(family, ())))
+                await self._plan_next(state, pools, family, probe, op, _Txn())
+            except TopoipamError as exc:
+                return exc.message
+            finally:
+                op.future.cancel()
+        return ""
+
     async def get(self, attachment: Attachment) -> Allocation | None:
-        handle = await self.store.get_handle(attachment.handle_id)
+        handle = (await self.store.get_handle(attachment.handle_id)
+                  or await self._legacy_handle(attachment))
         if handle is None:
             return None
         return self._allocation_of(handle.value, await self.source.state())
+
+    async def _legacy_handle(self, attachment: Attachment) -> Versioned[Handle] | None:
+        """The attachment's handle under its pre-0.2 dotted id, if one was written for it."""
+        handle = await self.store.get_handle(attachment.legacy_handle_id)
+        if handle is not None and handle.value.belongs_to(attachment):
+            return handle
+        return None
 
     async def release_address(self, address: IPAddress) -> str | None:
         """Free one address wherever it is held; returns the handle that held it, if any.
@@ -769,14 +859,22 @@ class Ipam:
         return await self.store.block_containing(address)
 
     async def garbage_collect(self, network: str, keep: set[str]) -> list[str]:
-        """Release this node's handles of ``network`` whose ids are not in ``keep``."""
+        """Release this node's handles of ``network`` whose ids are not in ``keep``.
+
+        ``keep`` holds current handle ids; a legacy (dotted) handle is kept when
+        the attachment its attributes name is kept.
+        """
         released = []
-        # Handle ids start with the network name, so this reads only that network's handles.
-        for handle in await self.store.list_handles(f"{network}."):
+        # Handle ids start with the network name, so this reads only that network's
+        # handles (and, for legacy ids, those of networks whose names extend it).
+        current, legacy = await asyncio.gather(
+            self.store.list_handles(handle_prefix(network)),
+            self.store.list_handles(f"{network}."))
+        for handle in [*current, *legacy]:
             value = handle.value
             if value.node != self.node or value.attributes.get("network", "") != network:
                 continue
-            if value.id in keep:
+            if value.id in keep or _attachment_id(value) in keep:
                 continue
             await self.release(value.id)
             released.append(value.id)
@@ -841,6 +939,16 @@ class Ipam:
             else:
                 self._observe_failure(result)
         return dropped
+
+
+def _attachment_id(handle: Handle) -> str | None:
+    """The current id of the attachment a (possibly legacy) handle's attributes name."""
+    try:
+        return Attachment(handle.attributes.get("network", ""),
+                          handle.attributes.get("container_id", ""),
+                          handle.attributes.get("ifname", "")).handle_id
+    except InvalidInput:
+        return None
 
 
 def _settle(op: _Op, result: Any = None, error: BaseException | None = None) -> None:

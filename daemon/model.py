@@ -24,6 +24,8 @@ IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
 BLOCK_SIZE_RANGE = {4: (20, 32), 6: (116, 128)}
 ASSIGNMENT_MODES = ("Automatic", "Manual")
+#: The IPPool ``gateway`` value of a routed pool that reserves no gateway address.
+GATEWAY_NONE = "none"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9_./-]{1,253}$")
@@ -92,7 +94,12 @@ class IPPool:
     node_selector: str = "all()"
     disabled: bool = False
     assignment_mode: str = "Automatic"
+    #: The IPPool's ``gateway`` field: None for the default (the pool's first
+    #: usable address), ``"none"`` for a routed pool that needs none, or an address.
+    gateway_spec: str | None = None
     selector: Selector = field(init=False, repr=False, compare=False)
+    #: The address pods of this pool route through; never handed out when inside the pool.
+    gateway: IPAddress | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_name("pool", self.name)
@@ -119,6 +126,27 @@ class IPPool:
             raise InvalidInput(f"pool {self.name}: {exc}") from exc
         object.__setattr__(self, "node_selector", str(selector))
         object.__setattr__(self, "selector", selector)
+        object.__setattr__(self, "gateway", self._resolve_gateway())
+
+    def _resolve_gateway(self) -> IPAddress | None:
+        spec = self.gateway_spec
+        if spec is None:
+            # A pool of one or two addresses (a /31, /32, /127, /128) is routed:
+            # every address of it is a host, none is a gateway.
+            if self.cidr.num_addresses <= 2:
+                return None
+            return self.cidr.network_address + 1
+        if spec == GATEWAY_NONE:
+            return None
+        address = parse_address(spec, f"pool {self.name}: gateway")
+        if address.version != self.family:
+            raise InvalidInput(
+                f"pool {self.name}: gateway {address} is not an IPv{self.family} address")
+        if address in self.cidr and not self._host_address(address):
+            raise InvalidInput(
+                f"pool {self.name}: gateway {address} is the network or broadcast address "
+                f"of {self.cidr}")
+        return address
 
     @property
     def family(self) -> int:
@@ -143,31 +171,45 @@ class IPPool:
     def block_of(self, address: IPAddress) -> IPNetwork:
         return ipaddress.ip_network(f"{address}/{self.block_size}", strict=False)
 
-    def usable(self, address: IPAddress) -> bool:
-        """False for the pool's own network address (and IPv4 broadcast address).
-
-        Pods may sit on a bridge whose subnet is the pool; handing them the
-        subnet's network or broadcast address would break them.
-        """
+    def _host_address(self, address: IPAddress) -> bool:
+        """False for the pool's own network address (and IPv4 broadcast address)."""
         if self.cidr.num_addresses <= 2:
             return True
         if address == self.cidr.network_address:
             return False
         return not (self.family == 4 and address == self.cidr.broadcast_address)
 
+    def usable(self, address: IPAddress) -> bool:
+        """False for the pool's network and IPv4 broadcast address, and its gateway.
+
+        Pods may sit on a bridge whose subnet is the pool; handing them the
+        subnet's network or broadcast address, or the address the bridge (or
+        the host side of a ptp link) takes as their gateway, would break them.
+        """
+        return address != self.gateway and self._host_address(address)
+
+    def unusable(self) -> list[IPAddress]:
+        """The addresses of the pool that are never handed out (reservations aside)."""
+        candidates = [self.cidr.network_address, self.cidr.broadcast_address]
+        if self.gateway is not None and self.gateway in self.cidr:
+            candidates.append(self.gateway)
+        return sorted({a for a in candidates if not self.usable(a)})
+
     @property
     def capacity(self) -> int:
-        reserved = 0 if self.cidr.num_addresses <= 2 else (2 if self.family == 4 else 1)
-        return self.cidr.num_addresses - reserved
+        return self.cidr.num_addresses - len(self.unusable())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "cidr": str(self.cidr),
             "blockSize": self.block_size,
             "nodeSelector": self.node_selector,
             "disabled": self.disabled,
             "assignmentMode": self.assignment_mode,
         }
+        if self.gateway_spec is not None:
+            data["gateway"] = self.gateway_spec
+        return data
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> IPPool:
@@ -175,7 +217,7 @@ class IPPool:
         if not isinstance(data, Mapping):
             raise InvalidInput(f"{what}: spec must be a mapping")
         _expect_keys(what, data, ("cidr", "blockSize", "nodeSelector", "disabled",
-                                  "assignmentMode"))
+                                  "assignmentMode", "gateway"))
         if "cidr" not in data:
             raise InvalidInput(f"{what}: cidr is required")
         cidr = parse_network(data["cidr"], f"{what}: cidr")
@@ -190,7 +232,20 @@ class IPPool:
             node_selector=selector,
             disabled=_bool(f"{what}: disabled", data.get("disabled", False)),
             assignment_mode=data.get("assignmentMode", "Automatic"),
+            gateway_spec=parse_gateway_spec(what, data.get("gateway")),
         )
+
+
+def parse_gateway_spec(what: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{what}: gateway must be an IP address or {GATEWAY_NONE!r}, "
+                           f"not {value!r}")
+    value = value.strip()
+    if value.lower() == GATEWAY_NONE:
+        return GATEWAY_NONE
+    return str(parse_address(value, f"{what}: gateway"))
 
 
 def check_pool_overlaps(pool: IPPool, others: Iterable[IPPool]) -> None:
@@ -315,18 +370,63 @@ class Attachment:
             self.container_id
         ):
             raise InvalidInput(f"invalid container ID {self.container_id!r}")
-        if not isinstance(self.ifname, str) or not _IFNAME_RE.fullmatch(self.ifname):
+        if not isinstance(self.ifname, str) or not _IFNAME_RE.fullmatch(self.ifname) or len(
+                self.ifname.encode()) > 15 or self.ifname in (".", ".."):
             raise InvalidInput(f"invalid interface name {self.ifname!r}")
 
     @property
     def handle_id(self) -> str:
+        """``<network>/<containerID>/<ifname>``: unambiguous, as no part may hold a '/'.
+
+        (Network names and container IDs may hold dots, so the dotted join of
+        earlier versions could give two attachments one handle.)
+        """
+        return f"{self.network}/{self.container_id}/{self.ifname}"
+
+    @property
+    def legacy_handle_id(self) -> str:
+        """The dotted id of handles written before 0.2; see :meth:`Handle.belongs_to`."""
         return f"{self.network}.{self.container_id}.{self.ifname}"
+
+
+def handle_prefix(network: str) -> str:
+    """What the ids of every handle of ``network`` (and only of it) start with."""
+    return f"{network}/"
 
 
 @dataclass(frozen=True)
 class HandleAddress:
+    """One address of a handle, with what ADD reported for it.
+
+    ``pool``, ``subnet`` and ``gateway`` are recorded at allocation, so a
+    repeated ADD or a CHECK answers what the first ADD did, whatever happened
+    to the pool since (handles written before 0.2 lack them).
+    """
+
     ip: IPAddress
     block: IPNetwork
+    pool: str = ""
+    subnet: IPNetwork | None = None
+    gateway: IPAddress | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        data = {"ip": str(self.ip), "block": str(self.block)}
+        if self.subnet is not None:
+            data["pool"] = self.pool
+            data["subnet"] = str(self.subnet)
+            if self.gateway is not None:
+                data["gateway"] = str(self.gateway)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HandleAddress:
+        subnet, gateway = data.get("subnet"), data.get("gateway")
+        return cls(
+            ipaddress.ip_address(data["ip"]), ipaddress.ip_network(data["block"]),
+            str(data.get("pool", "")),
+            ipaddress.ip_network(subnet) if subnet is not None else None,
+            ipaddress.ip_address(gateway) if gateway is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -341,9 +441,19 @@ class Handle:
     def to_dict(self) -> dict[str, Any]:
         return {
             "node": self.node,
-            "addresses": [{"ip": str(a.ip), "block": str(a.block)} for a in self.addresses],
+            "addresses": [a.to_dict() for a in self.addresses],
             "attributes": dict(self.attributes),
         }
+
+    def belongs_to(self, attachment: Attachment) -> bool:
+        """Whether this handle was written for ``attachment`` (by its recorded attributes).
+
+        A legacy dotted id alone cannot tell ``a``/``b.c`` from ``a.b``/``c``;
+        the attributes every handle records can.
+        """
+        return (self.attributes.get("network") == attachment.network
+                and self.attributes.get("container_id") == attachment.container_id
+                and self.attributes.get("ifname") == attachment.ifname)
 
     @classmethod
     def from_dict(cls, handle_id: str, data: Mapping[str, Any]) -> Handle:
@@ -351,12 +461,7 @@ class Handle:
             return cls(
                 id=handle_id,
                 node=str(data["node"]),
-                addresses=tuple(
-                    HandleAddress(
-                        ipaddress.ip_address(a["ip"]), ipaddress.ip_network(a["block"])
-                    )
-                    for a in data.get("addresses", [])
-                ),
+                addresses=tuple(HandleAddress.from_dict(a) for a in data.get("addresses", [])),
                 attributes={str(k): str(v) for k, v in (data.get("attributes") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -25,7 +25,7 @@ from . import allocator
 from .errors import InvalidInput, NotFound, TopoipamError
 from .ipam import Allocation, AllocationRequest, ClusterState, Ipam
 from .metrics import Metrics
-from .model import Attachment, check_label
+from .model import Attachment, IPAddress, check_label
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ def _attachment(message: Any) -> Attachment:
     return Attachment(message.network, message.container_id, message.ifname)
 
 
+def _address(text: str, what: str) -> IPAddress:
+    try:
+        address = ipaddress.ip_address(text.split("/")[0])
+    except ValueError:
+        raise InvalidInput(f"{what} {text!r} is not an IP address") from None
+    if getattr(address, "scope_id", None):
+        raise InvalidInput(f"{what} {text!r} carries a zone; drop the %zone")
+    return address
+
+
 def _allocation_fields(allocation: Allocation) -> dict[str, Any]:
     """AllocateResponse / GetResponse as plain fields (protobuf or JSON is the transport's job)."""
     return {
@@ -58,10 +68,11 @@ def _allocation_fields(allocation: Allocation) -> dict[str, Any]:
         "addresses": [
             {
                 "ip": str(address.ip),
-                "pool": address.pool.name if address.pool else "",
-                "pool_cidr": str(address.pool.cidr) if address.pool else str(address.block),
+                "pool": address.pool,
+                "pool_cidr": str(address.subnet or address.block),
                 "block": str(address.block),
                 "family": address.ip.version,
+                "gateway": str(address.gateway) if address.gateway is not None else "",
             }
             for address in allocation.addresses
         ],
@@ -181,15 +192,7 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         attributes = dict(request.attributes)
         for key, value in attributes.items():
             check_label(key, value, "attributes")
-        addresses = []
-        for text in request.ips:
-            try:
-                address = ipaddress.ip_address(text.split("/")[0])
-            except ValueError:
-                raise InvalidInput(f"requested address {text!r} is not an IP address") from None
-            if getattr(address, "scope_id", None):
-                raise InvalidInput(f"requested address {text!r} carries a zone; drop the %zone")
-            addresses.append(address)
+        addresses = [_address(text, "requested address") for text in request.ips]
         domain = AllocationRequest(
             attachment=_attachment(request.attachment),
             ipv4=request.assign_ipv4,
@@ -198,11 +201,12 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             ipv6_pools=tuple(request.ipv6_pools),
             addresses=tuple(addresses),
             attributes=attributes,
+            gateways=tuple(_address(text, "gateway") for text in request.gateways),
         )
         return _allocation_fields(await self.ipam.allocate(domain))
 
     async def release(self, request: Any) -> dict[str, Any]:
-        released = await self.ipam.release(_attachment(request.attachment).handle_id)
+        released = await self.ipam.release_attachment(_attachment(request.attachment))
         return {"released": [str(a) for a in released]}
 
     async def get(self, request: Any) -> dict[str, Any]:
@@ -246,6 +250,21 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             rows = self.status.usage()
             response["affine_blocks"] = sum(row[1] for row in rows)
             response["free_addresses"] = sum(row[3] for row in rows)
+        reason = ""
+        if etcd_error:
+            reason = f"etcd unreachable: {etcd_error}"
+        elif not response["in_sync"] or state is None:
+            reason = "the cache is not in sync with etcd"
+        else:
+            families = [f for f, wanted in ((4, request.assign_ipv4),
+                                            (6, request.assign_ipv6)) if wanted]
+            try:
+                reason = await self.ipam.readiness(
+                    families, {4: list(request.ipv4_pools), 6: list(request.ipv6_pools)})
+            except TopoipamError as exc:
+                reason = exc.message
+        response["ready"] = not reason
+        response["not_ready_reason"] = reason
         return response
 
     # ------------------------------------------------------------------ transports

@@ -17,7 +17,7 @@ class Attachment(_message.Message):
     def __init__(self, network: _Optional[str] = ..., container_id: _Optional[str] = ..., ifname: _Optional[str] = ...) -> None: ...
 
 class AllocateRequest(_message.Message):
-    __slots__ = ("attachment", "assign_ipv4", "assign_ipv6", "ipv4_pools", "ipv6_pools", "ips", "attributes")
+    __slots__ = ("attachment", "assign_ipv4", "assign_ipv6", "ipv4_pools", "ipv6_pools", "ips", "attributes", "gateways")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class AllocateRequest(_message.Message):
     IPV6_POOLS_FIELD_NUMBER: _ClassVar[int]
     IPS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     attachment: Attachment
     assign_ipv4: bool
     assign_ipv6: bool
@@ -39,21 +40,24 @@ class AllocateRequest(_message.Message):
     ipv6_pools: _containers.RepeatedScalarFieldContainer[str]
     ips: _containers.RepeatedScalarFieldContainer[str]
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, attachment: _Optional[_Union[Attachment, _Mapping]] = ..., assign_ipv4: _Optional[bool] = ..., assign_ipv6: _Optional[bool] = ..., ipv4_pools: _Optional[_Iterable[str]] = ..., ipv6_pools: _Optional[_Iterable[str]] = ..., ips: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    gateways: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, attachment: _Optional[_Union[Attachment, _Mapping]] = ..., assign_ipv4: _Optional[bool] = ..., assign_ipv6: _Optional[bool] = ..., ipv4_pools: _Optional[_Iterable[str]] = ..., ipv6_pools: _Optional[_Iterable[str]] = ..., ips: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., gateways: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AllocatedAddress(_message.Message):
-    __slots__ = ("ip", "pool", "pool_cidr", "block", "family")
+    __slots__ = ("ip", "pool", "pool_cidr", "block", "family", "gateway")
     IP_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     POOL_CIDR_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
     ip: str
     pool: str
     pool_cidr: str
     block: str
     family: int
-    def __init__(self, ip: _Optional[str] = ..., pool: _Optional[str] = ..., pool_cidr: _Optional[str] = ..., block: _Optional[str] = ..., family: _Optional[int] = ...) -> None: ...
+    gateway: str
+    def __init__(self, ip: _Optional[str] = ..., pool: _Optional[str] = ..., pool_cidr: _Optional[str] = ..., block: _Optional[str] = ..., family: _Optional[int] = ..., gateway: _Optional[str] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
     __slots__ = ("handle", "addresses")
@@ -104,8 +108,16 @@ class GarbageCollectResponse(_message.Message):
     def __init__(self, released_handles: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("assign_ipv4", "assign_ipv6", "ipv4_pools", "ipv6_pools")
+    ASSIGN_IPV4_FIELD_NUMBER: _ClassVar[int]
+    ASSIGN_IPV6_FIELD_NUMBER: _ClassVar[int]
+    IPV4_POOLS_FIELD_NUMBER: _ClassVar[int]
+    IPV6_POOLS_FIELD_NUMBER: _ClassVar[int]
+    assign_ipv4: bool
+    assign_ipv6: bool
+    ipv4_pools: _containers.RepeatedScalarFieldContainer[str]
+    ipv6_pools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, assign_ipv4: _Optional[bool] = ..., assign_ipv6: _Optional[bool] = ..., ipv4_pools: _Optional[_Iterable[str]] = ..., ipv6_pools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("name", "cidr", "selected", "reason")
@@ -120,7 +132,7 @@ class PoolStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., cidr: _Optional[str] = ..., selected: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node", "labels", "pools", "in_sync", "etcd_reachable", "etcd_error", "affine_blocks", "free_addresses", "version")
+    __slots__ = ("node", "labels", "pools", "in_sync", "etcd_reachable", "etcd_error", "affine_blocks", "free_addresses", "version", "ready", "not_ready_reason")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +149,8 @@ class StatusResponse(_message.Message):
     AFFINE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
     node: str
     labels: _containers.ScalarMap[str, str]
     pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
@@ -146,4 +160,6 @@ class StatusResponse(_message.Message):
     affine_blocks: int
     free_addresses: int
     version: str
-    def __init__(self, node: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., in_sync: _Optional[bool] = ..., etcd_reachable: _Optional[bool] = ..., etcd_error: _Optional[str] = ..., affine_blocks: _Optional[int] = ..., free_addresses: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    ready: bool
+    not_ready_reason: str
+    def __init__(self, node: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., in_sync: _Optional[bool] = ..., etcd_reachable: _Optional[bool] = ..., etcd_error: _Optional[str] = ..., affine_blocks: _Optional[int] = ..., free_addresses: _Optional[int] = ..., version: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ...) -> None: ...

@@ -106,12 +106,12 @@ class FakeDaemon:
         self.socket = grpc_socket
         self.requests: list[tuple[str, Json]] = []
         self.answers: dict[str, Json] = {
-            "Allocate": wire.ok_response({"handle": "podnet.ctr1.eth0", "addresses": [V4]}),
+            "Allocate": wire.ok_response({"handle": "podnet/ctr1/eth0", "addresses": [V4]}),
             "Release": wire.ok_response({"released": ["192.168.0.5"]}),
-            "Get": wire.ok_response({"handle": "podnet.ctr1.eth0", "addresses": [V4]}),
+            "Get": wire.ok_response({"handle": "podnet/ctr1/eth0", "addresses": [V4]}),
             "GarbageCollect": wire.ok_response({"released_handles": []}),
             "Status": wire.ok_response({"node": "node-0", "in_sync": True,
-                                        "etcd_reachable": True}),
+                                        "etcd_reachable": True, "ready": True}),
         }
         self.hang = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -323,6 +323,7 @@ def test_add_request_carries_attachment_pools_and_pod_attributes(daemon: FakeDae
         "ips": [],
         "attributes": {"namespace": "web", "pod": "frontend-7d9",
                        "pod_infra_container_id": "ctr1", "pod_uid": "1234-abcd"},
+        "gateways": [],
     }
 
 
@@ -485,13 +486,13 @@ def test_check_extra_address_in_prev_result_is_113(daemon: FakeDaemon) -> None:
 
 @pytest.mark.parametrize(
     "answer",
-    [wire.error_response("NOT_FOUND", "handle podnet.ctr1.eth0 holds no address", 102),
-     wire.ok_response({"handle": "podnet.ctr1.eth0"})],
+    [wire.error_response("NOT_FOUND", "handle podnet/ctr1/eth0 holds no address", 102),
+     wire.ok_response({"handle": "podnet/ctr1/eth0"})],
 )
 def test_check_without_allocation_is_113(daemon: FakeDaemon, answer: Json) -> None:
     daemon.answers["Get"] = answer
     error = run_plugin("CHECK", daemon.conf()).error(113)
-    assert "podnet.ctr1.eth0" in error["msg"]
+    assert "podnet/ctr1/eth0" in error["msg"]
 
 
 def test_check_malformed_prev_result_is_7(daemon: FakeDaemon) -> None:
@@ -506,7 +507,9 @@ def test_check_malformed_prev_result_is_7(daemon: FakeDaemon) -> None:
 def test_status_ready(daemon: FakeDaemon) -> None:
     outcome = run_plugin("STATUS", daemon.conf(), container_id=None, ifname=None)
     assert (outcome.status, outcome.stdout) == (0, "")
-    assert daemon.only_request("Status") == {}
+    # It asks about what an ADD of this network would ask for.
+    assert daemon.only_request("Status") == {"assign_ipv4": True, "assign_ipv6": False,
+                                             "ipv4_pools": [], "ipv6_pools": []}
 
 
 @pytest.mark.parametrize(

@@ -114,11 +114,12 @@ async def test_create_ippool_with_flags_and_get_wide(run_ctl: Ctl) -> None:
     result = await run_ctl("get", "ippool", "-o", "wide")
     lines = [line.split() for line in result.out.splitlines()]
     assert lines == [
-        ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "DISABLED", "ASSIGNMENTMODE", "IN-USE",
-         "TOTAL"],
-        ["default-ipv4-ippool", "192.168.0.0/16", "26", "all()", "false", "Automatic", "0",
-         "65534"],
-        ["manual", "10.0.0.0/24", "28", "rack", "==", '"0"', "true", "Manual", "0", "254"],
+        ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "DISABLED", "ASSIGNMENTMODE", "GATEWAY",
+         "IN-USE", "TOTAL"],
+        ["default-ipv4-ippool", "192.168.0.0/16", "26", "all()", "false", "Automatic",
+         "192.168.0.1", "0", "65533"],
+        ["manual", "10.0.0.0/24", "28", "rack", "==", '"0"', "true", "Manual", "10.0.0.1",
+         "0", "253"],
     ]
     result = await run_ctl("get", "ippools")
     assert result.out.split("\n")[0].split() == ["NAME", "CIDR", "SELECTOR"]
@@ -364,7 +365,7 @@ async def test_delete_pool_drops_its_empty_blocks(
 ) -> None:
     await racks(run_ctl, tmp_path)
     await allocate(store, "node-0", "c1", "web-1")
-    await Ipam(store, "node-0").release("k8s-pod-network.c1.eth0")
+    await Ipam(store, "node-0").release("k8s-pod-network/c1/eth0")
     assert len(await store.list_blocks()) == 1
 
     result = await run_ctl("delete", "-f", "-", stdin=RACK_POOLS)
@@ -440,28 +441,28 @@ async def test_get_allocations_json_shape_and_node_filter(
     rows = json.loads(result.out)
     assert all(set(row) == ALLOCATION_KEYS for row in rows)
     assert rows == [
-        {"ip": "192.168.0.1", "node": "node-0", "pool": "rack-0", "block": "192.168.0.0/26",
-         "handle": "k8s-pod-network.c0.eth0", "namespace": "default", "pod": "nginx-0",
+        {"ip": "192.168.0.2", "node": "node-0", "pool": "rack-0", "block": "192.168.0.0/26",
+         "handle": "k8s-pod-network/c0/eth0", "namespace": "default", "pod": "nginx-0",
          "container_id": "c0", "ifname": "eth0"},
-        {"ip": "192.168.1.1", "node": "node-2", "pool": "rack-1", "block": "192.168.1.0/26",
-         "handle": "k8s-pod-network.c2.eth0", "namespace": "default", "pod": "nginx-2",
+        {"ip": "192.168.1.2", "node": "node-2", "pool": "rack-1", "block": "192.168.1.0/26",
+         "handle": "k8s-pod-network/c2/eth0", "namespace": "default", "pod": "nginx-2",
          "container_id": "c2", "ifname": "eth0"},
     ]
     result = await run_ctl("get", "allocations", "--node", "node-2", "-o", "json")
-    assert [r["ip"] for r in json.loads(result.out)] == ["192.168.1.1"]
+    assert [r["ip"] for r in json.loads(result.out)] == ["192.168.1.2"]
     result = await run_ctl("get", "allocations", "--node", "node-2")
     assert result.out.splitlines()[1].split() == [
-        "192.168.1.1", "node-2", "rack-1", "default/nginx-2"]
+        "192.168.1.2", "node-2", "rack-1", "default/nginx-2"]
     result = await run_ctl("get", "allocations", "-o", "wide")
     assert result.out.splitlines()[0].split() == [
         "IP", "NODE", "POOL", "POD", "BLOCK", "HANDLE", "CONTAINER-ID", "IFNAME"]
 
     # An address whose handle is gone is still listed, with what is unknown as null.
-    await delete_handle(store, "k8s-pod-network.c0.eth0")
+    await delete_handle(store, "k8s-pod-network/c0/eth0")
     rows = json.loads((await run_ctl("get", "allocations", "-o", "json")).out)
     assert rows[0] == {
-        "ip": "192.168.0.1", "node": None, "pool": "rack-0", "block": "192.168.0.0/26",
-        "handle": "k8s-pod-network.c0.eth0", "namespace": None, "pod": None,
+        "ip": "192.168.0.2", "node": None, "pool": "rack-0", "block": "192.168.0.0/26",
+        "handle": "k8s-pod-network/c0/eth0", "namespace": None, "pod": None,
         "container_id": None, "ifname": None}
 
 
@@ -478,24 +479,25 @@ async def test_ipam_show_summary_blocks_borrowed_and_ip(
     sections = [s.splitlines() for s in result.out.split("\n\n")]
     assert [line.split() for line in sections[0]] == [
         ["POOL", "CIDR", "IN-USE", "CAPACITY", "USED"],
-        ["tiny", "10.0.0.0/26", "2", "62", "3.2%"]]
+        ["tiny", "10.0.0.0/26", "2", "61", "3.3%"]]
     assert [line.split() for line in sections[1]] == [
         ["BLOCK", "POOL", "AFFINITY", "IN-USE", "FREE"],
-        ["10.0.0.0/26", "tiny", "node-0", "2", "60"]]
+        ["10.0.0.0/26", "tiny", "node-0", "2", "59"]]
     assert [line.split() for line in sections[2]] == [
         ["IP", "BLOCK", "AFFINITY", "NODE", "HANDLE", "POD"],
-        [borrowed, "10.0.0.0/26", "node-0", "node-1", "k8s-pod-network.c1.eth0", "default/b"]]
+        [borrowed, "10.0.0.0/26", "node-0", "node-1", "k8s-pod-network/c1/eth0", "default/b"]]
 
     async def who(ip: str) -> str:
         return (await run_ctl("ipam", "show", "--ip", ip)).out.strip()
 
-    assert await who(borrowed) == (f"{borrowed} is allocated to handle k8s-pod-network.c1.eth0 "
+    assert await who(borrowed) == (f"{borrowed} is allocated to handle k8s-pod-network/c1/eth0 "
                                    "on node node-1 (pod default/b) in block 10.0.0.0/26 of pool "
                                    "tiny")
     assert await who("10.0.0.9") == (
         "10.0.0.9 is free (pool tiny, block 10.0.0.0/26, affinity node-0)")
     assert await who("10.0.0.0") == ("10.0.0.0 is the network or broadcast address of pool tiny "
                                      "(never used)")
+    assert await who("10.0.0.1") == "10.0.0.1 is the gateway of pool tiny (never handed out)"
     assert await who("172.16.0.1") == "172.16.0.1 is not in any pool"
     result = await run_ctl("ipam", "show", "--ip", "10.0.0.300")
     assert result.code == 1 and "not a valid IP address" in result.err
@@ -511,17 +513,17 @@ async def test_ipam_check_reports_leaked_address_and_release_repairs_it(
     result = await run_ctl("ipam", "check")
     assert (result.code, result.out) == (0, "ipam check: OK (2 blocks, 2 handles, 2 addresses)\n")
 
-    await delete_handle(store, "k8s-pod-network.c0.eth0")
+    await delete_handle(store, "k8s-pod-network/c0/eth0")
     result = await run_ctl("ipam", "check")
     assert result.code == 1
     assert result.out.splitlines() == [
-        f"leaked address: {leaked} in block 192.168.0.0/26: handle k8s-pod-network.c0.eth0 "
+        f"leaked address: {leaked} in block 192.168.0.0/26: handle k8s-pod-network/c0/eth0 "
         f"does not exist (free it: topoipamctl ipam release --ip {leaked})",
         "ipam check: 1 problem(s) found (2 blocks, 1 handles, 2 addresses)",
     ]
 
     result = await run_ctl("ipam", "release", "--ip", leaked)
-    assert (result.code, result.out) == (0, f"released {leaked} (handle k8s-pod-network.c0.eth0)\n")
+    assert (result.code, result.out) == (0, f"released {leaked} (handle k8s-pod-network/c0/eth0)\n")
     result = await run_ctl("ipam", "check")
     assert (result.code, result.out) == (0, "ipam check: OK (2 blocks, 1 handles, 1 addresses)\n")
 
@@ -544,14 +546,14 @@ async def test_ipam_check_reports_orphaned_handle_and_release_repairs_it(
 
     result = await run_ctl("ipam", "check")
     assert result.code == 1
-    assert (f"mismatch: handle k8s-pod-network.c0.eth0 (node node-0) lists {ip}, but block "
+    assert (f"mismatch: handle k8s-pod-network/c0/eth0 (node node-0) lists {ip}, but block "
             "192.168.0.0/26 has it free") in result.out
 
     result = await run_ctl("ipam", "release", "--ip", ip)
     assert result.code == 0
-    assert result.out == (f"removed {ip} from handle k8s-pod-network.c0.eth0, which listed it "
+    assert result.out == (f"removed {ip} from handle k8s-pod-network/c0/eth0, which listed it "
                           "without holding it\n")
-    assert await store.get_handle("k8s-pod-network.c0.eth0") is None
+    assert await store.get_handle("k8s-pod-network/c0/eth0") is None
     assert (await run_ctl("ipam", "check")).code == 0
 
 
@@ -661,8 +663,8 @@ async def test_check_placement_lists_disabled_and_unselected(
     assert result.code == 0
     rows = [line.split()[:5] for line in result.out.splitlines()[1:-1]]
     assert rows == [
-        [ip0, "node-0", "rack-0", "k8s-pod-network.c0.eth0", "default/nginx-0"],
-        [ip2, "node-2", "rack-1", "k8s-pod-network.c2.eth0", "default/nginx-2"],
+        [ip0, "node-0", "rack-0", "k8s-pod-network/c0/eth0", "default/nginx-0"],
+        [ip2, "node-2", "rack-1", "k8s-pod-network/c2/eth0", "default/nginx-2"],
     ]
     assert "pool rack-1 is disabled" in result.out
     assert result.out.endswith("check placement: 2 of 2 allocation(s) outside their node's "
@@ -741,7 +743,7 @@ async def test_delete_node_refuses_while_holding_addresses_unless_forced(
     assert check.code == 0, check.out + check.err
     # A node without addresses goes without --force, and its empty blocks with it.
     for i in range(9):
-        await Ipam(store, "stay").release(f"k8s-pod-network.s{i}.eth0")
+        await Ipam(store, "stay").release(f"k8s-pod-network/s{i}/eth0")
     assert (await run_ctl("delete", "node", "stay")).code == 0
     assert await store.list_blocks() == [] or all(
         b.value.affinity is None for b in await store.list_blocks())

@@ -210,7 +210,10 @@ def test_attachment_parts_are_refused_whole(bad: str) -> None:
 
 
 def test_claim_never_picks_a_block_of_only_unusable_addresses() -> None:
-    p = pool("tiny", "10.0.0.0/30", block=32)  # .0 and .3 are never handed out
+    # .0 and .3 are never handed out, nor .1, the pool's gateway
+    assert str(allocator.first_unclaimed_block(pool("tiny", "10.0.0.0/30", block=32), set())
+               ) == "10.0.0.2/32"
+    p = pool("tiny", "10.0.0.0/30", block=32, gateway_spec="none")  # a routed pool
     assert str(allocator.first_unclaimed_block(p, set())) == "10.0.0.1/32"
     reserved = Reservations([IPReservation("r", (ipaddress.ip_network("10.0.0.1/32"),))])
     assert str(allocator.first_unclaimed_block(p, set(), reserved)) == "10.0.0.2/32"

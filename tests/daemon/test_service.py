@@ -31,7 +31,7 @@ def test_reads_like_the_generated_message() -> None:
     ({"ips": "10.0.0.1"}, "ips must be a list"),
     ({"ips": [1]}, "ips[] must be a str"),
     ({"attributes": {"a": 1}}, "attributes must be an object of strings"),
-    ({"attachment": "n.c.eth0"}, "attachment. must be a JSON object"),
+    ({"attachment": "n/c/eth0"}, "attachment. must be a JSON object"),
     ({"attachment": {"network": 5}}, "attachment.network must be a str"),
     ({"attachment": {"pod": "x"}}, "no field 'pod'"),
 ])

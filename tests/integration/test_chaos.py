@@ -72,7 +72,7 @@ def net_config(daemon: DaemonProcess, version: str = "1.0.0") -> dict[str, Any]:
 
 
 def handle_id(container: str) -> str:
-    return f"{NETWORK}.{container}.eth0"
+    return f"{NETWORK}/{container}/eth0"
 
 
 # ---------------------------------------------------------------------------- bookkeeping
@@ -148,7 +148,7 @@ def addresses_in_etcd(cluster: EtcdCluster, prefix: str
     for _, value in cluster.range_prefix(f"{prefix}/blocks/"):
         block = json.loads(value)
         blocks[block["cidr"]] = block
-    handles = {key.rsplit("/", 1)[1]: json.loads(value)
+    handles = {key[len(f"{prefix}/handles/"):]: json.loads(value)
                for key, value in cluster.range_prefix(f"{prefix}/handles/")}
     return blocks, handles
 
@@ -196,7 +196,7 @@ def check_etcd(cluster: EtcdCluster, prefix: str, ledger: Ledger) -> int:
         known = set(ledger.live) | set(ledger.pending_add) | set(ledger.pending_del) | set(
             ledger.abandoned)
         for hid, handle in handles.items():
-            if hid.startswith(f"{NETWORK}.") and hid.split(".")[1] not in known:
+            if hid.startswith(f"{NETWORK}/") and hid.split("/")[1] not in known:
                 problems.append(f"handle {hid} belongs to no container the runtime knows")
             node = handle["node"]
             for entry in handle["addresses"]:

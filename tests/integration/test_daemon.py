@@ -110,7 +110,7 @@ def test_reflection_client_calls_allocate_without_stubs(
             response_deserializer=response_class.FromString,
         )
         reply = call(request, timeout=10)
-    assert reply.handle == "net.reflected.eth0"
+    assert reply.handle == "net/reflected/eth0"
     assert reply.addresses[0].ip.startswith("10.11.0.")
 
 
@@ -166,7 +166,7 @@ def test_sigkill_and_restart_loses_nothing(
                                                            assign_ipv4=True), timeout=10)
             acknowledged[reply.handle] = reply.addresses[0].ip
         for handle, ip in list(acknowledged.items())[:20]:
-            container = handle.split(".")[1]
+            container = handle.split("/")[1]
             held = stub.Get(ipam_pb2.GetRequest(attachment=attachment(container)), timeout=10)
             assert held.addresses[0].ip == ip
     assert len(set(acknowledged.values())) == 40
