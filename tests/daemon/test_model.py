@@ -1,0 +1,135 @@
+"""The data model: pool gateways and attachment identity (tables and properties)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from topoipam.daemon import allocator
+from topoipam.daemon.allocator import AssignContext
+from topoipam.daemon.errors import AddressUnavailable, InvalidInput
+from topoipam.daemon.model import Attachment, Block, Handle, HandleAddress, IPPool
+
+
+def pool(cidr: str, gateway: object = None, block: int | None = None) -> IPPool:
+    data: dict[str, object] = {"cidr": cidr}
+    if gateway is not None:
+        data["gateway"] = gateway
+    if block is not None:
+        data["blockSize"] = block
+    return IPPool.from_dict("p", data)
+
+
+@pytest.mark.parametrize(
+    ("cidr", "gateway", "expected", "capacity"),
+    [
+        ("192.168.0.0/24", None, "192.168.0.1", 253),
+        ("192.168.0.0/24", "192.168.0.254", "192.168.0.254", 253),
+        ("192.168.0.0/24", "169.254.1.1", "169.254.1.1", 254),  # outside: nothing to keep
+        ("192.168.0.0/24", "none", None, 254),
+        ("192.168.0.0/24", "None", None, 254),
+        ("fd00::/120", None, "fd00::1", 254),
+        ("fd00::/120", "fe80::1", "fe80::1", 255),
+        ("10.0.0.0/31", None, None, 2),  # a point-to-point pool is all hosts
+        ("10.0.0.1/32", None, None, 1),
+    ],
+)
+def test_every_pool_has_a_gateway_unless_it_opts_out(
+        cidr: str, gateway: str | None, expected: str | None, capacity: int) -> None:
+    p = pool(cidr, gateway, block=int(cidr.split("/")[1]) if cidr.endswith(("/31", "/32"))
+             else None)
+    assert (str(p.gateway) if p.gateway else None) == expected
+    assert p.capacity == capacity
+    if p.gateway is not None and p.gateway in p.cidr:
+        assert not p.usable(p.gateway)
+    round_trip = IPPool.from_dict("p", p.to_dict())
+    assert round_trip.gateway == p.gateway
+
+
+@pytest.mark.parametrize(
+    ("gateway", "message"),
+    [
+        ("192.168.0.0", "network or broadcast"),
+        ("192.168.0.255", "network or broadcast"),
+        ("fd00::1", "not an IPv4 address"),
+        ("192.168.0.300", "not a valid IP address"),
+        ("", "gateway must be"),
+        (5, "gateway must be"),
+    ],
+)
+def test_bad_gateways_are_refused_by_name(gateway: object, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        pool("192.168.0.0/24", gateway)
+
+
+def test_the_gateway_is_never_assigned_next_specific_or_borrowed() -> None:
+    p = pool("10.0.0.0/24")
+    ctx = AssignContext(p)
+    block = Block.empty(ipaddress.ip_network("10.0.0.0/26"), "n1")
+    given_out = set()
+    while (assigned := allocator.assign_next(block, "h", ctx)) is not None:
+        block, address = assigned
+        given_out.add(str(address))
+    assert "10.0.0.1" not in given_out and len(given_out) == 62
+    with pytest.raises(AddressUnavailable, match="gateway of pool p"):
+        allocator.assign_address(Block.empty(block.cidr, "n2"), p.gateway,  # type: ignore[arg-type]
+                                 "h", ctx)
+    # A gateway the request's network config names is kept out the same way.
+    excluded = AssignContext(pool("10.0.0.0/24", "none"), excluded=frozenset(
+        {int(ipaddress.ip_address("10.0.0.1"))}))
+    assert allocator.first_available(Block.empty(block.cidr, None), excluded) == 2
+    with pytest.raises(AddressUnavailable, match="gateway of the network"):
+        allocator.assign_address(Block.empty(block.cidr, None),
+                                 ipaddress.ip_address("10.0.0.1"), "h", excluded)
+
+
+# CNI spec: network names and container IDs start with an alphanumeric, then
+# alphanumerics, '_', '.', '-'; interface names are up to 15 bytes, not '.'/'..',
+# without '/', ':' or white space.
+_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+names = st.builds(lambda first, rest: first + rest, st.sampled_from(_ALNUM),
+                  st.text(_ALNUM + "_.-", max_size=20))
+ifnames = st.text(_ALNUM + "_.-@", min_size=1, max_size=15).filter(
+    lambda s: s not in (".", ".."))
+
+
+@given(st.tuples(names, names, ifnames), st.tuples(names, names, ifnames))
+def test_distinct_attachments_never_share_a_handle(
+        a: tuple[str, str, str], b: tuple[str, str, str]) -> None:
+    first, second = Attachment(*a), Attachment(*b)
+    if a != b:
+        assert first.handle_id != second.handle_id
+    else:
+        assert first.handle_id == second.handle_id
+
+
+def test_the_dotted_ids_of_0_1_were_ambiguous_and_attributes_tell_them_apart() -> None:
+    one, other = Attachment("a", "b.c", "eth0"), Attachment("a.b", "c", "eth0")
+    assert one.legacy_handle_id == other.legacy_handle_id
+    assert one.handle_id != other.handle_id
+    legacy = Handle(one.legacy_handle_id, "n", (), {"network": "a", "container_id": "b.c",
+                                                    "ifname": "eth0"})
+    assert legacy.belongs_to(one) and not legacy.belongs_to(other)
+
+
+def test_interface_names_are_measured_in_bytes() -> None:
+    Attachment("n", "c", "e" * 15)
+    with pytest.raises(InvalidInput):
+        Attachment("n", "c", "é" * 8)  # 8 characters, 16 bytes
+    for bad in (".", ".."):
+        with pytest.raises(InvalidInput):
+            Attachment("n", "c", bad)
+
+
+def test_handle_addresses_record_what_add_reported() -> None:
+    address = HandleAddress(ipaddress.ip_address("10.0.0.5"), ipaddress.ip_network("10.0.0.0/26"),
+                            "rack-0", ipaddress.ip_network("10.0.0.0/24"),
+                            ipaddress.ip_address("10.0.0.1"))
+    handle = Handle("n/c/eth0", "node", (address,), {})
+    assert Handle.from_dict(handle.id, handle.to_dict()) == handle
+    old = Handle.from_dict("n.c.eth0", {"node": "node", "addresses": [
+        {"ip": "10.0.0.5", "block": "10.0.0.0/26"}]})
+    assert old.addresses[0].subnet is None and old.addresses[0].gateway is None
