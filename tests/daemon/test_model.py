@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from topoipam.daemon import allocator
@@ -97,6 +97,8 @@ ifnames = st.text(_ALNUM + "_.-@", min_size=1, max_size=15).filter(
 
 
 @given(st.tuples(names, names, ifnames), st.tuples(names, names, ifnames))
+@example(("a", "b.c", "eth0"), ("a.b", "c", "eth0"))  # the pair found by hand in 0.1
+@example(("a", "b", "c.eth0"), ("a", "b.c", "eth0"))
 def test_distinct_attachments_never_share_a_handle(
         a: tuple[str, str, str], b: tuple[str, str, str]) -> None:
     first, second = Attachment(*a), Attachment(*b)
