@@ -20,7 +20,8 @@ never strands addresses. GC refuses a config without
 release every address of the network on the node. CNI_NETNS and CNI_PATH are
 not required: an IPAM plugin uses neither.
 
-IPAM configuration; only ``type`` is required and unknown keys are an error::
+IPAM configuration; only ``type`` is required and unknown keys are an error
+(CNI 2, "unsupported field", with the key and its value)::
 
     "ipam": {
       "type": "topoipam",
@@ -32,9 +33,17 @@ IPAM configuration; only ``type`` is required and unknown keys are an error::
       "ipv6_pools": [],             #   enabled pool that selects this node
       "prefix": "pool",             # prefix length reported per address
       "gateway": "192.168.0.1",     # or a list, at most one per IP family
-      "routes": [{"dst": "0.0.0.0/0"}],                 # copied into the result
-      "dns": {"nameservers": ["10.96.0.10"]}            # copied into the result
+      "routes": [{"dst": "0.0.0.0/0"}],                 # checked, then copied into
+      "dns": {"nameservers": ["10.96.0.10"]}            #   the result
     }
+
+``routes`` and ``dns`` are checked against CNI spec 1.1 and printed with their
+addresses in canonical form: a route needs a ``dst`` CIDR, ``gw`` is an
+address, ``mtu``, ``advmss``, ``priority`` and ``table`` are integers 0 to
+2^32-1 and ``scope`` 0 to 255 (what the kernel's route attributes hold), and a
+``null`` leaves a field unset, as Go's JSON decoding does; ``dns.nameservers``
+are addresses, ``domain`` a string, ``search`` and ``options`` lists of
+strings. Any other route or dns key is CNI 2 like an unknown ipam key.
 
 ``prefix`` decides the prefix length printed with each address: ``"pool"``
 (default) the pool's CIDR, e.g. ``192.168.0.5/24`` — the on-link subnet a
@@ -51,16 +60,60 @@ pool of the network shares it.
 
 Specific addresses (one per family at most) come from ``IP=a.b.c.d[,x::y]`` in
 CNI_ARGS, ``runtimeConfig.ips`` (the ``ips`` capability) and ``args.cni.ips``;
-any ``/prefix`` is ignored. CNI_ARGS ``K8S_POD_NAMESPACE``, ``K8S_POD_NAME``,
+a ``/prefix`` must be a valid length (0-32, 0-128; config error 7 naming the
+source otherwise) and is then ignored: the pool decides the prefix printed, as
+host-local's range does. CNI_ARGS ``K8S_POD_NAMESPACE``, ``K8S_POD_NAME``,
 ``K8S_POD_INFRA_CONTAINER_ID`` and ``K8S_POD_UID`` are stored with the
 allocation as the attributes ``namespace``, ``pod``,
 ``pod_infra_container_id`` and ``pod_uid``.
+
+An IPv4-mapped IPv6 address (``::ffff:10.77.0.78``) is read as the IPv4
+address wherever the plugin reads one (requested addresses, ``gateway``, route
+``dst`` and ``gw``, nameservers, prevResult): Go's ``net.ParseIP(...).To4()``
+does the same, so host-local and the plugins that read our result already
+treat it as IPv4. A mapped CIDR is the IPv4 one (``::ffff:10.0.0.0/104`` is
+``10.0.0.0/8``), so its prefix must be 96-128.
+
+CHECK passes when every address the daemon holds for the attachment is in
+prevResult (by address; the prefix printed is a presentation choice). The
+prevResult may hold more: a later plugin in the chain may have added
+addresses, and the spec says CHECK must allow for that.
+
+The environment: CNI_CONTAINERID (and the network name) is a letter or digit,
+then letters, digits, ``_ . -``, at most 255 characters; CNI_IFNAME is at most
+15 *bytes* (Linux IFNAMSIZ less the NUL), not ``.`` or ``..``, without ``/``,
+``:`` or whitespace; CNI_CONTAINERID, CNI_IFNAME and CNI_ARGS must be UTF-8.
+
+Where we are stricter or more lenient than host-local on purpose:
+
+* Unknown ipam, route and dns keys are refused (CNI 2); host-local, through
+  Go's JSON decoding, ignores them. A misspelt key (``ipv4Pools``, a route's
+  ``gateway``) would otherwise silently change what a pod gets, and a route or
+  dns key we passed on would be dropped by the next Go plugin anyway.
+* Routes and dns are validated; host-local copies them. A bad value (``"mtu":
+  "x"``, nameserver ``"not-an-ip"``) otherwise fails later and further from
+  its cause, in the main plugin or in the pod's resolv.conf. Nameservers with
+  a zone (``fe80::1%eth0``) are refused, as Go's ``net.ParseIP`` refuses them.
+* Environment bytes that are not UTF-8 are refused (4); Go passes bytes
+  through. The daemon's API carries text (JSON and protobuf strings are
+  UTF-8), so such a name could not be stored faithfully. DEL and CHECK do not
+  read CNI_ARGS, so they never fail on it.
+* Container IDs longer than 255 characters are refused; the spec sets no
+  limit, the daemon's handle ids do. Interface names follow the kernel's
+  rules, except that any Unicode whitespace (not only ASCII) is refused.
+* DEL releases an ifname of at most 15 characters even when it is more than
+  15 bytes: earlier versions counted characters and may hold an address for
+  one. DEL of an attachment we never saw is success, as for host-local.
+* CHECK also compares the held addresses with prevResult; host-local only
+  checks that it holds an address for the container and interface.
 
 Errors are CNI error JSON on stdout with exit status 1, never a traceback:
 
 ====  =================================================================
 1     unsupported cniVersion (or a verb the config's cniVersion lacks)
+2     unsupported field: an unknown ipam, route or dns key (key = value)
 4     bad environment: CNI_COMMAND, CNI_CONTAINERID, CNI_IFNAME, CNI_ARGS
+      (unset, invalid with the reason, or not UTF-8)
 5     stdin could not be read
 6     stdin is not a JSON object
 7     invalid network or IPAM configuration
@@ -68,7 +121,7 @@ Errors are CNI error JSON on stdout with exit status 1, never a traceback:
 50    STATUS: the daemon is unreachable, not in sync, or etcd is down
 1xx   the daemon's own codes (110 no pool selects the node, 111 pools
       exhausted, 112 requested address unavailable, ...)
-113   CHECK: the attachment holds no address, or not the prevResult's
+113   CHECK: the attachment holds no address, or one prevResult lacks
 999   anything unexpected (the message says what)
 ====  =================================================================
 """
