@@ -20,7 +20,8 @@ never strands addresses. GC refuses a config without
 release every address of the network on the node. CNI_NETNS and CNI_PATH are
 not required: an IPAM plugin uses neither.
 
-IPAM configuration; only ``type`` is required and unknown keys are an error::
+IPAM configuration; only ``type`` is required and unknown keys are an error
+(CNI 2, "unsupported field", with the key and its value)::
 
     "ipam": {
       "type": "topoipam",
@@ -31,36 +32,92 @@ IPAM configuration; only ``type`` is required and unknown keys are an error::
       "ipv4_pools": ["rack-0"],     # pool names or CIDRs; default: every
       "ipv6_pools": [],             #   enabled pool that selects this node
       "prefix": "pool",             # prefix length reported per address
-      "gateway": "192.168.0.1",     # or a list, at most one per IP family
-      "routes": [{"dst": "0.0.0.0/0"}],                 # copied into the result
-      "dns": {"nameservers": ["10.96.0.10"]}            # copied into the result
+      "gateway": "pool",            # or "none", an address, or a list (one per family)
+      "routes": [{"dst": "0.0.0.0/0"}],                 # checked, then copied into
+      "dns": {"nameservers": ["10.96.0.10"]}            #   the result
     }
+
+``routes`` and ``dns`` are checked against CNI spec 1.1 and printed with their
+addresses in canonical form: a route needs a ``dst`` CIDR, ``gw`` is an
+address, ``mtu``, ``advmss``, ``priority`` and ``table`` are integers 0 to
+2^32-1 and ``scope`` 0 to 255 (what the kernel's route attributes hold), and a
+``null`` leaves a field unset, as Go's JSON decoding does; ``dns.nameservers``
+are addresses, ``domain`` a string, ``search`` and ``options`` lists of
+strings. Any other route or dns key is CNI 2 like an unknown ipam key.
 
 ``prefix`` decides the prefix length printed with each address: ``"pool"``
 (default) the pool's CIDR, e.g. ``192.168.0.5/24`` — the on-link subnet a
 bridge needs; ``"block"`` the block's CIDR (e.g. /26, for routed setups that
 aggregate per-node blocks); ``"host"`` /32 or /128. If the daemon does not know
-an address's pool (its pool was deleted), ``"pool"`` falls back to the block.
+an address's pool (a handle of 0.1 whose pool was deleted), ``"pool"`` falls
+back to the block.
 
-``gateway`` is put into every ``ips[]`` entry of its family. The plugin does
-not reserve it: with the bridge plugin's ``isGateway`` reserve the gateway
-address with an IPReservation, or the daemon may give it to a pod. (Without a
-``gateway``, bridge picks the first address of the reported subnet — reserve
-that one instead.) With per-rack pools a single gateway fits only if every
-pool of the network shares it.
+``gateway`` decides the gateway printed with each address. ``"pool"``
+(default): the address's own pool's gateway, as the daemon reports it — every
+pool has one (its first usable address, or the IPPool's ``gateway``) unless it
+opts out, and the daemon never hands it to a pod, so ``bridge`` with
+``isGateway`` and ``ptp`` work on a fresh pool, with per-rack pools too.
+``"none"``: no gateway in the result. An address or a list (at most one per
+family): that gateway for every address of its family; the daemon never gives
+those addresses to this network either. A repeated ADD prints what the first
+did: the handle records pool, subnet and gateway per address.
 
 Specific addresses (one per family at most) come from ``IP=a.b.c.d[,x::y]`` in
 CNI_ARGS, ``runtimeConfig.ips`` (the ``ips`` capability) and ``args.cni.ips``;
-any ``/prefix`` is ignored. CNI_ARGS ``K8S_POD_NAMESPACE``, ``K8S_POD_NAME``,
+a ``/prefix`` must be a valid length (0-32, 0-128; config error 7 naming the
+source otherwise) and is then ignored: the pool decides the prefix printed, as
+host-local's range does. CNI_ARGS ``K8S_POD_NAMESPACE``, ``K8S_POD_NAME``,
 ``K8S_POD_INFRA_CONTAINER_ID`` and ``K8S_POD_UID`` are stored with the
 allocation as the attributes ``namespace``, ``pod``,
 ``pod_infra_container_id`` and ``pod_uid``.
+
+An IPv4-mapped IPv6 address (``::ffff:10.77.0.78``) is read as the IPv4
+address wherever the plugin reads one (requested addresses, ``gateway``, route
+``dst`` and ``gw``, nameservers, prevResult): Go's ``net.ParseIP(...).To4()``
+does the same, so host-local and the plugins that read our result already
+treat it as IPv4. A mapped CIDR is the IPv4 one (``::ffff:10.0.0.0/104`` is
+``10.0.0.0/8``), so its prefix must be 96-128.
+
+CHECK passes when every address the daemon holds for the attachment is in
+prevResult (by address; the prefix printed is a presentation choice). The
+prevResult may hold more: a later plugin in the chain may have added
+addresses, and the spec says CHECK must allow for that.
+
+The environment: CNI_CONTAINERID (and the network name) is a letter or digit,
+then letters, digits, ``_ . -``, at most 255 characters; CNI_IFNAME is at most
+15 *bytes* (Linux IFNAMSIZ less the NUL), not ``.`` or ``..``, without ``/``,
+``:`` or whitespace; CNI_CONTAINERID, CNI_IFNAME and CNI_ARGS must be UTF-8.
+
+Where we are stricter or more lenient than host-local on purpose:
+
+* Unknown ipam, route and dns keys are refused (CNI 2); host-local, through
+  Go's JSON decoding, ignores them. A misspelt key (``ipv4Pools``, a route's
+  ``gateway``) would otherwise silently change what a pod gets, and a route or
+  dns key we passed on would be dropped by the next Go plugin anyway.
+* Routes and dns are validated; host-local copies them. A bad value (``"mtu":
+  "x"``, nameserver ``"not-an-ip"``) otherwise fails later and further from
+  its cause, in the main plugin or in the pod's resolv.conf. Nameservers with
+  a zone (``fe80::1%eth0``) are refused, as Go's ``net.ParseIP`` refuses them.
+* Environment bytes that are not UTF-8 are refused (4); Go passes bytes
+  through. The daemon's API carries text (JSON and protobuf strings are
+  UTF-8), so such a name could not be stored faithfully. DEL and CHECK do not
+  read CNI_ARGS, so they never fail on it.
+* Container IDs longer than 255 characters are refused; the spec sets no
+  limit, the daemon's handle ids do. Interface names follow the kernel's
+  rules, except that any Unicode whitespace (not only ASCII) is refused.
+* DEL releases an ifname of at most 15 characters even when it is more than
+  15 bytes: earlier versions counted characters and may hold an address for
+  one. DEL of an attachment we never saw is success, as for host-local.
+* CHECK also compares the held addresses with prevResult; host-local only
+  checks that it holds an address for the container and interface.
 
 Errors are CNI error JSON on stdout with exit status 1, never a traceback:
 
 ====  =================================================================
 1     unsupported cniVersion (or a verb the config's cniVersion lacks)
+2     unsupported field: an unknown ipam, route or dns key (key = value)
 4     bad environment: CNI_COMMAND, CNI_CONTAINERID, CNI_IFNAME, CNI_ARGS
+      (unset, invalid with the reason, or not UTF-8)
 5     stdin could not be read
 6     stdin is not a JSON object
 7     invalid network or IPAM configuration
@@ -68,7 +125,7 @@ Errors are CNI error JSON on stdout with exit status 1, never a traceback:
 50    STATUS: the daemon is unreachable, not in sync, or etcd is down
 1xx   the daemon's own codes (110 no pool selects the node, 111 pools
       exhausted, 112 requested address unavailable, ...)
-113   CHECK: the attachment holds no address, or not the prevResult's
+113   CHECK: the attachment holds no address, or one prevResult lacks
 999   anything unexpected (the message says what)
 ====  =================================================================
 """
@@ -108,6 +165,7 @@ GATEWAY_NONE = "none"
 DEFAULT_TIMEOUT = 20.0
 
 ERR_INCOMPATIBLE_VERSION = 1
+ERR_UNSUPPORTED_FIELD = 2
 ERR_INVALID_ENV = 4
 ERR_IO = 5
 ERR_DECODE = 6
@@ -122,6 +180,17 @@ _IPAM_KEYS = frozenset({
     "prefix", "gateway", "routes", "dns",
 })
 _PREFIX_MODES = ("pool", "block", "host")
+# CNI spec 1.1 route fields with integer values, and the largest each can take
+# (the kernel's u32 route attributes; rtm_scope is a u8).
+_ROUTE_INTEGERS = {"mtu": 2**32 - 1, "advmss": 2**32 - 1, "priority": 2**32 - 1,
+                   "table": 2**32 - 1, "scope": 255}
+_ROUTE_KEYS = frozenset({"dst", "gw", *_ROUTE_INTEGERS})
+_DNS_KEYS = frozenset({"nameservers", "domain", "search", "options"})
+# The first 12 bytes of an IPv4-mapped IPv6 address (::ffff:a.b.c.d).
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+# Linux IFNAMSIZ (16) less the terminating NUL.
+_IFNAME_BYTES = 15
+_ID_LENGTH = 255
 _K8S_ATTRIBUTES = {
     "K8S_POD_NAMESPACE": "namespace",
     "K8S_POD_NAME": "pod",
@@ -202,12 +271,7 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
 def _cmd_add(environ: Mapping[str, str], config: Json, version: str) -> str:
     attachment = _attachment(environ, config)
     ipam = _ipam(config)
-    unknown = sorted(set(ipam) - _IPAM_KEYS)
-    if unknown:
-        raise _config_error(
-            f"unknown ipam key(s): {', '.join(unknown)}",
-            f"known keys: {', '.join(sorted(_IPAM_KEYS))}",
-        )
+    _refuse_unknown_keys(ipam, _IPAM_KEYS, "ipam")
     socket_path, timeout = _connection(ipam)
     prefix = ipam.get("prefix", "pool")
     if prefix not in _PREFIX_MODES:
@@ -244,7 +308,7 @@ def _cmd_add(environ: Mapping[str, str], config: Json, version: str) -> str:
 
 
 def _cmd_del(environ: Mapping[str, str], config: Json, version: str) -> str:
-    attachment = _attachment(environ, config)
+    attachment = _attachment(environ, config, releasing=True)
     socket_path, timeout = _connection(_ipam(config))
     try:
         _call(socket_path, timeout, "Release", {"attachment": attachment})
@@ -271,13 +335,16 @@ def _cmd_check(environ: Mapping[str, str], config: Json, version: str) -> str:
     previous = config.get("prevResult")
     if previous is not None:
         # Addresses only: the prefix length printed is a presentation choice
-        # (ipam.prefix) that may differ from the one in force at ADD.
-        expected = _previous_ips(previous)
-        if expected != held:
+        # (ipam.prefix) that may differ from the one in force at ADD. And only
+        # ours: a later plugin in the chain may have added addresses of its
+        # own, which the spec says CHECK must allow for.
+        listed = _previous_ips(previous)
+        missing = held - listed
+        if missing:
             raise CniError(
                 ERR_CHECK_FAILED,
-                f"addresses of {handle} differ from prevResult",
-                f"prevResult has {', '.join(sorted(expected)) or 'none'}; "
+                f"prevResult lacks {', '.join(sorted(missing))}, held by {handle}",
+                f"prevResult has {', '.join(sorted(listed)) or 'none'}; "
                 f"the daemon holds {', '.join(sorted(held))}",
             )
     return ""
@@ -393,7 +460,7 @@ def _call(socket_path: str, timeout: float, method: str, request: Json) -> Json:
     try:
         frame = wire.encode_frame({"method": method, "request": request})
     except wire.FrameError as exc:
-        raise _config_error(f"{method} request too large", str(exc)) from None
+        raise _config_error(f"cannot send the {method} request", str(exc)) from None
     deadline = time.monotonic() + timeout
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
@@ -525,37 +592,102 @@ def _check_version(config: Json, command: str) -> None:
 
 def _network(config: Json) -> str:
     name = config.get("name")
-    if not isinstance(name, str) or not _valid_container_id(name):
-        raise _config_error(
-            f"invalid network name {name!r}",
-            "name must start with a letter or digit, then letters, digits, _ . -",
-        )
-    return name
+    if isinstance(name, str):
+        problem = _id_problem(name)
+        if not problem:
+            return name
+    else:
+        problem = "it is not a string"
+    raise _config_error(f"invalid network name {_shown(name)}: {problem}",
+                        "name must start with a letter or digit, then letters, digits, _ . -")
 
 
-def _attachment(environ: Mapping[str, str], config: Json) -> Json:
-    container_id = environ.get("CNI_CONTAINERID", "")
+def _attachment(environ: Mapping[str, str], config: Json, releasing: bool = False) -> Json:
+    """The attachment of CNI_CONTAINERID / CNI_IFNAME on the config's network.
+
+    ``releasing`` (DEL) lets through an ifname of up to 15 characters but more
+    than 15 bytes: earlier versions of this plugin counted characters, and with
+    ptp (which allocates before the kernel sees the name) may have allocated for one.
+    """
+    container_id = _env(environ, "CNI_CONTAINERID")
     if not container_id:
         raise CniError(ERR_INVALID_ENV, "CNI_CONTAINERID is not set")
-    if not _valid_container_id(container_id):
-        raise CniError(ERR_INVALID_ENV, f"invalid CNI_CONTAINERID {container_id!r}",
-                       "must start with a letter or digit, then letters, digits, _ . -")
-    ifname = environ.get("CNI_IFNAME", "")
+    problem = _id_problem(container_id)
+    if problem:
+        raise CniError(ERR_INVALID_ENV,
+                       f"invalid CNI_CONTAINERID {_shown(container_id)}: {problem}",
+                       f"1-{_ID_LENGTH} characters: a letter or digit, then letters, digits, _ . -")
+    ifname = _env(environ, "CNI_IFNAME")
     if not ifname:
         raise CniError(ERR_INVALID_ENV, "CNI_IFNAME is not set")
-    if not _valid_ifname(ifname):
-        raise CniError(ERR_INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}",
-                       "1-15 characters, not . or .., without / : or whitespace")
+    problem = _ifname_problem(ifname, releasing)
+    if problem:
+        raise CniError(ERR_INVALID_ENV, f"invalid CNI_IFNAME {_shown(ifname)}: {problem}",
+                       f"1-{_IFNAME_BYTES} bytes, not . or .., without / : or whitespace")
     return {"network": _network(config), "container_id": container_id, "ifname": ifname}
 
 
+def _env(environ: Mapping[str, str], name: str) -> str:
+    """A CNI_* variable ('' if unset); CNI error 4 if its bytes are not UTF-8.
+
+    Python decodes the environment with surrogateescape, so bytes that are not
+    UTF-8 arrive as lone surrogates; os.fsencode gives the original bytes back.
+    """
+    value = environ.get(name, "")
+    try:
+        os.fsencode(value).decode("utf-8")
+        return value
+    except UnicodeError:
+        pass
+    try:
+        shown = str(os.fsencode(value))[2:-1]  # the runtime's bytes: eth\xff
+    except UnicodeError:  # not from a real environment: other surrogates
+        shown = value.encode("utf-8", "backslashreplace").decode()
+    raise CniError(ERR_INVALID_ENV, f"{name} is not valid UTF-8", f"{name}={shown[:100]}")
+
+
+def _id_problem(text: str) -> str:
+    """Why ``text`` is no valid container ID or network name; '' if it is one."""
+    if not text:
+        return "it is empty"
+    if len(text) > _ID_LENGTH:
+        return f"it is {len(text)} characters long, more than the {_ID_LENGTH} allowed"
+    if text[0] not in _ALNUM:
+        return f"it starts with {text[0]!r}, not a letter or digit"
+    bad = next((c for c in text if c not in _ID_CHARS), "")
+    return f"{bad!r} is not allowed, only letters, digits, _ . -" if bad else ""
+
+
+def _ifname_problem(text: str, releasing: bool = False) -> str:
+    """Why ``text`` is no valid Linux interface name; '' if it is one."""
+    if not text:
+        return "it is empty"
+    if not _is_utf8(text):
+        return "it is not valid UTF-8"
+    # The kernel counts bytes (IFNAMSIZ), not characters.
+    size = len(text.encode())
+    if size > _IFNAME_BYTES and not (releasing and len(text) <= _IFNAME_BYTES):
+        return f"it is {size} bytes long, more than the {_IFNAME_BYTES} bytes Linux allows"
+    if text in (".", ".."):
+        return f"{text!r} is not allowed"
+    bad = next((c for c in text if c in "/:" or c.isspace()), "")
+    return f"{bad!r} is not allowed in an interface name" if bad else ""
+
+
 def _valid_container_id(text: str) -> bool:
-    return 0 < len(text) <= 255 and text[0] in _ALNUM and _ID_CHARS.issuperset(text)
+    return not _id_problem(text)
 
 
 def _valid_ifname(text: str) -> bool:
-    return (0 < len(text) <= 15 and text not in (".", "..")
-            and not any(c in "/:" or c.isspace() for c in text))
+    return not _ifname_problem(text)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeError:  # a lone surrogate, e.g. "\udcff" escaped in JSON
+        return False
 
 
 def _ipam(config: Json) -> Json:
@@ -589,8 +721,9 @@ def _flag(ipam: Json, key: str, default: bool) -> bool:
 def _strings(value: object, what: str) -> list[str]:
     if value is None:
         return []
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise _config_error(f"{what} must be a list of non-empty strings, not {value!r}")
+    if not isinstance(value, list) or not all(isinstance(v, str) and v and _is_utf8(v)
+                                              for v in value):
+        raise _config_error(f"{what} must be a list of non-empty strings, not {_shown(value)}")
     return value
 
 
@@ -615,35 +748,78 @@ def _gateways(value: object) -> dict[int, str] | None:
 
 
 def _routes(value: object) -> list[Json]:
+    """ipam.routes checked against CNI spec 1.1, addresses written canonically."""
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _config_error(f"ipam.routes must be a list, not {value!r}")
-    for route in value:
-        if not isinstance(route, dict) or not isinstance(route.get("dst"), str):
-            raise _config_error(f"each ipam.routes entry needs a dst CIDR: {route!r}")
-        _canonical_cidr(route["dst"], "ipam.routes dst")
-        if "gw" in route:
-            _canonical_ip(route["gw"], "ipam.routes gw")
-    return value
+        raise _config_error(f"ipam.routes must be a list, not {_shown(value)}")
+    routes = []
+    for index, route in enumerate(value):
+        where = f"ipam.routes[{index}]"
+        if not isinstance(route, dict):
+            raise _config_error(f"{where} must be an object with a dst CIDR, not {_shown(route)}")
+        _refuse_unknown_keys(route, _ROUTE_KEYS, where)
+        if not isinstance(route.get("dst"), str):
+            raise _config_error(f"{where}.dst must be a CIDR string, not "
+                                f"{_shown(route['dst']) if 'dst' in route else 'missing'}")
+        checked: Json = {}
+        for key, item in route.items():
+            if key == "dst":
+                _, ip, length = _canonical_cidr(item, f"{where}.dst")
+                checked[key] = f"{ip}/{length}"
+            elif item is None:
+                continue  # as Go's json does: null leaves an optional field unset
+            elif key == "gw":
+                checked[key] = _canonical_ip(item, f"{where}.gw")[1]
+            elif isinstance(item, bool) or not isinstance(item, int) or \
+                    not 0 <= item <= _ROUTE_INTEGERS[key]:
+                raise _config_error(f"{where}.{key} must be an integer from 0 to "
+                                    f"{_ROUTE_INTEGERS[key]}, not {_shown(item)}")
+            else:
+                checked[key] = item
+        routes.append(checked)
+    return routes
 
 
 def _dns(value: object) -> Json:
+    """ipam.dns checked against CNI spec 1.1, nameservers written canonically."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _config_error(f"ipam.dns must be an object, not {value!r}")
-    if "domain" in value and not isinstance(value["domain"], str):
-        raise _config_error("ipam.dns.domain must be a string")
-    for key in ("nameservers", "search", "options"):
-        _strings(value.get(key), f"ipam.dns.{key}")
-    return value
+        raise _config_error(f"ipam.dns must be an object, not {_shown(value)}")
+    _refuse_unknown_keys(value, _DNS_KEYS, "ipam.dns")
+    dns: Json = {}
+    for key, item in value.items():
+        if item is None:
+            continue
+        if key == "domain":
+            if not isinstance(item, str) or not _is_utf8(item):
+                raise _config_error(f"ipam.dns.domain must be a string, not {_shown(item)}")
+            dns[key] = item
+        elif key == "nameservers":
+            dns[key] = [_canonical_ip(text, "ipam.dns.nameservers")[1]
+                        for text in _strings(item, "ipam.dns.nameservers")]
+        else:
+            dns[key] = _strings(item, f"ipam.dns.{key}")
+    return dns
+
+
+def _refuse_unknown_keys(value: Json, known: frozenset[str], where: str) -> None:
+    """CNI error 2, naming each unknown key with its value, as the spec asks."""
+    unknown = sorted(key for key in value if key not in known)
+    if unknown:
+        raise CniError(
+            ERR_UNSUPPORTED_FIELD,
+            "unsupported field in network configuration: "
+            + ", ".join(f"{where}.{key} = {_shown(value[key])}" for key in unknown),
+            f"known {where} keys: {', '.join(sorted(known))}",
+        )
 
 
 def _cni_args(environ: Mapping[str, str]) -> dict[str, str]:
     """CNI_ARGS ``K=V;K2=V2`` as a dict."""
     parsed = {}
-    for pair in environ.get("CNI_ARGS", "").split(";"):
+    for pair in _env(environ, "CNI_ARGS").split(";"):
         if not pair:
             continue
         key, sep, value = pair.partition("=")
@@ -668,7 +844,12 @@ def _requested_ips(cni_args: Mapping[str, str], config: Json) -> list[str]:
     by_family: dict[int, str] = {}
     for what, listed in sources:
         for text in _strings(listed, what):
-            family, ip = _canonical_ip(text.strip().partition("/")[0], what)
+            text = text.strip()
+            # Any /prefix is checked, then ignored: the pool decides the prefix.
+            if "/" in text:
+                family, ip, _ = _canonical_cidr(text, what)
+            else:
+                family, ip = _canonical_ip(text, what)
             if by_family.get(family, ip) != ip:
                 raise _config_error(
                     f"more than one IPv{family} address requested",
@@ -688,27 +869,56 @@ def _previous_ips(previous: object) -> set[str]:
 
 
 def _canonical_ip(text: object, what: str = "address") -> tuple[int, str]:
-    """(4 or 6, canonical text) of an IP address; config error if it is none."""
+    """(4 or 6, canonical text) of an IP address; config error if it is none.
+
+    An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) is that IPv4 address, as
+    for Go's ``net.ParseIP(...).To4()`` and so for host-local and the plugins
+    that read our result.
+    """
     if isinstance(text, str):
-        for family, af in ((4, _socket.AF_INET), (6, _socket.AF_INET6)):
-            try:
-                return family, _socket.inet_ntop(af, _socket.inet_pton(af, text))
-            except OSError:
-                continue
-    raise _config_error(f"invalid IP address in {what}: {text!r}")
+        try:
+            return 4, _socket.inet_ntop(_socket.AF_INET, _socket.inet_pton(_socket.AF_INET, text))
+        except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate in the text
+            pass
+        try:
+            packed = _socket.inet_pton(_socket.AF_INET6, text)
+        except (OSError, ValueError):
+            pass
+        else:
+            if packed[:12] == _V4_MAPPED:
+                return 4, _socket.inet_ntop(_socket.AF_INET, packed[12:])
+            return 6, _socket.inet_ntop(_socket.AF_INET6, packed)
+    raise _config_error(f"invalid IP address in {what}: {_shown(text)}")
 
 
-def _canonical_cidr(text: str, what: str) -> tuple[int, str]:
-    """(family, canonical address) of ``ip/prefix``, checking the prefix length."""
+def _canonical_cidr(text: str, what: str) -> tuple[int, str, int]:
+    """(family, canonical address, prefix length) of ``ip/prefix``; config error if invalid.
+
+    An IPv4-mapped CIDR is the IPv4 one: ``::ffff:10.0.0.0/104`` is ``10.0.0.0/8``.
+    """
     address, sep, length = text.partition("/")
     family, ip = _canonical_ip(address, what)
-    if not sep or not length.isdigit() or int(length) > (32 if family == 4 else 128):
-        raise _config_error(f"invalid CIDR in {what}: {text!r}")
-    return family, ip
+    written = 6 if ":" in address else 4
+    # ASCII digits only, at most 3: int() would take "²" or a 5,000-digit string badly.
+    bits = int(length) if 0 < len(length) <= 3 and all(c in "0123456789" for c in length) else -1
+    if family != written:  # IPv4-mapped
+        bits = bits - 96 if bits >= 96 else -1
+    if not sep or not 0 <= bits <= (32 if family == 4 else 128):
+        raise _config_error(
+            f"invalid CIDR in {what}: {_shown(text)}",
+            "the prefix length must be 0-32 for IPv4, 0-128 for IPv6, 96-128 for IPv4-mapped IPv6",
+        )
+    return family, ip, bits
 
 
 def _config_error(msg: str, details: str = "") -> CniError:
     return CniError(ERR_INVALID_CONFIG, msg, details)
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """A config value for an error message: as JSON, cut short if long."""
+    text = json.dumps(value, ensure_ascii=False)  # the error JSON escapes what it must
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _unexpected(version: str, exc: BaseException) -> str:

@@ -5,8 +5,8 @@ protobuf (100+ ms). The daemon therefore serves the same ``topoipam.v1.Ipam``
 API a second time, on ``<grpc socket>.cni``, as length-prefixed JSON:
 
 * a frame is a 4-byte big-endian unsigned length followed by that many bytes of
-  UTF-8 JSON holding one object; frames larger than :data:`MAX_FRAME` are
-  rejected;
+  UTF-8 JSON holding one object; frames larger than :data:`MAX_FRAME` (16 MiB)
+  are rejected, by the receiver as soon as it has read the 4-byte header;
 * a request is ``{"method": "Allocate", "request": {...}}`` where ``request``
   is the proto3 JSON of the request message with the proto field names
   (``container_id``, ``assign_ipv4``, ...);
@@ -30,7 +30,12 @@ if TYPE_CHECKING:
     from typing import Any
 
 #: Largest accepted payload (the JSON object, not counting the 4-byte header).
-MAX_FRAME = 1 << 20
+#: A GC request lists every valid attachment of the node: ~110 bytes each with
+#: 64-character container IDs, so 1 MiB held only ~9,000; 16 MiB holds ~150,000
+#: (~29,000 with 255-character IDs and network names). A receiver checks the
+#: header before it buffers any payload, so a larger announced length costs it
+#: nothing.
+MAX_FRAME = 16 << 20
 HEADER_SIZE = 4
 
 #: The RPCs of ``topoipam.v1.Ipam``, which are all this socket carries.
@@ -54,8 +59,13 @@ def cni_socket_path(grpc_socket: str) -> str:
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
-    """Header + compact JSON of ``message``; FrameError if it is too large."""
-    payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    """Header + compact JSON of ``message``; FrameError if it is too large (or holds
+    a lone surrogate, which no UTF-8 can carry)."""
+    try:
+        payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise FrameError(f"message is not encodable as UTF-8: {exc.reason} "
+                         f"({exc.object[exc.start:exc.end]!a})") from None
     if len(payload) > MAX_FRAME:
         raise FrameError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME}-byte limit")
     return len(payload).to_bytes(HEADER_SIZE, "big") + payload

@@ -13,6 +13,12 @@ across all connections (the rest wait their turn), and connections beyond
 ``max_connections`` are answered UNAVAILABLE (CNI 11, the runtime retries) and
 closed.
 
+Memory: a frame's header is checked as soon as its 4 bytes are in, so a
+connection buffers at most one frame of ``wire.MAX_FRAME`` (plus one read);
+while its request is being answered, it buffers at most
+``_PIPELINED_BYTES`` of what the peer sends next and then stops reading until
+the answer is out (the rest waits in the kernel, the peer's writes block).
+
 Shutdown: :meth:`CniSocketServer.close` stops accepting and drops idle
 connections; :meth:`CniSocketServer.wait_closed` lets requests already being
 dispatched finish for up to ``drain_timeout`` seconds, then cancels them,
@@ -37,6 +43,10 @@ _log = logging.getLogger(__name__)
 
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
+# What a connection buffers of the next request while it answers one; beyond
+# it, reading pauses. (A plugin sends one request and waits, so it never hits this.)
+_PIPELINED_BYTES = 64 * 1024
+
 
 class _FrameProtocol(asyncio.Protocol):
     """One plugin connection: frames in, one request at a time, answers out.
@@ -52,6 +62,7 @@ class _FrameProtocol(asyncio.Protocol):
         #: The request being answered, if any (one at a time, in order).
         self.task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -90,6 +101,12 @@ class _FrameProtocol(asyncio.Protocol):
         self._buffer += data
         if self.task is None:
             self._next_request()
+        elif len(self._buffer) > _PIPELINED_BYTES and not self._reading_paused and \
+                self.transport is not None:
+            # Nothing checks the next header while a request runs: stop reading
+            # rather than buffer whatever the peer sends meanwhile.
+            self._reading_paused = True
+            self.transport.pause_reading()
 
     def _next_request(self) -> None:
         buffer = self._buffer
@@ -127,6 +144,9 @@ class _FrameProtocol(asyncio.Protocol):
         if self._server._closing:
             transport.close()
             return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
         self._arm_timer()
         self._next_request()
 

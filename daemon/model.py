@@ -370,8 +370,10 @@ class Attachment:
             self.container_id
         ):
             raise InvalidInput(f"invalid container ID {self.container_id!r}")
-        if not isinstance(self.ifname, str) or not _IFNAME_RE.fullmatch(self.ifname) or len(
-                self.ifname.encode()) > 15 or self.ifname in (".", ".."):
+        # Characters, not bytes: the plugin refuses an ADD of a name over 15
+        # bytes, but a DEL of one that 0.1 accepted must still find its handle.
+        if not isinstance(self.ifname, str) or not _IFNAME_RE.fullmatch(self.ifname) or (
+                self.ifname in (".", "..")):
             raise InvalidInput(f"invalid interface name {self.ifname!r}")
 
     @property

@@ -118,3 +118,27 @@ def test_arbitrary_manifest_text_parses_or_gives_one_clear_line(text: str) -> No
         manifests.load(text, "fuzz.yaml")
     except TopoipamError as exc:
         assert str(exc) and "\n" not in str(exc)
+
+
+# Any bytes but NUL, as a runtime may put them in the environment.
+_env_bytes = st.binary(max_size=30).map(lambda b: b.replace(b"\x00", b""))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(command=st.sampled_from([b"ADD", b"DEL", b"CHECK"]), container=_env_bytes,
+       ifname=_env_bytes, args=_env_bytes)
+def test_arbitrary_environment_bytes_give_cni_errors_not_999(
+    command: bytes, container: bytes, ifname: bytes, args: bytes
+) -> None:
+    config = {"cniVersion": "1.1.0", "name": "net",
+              "ipam": {"type": "topoipam", "socket": "/nonexistent/topoipam/topoipamd.sock"}}
+    base = {k: v for k, v in os.environb.items() if not k.startswith(b"CNI_")}
+    done = subprocess.run([TOPOIPAM], input=json.dumps(config).encode(), capture_output=True,
+                          timeout=30, env={**base, b"CNI_COMMAND": command,
+                                           b"CNI_CONTAINERID": container, b"CNI_IFNAME": ifname,
+                                           b"CNI_ARGS": args, b"CNI_NETNS": b"/var/run/netns/x",
+                                           b"CNI_PATH": b"/opt/cni/bin"})
+    assert_cni_error_or_success(done)
+    assert done.returncode == 1
+    # Bad environment is 4; a good one reaches the (absent) daemon: 11.
+    assert json.loads(done.stdout)["code"] in (4, 11), done.stdout

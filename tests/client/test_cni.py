@@ -2,7 +2,8 @@
 
 Success paths talk to an in-test fake daemon: the real CniSocketServer with a
 dispatch that records requests and answers canned responses. (End-to-end runs
-against a real daemon and etcd live in tests/integration and tests/e2e.)
+against a real daemon and etcd live in tests/integration and tests/e2e; the
+one here is a GC too large for the old frame limit.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import EtcdServer
+from tests.daemons import DaemonProcess, ctl
 from topoipam.client import cni, wire
 from topoipam.daemon.cni_socket import CniSocketServer
 
@@ -64,18 +67,19 @@ def run_plugin(
     command: str | None,
     stdin: Json | str | bytes,
     *,
-    container_id: str | None = "ctr1",
-    ifname: str | None = "eth0",
-    cni_args: str | None = None,
+    container_id: str | bytes | None = "ctr1",
+    ifname: str | bytes | None = "eth0",
+    cni_args: str | bytes | None = None,
     timeout: float = 20,
 ) -> Outcome:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
-    for key, value in (("CNI_COMMAND", command), ("CNI_CONTAINERID", container_id),
-                       ("CNI_IFNAME", ifname), ("CNI_ARGS", cni_args)):
+    # Bytes, as the kernel hands them over: a runtime may pass any non-NUL bytes.
+    env = {k: v for k, v in os.environb.items() if not k.startswith(b"CNI_")}
+    for key, value in ((b"CNI_COMMAND", command), (b"CNI_CONTAINERID", container_id),
+                       (b"CNI_IFNAME", ifname), (b"CNI_ARGS", cni_args)):
         if value is not None:
-            env[key] = value
-    env["CNI_NETNS"] = "/var/run/netns/test"
-    env["CNI_PATH"] = "/opt/cni/bin"
+            env[key] = value if isinstance(value, bytes) else os.fsencode(value)
+    env[b"CNI_NETNS"] = b"/var/run/netns/test"
+    env[b"CNI_PATH"] = b"/opt/cni/bin"
     if isinstance(stdin, dict):
         stdin = json.dumps(stdin)
     if isinstance(stdin, str):
@@ -237,7 +241,6 @@ def test_unsupported_version_is_1(command: str, version: str | None) -> None:
         ({"ipam": {"type": "topoipam", "routes": [{"gw": "10.0.0.1"}]}}, "dst"),
         ({"ipam": {"type": "topoipam", "routes": [{"dst": "10.0.0.0/33"}]}}, "CIDR"),
         ({"ipam": {"type": "topoipam", "dns": {"nameservers": "10.96.0.10"}}}, "nameservers"),
-        ({"ipam": {"type": "topoipam", "subnet": "10.0.0.0/24"}}, "unknown ipam key"),
         ({"runtimeConfig": {"ips": ["10.0.0.300/24"]}}, "runtimeConfig.ips"),
         ({"runtimeConfig": {"ips": "10.0.0.5"}}, "runtimeConfig.ips"),
         ({"args": {"cni": {"ips": ["nonsense"]}}}, "args.cni.ips"),
@@ -258,6 +261,161 @@ def test_bad_config_is_7(conf_change: Json, fragment: str) -> None:
 def test_bad_ip_in_cni_args_is_7() -> None:
     error = run_plugin("ADD", netconf(), cni_args="IgnoreUnknown=1;IP=10.0.0.1.2").error(7)
     assert "CNI_ARGS IP" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        ({"subnet": "10.0.0.0/24"}, ['ipam.subnet', '"10.0.0.0/24"']),
+        ({"rangeStart": 5, "Routes": []}, ["ipam.rangeStart", "5", "ipam.Routes", "[]"]),
+    ],
+)
+def test_unknown_ipam_key_is_2_with_key_and_value(extra: Json, fragments: list[str]) -> None:
+    # CNI spec: 2 "unsupported field in network configuration", key and value in the message.
+    error = run_plugin("ADD", netconf(**extra)).error(2)
+    for fragment in fragments:
+        assert fragment in error["msg"], error
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK"])
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("CNI_IFNAME", b"eth\xff"), ("CNI_CONTAINERID", b"ctr\xc3"),
+     ("CNI_ARGS", b"K8S_POD_NAME=caf\xe9")],
+)
+def test_non_utf8_environment_is_4(daemon: FakeDaemon, command: str, variable: str,
+                                   value: bytes) -> None:
+    overrides: dict[str, Any] = {
+        "CNI_IFNAME": {"ifname": value}, "CNI_CONTAINERID": {"container_id": value},
+        "CNI_ARGS": {"cni_args": value},
+    }[variable]
+    if variable == "CNI_ARGS" and command != "ADD":
+        # Only ADD reads CNI_ARGS: DEL and CHECK must not fail on what they never use.
+        assert run_plugin(command, daemon.conf(), **overrides).status == 0
+        return
+    error = run_plugin(command, daemon.conf(), **overrides).error(4)
+    assert variable in error["msg"] and "UTF-8" in error["msg"], error
+    assert daemon.requests == []
+
+
+def test_non_utf8_bytes_in_an_ignored_cni_arg_are_still_4(daemon: FakeDaemon) -> None:
+    error = run_plugin("ADD", daemon.conf(), cni_args=b"IgnoreUnknown=1;FOO=\xff").error(4)
+    assert "CNI_ARGS" in error["msg"]
+    assert daemon.requests == []
+
+
+@pytest.mark.parametrize(("ifname", "ok"), [("é" * 7, True), ("é" * 8, False),
+                                             ("eth0" + "ü" * 6, False), ("x" * 15, True)])
+def test_ifname_is_measured_in_bytes(daemon: FakeDaemon, ifname: str, ok: bool) -> None:
+    # Linux IFNAMSIZ is 16 bytes with the NUL: at most 15 bytes of name.
+    outcome = run_plugin("ADD", daemon.conf(), ifname=ifname)
+    if ok:
+        assert outcome.status == 0, outcome
+        return
+    error = outcome.error(4)
+    assert "CNI_IFNAME" in error["msg"]
+    assert f"{len(ifname.encode())} bytes" in error["msg"] + error.get("details", "")
+    assert "15 bytes" in error["msg"] + error.get("details", "")
+    assert daemon.requests == []
+
+
+def test_del_still_releases_an_ifname_earlier_versions_accepted(daemon: FakeDaemon) -> None:
+    # Versions that counted characters may hold an address for this one (ptp
+    # allocates before the kernel sees the name): DEL must not strand it.
+    outcome = run_plugin("DEL", daemon.conf(), ifname="é" * 8)
+    assert (outcome.status, outcome.stdout) == (0, ""), outcome
+    assert daemon.only_request("Release")["attachment"]["ifname"] == "é" * 8
+    run_plugin("DEL", daemon.conf(), ifname="é" * 16).error(4)
+
+
+def test_long_container_id_says_why(daemon: FakeDaemon) -> None:
+    assert run_plugin("ADD", daemon.conf(), container_id="c" * 255).status == 0
+    error = run_plugin("ADD", daemon.conf(), container_id="c" * 256).error(4)
+    assert "CNI_CONTAINERID" in error["msg"]
+    assert "256" in error["msg"] and "255" in error["msg"], error
+
+
+def test_bad_character_in_container_id_is_named() -> None:
+    error = run_plugin("ADD", netconf(), container_id="abc def").error(4)
+    assert "' '" in error["msg"] + error.get("details", ""), error
+
+
+@pytest.mark.parametrize(
+    ("where", "what"),
+    [
+        ({"runtimeConfig": {"ips": ["10.77.0.74/33"]}}, "runtimeConfig.ips"),
+        ({"runtimeConfig": {"ips": ["fd00::74/129"]}}, "runtimeConfig.ips"),
+        ({"args": {"cni": {"ips": ["10.77.0.74/"]}}}, "args.cni.ips"),
+        ({"args": {"cni": {"ips": ["10.77.0.74/-1"]}}}, "args.cni.ips"),
+        ({"cni_args": "IP=10.77.0.74/x"}, "CNI_ARGS IP"),
+        ({"cni_args": "IP=10.77.0.74/²"}, "CNI_ARGS IP"),
+        ({"cni_args": "IP=10.77.0.74/" + "1" * 5000}, "CNI_ARGS IP"),
+        ({"runtimeConfig": {"ips": ["::ffff:10.77.0.74/95"]}}, "runtimeConfig.ips"),
+    ],
+)
+def test_requested_ip_with_bad_prefix_is_7(where: Json, what: str) -> None:
+    conf = netconf()
+    cni_args = where.pop("cni_args", None)
+    conf.update(where)
+    error = run_plugin("ADD", conf, cni_args=cni_args).error(7)
+    assert what in error["msg"], error
+    assert "prefix" in error["msg"] + error.get("details", ""), error
+
+
+@pytest.mark.parametrize(
+    ("route", "fragments"),
+    [
+        ({"dst": "10.0.0.0/8", "mtu": "x"}, ["ipam.routes[0].mtu", '"x"']),
+        ({"dst": "10.0.0.0/8", "mtu": -1}, ["ipam.routes[0].mtu", "-1"]),
+        ({"dst": "10.0.0.0/8", "mtu": 1400.5}, ["ipam.routes[0].mtu", "1400.5"]),
+        ({"dst": "10.0.0.0/8", "mtu": True}, ["ipam.routes[0].mtu", "true"]),
+        ({"dst": "10.0.0.0/8", "advmss": "1360"}, ["ipam.routes[0].advmss", '"1360"']),
+        ({"dst": "10.0.0.0/8", "priority": [1]}, ["ipam.routes[0].priority", "[1]"]),
+        ({"dst": "10.0.0.0/8", "table": "main"}, ["ipam.routes[0].table", '"main"']),
+        ({"dst": "10.0.0.0/8", "table": 2**32}, ["ipam.routes[0].table", str(2**32)]),
+        ({"dst": "10.0.0.0/8", "scope": 256}, ["ipam.routes[0].scope", "256"]),
+        ({"dst": "10.0.0.0/8", "gw": "not-an-ip"}, ["ipam.routes[0].gw", "not-an-ip"]),
+        ({"dst": 10}, ["ipam.routes[0].dst", "10"]),
+        ({"dst": "10.0.0.0/²"}, ["ipam.routes[0].dst", "10.0.0.0/"]),
+        ({"dst": "10.0.0.0/" + "1" * 5000}, ["ipam.routes[0].dst"]),
+        ("0.0.0.0/0", ["ipam.routes[0]", "0.0.0.0/0"]),
+    ],
+)
+def test_bad_route_is_7_naming_field_and_value(route: Any, fragments: list[str]) -> None:
+    error = run_plugin("ADD", netconf(routes=[route])).error(7)
+    for fragment in fragments:
+        assert fragment in error["msg"], error
+
+
+@pytest.mark.parametrize(
+    ("dns", "fragments"),
+    [
+        ({"nameservers": ["not-an-ip"]}, ["ipam.dns.nameservers", "not-an-ip"]),
+        ({"nameservers": ["10.96.0.10", 5]}, ["ipam.dns.nameservers"]),
+        ({"domain": 5}, ["ipam.dns.domain", "5"]),
+        ({"search": "cluster.local"}, ["ipam.dns.search", "cluster.local"]),
+        ({"options": [1]}, ["ipam.dns.options", "[1]"]),
+        ([], ["ipam.dns", "[]"]),
+    ],
+)
+def test_bad_dns_is_7_naming_field_and_value(dns: Any, fragments: list[str]) -> None:
+    error = run_plugin("ADD", netconf(dns=dns)).error(7)
+    for fragment in fragments:
+        assert fragment in error["msg"], error
+
+
+@pytest.mark.parametrize(
+    ("ipam", "fragments"),
+    [
+        ({"routes": [{"dst": "0.0.0.0/0", "gateway": "10.0.0.1"}]},
+         ["ipam.routes[0].gateway", '"10.0.0.1"']),
+        ({"dns": {"nameserver": ["10.96.0.10"]}}, ["ipam.dns.nameserver", '["10.96.0.10"]']),
+    ],
+)
+def test_unknown_route_or_dns_key_is_2(ipam: Json, fragments: list[str]) -> None:
+    error = run_plugin("ADD", netconf(**ipam)).error(2)
+    for fragment in fragments:
+        assert fragment in error["msg"], error
 
 
 # --- daemon unreachable -----------------------------------------------------
@@ -372,7 +530,9 @@ def test_add_gateway_goes_to_its_family(daemon: FakeDaemon, gateway: str | list[
 
 
 def test_add_copies_routes_and_dns(daemon: FakeDaemon) -> None:
-    routes = [{"dst": "0.0.0.0/0"}, {"dst": "10.96.0.0/12", "gw": "192.168.0.1", "mtu": 1400}]
+    routes = [{"dst": "0.0.0.0/0"}, {"dst": "10.96.0.0/12", "gw": "192.168.0.1", "mtu": 1400},
+              {"dst": "fd00:96::/108", "gw": "fd00::1", "mtu": 1400, "advmss": 1360,
+               "priority": 100, "table": 254, "scope": 0}]
     dns = {"nameservers": ["10.96.0.10"], "domain": "cluster.local",
            "search": ["default.svc.cluster.local"], "options": ["ndots:5"]}
     result = run_plugin("ADD", daemon.conf(routes=routes, dns=dns)).result
@@ -397,6 +557,29 @@ def test_add_specific_addresses(daemon: FakeDaemon, where: Json, expected: list[
     conf.update(where)
     assert run_plugin("ADD", conf, cni_args=cni_args).status == 0
     assert daemon.only_request("Allocate")["ips"] == expected
+
+
+def test_add_treats_ipv4_mapped_addresses_as_ipv4(daemon: FakeDaemon) -> None:
+    # As Go's net.ParseIP(...).To4() does, and so host-local and the plugins after us.
+    conf = daemon.conf(
+        "0.4.0", gateway="::ffff:192.168.0.1",
+        routes=[{"dst": "::ffff:10.96.0.0/108", "gw": "::ffff:c0a8:1"}],
+        dns={"nameservers": ["::ffff:10.96.0.10", "fd00::10"]},
+    )
+    conf["runtimeConfig"] = {"ips": ["::ffff:192.168.0.5/120"]}
+    result = run_plugin("ADD", conf).result
+    assert daemon.only_request("Allocate")["ips"] == ["192.168.0.5"]
+    assert result["ips"] == [{"version": "4", "address": "192.168.0.5/24",
+                              "gateway": "192.168.0.1"}]
+    assert result["routes"] == [{"dst": "10.96.0.0/12", "gw": "192.168.0.1"}]
+    assert result["dns"] == {"nameservers": ["10.96.0.10", "fd00::10"]}
+
+
+def test_ipv4_mapped_and_plain_ipv4_request_are_one_address(daemon: FakeDaemon) -> None:
+    conf = daemon.conf()
+    conf["runtimeConfig"] = {"ips": ["::ffff:192.168.0.50"]}
+    assert run_plugin("ADD", conf, cni_args="IP=192.168.0.50").status == 0
+    assert daemon.only_request("Allocate")["ips"] == ["192.168.0.50"]
 
 
 def test_add_daemon_error_keeps_its_code_and_message(daemon: FakeDaemon) -> None:
@@ -478,10 +661,26 @@ def test_check_mismatch_is_113(daemon: FakeDaemon) -> None:
     assert "192.168.0.6" in error["details"] and "192.168.0.5" in error["details"]
 
 
-def test_check_extra_address_in_prev_result_is_113(daemon: FakeDaemon) -> None:
+def test_check_allows_addresses_a_later_plugin_added(daemon: FakeDaemon) -> None:
+    # CNI spec: CHECK must allow for a later chained plugin having changed the result.
     conf = daemon.conf()
-    conf["prevResult"] = prev_result("192.168.0.5/24", "fd00::9/64")
-    run_plugin("CHECK", conf).error(113)
+    conf["prevResult"] = prev_result("192.168.0.5/24", "fd00::9/64", "10.1.0.7/32")
+    outcome = run_plugin("CHECK", conf)
+    assert (outcome.status, outcome.stdout) == (0, ""), outcome
+
+
+def test_check_held_address_missing_from_prev_result_is_113(daemon: FakeDaemon) -> None:
+    daemon.answers["Get"] = wire.ok_response({"addresses": [V4, V6]})
+    conf = daemon.conf()
+    conf["prevResult"] = prev_result("192.168.0.5/24", "10.1.0.7/32")
+    error = run_plugin("CHECK", conf).error(113)
+    assert "fd00::5" in error["msg"] + error["details"], error
+
+
+def test_check_matches_ipv4_mapped_prev_result(daemon: FakeDaemon) -> None:
+    conf = daemon.conf()
+    conf["prevResult"] = prev_result("::ffff:192.168.0.5/120")
+    assert run_plugin("CHECK", conf).status == 0
 
 
 @pytest.mark.parametrize(
@@ -555,6 +754,14 @@ def test_gc_maps_valid_attachments(daemon: FakeDaemon) -> None:
     }
 
 
+def test_gc_leaves_out_ifnames_over_15_bytes(daemon: FakeDaemon) -> None:
+    conf = daemon.conf()
+    conf["cni.dev/valid-attachments"] = [{"containerID": "ctr1", "ifname": "é" * 8},
+                                         {"containerID": "ctr1", "ifname": "eth0"}]
+    assert run_plugin("GC", conf, container_id=None, ifname=None).status == 0
+    assert daemon.only_request("GarbageCollect")["valid_attachments"] == [ATTACHMENT]
+
+
 @pytest.mark.parametrize(
     ("key", "value"), [("cni.dev/attachments", [{"containerID": "ctr1", "ifname": "eth0"}]),
                        ("cni.dev/valid-attachments", None)],
@@ -600,15 +807,53 @@ def test_wire_frame_round_trip() -> None:
     assert wire.decode_payload(frame[4:]) == message
 
 
-@pytest.mark.parametrize("header", [b"\x00\x00\x00\x00", b"\x00\x10\x00\x01", b"\x00\x00\x01"])
+@pytest.mark.parametrize("header", [b"\x00\x00\x00\x00", (wire.MAX_FRAME + 1).to_bytes(4, "big"),
+                                    b"\xff\xff\xff\xff", b"\x00\x00\x01"])
 def test_wire_rejects_bad_lengths(header: bytes) -> None:
     with pytest.raises(wire.FrameError):
         wire.frame_length(header)
 
 
+def test_wire_carries_a_gc_of_twenty_thousand_attachments() -> None:
+    # ~9,000 attachments with 64-character container IDs filled the old 1 MiB frame.
+    keep = [{"network": "k8s-pod-network", "container_id": f"{n:064x}", "ifname": "eth0"}
+            for n in range(20_000)]
+    frame = wire.encode_frame({"method": "GarbageCollect",
+                               "request": {"network": "k8s-pod-network",
+                                           "valid_attachments": keep}})
+    assert wire.frame_length(frame[:4]) == len(frame) - 4 > 1 << 21
+
+
 def test_wire_rejects_oversized_messages() -> None:
     with pytest.raises(wire.FrameError):
         wire.encode_frame({"pad": "x" * wire.MAX_FRAME})
+
+
+@pytest.mark.slow
+def test_gc_of_twenty_thousand_attachments_on_a_real_daemon(
+    etcd: EtcdServer, prefix: str, ctl_env: dict[str, str], tmp_path: Path
+) -> None:
+    # ~9,000 valid attachments used to overflow the 1 MiB frame (the runtime
+    # lists every live container of the node, with 64-character IDs).
+    assert ctl(ctl_env, "create", "ippool", "gc", "--cidr", "10.88.0.0/24").returncode == 0
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o750)
+    daemon = DaemonProcess("node-gc", str(run_dir / "topoipamd.sock"), etcd.endpoint, prefix,
+                           str(tmp_path / "topoipamd.log")).start()
+    try:
+        conf = netconf(socket_path=daemon.socket)
+        live, gone = f"{1:064x}", f"{20_001:064x}"
+        for container in (live, gone):
+            assert run_plugin("ADD", conf, container_id=container).status == 0
+        gc_conf = {**conf, "cni.dev/valid-attachments": [
+            {"containerID": f"{n:064x}", "ifname": "eth0"} for n in range(20_000)]}
+        assert len(json.dumps(gc_conf)) > 1 << 20  # the old frame limit
+        outcome = run_plugin("GC", gc_conf, container_id=None, ifname=None, timeout=60)
+        assert (outcome.status, outcome.stdout) == (0, ""), (outcome, daemon.log())
+        assert run_plugin("CHECK", conf, container_id=live).status == 0
+        run_plugin("CHECK", conf, container_id=gone).error(113)
+    finally:
+        assert daemon.stop() == 0, daemon.log()
 
 
 def test_cni_socket_path() -> None:

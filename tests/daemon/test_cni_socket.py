@@ -186,6 +186,49 @@ async def test_frame_of_exactly_max_size_is_accepted(
 
 
 @pytest.mark.asyncio
+async def test_frame_limit_fits_a_gc_of_twenty_thousand_attachments(
+    recorder_server: tuple[CniSocketServer, Recorder], client: Client
+) -> None:
+    keep = [{"network": "k8s-pod-network", "container_id": f"{n:064x}", "ifname": "eth0"}
+            for n in range(20_000)]
+    request = {"network": "k8s-pod-network", "valid_attachments": keep}
+    answer = await client.call("GarbageCollect", request)
+    assert answer["code"] == "OK"
+    assert recorder_server[1].calls == [("GarbageCollect", request)]
+
+
+@pytest.mark.asyncio
+async def test_a_peer_sending_while_its_request_runs_is_held_back(tmp_path: Path) -> None:
+    # With frames of up to MAX_FRAME, a peer that keeps writing while its
+    # request is answered must not make the daemon buffer without bound: the
+    # server stops reading (the peer's writes block) until it has answered.
+    release = asyncio.Event()
+
+    async def slow(method: str, request: Json) -> Json:
+        await release.wait()
+        return wire.ok_response({})
+
+    async with CniSocketServer(sock_path(tmp_path), slow) as server:
+        client = await Client.connect(server.path)
+        try:
+            await client.send_raw(wire.encode_frame({"method": "Status"}))
+            await asyncio.sleep(0.05)  # the request is being answered
+            pad = b'{"method": "Status", "pad": "' + b"x" * (8 << 20) + b'"}'
+            flood = len(pad).to_bytes(4, "big") + pad
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.send_raw(flood), 1.0)
+            protocol = next(iter(server._connections))
+            assert len(protocol._buffer) <= 1 << 20, len(protocol._buffer)
+            release.set()
+            assert (await client.receive())["code"] == "OK"
+            # Reading resumes after the answer: the pipelined frame is served too.
+            await asyncio.wait_for(client.writer.drain(), 10)
+            assert (await client.receive())["code"] == "OK"
+        finally:
+            await client.close()
+
+
+@pytest.mark.asyncio
 async def test_peer_vanishing_mid_frame_does_not_hurt_the_server(
     recorder_server: tuple[CniSocketServer, Recorder],
 ) -> None:

@@ -117,10 +117,9 @@ def test_the_dotted_ids_of_0_1_were_ambiguous_and_attributes_tell_them_apart() -
     assert legacy.belongs_to(one) and not legacy.belongs_to(other)
 
 
-def test_interface_names_are_measured_in_bytes() -> None:
+def test_interface_names_dot_and_dotdot_are_refused() -> None:
     Attachment("n", "c", "e" * 15)
-    with pytest.raises(InvalidInput):
-        Attachment("n", "c", "é" * 8)  # 8 characters, 16 bytes
+    # (the 15-byte limit is the plugin's, on ADD: a DEL of a longer name 0.1 took still works)
     for bad in (".", ".."):
         with pytest.raises(InvalidInput):
             Attachment("n", "c", bad)
