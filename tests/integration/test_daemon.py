@@ -122,7 +122,7 @@ def test_label_change_governs_next_allocation_within_a_second(
                   'rack == "0"'],
                  ["create", "ippool", "rack-1", "--cidr", "10.20.1.0/24", "--node-selector",
                   'rack == "1"'],
-                 ["label", "nodes", "node-x", "rack=0"]):
+                 ["label", "nodes", "node-x", "rack=0", "--create"]):
         assert ctl(ctl_env, *args).returncode == 0
     daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-x")
     with daemon.stub() as stub:
@@ -364,7 +364,7 @@ def test_blocks_unselected_while_the_daemon_was_down_are_released(
 ) -> None:
     assert ctl(ctl_env, "create", "ippool", "rack-0", "--cidr", "10.49.0.0/24",
                "--node-selector", 'rack == "0"').returncode == 0
-    assert ctl(ctl_env, "label", "nodes", "node-u", "rack=0").returncode == 0
+    assert ctl(ctl_env, "label", "nodes", "node-u", "rack=0", "--create").returncode == 0
     daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-u")
     with daemon.stub() as stub:
         stub.Allocate(ipam_pb2.AllocateRequest(attachment=attachment("u"), assign_ipv4=True),
