@@ -7,9 +7,12 @@ someone else changed the same object in between; the CLI then re-reads and
 re-validates (bounded), so it never overwrites a change it did not see and
 never writes half of a manifest.
 
-Expected failures print one ``error: ...`` line on stderr and exit 1; usage
-errors exit 2 (argparse). Reports (``ipam check``, ``check ...``) print on
-stdout.
+Exit status: 0 success; 1 an expected failure (one ``error: ...`` line on
+stderr) or, for the ``check`` reports, problems found; 2 usage errors
+(argparse); 141 (128 + SIGPIPE, what a shell shows for ``| head``) when
+stdout is closed early, quietly. Reports (``ipam check``, ``check ...``)
+print on stdout: problem lines, then ``warning: ...`` lines, then a summary;
+warnings alone exit 0 unless ``--fail-on-warnings``.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+import netaddr
 import yaml
 
 from topoipam.client import manifests
@@ -53,10 +59,13 @@ from topoipam.daemon.model import (
     IPPool,
     IPReservation,
     Node,
+    check_kubernetes_label,
+    check_pool_name,
     check_pool_overlaps,
     parse_address,
     parse_gateway_spec,
     parse_network,
+    reserved_range_problem,
 )
 from topoipam.daemon.store import (
     DEFAULT_PREFIX,
@@ -84,19 +93,23 @@ MAX_TXN_OPS = 128
 # Empty blocks of deleted pools are dropped in transactions of this many blocks
 # (two ops each: block and affinity).
 BLOCK_DROP_BATCH = 50
-# `ipam release` frees addresses wherever they are: the node is only a label.
-RELEASE_NODE = "<any>"
 CONFIG_FLAGS = ("strict_affinity", "max_blocks_per_host", "auto_allocate_blocks",
                 "ip_cooldown_seconds")
 
 STORE_KIND = {"IPPool": "pool", "Node": "node", "IPReservation": "reservation"}
+# Resource names as calicoctl and kubectl spell them, with their short forms.
+POOL_NAMES = ("ippool", "ippools", "ipp", "ipps", "pool", "pools")
+NODE_NAMES = ("node", "nodes", "no")
+RESERVATION_NAMES = ("ipreservation", "ipreservations", "ipr")
 GET_KINDS = {
-    "ippool": "IPPool", "ippools": "IPPool",
-    "node": "Node", "nodes": "Node",
+    **dict.fromkeys(POOL_NAMES, "IPPool"),
+    **dict.fromkeys(NODE_NAMES, "Node"),
     "ipamconfig": "IPAMConfig", "ipamconfigs": "IPAMConfig",
-    "ipreservation": "IPReservation", "ipreservations": "IPReservation",
+    **dict.fromkeys(RESERVATION_NAMES, "IPReservation"),
     "allocation": "allocations", "allocations": "allocations",
 }
+# 128 + SIGPIPE: the status a shell shows for a writer whose reader went away.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 Handler: TypeAlias = Callable[[EtcdStore, argparse.Namespace], Awaitable[int]]
 
@@ -343,6 +356,7 @@ async def plan_writes(
     stored_pools = [p.value for p in stored]
     file_pools = [t.obj for t in targets if isinstance(t.obj, IPPool)]
     block_cidrs: dict[int, list[IPNetwork]] = {}
+    snapshot: Snapshot | None = None
     plan = Plan()
     for target, (current, revision) in zip(targets, currents, strict=True):
         if action == "delete":
@@ -353,6 +367,24 @@ async def plan_writes(
             raise AlreadyExists(f"{target.context}{target.label} already exists")
         if isinstance(target.obj, IPPool):
             pool = target.obj
+            problem = reserved_range_problem(pool.cidr)
+            if problem is not None:
+                raise InvalidInput(f"{target.context}ippool {pool.name}: {problem}")
+            if revision == 0:
+                try:
+                    check_pool_name(pool.name)
+                except InvalidInput as exc:
+                    raise InvalidInput(f"{target.context}{exc}") from exc
+            # Against the stored pools this file does not replace, and against the
+            # earlier pools of the file: an overlap is reported at the later document.
+            # Checked before the leftover blocks, so that the blocks of a live pool
+            # are blamed on that pool, not on "a deleted pool".
+            others = [p for p in stored_pools if p.name not in {f.name for f in file_pools}]
+            earlier = file_pools[:file_pools.index(pool)]
+            try:
+                check_pool_overlaps(pool, [*others, *earlier])
+            except InvalidInput as exc:
+                raise InvalidInput(f"{target.context}{exc}") from exc
             if isinstance(current, IPPool):
                 check_immutable(target, current, pool)
             else:
@@ -360,14 +392,12 @@ async def plan_writes(
                 if family not in block_cidrs:
                     block_cidrs[family] = await existing_block_cidrs(store, family)
                 check_leftover_blocks(target, pool, block_cidrs[family])
-            # Against the stored pools this file does not replace, and against the
-            # earlier pools of the file: an overlap is reported at the later document.
-            others = [p for p in stored_pools if p.name not in {f.name for f in file_pools}]
-            earlier = file_pools[:file_pools.index(pool)]
-            try:
-                check_pool_overlaps(pool, [*others, *earlier])
-            except InvalidInput as exc:
-                raise InvalidInput(f"{target.context}{exc}") from exc
+        if isinstance(target.obj, IPReservation) and current != target.obj:
+            if snapshot is None:
+                snapshot = await load_snapshot(store)
+            pools_after = [*(p for p in stored_pools if p.name not in {f.name for f in file_pools}),
+                           *file_pools]
+            plan.warnings.extend(reservation_warnings(target.obj, snapshot, pools_after))
         if current == target.obj:
             plan.lines.append(f"{resource_id(target.obj)} unchanged")
             continue
@@ -383,6 +413,34 @@ async def plan_writes(
             f"{MAX_TXN_OPS}); split the manifest"
         )
     return plan
+
+
+def reservation_warnings(
+    reservation: IPReservation, snap: Snapshot, pools: Sequence[IPPool]
+) -> list[str]:
+    """What an operator must know when writing ``reservation``: allocations it cannot take
+    back, and CIDRs that reserve nothing because no pool contains them."""
+    what = f"ipreservation {reservation.name}"
+    lines = [
+        f"{what}: {row.ip} is allocated to {row.pod if row.handle else 'a leaked handle'} "
+        f"(handle {row.handle_id}, node {show(row.node)}); the reservation keeps it only once "
+        "it is released"
+        for row in snap.allocations() if reserves(reservation, row.ip)
+    ]
+    lines += [f"{what}: {cidr} is outside every pool (it reserves nothing)"
+              for cidr in outside_pools(reservation, pools)]
+    return lines
+
+
+def reserves(reservation: IPReservation, address: IPAddress) -> bool:
+    return any(address.version == c.version and address in c for c in reservation.cidrs)
+
+
+def outside_pools(reservation: IPReservation, pools: Iterable[IPPool]) -> list[IPNetwork]:
+    pools = list(pools)
+    return [c for c in reservation.cidrs
+            if not any(p.family == c.version and p.cidr.overlaps(c)
+                       for p in pools)]
 
 
 async def plan_delete(
@@ -566,10 +624,73 @@ async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
 async def delete_node(store: EtcdStore, name: str, force: bool) -> int:
     if await store.get_node(name) is None and not await store.list_affinities(name):
         raise NotFound(f"node {name} does not exist")
+    daemon = await store.get_daemon(name)
+    if daemon is not None:
+        where = (f" (host {daemon.get('host')}, pid {daemon.get('pid')})"
+                 if "host" in daemon else "")
+        if not force:
+            raise InvalidInput(
+                f"node {name} is served by a running topoipamd{where}: deleting it would leave "
+                "that daemon serving with no labels; stop the daemon first, or use --force"
+            )
+        warn(f"node {name} is served by a running topoipamd{where}: it keeps serving with no "
+             "labels, and its node record comes back only when it restarts")
     released, deleted, kept = await Ipam(store, name).retire_node(force)
     print(f"node/{name} deleted ({released} attachment(s) released, {deleted} block(s) "
           f"deleted, {kept} block(s) with borrowed addresses kept without affinity)")
     return 0
+
+
+# ---------------------------------------------------------------------------- verbs: patch
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge, null deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+async def cmd_patch(store: EtcdStore, args: argparse.Namespace) -> int:
+    """Read the pool, patch its manifest, validate and write it guarded by the read revision.
+
+    Like `apply` of the patched manifest: the same checks, one transaction,
+    re-read and re-patched if the pool changed in between.
+    """
+    if args.patch is not None:
+        try:
+            patch = json.loads(args.patch)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"-p is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+        if not isinstance(patch, dict):
+            raise InvalidInput("-p must be a JSON object, e.g. '{\"spec\": {\"disabled\": true}}'")
+    else:
+        patch = {"spec": {"disabled": args.disabled}}
+    for _ in range(WRITE_ATTEMPTS):
+        current, revision = await read_current(store, "IPPool", args.name)
+        if revision == 0:
+            raise NotFound(f"ippool {args.name} does not exist")
+        if not isinstance(current, IPPool):
+            raise InvalidInput(f"ippool {args.name}: stored value is corrupt; use apply -f")
+        patched = merge_patch(manifests.to_manifest(current), patch)
+        metadata = patched.get("metadata") if isinstance(patched, dict) else None
+        if not isinstance(metadata, dict) or metadata.get("name") != args.name:
+            raise InvalidInput(f"ippool {args.name}: metadata.name cannot change")
+        parsed = manifests.load(json.dumps(patched), "patch")
+        [document] = parsed.documents
+        target = Target(document.kind, args.name, document.obj)
+        plan = await plan_writes(store, [target], "apply", force=False)
+        if not plan.writes or (await store.commit(
+                [dataclasses.replace(w, expect_revision=revision) if isinstance(w, PutObject)
+                 else w for w in plan.writes])).succeeded:
+            return report(plan)
+    raise Conflict(f"ippool {args.name} changed concurrently {WRITE_ATTEMPTS} times; try again")
 
 
 # ---------------------------------------------------------------------------- verbs: get
@@ -628,11 +749,12 @@ async def print_pools(pools: list[IPPool], store: EtcdStore, wide: bool) -> None
                     [[p.name, str(p.cidr), p.node_selector] for p in pools])
         return
     in_use = await asyncio.gather(*(allocated_in(store, p.cidr) for p in pools))
+    reservations = allocator.Reservations(r.value for r in await store.list_reservations())
     print_table(
         ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "DISABLED", "ASSIGNMENTMODE", "GATEWAY",
          "IN-USE", "TOTAL"],
         [[p.name, str(p.cidr), str(p.block_size), p.node_selector, str(p.disabled).lower(),
-          p.assignment_mode, show(p.gateway), str(used), str(p.capacity)]
+          p.assignment_mode, show(p.gateway), str(used), str(usable_capacity(p, reservations))]
          for p, used in zip(pools, in_use, strict=True)],
     )
 
@@ -655,8 +777,8 @@ async def get_allocations(store: EtcdStore, node: str | None, output: str | None
     rows = (await load_snapshot(store)).allocations()
     if node is not None:
         rows = [r for r in rows if r.node == node]
-    if output == "json":
-        print(json.dumps([r.to_json() for r in rows], indent=2))
+    if output in ("json", "yaml"):
+        print_document([r.to_json() for r in rows], output)
         return 0
     headers = ["IP", "NODE", "POOL", "POD"]
     if output == "wide":
@@ -694,8 +816,14 @@ def parse_label_changes(items: Sequence[str]) -> dict[str, str | None]:
 
 async def cmd_label(store: EtcdStore, args: argparse.Namespace) -> int:
     changes = parse_label_changes(args.labels)
+    for key, value in changes.items():
+        check_kubernetes_label(key, "" if value is None else value, f"node {args.name}")
     for _ in range(WRITE_ATTEMPTS):
         current, revision = await read_current(store, "Node", args.name)
+        if revision == 0 and not args.create:
+            # A typo would otherwise create a node no daemon serves. Daemons
+            # register their own node when they start.
+            raise NotFound(f"node {args.name} does not exist; use --create to create it")
         labels = dict(current.labels) if isinstance(current, Node) else {}
         before = dict(labels)
         missing = []
@@ -710,7 +838,7 @@ async def cmd_label(store: EtcdStore, args: argparse.Namespace) -> int:
                 )
             else:
                 labels[key] = value
-        # A node that does not exist yet is created, unless nothing would be set.
+        # With --create a node that does not exist yet is created, unless nothing is set.
         unchanged = labels == before
         if unchanged or (await store.commit([PutObject(Node(args.name, labels),
                                                        revision)])).succeeded:
@@ -724,28 +852,41 @@ async def cmd_label(store: EtcdStore, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- verbs: ipam
 
 
+def usable_capacity(pool: IPPool, reservations: allocator.Reservations) -> int:
+    """How many addresses of ``pool`` can ever be allocated: all of them, less the
+    unusable ones and those IPReservations keep (each counted once)."""
+    excluded = netaddr.IPSet(str(a) for a in pool.unusable())
+    if reservations:
+        excluded |= reservations.ip_set & netaddr.IPSet([str(pool.cidr)])
+    return pool.cidr.num_addresses - int(excluded.size)
+
+
 async def cmd_ipam_show(store: EtcdStore, args: argparse.Namespace) -> int:
     snap = await load_snapshot(store)
     if args.ip is not None:
         print(describe_address(snap, parse_address(args.ip, "--ip")))
         return 0
     pool_of = {cidr: allocator.pool_of_block(snap.pools, cidr) for cidr in snap.blocks}
+    reservations = allocator.Reservations(snap.reservations)
     used: Counter[str | None] = Counter()
     for cidr, block in snap.blocks.items():
         pool = pool_of[cidr]
         used[pool.name if pool else None] += block.in_use
-    rows = [[p.name, str(p.cidr), str(used[p.name]), str(p.capacity),
-             f"{100 * used[p.name] / p.capacity:.1f}%"] for p in snap.pools]
+    rows = []
+    for p in snap.pools:
+        capacity = usable_capacity(p, reservations)
+        share = f"{100 * used[p.name] / capacity:.1f}%" if capacity else "-"
+        rows.append([p.name, str(p.cidr), str(used[p.name]), str(capacity), share])
     if used[None]:
         rows.append(["(no pool)", "-", str(used[None]), "-", "-"])
     print_table(["POOL", "CIDR", "IN-USE", "CAPACITY", "USED"], rows)
     if args.show_blocks:
-        reservations = allocator.Reservations(snap.reservations)
         block_rows = []
         for cidr in sorted(snap.blocks, key=network_order):
             block, pool = snap.blocks[cidr], pool_of[cidr]
+            # A block no pool owns hands nothing out: its addresses are not free.
             free = (allocator.free_count(block, allocator.AssignContext(pool, reservations))
-                    if pool else len(block.unallocated))
+                    if pool else 0)
             block_rows.append([str(cidr), pool.name if pool else "(no pool)",
                                show(block.affinity), str(block.in_use), str(free)])
         print()
@@ -776,8 +917,11 @@ def describe_address(snap: Snapshot, address: IPAddress) -> str:
                     f"does not exist (leaked; free it with `topoipamctl ipam release --ip "
                     f"{address}`)")
         row = AllocationRow(address, block, holder, handle, pool)
+        reserved = reserved_by(snap, address)
+        also = (f"; it is also reserved by ipreservation {', '.join(reserved)}"
+                if reserved else "")
         return (f"{address} is allocated to handle {holder} on node {handle.node} "
-                f"(pod {row.pod}) in {where}")
+                f"(pod {row.pod}) in {where}{also}")
     pool = allocator.pool_of(snap.pools, address)
     if pool is None:
         return f"{address} is not in any pool"
@@ -785,10 +929,9 @@ def describe_address(snap: Snapshot, address: IPAddress) -> str:
         return f"{address} is the gateway of pool {pool.name} (never handed out)"
     if not pool.usable(address):
         return f"{address} is the network or broadcast address of pool {pool.name} (never used)"
-    reserved_by = [r.name for r in snap.reservations
-                   if any(address.version == c.version and address in c for c in r.cidrs)]
-    if reserved_by:
-        return f"{address} is reserved by ipreservation {', '.join(reserved_by)} (pool {pool.name})"
+    reserved = reserved_by(snap, address)
+    if reserved:
+        return f"{address} is reserved by ipreservation {', '.join(reserved)} (pool {pool.name})"
     cidr = pool.block_of(address)
     claimed = snap.blocks.get(cidr)
     where = (f"block {cidr}, affinity {show(claimed.affinity)}" if claimed is not None
@@ -796,8 +939,15 @@ def describe_address(snap: Snapshot, address: IPAddress) -> str:
     return f"{address} is free (pool {pool.name}, {where})"
 
 
+def reserved_by(snap: Snapshot, address: IPAddress) -> list[str]:
+    return sorted(r.name for r in snap.reservations if reserves(r, address))
+
+
 def find_inconsistencies(snap: Snapshot) -> list[str]:
-    """Every disagreement between blocks, handles, affinities and pools, one line each."""
+    """Every disagreement between blocks, handles, affinities and pools, one line each.
+
+    These are problems: state that can hand an address out twice or lose it.
+    """
     return [
         *snap.corrupt,
         *handle_problems(snap),
@@ -816,6 +966,46 @@ def gateway_problems(snap: Snapshot) -> Iterator[str]:
             yield (f"gateway allocated: {row.ip} is the gateway of pool {row.pool.name} but "
                    f"is held by handle {row.handle_id} (pod {row.pod}); recreate that pod, "
                    "or give the pool another gateway")
+
+
+def find_warnings(snap: Snapshot) -> list[str]:
+    """Deliberate or harmless states an operator should know about, one line each.
+
+    Blocks left by a forced pool deletion (until their last address is
+    released), reserved addresses that are still allocated, reservations
+    outside every pool.
+    """
+    lines = []
+    for cidr in sorted(snap.blocks, key=network_order):
+        if allocator.pool_of_block(snap.pools, cidr) is None:
+            lines.append(f"block {cidr} is not inside any pool (block of a deleted pool; "
+                         f"{snap.blocks[cidr].in_use} address(es) in use)")
+    for row in snap.allocations():
+        for name in reserved_by(snap, row.ip):
+            lines.append(f"reserved address {row.ip} (ipreservation {name}) is allocated to "
+                         f"handle {row.handle_id} (node {show(row.node)})")
+    for reservation in sorted(snap.reservations, key=lambda r: r.name):
+        lines += [f"ipreservation {reservation.name}: {cidr} is outside every pool"
+                  for cidr in outside_pools(reservation, snap.pools)]
+    return lines
+
+
+def print_findings(report_name: str, problems: Sequence[str], warnings: Sequence[str],
+                   counts: str, fail_on_warnings: bool) -> int:
+    """The shared tail of every check verb: problems, warnings, one summary, the status.
+
+    0: no problems (warnings allowed, unless ``fail_on_warnings``); 1: problems.
+    """
+    for line in problems:
+        print(line)
+    for line in warnings:
+        print(f"warning: {line}")
+    noted = f", {len(warnings)} warning(s)" if warnings else ""
+    if problems:
+        print(f"{report_name}: {len(problems)} problem(s){noted} found ({counts})")
+        return 1
+    print(f"{report_name}: OK{noted} ({counts})")
+    return 1 if warnings and fail_on_warnings else 0
 
 
 def handle_problems(snap: Snapshot) -> Iterator[str]:
@@ -874,13 +1064,10 @@ def affinity_problems(snap: Snapshot) -> Iterator[str]:
 
 
 def pool_problems(snap: Snapshot) -> Iterator[str]:
-    """Blocks outside every pool (a warning: the pool was deleted) or cut to another size."""
+    """Blocks cut to another size than their pool's (blocks of no pool are warnings)."""
     for cidr in sorted(snap.blocks, key=network_order):
         pool = allocator.pool_of_block(snap.pools, cidr)
-        if pool is None:
-            yield (f"warning: block {cidr} is not inside any pool (block of a deleted pool; "
-                   f"{snap.blocks[cidr].in_use} address(es) in use)")
-        elif pool.block_size != cidr.prefixlen:
+        if pool is not None and pool.block_size != cidr.prefixlen:
             yield (f"block size mismatch: block {cidr} lies in pool {pool.name}, whose blocks "
                    f"are /{pool.block_size}")
 
@@ -908,26 +1095,104 @@ def double_allocations(snap: Snapshot) -> Iterator[str]:
 
 async def cmd_ipam_check(store: EtcdStore, args: argparse.Namespace) -> int:
     snap = await load_snapshot(store)
-    problems = find_inconsistencies(snap)
     counts = (f"{len(snap.blocks)} blocks, {len(snap.handles)} handles, "
               f"{sum(b.in_use for b in snap.blocks.values())} addresses")
-    for line in problems:
-        print(line)
-    if problems:
-        print(f"ipam check: {len(problems)} problem(s) found ({counts})")
-        return 1
-    print(f"ipam check: OK ({counts})")
-    return 0
+    return print_findings("ipam check", find_inconsistencies(snap), find_warnings(snap),
+                          counts, args.fail_on_warnings)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Who holds ``address`` in its block, read with the revisions a release must guard."""
+
+    address: IPAddress
+    block: Versioned[Block]
+    holder: str
+    handle: Versioned[Handle] | None
+
+    @property
+    def live(self) -> bool:
+        """The holder's attachment still exists and claims the address: a pod uses it."""
+        return self.handle is not None and any(
+            a.ip == self.address for a in self.handle.value.addresses)
+
+    @property
+    def attachment(self) -> str:
+        """namespace/pod/container, from the handle's attributes (what is known of them)."""
+        attributes = self.handle.value.attributes if self.handle is not None else {}
+        parts = [attributes.get(k) for k in ("namespace", "pod", "container_id")]
+        return "/".join(p for p in parts if p) or f"handle {self.holder}"
+
+    def describe(self) -> str:
+        node = self.handle.value.node if self.handle is not None else "?"
+        return f"attachment {self.attachment} (handle {self.holder}, node {node})"
+
+
+async def read_holding(store: EtcdStore, address: IPAddress) -> Holding | None:
+    block = await store.block_containing(address)
+    if block is None:
+        return None
+    holder = block.value.allocations.get(block.value.ordinal(address))
+    if holder is None:
+        return None
+    return Holding(address, block, holder, await store.get_handle(holder))
+
+
+def refuse_live(holding: Holding) -> InvalidInput:
+    return InvalidInput(
+        f"{holding.address} is held by {holding.describe()}, which still exists: releasing it "
+        "would let the next pod get the same address; delete the pod, or use --force"
+    )
+
+
+async def release_holding(store: EtcdStore, address: IPAddress, force: bool
+                          ) -> Holding | None:
+    """Free ``address`` in its block, in one transaction with its handle.
+
+    The transaction guards the block and the handle as read (an absent handle
+    must still be absent), so an attachment that appears or changes meanwhile
+    makes it re-read and re-decide: a live attachment's address is freed only
+    with ``force``. Returns what was released, or None if the address was free.
+    """
+    for _ in range(WRITE_ATTEMPTS):
+        holding = await read_holding(store, address)
+        if holding is None:
+            return None
+        if holding.live and not force:
+            raise refuse_live(holding)
+        block, _ = allocator.release_addresses(holding.block.value, [address], None, time.time())
+        writes: list[Write] = [PutBlock(block, holding.block.mod_revision)]
+        handle = holding.handle
+        if handle is None:
+            writes.append(DeleteHandle(holding.holder, 0))  # a guard: still absent
+        else:
+            rest = tuple(a for a in handle.value.addresses if a.ip != address)
+            writes.append(
+                PutHandle(dataclasses.replace(handle.value, addresses=rest), handle.mod_revision)
+                if rest else DeleteHandle(holding.holder, handle.mod_revision))
+        if (await store.commit(writes)).succeeded:
+            return holding
+    raise Conflict(f"{address} changed concurrently {WRITE_ATTEMPTS} times; try again")
 
 
 async def cmd_ipam_release(store: EtcdStore, args: argparse.Namespace) -> int:
     addresses = [parse_address(text, "--ip") for text in args.ip]
-    ipam = Ipam(store, node=RELEASE_NODE)
+    if not args.force:
+        # All or nothing: refuse before releasing any of them.
+        for address in addresses:
+            holding = await read_holding(store, address)
+            if holding is not None and holding.live:
+                raise refuse_live(holding)
     failed = 0
     for address in addresses:
-        holder = await ipam.release_address(address)
-        if holder is not None:
-            print(f"released {address} (handle {holder})")
+        released = await release_holding(store, address, args.force)
+        holder = released.holder if released is not None else None
+        if released is not None:
+            print(f"released {address} (handle {released.holder})")
+            if released.live:
+                warn(f"released {address} although attachment {released.attachment} still uses "
+                     "it: the next allocation may hand it out again (a duplicate) "
+                     "until that pod is deleted")
         unlisted = await unlist_address(store, address)
         for handle_id in unlisted:
             print(f"removed {address} from handle {handle_id}, which listed it without "
@@ -1015,14 +1280,46 @@ async def cmd_explain(store: EtcdStore, args: argparse.Namespace) -> int:
                      pool.node_selector, "yes" if match else "no", reason])
     print_table(["POOL", "CIDR", "FAMILY", "STATE", "MODE", "SELECTOR", "MATCH", "REASON"], rows)
     print()
+    snap = await load_snapshot(store)
+    config = (await store.get_config()).value
     for family in sorted({p.family for p in pools} or {4}):
         try:
             order = allocator.pools_for_node(pools, args.name, labels, family)
-            text = ", ".join(p.name for p in order)
         except NoPoolForNode as exc:
-            text = f"none: {exc}"
-        print(f"{family_name(family)} allocation order: {text}")
+            print(f"{family_name(family)} allocation order: none: {exc}")
+            continue
+        print(f"{family_name(family)} allocation order:")
+        for line in allocation_steps(args.name, order, snap, config):
+            print(f"  {line}")
     return 0
+
+
+def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config: IPAMConfig
+                     ) -> list[str]:
+    """The allocator's three steps (DESIGN §4) for ``node``, as they stand now."""
+    reservations = allocator.Reservations(snap.reservations)
+    now, cooldown = time.time(), float(config.ip_cooldown_seconds)
+    own = []
+    affine = [b for b in snap.blocks.values() if b.affinity == node]
+    for pool in order:  # pool order, then address order, like the allocator
+        ctx = allocator.AssignContext(pool, reservations, now, cooldown)
+        for block in sorted((b for b in affine if owning_pool([pool], b.cidr) is pool),
+                            key=lambda b: network_order(b.cidr)):
+            free = allocator.free_count(block, ctx)
+            if free:
+                own.append(f"{block.cidr} (pool {pool.name}, {free} free)")
+    names = ", ".join(p.name for p in order)
+    steps = [f"1. {node}'s blocks with free addresses: {', '.join(own) or 'none'}"]
+    if not config.auto_allocate_blocks:
+        steps.append("2. no new blocks: autoAllocateBlocks is off")
+    elif config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host:
+        steps.append(f"2. no new blocks: node has reached maxBlocksPerHost="
+                     f"{config.max_blocks_per_host}")
+    else:
+        steps.append(f"2. claim a new block in: {names}")
+    steps.append("3. no borrowing: strictAffinity is on" if config.strict_affinity
+                 else f"3. borrow a free address from other nodes' blocks in: {names}")
+    return steps
 
 
 async def cmd_check_coverage(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -1031,19 +1328,20 @@ async def cmd_check_coverage(store: EtcdStore, args: argparse.Namespace) -> int:
     # With no pool at all nobody gets an address: report that for IPv4.
     families = sorted({p.family for p in pools} or {4})
     uncovered = set()
+    problems = []
     for node in nodes:
         for family in families:
             try:
                 allocator.pools_for_node(pools, node.name, node.labels, family)
             except NoPoolForNode as exc:
-                print(f"warning: {exc}")
+                # A problem: pods on this node get no address of this family.
+                problems.append(f"uncovered node: {exc}")
                 uncovered.add(node.name)
+    counts = f"{len(nodes)} nodes, {len(pools)} pools"
     if uncovered:
-        print(f"check coverage: {len(uncovered)} of {len(nodes)} node(s) not selected by any "
-              "enabled Automatic pool")
-        return 1
-    print(f"check coverage: OK ({len(nodes)} nodes, {len(pools)} pools)")
-    return 0
+        counts = (f"{len(uncovered)} of {len(nodes)} node(s) not selected by any enabled "
+                  f"Automatic pool; {len(pools)} pools")
+    return print_findings("check coverage", problems, [], counts, args.fail_on_warnings)
 
 
 def placement_problem(row: AllocationRow, snap: Snapshot) -> str | None:
@@ -1055,6 +1353,9 @@ def placement_problem(row: AllocationRow, snap: Snapshot) -> str | None:
         return f"pool {pool.name} is disabled"
     if not pool.automatic:
         return None  # Manual pools are used when named, whatever the node's labels
+    reserved = reserved_by(snap, row.ip)
+    if reserved:
+        return f"the address is reserved by ipreservation {', '.join(reserved)}"
     node = snap.nodes.get(row.node or "")
     labels = node.labels if node is not None else {}
     if pool.selects(labels):
@@ -1068,6 +1369,8 @@ async def cmd_check_placement(store: EtcdStore, args: argparse.Namespace) -> int
     # Addresses without a handle have no holder to judge; `ipam check` reports them.
     rows = [r for r in snap.allocations() if r.handle is not None]
     found = [(r, reason) for r in rows if (reason := placement_problem(r, snap)) is not None]
+    # Warnings: these allocations work; they are the workloads to recreate in a
+    # maintenance window. The table is the report, so no "warning:" lines.
     if found:
         print_table(["IP", "NODE", "POOL", "HANDLE", "POD", "REASON"], [
             [str(r.ip), show(r.node), r.pool.name if r.pool else "-", r.handle_id, r.pod,
@@ -1075,7 +1378,7 @@ async def cmd_check_placement(store: EtcdStore, args: argparse.Namespace) -> int
         ])
         print(f"check placement: {len(found)} of {len(rows)} allocation(s) outside their "
               "node's pools")
-        return 1 if args.fail_on_found else 0
+        return 1 if args.fail_on_warnings else 0
     print(f"check placement: OK ({len(rows)} allocations)")
     return 0
 
@@ -1115,94 +1418,162 @@ def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
                        help="comma-separated etcd endpoints (env TOPOIPAM_ETCD_ENDPOINTS)")
     group.add_argument("--prefix", default=default("TOPOIPAM_PREFIX", DEFAULT_PREFIX),
                        help="etcd key prefix (env TOPOIPAM_PREFIX)")
-    group.add_argument("--etcd-ca", metavar="FILE", default=default("TOPOIPAM_ETCD_CA"))
-    group.add_argument("--etcd-cert", metavar="FILE", default=default("TOPOIPAM_ETCD_CERT"))
-    group.add_argument("--etcd-key", metavar="FILE", default=default("TOPOIPAM_ETCD_KEY"))
-    group.add_argument("--etcd-user", default=default("TOPOIPAM_ETCD_USER"))
+    group.add_argument("--etcd-ca", metavar="FILE", default=default("TOPOIPAM_ETCD_CA"),
+                       help="CA certificate for etcd TLS (env TOPOIPAM_ETCD_CA)")
+    group.add_argument("--etcd-cert", metavar="FILE", default=default("TOPOIPAM_ETCD_CERT"),
+                       help="client certificate for etcd TLS (env TOPOIPAM_ETCD_CERT)")
+    group.add_argument("--etcd-key", metavar="FILE", default=default("TOPOIPAM_ETCD_KEY"),
+                       help="client key for etcd TLS (env TOPOIPAM_ETCD_KEY)")
+    group.add_argument("--etcd-user", default=default("TOPOIPAM_ETCD_USER"),
+                       help="etcd user name (env TOPOIPAM_ETCD_USER)")
     group.add_argument("--etcd-password-file", metavar="FILE",
-                       default=default("TOPOIPAM_ETCD_PASSWORD_FILE"))
+                       default=default("TOPOIPAM_ETCD_PASSWORD_FILE"),
+                       help="file holding the etcd password (env TOPOIPAM_ETCD_PASSWORD_FILE)")
     group.add_argument("--etcd-timeout", metavar="SECONDS", type=float,
                        default=default("TOPOIPAM_ETCD_TIMEOUT", str(DEFAULT_TIMEOUT)),
                        help=f"per-request etcd timeout (default {DEFAULT_TIMEOUT})")
 
 
+EXIT_CODES = """\
+exit status: 0 success (reports: no problems; warnings allowed); 1 an error, or a report
+found problems; 2 usage error; 141 stdout closed early (e.g. `| head`), quietly."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="topoipamctl", description="Administer topoipam pools, nodes and allocations.")
+        prog="topoipamctl", description="Administer topoipam pools, nodes and allocations.",
+        epilog=EXIT_CODES)
     add_global_options(parser, top=True)
     connection = argparse.ArgumentParser(add_help=False)
     add_global_options(connection, top=False)
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB",
+                                  help="what to do (VERB --help for its options)")
 
-    def verb(parent: Any, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = parent.add_parser(name, help=help, parents=[connection])
+    def verb(parent: Any, name: str, handler: Handler, help: str,
+             **extra: Any) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(
+            name, help=help, description=help, parents=[connection], **extra)
         sub.set_defaults(handler=handler, usage_parser=sub)
         return sub
+
+    def report_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--fail-on-warnings", action="store_true",
+                         help="exit 1 on warnings too (problems always exit 1)")
+        sub.epilog = EXIT_CODES
 
     apply = verb(verbs, "apply", cmd_apply, "create or update resources from a manifest")
     apply.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
 
     create = verb(verbs, "create", cmd_create, "create resources (fails if they exist)")
-    create.add_argument("kind", nargs="?", choices=["ippool"])
-    create.add_argument("name", nargs="?")
+    create.add_argument("kind", nargs="?", choices=["ippool"], help="ippool (with flags)")
+    create.add_argument("name", nargs="?",
+                        help="pool name: a DNS-1123 label (lowercase, digits, '-')")
     create.add_argument("-f", "--filename", help="manifest file, or - for stdin")
-    create.add_argument("--cidr")
-    create.add_argument("--block-size", type=int)
-    create.add_argument("--node-selector", default="all()")
-    create.add_argument("--disabled", action="store_true")
-    create.add_argument("--assignment-mode", choices=ASSIGNMENT_MODES, default="Automatic")
+    create.add_argument("--cidr", help="the pool's CIDR, e.g. 192.168.0.0/24")
+    create.add_argument("--block-size", type=int,
+                        help="prefix length of the pool's blocks (default 26 / 122)")
+    create.add_argument("--node-selector", default="all()",
+                        help="which nodes the pool serves (default all())")
+    create.add_argument("--disabled", action="store_true",
+                        help="create the pool disabled (no new allocations)")
+    create.add_argument("--assignment-mode", choices=ASSIGNMENT_MODES, default="Automatic",
+                        help="Manual pools serve only CNI configs that name them")
     create.add_argument("--gateway", help="the pool's gateway address, never handed out "
                         "(default: its first usable address; 'none' for a routed pool)")
 
     delete = verb(verbs, "delete", cmd_delete, "delete resources")
-    delete.add_argument("kind", nargs="?",
-                        choices=["ippool", "ippools", "ipreservation", "ipreservations", "node",
-                                 "nodes"])
-    delete.add_argument("name", nargs="?")
+    delete.add_argument("kind", nargs="?", choices=[*POOL_NAMES, *RESERVATION_NAMES,
+                                                    *NODE_NAMES],
+                        help="ippool (ipp), ipreservation (ipr) or node (no)")
+    delete.add_argument("name", nargs="?", help="name of the object to delete")
     delete.add_argument("-f", "--filename", help="manifest file, or - for stdin")
     delete.add_argument("--force", action="store_true",
                         help="delete pools even while addresses in them are allocated; "
-                             "delete a node and release the addresses it holds")
+                             "delete a node while its daemon runs, and release the addresses "
+                             "it holds")
+
+    patch = verb(verbs, "patch", cmd_patch, "change fields of an IP pool in place")
+    patch.add_argument("kind", choices=POOL_NAMES, help="ippool (ipp)")
+    patch.add_argument("name", help="the pool to change")
+    patch.add_argument("--disabled", type=bool_flag, metavar="true|false",
+                       help="disable (true) or enable (false) the pool")
+    patch.add_argument("-p", "--patch", metavar="JSON",
+                       help="JSON merge patch (RFC 7386) of the pool's manifest, e.g. "
+                            "'{\"spec\": {\"nodeSelector\": \"rack == \\\"0\\\"\"}}'")
 
     get = verb(verbs, "get", cmd_get, "list resources or allocations")
-    get.add_argument("kind", choices=sorted(GET_KINDS))
-    get.add_argument("name", nargs="?")
-    get.add_argument("-o", "--output", choices=["wide", "yaml", "json"])
+    get.add_argument("kind", choices=sorted(GET_KINDS),
+                     help="ippool (ipp), node (no), ipamconfig, ipreservation (ipr), "
+                          "allocations")
+    get.add_argument("name", nargs="?", help="only this object")
+    get.add_argument("-o", "--output", choices=["wide", "yaml", "json"],
+                     help="wide table, or a yaml/json document")
     get.add_argument("--node", help="only allocations held by this node")
 
-    label = verb(verbs, "label", cmd_label, "set (k=v) or remove (k-) node labels")
-    label.add_argument("resource", choices=["nodes", "node"])
-    label.add_argument("name")
-    label.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
+    label = verb(verbs, "label", cmd_label,
+                 "set (k=v) or remove (k-) node labels (Kubernetes label syntax)")
+    label.add_argument("resource", choices=NODE_NAMES, help="nodes (no)")
+    label.add_argument("name", help="the node")
+    label.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-",
+                       help="labels to set or remove")
     label.add_argument("--overwrite", action="store_true",
                        help="allow changing the value of an existing label")
+    label.add_argument("--create", action="store_true",
+                       help="create the node if it does not exist (daemons register their "
+                            "own node; without this a mistyped name is refused)")
 
-    ipam = verbs.add_parser("ipam", help="inspect and repair address allocations")
-    ipam_verbs = ipam.add_subparsers(dest="ipam_verb", required=True, metavar="ACTION")
-    ipam_show = verb(ipam_verbs, "show", cmd_ipam_show, "utilisation per pool")
-    ipam_show.add_argument("--show-blocks", action="store_true")
-    ipam_show.add_argument("--show-borrowed", action="store_true")
-    ipam_show.add_argument("--ip", help="who holds this address")
-    verb(ipam_verbs, "check", cmd_ipam_check, "find leaks, orphans and mismatches")
-    ipam_release = verb(ipam_verbs, "release", cmd_ipam_release, "free addresses")
-    ipam_release.add_argument("--ip", action="append", required=True)
+    ipam = verbs.add_parser("ipam", help="inspect and repair address allocations",
+                            description="inspect and repair address allocations")
+    ipam_verbs = ipam.add_subparsers(dest="ipam_verb", required=True, metavar="ACTION",
+                                     help="show, check, release or configure")
+    ipam_show = verb(ipam_verbs, "show", cmd_ipam_show,
+                     "utilisation per pool (CAPACITY: addresses that can be handed out)")
+    ipam_show.add_argument("--show-blocks", action="store_true",
+                           help="also list every block with its affinity and free addresses")
+    ipam_show.add_argument("--show-borrowed", action="store_true",
+                           help="also list addresses held by a node other than the block's")
+    ipam_show.add_argument("--ip", help="who holds this address (or why it is not used)")
+    ipam_check = verb(ipam_verbs, "check", cmd_ipam_check,
+                      "find leaks, orphans and mismatches (problems) and leftovers (warnings)")
+    report_flags(ipam_check)
+    ipam_release = verb(
+        ipam_verbs, "release", cmd_ipam_release,
+        "free leaked addresses (whose attachment is gone); refuses an address a live "
+        "attachment holds unless --force")
+    ipam_release.add_argument("--ip", action="append", required=True,
+                              help="address to free (repeat for several; all or nothing)")
+    ipam_release.add_argument(
+        "--force", action="store_true",
+        help="also free addresses whose attachment still exists: the pod keeps using it and "
+             "the next allocation may hand it out again (a duplicate)")
     ipam_configure = verb(ipam_verbs, "configure", cmd_ipam_configure, "change IPAMConfig")
     ipam_configure.add_argument("--strictaffinity", dest="strict_affinity", type=bool_flag,
-                                metavar="true|false")
-    ipam_configure.add_argument("--max-blocks-per-host", type=whole_number, metavar="N")
-    ipam_configure.add_argument("--auto-allocate-blocks", type=bool_flag, metavar="true|false")
-    ipam_configure.add_argument("--ip-cooldown-seconds", type=whole_number, metavar="N")
+                                metavar="true|false",
+                                help="forbid borrowing addresses from other nodes' blocks")
+    ipam_configure.add_argument("--max-blocks-per-host", type=whole_number, metavar="N",
+                                help="blocks a node may claim (0: no limit)")
+    ipam_configure.add_argument("--auto-allocate-blocks", type=bool_flag, metavar="true|false",
+                                help="let nodes claim new blocks")
+    ipam_configure.add_argument("--ip-cooldown-seconds", type=whole_number, metavar="N",
+                                help="keep released addresses out of use this long")
 
-    explain = verb(verbs, "explain", cmd_explain, "which pools select a node, and why")
-    explain.add_argument("resource", choices=["node", "nodes"])
-    explain.add_argument("name")
+    explain = verb(verbs, "explain", cmd_explain,
+                   "which pools select a node, why, and the order addresses come from")
+    explain.add_argument("resource", choices=NODE_NAMES, help="node (no)")
+    explain.add_argument("name", help="the node")
 
-    check = verbs.add_parser("check", help="cluster-wide reports")
-    check_verbs = check.add_subparsers(dest="check_verb", required=True, metavar="REPORT")
-    verb(check_verbs, "coverage", cmd_check_coverage, "nodes that no enabled pool selects")
+    check = verbs.add_parser("check", help="cluster-wide reports",
+                             description="cluster-wide reports", epilog=EXIT_CODES)
+    check_verbs = check.add_subparsers(dest="check_verb", required=True, metavar="REPORT",
+                                       help="coverage or placement")
+    coverage = verb(check_verbs, "coverage", cmd_check_coverage,
+                    "nodes that no enabled pool selects (problems)")
+    report_flags(coverage)
     placement = verb(check_verbs, "placement", cmd_check_placement,
-                     "allocations outside their node's pools")
-    placement.add_argument("--fail-on-found", action="store_true")
+                     "allocations outside their node's pools (warnings)")
+    report_flags(placement)
+    placement.add_argument("--fail-on-found", dest="fail_on_warnings", action="store_true",
+                           help="the same as --fail-on-warnings (older name)")
     return parser
 
 
@@ -1217,10 +1588,10 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return "delete takes either -f FILE or KIND NAME, not both"
     if verb == "delete" and args.filename is None and not (args.kind and args.name):
         return "delete needs -f FILE, or KIND NAME (e.g. `delete ippool rack-0`)"
-    if verb == "get" and GET_KINDS[args.kind] == "allocations" and (
-        args.name is not None or args.output == "yaml"
-    ):
-        return "get allocations takes no NAME, and -o wide or -o json"
+    if verb == "get" and GET_KINDS[args.kind] == "allocations" and args.name is not None:
+        return "get allocations takes no NAME (use --node NODE to filter)"
+    if verb == "patch" and (args.disabled is None) == (args.patch is None):
+        return "patch needs exactly one of --disabled true|false and -p JSON"
     if verb == "get" and GET_KINDS[args.kind] != "allocations" and args.node is not None:
         return "--node only applies to `get allocations`"
     if verb == "ipam" and args.ipam_verb == "configure" and all(
@@ -1278,6 +1649,8 @@ async def run(argv: Sequence[str] | None = None) -> int:
         return fail(f"{exc} (etcd endpoints: {args.etcd_endpoints})")
     except TopoipamError as exc:
         return fail(str(exc))
+    except BrokenPipeError:
+        raise  # stdout went away: main() ends quietly
     except OSError as exc:
         return fail(str(exc))
 
@@ -1286,7 +1659,17 @@ def main(argv: list[str] | None = None) -> int:
     # The store logs values it skips (corrupt, unknown); say so the way other warnings read.
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
-        return asyncio.run(run(argv))
+        code = asyncio.run(run(argv))
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
+    except BrokenPipeError:
+        # `topoipamctl ... | head -1`: the reader has what it wanted. End like a
+        # writer killed by SIGPIPE would (status 141), without a message, and
+        # point stdout at /dev/null so the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -24,7 +24,15 @@ from typing import Any, TypeAlias
 import yaml
 
 from topoipam.daemon.errors import InvalidInput
-from topoipam.daemon.model import IPAMConfig, IPPool, IPReservation, Node, check_name
+from topoipam.daemon.model import (
+    IPAMConfig,
+    IPPool,
+    IPReservation,
+    Node,
+    check_kubernetes_label,
+    check_name,
+    check_pool_name,
+)
 
 API_VERSION = "topoipam/v1"
 # The aggregated API (calicoctl) and the CRD form (kubectl get ippools.crd...)
@@ -54,6 +62,13 @@ SPEC_FIELDS: dict[str, tuple[str, ...]] = {
 CONFIG_NAME = "default"
 
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec")
+
+# Calico v3 IPPool ``allowedUses``: only Workload (pod addresses) is ours.
+CALICO_USES = ("Workload", "Tunnel", "LoadBalancer")
+# Calico fields we ignore whose absence changes who gets addresses: say how.
+_CALICO_CONSEQUENCES = {
+    "namespaceSelector": "the pool serves pods of every namespace on the nodes it selects",
+}
 
 
 @dataclass(frozen=True)
@@ -246,8 +261,13 @@ def _parse_document(document: Any, where: str, warnings: list[str]) -> Resource:
                     f"{where}: {subject}: unknown field {section}{key} "
                     f"(known: {', '.join(section + k for k in allowed)})"
                 )
+            if section == "spec." and kind == "IPPool" and key == "allowedUses":
+                _calico_allowed_uses(spec, subject, where, warnings)
+                continue
             # Calico's dataplane and bookkeeping fields: harmless, but say we drop them.
-            warnings.append(f"{subject}: field {section}{key} is not used by topoipam (ignored)")
+            consequence = _CALICO_CONSEQUENCES.get(key) if section == "spec." else None
+            warnings.append(f"{subject}: field {section}{key} is not used by topoipam (ignored)"
+                            + (f": {consequence}" if consequence else ""))
             if section == "spec.":
                 del spec[key]
 
@@ -255,6 +275,42 @@ def _parse_document(document: Any, where: str, warnings: list[str]) -> Resource:
         return _build(kind, name, metadata, spec, subject)
     except InvalidInput as exc:
         raise InvalidInput(f"{where}: {exc}") from exc
+
+
+def _calico_allowed_uses(
+    spec: dict[str, Any], subject: str, where: str, warnings: list[str]
+) -> None:
+    """Honour Calico's ``allowedUses`` (removed from ``spec``).
+
+    Workload in the list: the pool serves pods, the other uses are named.
+    No Workload (a Tunnel or LoadBalancer pool): Calico never gives pods its
+    addresses, so it becomes a Manual pool — it still holds its range against
+    overlapping pools, and pods get addresses from it only where a CNI
+    config names it. Refusing it instead would make a whole calicoctl export
+    unusable.
+    """
+    uses = spec.pop("allowedUses")
+    if uses is None or uses == []:
+        return  # Calico's default: Workload and Tunnel
+    if not isinstance(uses, list) or not all(isinstance(u, str) for u in uses):
+        raise InvalidInput(f"{where}: {subject}: spec.allowedUses must be a list of uses")
+    for use in uses:
+        if use not in CALICO_USES:
+            raise InvalidInput(
+                f"{where}: {subject}: spec.allowedUses: unknown use {use!r} (Calico knows "
+                f"{', '.join(CALICO_USES)})"
+            )
+    others = ",".join(u for u in uses if u != "Workload")
+    if "Workload" in uses:
+        if others:
+            warnings.append(f"{subject}: spec.allowedUses {others} is not served by topoipam "
+                            "(Workload is honoured)")
+        return
+    spec["assignmentMode"] = "Manual"
+    warnings.append(
+        f"{subject}: spec.allowedUses {others} has no Workload: imported as assignmentMode "
+        "Manual (pods get addresses from it only where a CNI config names it)"
+    )
 
 
 def _kind_choices() -> str:
@@ -273,7 +329,7 @@ def _name(kind: str, metadata: Mapping[str, Any], where: str) -> str:
     if name is None:
         raise InvalidInput(f"{where}: {kind}: metadata.name is required")
     try:
-        return check_name(kind.lower(), name)
+        return check_pool_name(name) if kind == "IPPool" else check_name(kind.lower(), name)
     except InvalidInput as exc:
         raise InvalidInput(f"{where}: {exc}") from exc
 
@@ -308,6 +364,7 @@ def _node_labels(
                     f"{subject}: label {key} has the non-string value {value!r}; "
                     f"quote it in YAML (e.g. {key}: \"{value}\")"
                 )
+            check_kubernetes_label(key, value, subject)
             if key in labels and labels[key] != value:
                 raise InvalidInput(
                     f"{subject}: label {key} is {labels[key]!r} in metadata.labels but "

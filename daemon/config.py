@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput
-from .model import check_label, check_name
+from .model import check_kubernetes_label, check_name
 from .store import DEFAULT_PREFIX, EtcdOptions, KeySchema
 
 DEFAULT_SOCKET = "/run/topoipam/topoipamd.sock"
@@ -73,7 +73,7 @@ class DaemonConfig:
                     "set allow-remote-tcp to listen beyond this host"
                 )
         for key, value in self.labels.items():
-            check_label(key, value, "labels")
+            check_kubernetes_label(key, value, "labels")
         if not self.socket.startswith("/"):
             raise InvalidInput(f"socket must be an absolute path, not {self.socket!r}")
         for name in ("etcd_timeout", "drain_seconds", "request_timeout"):

@@ -29,6 +29,10 @@ GATEWAY_NONE = "none"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9_./-]{1,253}$")
+# Kubernetes label syntax (apimachinery validation.IsQualifiedName / IsValidLabelValue).
+_K8S_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # Attachment identifiers become part of an etcd key: no '/' and no control chars.
 _ATTACHMENT_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
 _IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
@@ -41,6 +45,58 @@ def check_name(kind: str, name: object) -> str:
             "starting and ending with a letter or digit (at most 253 characters)"
         )
     return name
+
+
+def check_pool_name(name: object) -> str:
+    """A new pool's name: a DNS-1123 label, as calicoctl requires.
+
+    Only names being written are held to this; pools stored by older versions
+    keep decoding under :func:`check_name`.
+    """
+    if not isinstance(name, str) or not _DNS_LABEL_RE.fullmatch(name):
+        raise InvalidInput(
+            f"invalid ippool name {name!r}: must be a DNS-1123 label (lowercase letters, "
+            "digits and '-', starting and ending with a letter or digit, at most 63 characters)"
+        )
+    return name
+
+
+# Ranges no pod address may come from (IANA special-purpose registries).
+_RESERVED_RANGES: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(cidr), reason) for cidr, reason in (
+        ("0.0.0.0/8", "unspecified (\"this network\")"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved (including the broadcast address)"),
+        ("::/127", "unspecified/loopback"),
+        ("::ffff:0:0/96", "IPv4-mapped"),
+        ("fe80::/10", "link-local"),
+        ("ff00::/8", "multicast"),
+    )
+)
+
+
+def reserved_range_problem(cidr: IPNetwork) -> str | None:
+    """Why no pod may get addresses from ``cidr``, or None if it may.
+
+    A /0 is refused outright; otherwise any overlap with a special-purpose
+    range is named. IPv4-mapped IPv6 (``::ffff:10.8.0.0/120``) is refused
+    rather than compared with the IPv4 pools: it would be the same addresses
+    seen twice.
+    """
+    if cidr.prefixlen == 0:
+        return f"{cidr} covers every address (a wildcard, not a pool)"
+    for reserved, reason in _RESERVED_RANGES:
+        if reserved.version == cidr.version and reserved.overlaps(cidr):
+            detail = ""
+            if reason == "IPv4-mapped":
+                mapped = ipaddress.ip_network(
+                    f"{ipaddress.IPv4Address(int(cidr.network_address) & 0xFFFFFFFF)}/"
+                    f"{max(cidr.prefixlen - 96, 0)}", strict=False)
+                detail = f" (the IPv4 range {mapped} written as IPv6; use an IPv4 pool)"
+            return f"{cidr} is {reason} ({reserved}){detail}: no pod may have these addresses"
+    return None
 
 
 def parse_network(value: object, what: str) -> IPNetwork:
@@ -222,6 +278,11 @@ class IPPool:
             raise InvalidInput(f"{what}: cidr is required")
         cidr = parse_network(data["cidr"], f"{what}: cidr")
         block_size = data.get("blockSize", DEFAULT_BLOCK_SIZE[cidr.version])
+        if isinstance(block_size, str):
+            raise InvalidInput(
+                f"{what}: blockSize must be a number, not the text {block_size!r} "
+                f"(write blockSize: {block_size.strip()}, without quotes)"
+            )
         selector = data.get("nodeSelector") or "all()"
         if not isinstance(selector, str):
             raise InvalidInput(f"{what}: nodeSelector must be a string")
@@ -292,6 +353,46 @@ def check_label(key: object, value: object, what: str) -> None:
         raise InvalidInput(f"{what}: label {key} must have a string value, got {value!r}")
     if len(value) > 253 or any(ord(c) < 32 for c in value) or ('"' in value and "'" in value):
         raise InvalidInput(f"{what}: invalid value {value!r} for label {key}")
+
+
+def check_kubernetes_label(key: object, value: object, what: str) -> None:
+    """Kubernetes label rules, for labels being written (CLI, manifests, daemon config).
+
+    Key: an optional DNS-subdomain prefix (at most 253 characters) and '/',
+    then a name of at most 63 characters of ``[A-Za-z0-9._-]``, alphanumeric
+    at both ends. Value: empty, or at most 63 such characters. Stored labels
+    are read back under the older, looser :func:`check_label`.
+    """
+    if not isinstance(key, str):
+        raise InvalidInput(f"{what}: invalid label key {key!r}: must be a string")
+    prefix, slash, name = key.rpartition("/")
+    problem = ""
+    if key.count("/") > 1:
+        problem = "at most one '/' (prefix/name)"
+    elif slash and not prefix:
+        problem = "the prefix before '/' is empty"
+    elif slash and (len(prefix) > 253 or not _DNS_SUBDOMAIN_RE.fullmatch(prefix)):
+        problem = "the prefix must be a lowercase DNS subdomain of at most 253 characters"
+    elif not name:
+        problem = "the name is empty"
+    elif len(name) > 63:
+        problem = f"the name part longer than 63 characters ({len(name)})"
+    elif not _K8S_NAME_RE.fullmatch(name):
+        problem = ("the name must be letters, digits, '-', '_' and '.', starting and ending "
+                   "with a letter or digit")
+    if problem:
+        shown = key if len(key) <= 80 else key[:77] + "..."
+        raise InvalidInput(f"{what}: invalid label key {shown!r}: {problem}")
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what}: label {key} must have a string value, got {value!r}")
+    if len(value) > 63:
+        raise InvalidInput(f"{what}: invalid value for label {key}: longer than 63 characters "
+                           f"({len(value)})")
+    if value and not _K8S_NAME_RE.fullmatch(value):
+        raise InvalidInput(
+            f"{what}: invalid value {value!r} for label {key}: use letters, digits, '-', '_' "
+            "and '.', starting and ending with a letter or digit (at most 63 characters)"
+        )
 
 
 @dataclass(frozen=True)

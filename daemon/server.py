@@ -40,6 +40,10 @@ from .store import EtcdStore, PutObject
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = ipam_pb2.DESCRIPTOR.services_by_name["Ipam"].full_name
+# The daemon's liveness key (``daemons/<node>``) lives on a lease of this many
+# seconds, refreshed every third of it: `topoipamctl delete node` refuses while
+# the key exists. A killed daemon's key lingers at most this long.
+LIVENESS_TTL = 10
 
 
 def prepare_socket_dir(path: str) -> None:
@@ -102,6 +106,8 @@ class Daemon:
         self._register_task: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
         self._cleanup_wanted = False
+        self._liveness_task: asyncio.Task[None] | None = None
+        self._lease: int | None = None
         self._ready_once = False
         self.metrics.add_pool_collector(self._pool_usage)
         self.metrics.relists.set_function(lambda: self.cache.relists)
@@ -151,6 +157,26 @@ class Daemon:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         self.cache.start()
+        self._liveness_task = asyncio.create_task(self._announce_liveness())
+
+    async def _announce_liveness(self) -> None:
+        """Keep ``daemons/<node>`` alive on an etcd lease for as long as we serve.
+
+        Not on the allocation path: a failure is logged and retried, and an
+        expired lease (etcd was away longer than its TTL) is replaced.
+        """
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        while True:
+            try:
+                if self._lease is None:
+                    self._lease = await self.store.announce_daemon(
+                        self.config.node, info, LIVENESS_TTL)
+                elif not await self.store.keep_lease_alive(self._lease):
+                    self._lease = None
+                    continue
+            except DatastoreUnavailable as exc:
+                log.debug("liveness key of node %s not refreshed: %s", self.config.node, exc)
+            await asyncio.sleep(LIVENESS_TTL / 3)
 
     async def register_node(self) -> None:
         """Create this node's record with the configured labels, only if it is absent."""
@@ -252,13 +278,19 @@ class Daemon:
             await self._server.stop(self.config.drain_seconds)
         if self._cni_server is not None:
             await self._cni_server.wait_closed()
-        for task in (self._register_task, self._cleanup_task):
+        for task in (self._register_task, self._cleanup_task, self._liveness_task):
             if task is not None and not task.done():
                 task.cancel()
                 try:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        if self._lease is not None:
+            try:  # the liveness key goes with the lease, at once
+                await asyncio.wait_for(self.store.revoke_lease(self._lease), 2.0)
+            except (DatastoreUnavailable, TimeoutError) as exc:
+                log.warning("liveness lease not revoked (it expires in %ss): %s",
+                            LIVENESS_TTL, exc)
         await self.ipam.close()
         await self.cache.close()
         await self.store.close()

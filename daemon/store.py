@@ -9,6 +9,7 @@ Keys (prefix default ``/topoipam/v1``)::
     affinities/<node>/<v4|v6>/<hex network>-<prefixlen>
     handles/<handle id>
     reservations/<name>
+    daemons/<node>          (attached to the running daemon's etcd lease)
 
 Writes are compare-and-swap transactions built from domain-level ``Write``
 values (:class:`PutBlock`, :class:`PutHandle`, ...): the allocator decides what
@@ -155,6 +156,9 @@ class KeySchema:
 
     def reservations(self) -> bytes:
         return self._key("reservations", "")
+
+    def daemon(self, node: str) -> bytes:
+        return self._key("daemons", node)
 
     # keys -> objects
     def kind_of(self, key: bytes) -> tuple[str, list[str]]:
@@ -644,6 +648,67 @@ class EtcdStore:
     async def list_handles(self, id_prefix: str = "") -> list[Versioned[Handle]]:
         return await self._typed_prefix(self.keys.handles() + id_prefix.encode(),
                                         self.decode_handle)
+
+    # ------------------------------------------------------------------ daemon liveness
+    async def announce_daemon(self, node: str, info: dict[str, Any], ttl: int) -> int:
+        """Write ``daemons/<node>`` on a fresh lease of ``ttl`` seconds; returns the lease id.
+
+        The key lives exactly as long as the lease: the daemon keeps it alive
+        (:meth:`keep_lease_alive`) and revokes it on a clean stop, so a
+        stopped daemon's key goes at once and a killed one's within ``ttl``.
+        This is the "daemon seen recently" signal `topoipamctl delete node`
+        reads; it is not fencing (two daemons may both announce one node).
+        """
+        if self._channel is None:
+            await self.connect()
+        stub = rpc.LeaseStub(self._channel)
+        try:
+            grant = await stub.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl),
+                                          timeout=self.options.timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            self.on_error()
+            raise DatastoreUnavailable(f"etcd lease grant failed: {exc.details()}") from exc
+        lease = int(grant.ID)
+        await self._call("Put", rpc.PutRequest(key=self.keys.daemon(node), value=encode(info),
+                                               lease=lease))
+        return lease
+
+    async def keep_lease_alive(self, lease: int) -> bool:
+        """Refresh ``lease`` once; False if etcd no longer knows it (expired)."""
+        if self._channel is None:
+            await self.connect()
+        try:
+            call = rpc.LeaseStub(self._channel).LeaseKeepAlive(
+                timeout=self.options.timeout, metadata=self._metadata)
+            await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
+            response = await call.read()
+            await call.done_writing()
+            call.cancel()
+        except grpc.aio.AioRpcError as exc:
+            self.on_error()
+            raise DatastoreUnavailable(f"etcd lease keep-alive failed: {exc.details()}") from exc
+        return response is not grpc.aio.EOF and int(response.TTL) > 0
+
+    async def revoke_lease(self, lease: int) -> None:
+        if self._channel is None:
+            return
+        try:
+            await rpc.LeaseStub(self._channel).LeaseRevoke(
+                rpc.LeaseRevokeRequest(ID=lease), timeout=self.options.timeout,
+                metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            self.on_error()
+            raise DatastoreUnavailable(f"etcd lease revoke failed: {exc.details()}") from exc
+
+    async def get_daemon(self, node: str) -> dict[str, Any] | None:
+        """What the running daemon of ``node`` announced, or None if none is alive."""
+        raw = await self.get_raw(self.keys.daemon(node))
+        if raw is None:
+            return None
+        try:
+            return decode(raw[0], f"daemon record of {node}")
+        except InvalidInput:
+            return {}
 
     # ------------------------------------------------------------------ writes
     def _guarded_key(self, write: Write) -> tuple[bytes, int | None] | None:

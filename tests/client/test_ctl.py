@@ -6,18 +6,22 @@ the whole key prefix before and after.
 
 from __future__ import annotations
 
+import argparse
 import io
 import ipaddress
 import json
+import os
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import EtcdServer, free_port
 from topoipam.client import ctl
@@ -95,7 +99,8 @@ async def racks(run_ctl: Ctl, tmp_path: Path) -> None:
     path.write_text(RACK_POOLS)
     assert (await run_ctl("apply", "-f", str(path))).code == 0
     for i in range(4):
-        assert (await run_ctl("label", "nodes", f"node-{i}", f"rack={i // 2}")).code == 0
+        assert (await run_ctl("label", "nodes", f"node-{i}", f"rack={i // 2}",
+                              "--create")).code == 0
 
 
 # ---------------------------------------------------------------------------- create, apply, get
@@ -400,7 +405,7 @@ async def test_new_pool_over_differently_sized_leftover_block_is_refused(
 
 @pytest.mark.asyncio
 async def test_label_nodes_set_overwrite_remove(run_ctl: Ctl, store: EtcdStore) -> None:
-    result = await run_ctl("label", "nodes", "node-0", "rack=0", "zone=a")
+    result = await run_ctl("label", "nodes", "node-0", "rack=0", "zone=a", "--create")
     assert (result.code, result.out) == (0, "node/node-0 labeled\n")
     node = await store.get_node("node-0")
     assert node is not None and node.value.labels == {"rack": "0", "zone": "a"}
@@ -418,6 +423,9 @@ async def test_label_nodes_set_overwrite_remove(run_ctl: Ctl, store: EtcdStore) 
     result = await run_ctl("label", "nodes", "node-0", "rack")
     assert result.code == 1 and "use KEY=VALUE or KEY-" in result.err
     result = await run_ctl("label", "nodes", "ghost", "rack-")
+    assert (result.code, result.err) == (
+        1, "error: node ghost does not exist; use --create to create it\n")
+    result = await run_ctl("label", "nodes", "ghost", "rack-", "--create")
     assert (result.code, result.out) == (0, "node/ghost not labeled\n")
     assert await store.get_node("ghost") is None
 
@@ -574,7 +582,7 @@ async def test_ipam_check_reports_affinities_and_blocks_of_deleted_pools(
         "not exist",
         "warning: block 192.168.0.0/26 is not inside any pool (block of a deleted pool; "
         "1 address(es) in use)",
-        "ipam check: 2 problem(s) found (1 blocks, 1 handles, 1 addresses)",
+        "ipam check: 1 problem(s), 1 warning(s) found (1 blocks, 1 handles, 1 addresses)",
     ]
 
 
@@ -619,8 +627,11 @@ async def test_explain_node_shows_every_pool_and_the_order(
     assert 'no      selector rack == "1" does not match: rack is "0", not "1"' in table["rack-1"]
     assert "assignmentMode is Manual" in table["manual"]
     assert "pool is disabled" in table["off"]
-    assert lines[-2:] == [
-        "IPv4 allocation order: rack-0",
+    assert lines[-5:] == [
+        "IPv4 allocation order:",
+        "  1. node-0's blocks with free addresses: none",
+        "  2. claim a new block in: rack-0",
+        "  3. borrow a free address from other nodes' blocks in: rack-0",
         "IPv6 allocation order: none: no enabled IPv6 pool selects node node-0 (labels "
         "{rack=0}; pools considered: v6)",
     ]
@@ -638,11 +649,12 @@ async def test_check_coverage_per_family(run_ctl: Ctl, tmp_path: Path) -> None:
     result = await run_ctl("check", "coverage")
     assert result.code == 1
     assert result.out.splitlines() == [
-        "warning: no enabled IPv6 pool selects node node-0 (labels {rack=0}; pools "
+        "uncovered node: no enabled IPv6 pool selects node node-0 (labels {rack=0}; pools "
         "considered: v6)",
-        "warning: no enabled IPv6 pool selects node node-1 (labels {rack=0}; pools "
+        "uncovered node: no enabled IPv6 pool selects node node-1 (labels {rack=0}; pools "
         "considered: v6)",
-        "check coverage: 2 of 4 node(s) not selected by any enabled Automatic pool",
+        "check coverage: 2 problem(s) found (2 of 4 node(s) not selected by any enabled "
+        "Automatic pool; 3 pools)",
     ]
 
 
@@ -720,8 +732,8 @@ async def test_delete_node_refuses_while_holding_addresses_unless_forced(
     assert (await run_ctl("create", "ippool", "p", "--cidr", "10.70.0.0/28",
                           "--block-size", "29")).code == 0
     assert (await run_ctl("ipam", "configure", "--max-blocks-per-host", "1")).code == 0
-    assert (await run_ctl("label", "nodes", "gone", "rack=0")).code == 0
-    assert (await run_ctl("label", "nodes", "stay", "rack=0")).code == 0
+    assert (await run_ctl("label", "nodes", "gone", "rack=0", "--create")).code == 0
+    assert (await run_ctl("label", "nodes", "stay", "rack=0", "--create")).code == 0
     mine = await allocate(store, "gone", "g1", "pod-g1")
     # "stay" claims the other block, fills it, then borrows from "gone"'s block.
     others = [await allocate(store, "stay", f"s{i}", f"pod-s{i}") for i in range(9)]
@@ -749,3 +761,326 @@ async def test_delete_node_refuses_while_holding_addresses_unless_forced(
         b.value.affinity is None for b in await store.list_blocks())
     missing = await run_ctl("delete", "node", "never-existed")
     assert missing.code == 1 and "does not exist" in missing.err
+
+
+# ---------------------------------------------------------------------------- issue 10
+
+
+async def refused_without_writes(run_ctl: Ctl, store: EtcdStore, prefix: str, *argv: str
+                                 ) -> Result:
+    """Run a command that must be refused: one error line, nothing written."""
+    before = await dump(store, prefix)
+    result = await run_ctl(*argv)
+    assert result.code == 1, result
+    assert result.err.count("\n") == 1 and result.err.startswith("error: "), result.err
+    assert await dump(store, prefix) == before
+    return result
+
+
+@pytest.mark.asyncio
+async def test_release_refuses_an_address_a_live_attachment_holds_unless_forced(
+    run_ctl: Ctl, store: EtcdStore, prefix: str, tmp_path: Path
+) -> None:
+    await racks(run_ctl, tmp_path)
+    live = await allocate(store, "node-0", "c0", "nginx-0")
+    leaked = await allocate(store, "node-0", "c1", "nginx-1")
+    await delete_handle(store, "k8s-pod-network/c1/eth0")
+
+    # One live address among the ones given: nothing is released, not even the leak.
+    result = await refused_without_writes(run_ctl, store, prefix, "ipam", "release",
+                                          "--ip", leaked, "--ip", live)
+    assert result.err == (
+        f"error: {live} is held by attachment default/nginx-0/c0 (handle "
+        "k8s-pod-network/c0/eth0, node node-0), which still exists: releasing it would let "
+        "the next pod get the same address; delete the pod, or use --force\n")
+
+    result = await run_ctl("ipam", "release", "--ip", live, "--force")
+    assert (result.code, result.out) == (0, f"released {live} (handle k8s-pod-network/c0/eth0)\n")
+    assert result.err == (
+        f"warning: released {live} although attachment default/nginx-0/c0 still uses it: the "
+        "next allocation may hand it out again (a duplicate) until that pod is deleted\n")
+    assert await store.get_handle("k8s-pod-network/c0/eth0") is None
+    # A leaked address (its handle is gone) needs no --force.
+    result = await run_ctl("ipam", "release", "--ip", leaked)
+    assert (result.code, result.err) == (0, "")
+
+
+def every_action(parser: Any) -> Iterator[tuple[str, Any]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {where}", a) for where, a in every_action(sub))
+            for choice in action._choices_actions:
+                yield choice.dest, choice
+        else:
+            yield "", action
+
+
+def test_every_verb_and_flag_has_help_text() -> None:
+    missing = [f"{where} {action.dest}" for where, action in every_action(ctl.build_parser())
+               if not action.help]
+    assert missing == []
+
+
+@pytest.mark.asyncio
+async def test_reservation_over_live_allocations_is_reported_everywhere(
+    run_ctl: Ctl, store: EtcdStore, tmp_path: Path
+) -> None:
+    await racks(run_ctl, tmp_path)
+    ip = await allocate(store, "node-0", "c0", "nginx-0")
+    manifest = textwrap.dedent(f"""\
+        apiVersion: topoipam/v1
+        kind: IPReservation
+        metadata: {{name: gw}}
+        spec: {{cidrs: ["{ip}/32", "172.31.0.0/30"]}}
+        """)
+    result = await run_ctl("apply", "-f", "-", stdin=manifest)
+    assert (result.code, result.out) == (0, "ipreservation/gw created\n")
+    assert result.err.splitlines() == [
+        f"warning: ipreservation gw: {ip} is allocated to default/nginx-0 (handle "
+        "k8s-pod-network/c0/eth0, node node-0); the reservation keeps it only once it is "
+        "released",
+        "warning: ipreservation gw: 172.31.0.0/30 is outside every pool (it reserves nothing)",
+    ]
+    check = await run_ctl("ipam", "check")
+    assert check.code == 0
+    assert check.out.splitlines() == [
+        f"warning: reserved address {ip} (ipreservation gw) is allocated to handle "
+        "k8s-pod-network/c0/eth0 (node node-0)",
+        "warning: ipreservation gw: 172.31.0.0/30 is outside every pool",
+        "ipam check: OK, 2 warning(s) (1 blocks, 1 handles, 1 addresses)",
+    ]
+    shown = await run_ctl("ipam", "show", "--ip", ip)
+    assert shown.out.strip().endswith("; it is also reserved by ipreservation gw")
+    placement = await run_ctl("check", "placement")
+    assert "reserved by ipreservation gw" in placement.out
+
+
+@pytest.mark.asyncio
+async def test_calico_tunnel_pool_never_serves_pods(
+    run_ctl: Ctl, store: EtcdStore
+) -> None:
+    manifest = ("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: tunnel}\n"
+                "spec: {cidr: 10.5.0.0/24, allowedUses: [Tunnel]}\n")
+    result = await run_ctl("apply", "-f", "-", stdin=manifest)
+    assert result.code == 0 and "imported as assignmentMode Manual" in result.err
+    pool = await store.get_pool("tunnel")
+    assert pool is not None and not pool.value.automatic
+    with pytest.raises(ctl.NoPoolForNode):
+        await allocate(store, "node-0", "c0", "nginx-0")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        pytest.param(["label", "nodes", "node-0", "k" * 70 + "=v"],
+                     "name part longer than 63", id="long-key"),
+        pytest.param(["label", "nodes", "node-0", "a/b/c=v"], "invalid label key 'a/b/c'",
+                     id="two-slashes"),
+        pytest.param(["label", "nodes", "node-0", "/x=v"], "invalid label key '/x'",
+                     id="empty-prefix"),
+        pytest.param(["label", "nodes", "node-0", "example.com/=v"],
+                     "invalid label key 'example.com/'", id="empty-name"),
+        pytest.param(["label", "nodes", "node-0", "k=a b"], "invalid value 'a b' for label k",
+                     id="value-space"),
+        pytest.param(["label", "nodes", "node-0", "k=" + "v" * 100], "longer than 63",
+                     id="long-value"),
+        pytest.param(["label", "nodes", "node-0", 'k=a"b'], "invalid value 'a\"b'",
+                     id="value-quote"),
+        pytest.param(["label", "nodes", "node-9", "rack=0"],
+                     "node node-9 does not exist; use --create to create it", id="unknown-node"),
+        pytest.param(["create", "ippool", "Rack-2", "--cidr", "10.3.0.0/24"],
+                     "DNS-1123 label", id="pool-name-uppercase"),
+        pytest.param(["create", "ippool", "ll", "--cidr", "169.254.0.0/16"],
+                     "169.254.0.0/16 is link-local", id="link-local-v4"),
+        pytest.param(["create", "ippool", "ll6", "--cidr", "fe80::/64"], "link-local",
+                     id="link-local-v6"),
+        pytest.param(["create", "ippool", "mc", "--cidr", "224.0.0.0/24"], "multicast",
+                     id="multicast-v4"),
+        pytest.param(["create", "ippool", "mc6", "--cidr", "ff02::/120"], "multicast",
+                     id="multicast-v6"),
+        pytest.param(["create", "ippool", "lo", "--cidr", "127.0.0.0/24"], "loopback",
+                     id="loopback-v4"),
+        pytest.param(["create", "ippool", "lo6", "--cidr", "::/120"], "unspecified",
+                     id="unspecified-v6"),
+        pytest.param(["create", "ippool", "all", "--cidr", "0.0.0.0/0"],
+                     "0.0.0.0/0 covers every address", id="wildcard-v4"),
+        pytest.param(["create", "ippool", "all6", "--cidr", "::/0"],
+                     "::/0 covers every address", id="wildcard-v6"),
+        pytest.param(["create", "ippool", "mapped", "--cidr", "::ffff:192.168.0.0/120"],
+                     "IPv4-mapped", id="ipv4-mapped"),
+    ],
+)
+async def test_refused_labels_names_and_cidrs(
+    run_ctl: Ctl, store: EtcdStore, prefix: str, tmp_path: Path, argv: list[str], fragment: str
+) -> None:
+    await racks(run_ctl, tmp_path)
+    result = await refused_without_writes(run_ctl, store, prefix, *argv)
+    assert fragment in result.err
+
+
+@pytest.mark.asyncio
+async def test_label_creates_an_unknown_node_only_with_create(
+    run_ctl: Ctl, store: EtcdStore
+) -> None:
+    result = await run_ctl("label", "nodes", "node-new", "rack=0", "--create")
+    assert (result.code, result.out) == (0, "node/node-new labeled\n")
+    node = await store.get_node("node-new")
+    assert node is not None and node.value.labels == {"rack": "0"}
+
+
+@pytest.mark.asyncio
+async def test_overlap_with_a_live_pool_of_another_block_size_names_that_pool(
+    run_ctl: Ctl, store: EtcdStore, prefix: str, tmp_path: Path
+) -> None:
+    await racks(run_ctl, tmp_path)
+    await allocate(store, "node-0", "c0", "nginx-0")
+    result = await refused_without_writes(run_ctl, store, prefix, "create", "ippool", "big",
+                                          "--cidr", "192.168.0.0/23", "--block-size", "28")
+    assert "overlaps pool rack-0 (192.168.0.0/24)" in result.err
+    assert "deleted pool" not in result.err
+
+
+@pytest.mark.asyncio
+async def test_leftover_blocks_of_a_forced_pool_deletion_are_warnings_until_released(
+    run_ctl: Ctl, store: EtcdStore, tmp_path: Path
+) -> None:
+    await racks(run_ctl, tmp_path)
+    ip = await allocate(store, "node-0", "c0", "nginx-0")
+    assert (await run_ctl("delete", "ippool", "rack-0", "--force")).code == 0
+    check = await run_ctl("ipam", "check")
+    assert (check.code, check.out.splitlines()) == (0, [
+        "warning: block 192.168.0.0/26 is not inside any pool (block of a deleted pool; "
+        "1 address(es) in use)",
+        "ipam check: OK, 1 warning(s) (1 blocks, 1 handles, 1 addresses)",
+    ])
+    assert (await run_ctl("ipam", "check", "--fail-on-warnings")).code == 1
+    await Ipam(store, "node-0").release("k8s-pod-network/c0/eth0")
+    assert (await run_ctl("ipam", "release", "--ip", ip)).code == 1  # already free
+    check = await run_ctl("ipam", "check")
+    assert (check.code, check.out) == (0, "ipam check: OK (0 blocks, 0 handles, 0 addresses)\n")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(ctl_env: dict[str, str]) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([TOPOIPAMCTL, "get", "ippool"], env=ctl_env, stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+@pytest.mark.asyncio
+async def test_explain_node_orders_affine_blocks_first(
+    run_ctl: Ctl, store: EtcdStore, tmp_path: Path
+) -> None:
+    await racks(run_ctl, tmp_path)
+    assert (await run_ctl("create", "ippool", "rack-0-extra", "--cidr", "10.7.0.0/24",
+                          "--node-selector", 'rack == "0"')).code == 0
+    await allocate(store, "node-0", "c0", "nginx-0")
+    result = await run_ctl("explain", "node", "node-0")
+    assert result.out.splitlines()[-4:] == [
+        "IPv4 allocation order:",
+        "  1. node-0's blocks with free addresses: 192.168.0.0/26 (pool rack-0, 61 free)",
+        "  2. claim a new block in: rack-0, rack-0-extra",
+        "  3. borrow a free address from other nodes' blocks in: rack-0, rack-0-extra",
+    ]
+    assert (await run_ctl("ipam", "configure", "--strictaffinity", "true")).code == 0
+    result = await run_ctl("explain", "node", "node-0")
+    assert result.out.splitlines()[-1] == "  3. no borrowing: strictAffinity is on"
+
+
+@pytest.mark.asyncio
+async def test_ipam_show_free_and_capacity_are_what_can_be_handed_out(
+    run_ctl: Ctl, store: EtcdStore
+) -> None:
+    assert (await run_ctl("create", "ippool", "tiny", "--cidr", "10.0.0.0/26")).code == 0
+    assert (await run_ctl("create", "ippool", "gone", "--cidr", "10.1.0.0/26")).code == 0
+    reservation = ("apiVersion: topoipam/v1\nkind: IPReservation\nmetadata: {name: gw}\n"
+                   "spec: {cidrs: [10.0.0.1/32, 10.0.0.0/32, 10.0.0.60/30]}\n")
+    assert (await run_ctl("apply", "-f", "-", stdin=reservation)).code == 0
+    await allocate(store, "node-0", "c0", "a")  # from "gone", first in name order
+    assert (await run_ctl("delete", "ippool", "gone", "--force")).code == 0
+    await allocate(store, "node-0", "c1", "b")
+    result = await run_ctl("ipam", "show", "--show-blocks")
+    sections = [[line.split() for line in s.splitlines()] for s in result.out.split("\n\n")]
+    # 64 addresses - network - broadcast - 10.0.0.1 - 10.0.0.60..62 (63 is the broadcast).
+    assert sections[0] == [["POOL", "CIDR", "IN-USE", "CAPACITY", "USED"],
+                           ["tiny", "10.0.0.0/26", "1", "58", "1.7%"],
+                           ["(no", "pool)", "-", "1", "-", "-"]]
+    assert sections[1] == [["BLOCK", "POOL", "AFFINITY", "IN-USE", "FREE"],
+                           ["10.0.0.0/26", "tiny", "node-0", "1", "57"],
+                           ["10.1.0.0/26", "(no", "pool)", "node-0", "1", "0"]]
+    wide = await run_ctl("get", "ippool", "-o", "wide")
+    assert wide.out.splitlines()[1].split()[-1] == "58"
+
+
+@pytest.mark.asyncio
+async def test_patch_ippool_disabled_and_merge_patch(
+    run_ctl: Ctl, store: EtcdStore, prefix: str, tmp_path: Path
+) -> None:
+    await racks(run_ctl, tmp_path)
+    result = await run_ctl("patch", "ipp", "rack-0", "--disabled", "true")
+    assert (result.code, result.out) == (0, "ippool/rack-0 configured\n")
+    pool = await store.get_pool("rack-0")
+    assert pool is not None and pool.value.disabled
+    result = await run_ctl("patch", "ippool", "rack-0", "-p",
+                           '{"spec": {"disabled": false, "nodeSelector": "rack in {\\"0\\"}"}}')
+    assert (result.code, result.out) == (0, "ippool/rack-0 configured\n")
+    pool = await store.get_pool("rack-0")
+    assert pool is not None and not pool.value.disabled
+    assert pool.value.node_selector == 'rack in {"0"}'
+    result = await run_ctl("patch", "ippool", "rack-0", "--disabled", "false")
+    assert result.out == "ippool/rack-0 unchanged\n"
+    for argv, fragment in (
+        (["-p", '{"spec": {"cidr": "10.9.0.0/24"}}'], "cidr and blockSize cannot change"),
+        (["-p", '{"spec": '], "-p is not valid JSON"),
+        (["-p", '{"metadata": {"name": "other"}}'], "metadata.name cannot change"),
+        (["-p", '{"spec": {"natOutgoing": true}}'], "unknown field spec.natOutgoing"),
+    ):
+        result = await refused_without_writes(run_ctl, store, prefix, "patch", "ippool",
+                                              "rack-0", *argv)
+        assert fragment in result.err, result.err
+    result = await refused_without_writes(run_ctl, store, prefix, "patch", "ippool", "nope",
+                                          "--disabled", "true")
+    assert "ippool nope does not exist" in result.err
+
+
+@pytest.mark.asyncio
+async def test_get_allocations_yaml_and_short_names(
+    run_ctl: Ctl, store: EtcdStore, tmp_path: Path
+) -> None:
+    await racks(run_ctl, tmp_path)
+    await allocate(store, "node-0", "c0", "nginx-0")
+    result = await run_ctl("get", "allocations", "-o", "yaml")
+    assert result.code == 0
+    as_json = json.loads((await run_ctl("get", "allocations", "-o", "json")).out)
+    assert yaml.safe_load(result.out) == as_json
+    assert (await run_ctl("get", "ipp", "-o", "json")).out == (
+        await run_ctl("get", "ippool", "-o", "json")).out
+    assert "node-0" in (await run_ctl("get", "no")).out
+    assert (await run_ctl("label", "no", "node-0", "zone=a")).code == 0
+
+
+@pytest.mark.asyncio
+async def test_check_verbs_share_exit_codes(
+    run_ctl: Ctl, store: EtcdStore, tmp_path: Path
+) -> None:
+    await racks(run_ctl, tmp_path)
+    await allocate(store, "node-0", "c0", "nginx-0")
+    for verb in (["ipam", "check"], ["check", "coverage"], ["check", "placement"]):
+        assert (await run_ctl(*verb)).code == 0, verb
+        assert (await run_ctl(*verb, "--fail-on-warnings")).code == 0, verb
+    # Warnings only: exit 0, unless --fail-on-warnings.
+    assert (await run_ctl("label", "nodes", "node-0", "rack=1", "--overwrite")).code == 0
+    placement = await run_ctl("check", "placement")
+    assert placement.code == 0
+    assert (await run_ctl("check", "placement", "--fail-on-warnings")).code == 1
+    # Problems: exit 1.
+    assert (await run_ctl("label", "nodes", "node-1", "rack=9", "--overwrite")).code == 0
+    assert (await run_ctl("check", "coverage")).code == 1
+    await delete_handle(store, "k8s-pod-network/c0/eth0")
+    assert (await run_ctl("ipam", "check")).code == 1

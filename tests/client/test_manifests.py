@@ -172,7 +172,8 @@ def test_calico_ippool_maps_fields_and_warns_once_per_ignored_field() -> None:
         "IPPool rack-0: field spec.ipipMode is not used by topoipam (ignored)",
         "IPPool rack-0: field spec.vxlanMode is not used by topoipam (ignored)",
         "IPPool rack-0: field spec.natOutgoing is not used by topoipam (ignored)",
-        "IPPool rack-0: field spec.allowedUses is not used by topoipam (ignored)",
+        "IPPool rack-0: spec.allowedUses Tunnel is not served by topoipam (Workload is "
+        "honoured)",
         "IPPool rack-0: field spec.disableBGPExport is not used by topoipam (ignored)",
     ]
 
@@ -295,3 +296,94 @@ def test_rejected_documents_give_one_clear_line(text: str, fragments: list[str])
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
+
+
+# ---------------------------------------------------------------------------- issue 10
+
+
+def calico_pool(extra: str) -> str:
+    return ("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: p}\n"
+            f"spec: {{cidr: 10.0.0.0/24{extra}}}\n")
+
+
+@pytest.mark.parametrize("uses", ["[Tunnel]", "[LoadBalancer]", "[Tunnel, LoadBalancer]"])
+def test_calico_pool_without_workload_use_never_serves_pods_automatically(uses: str) -> None:
+    parsed = manifests.load(calico_pool(f", allowedUses: {uses}"), "test.yaml")
+    [pool] = [d.obj for d in parsed.documents]
+    assert isinstance(pool, IPPool)
+    assert pool.assignment_mode == "Manual"
+    assert parsed.warnings == [
+        f"IPPool p: spec.allowedUses {uses.strip('[]').replace(' ', '')} has no Workload: "
+        "imported as assignmentMode Manual (pods get addresses from it only where a CNI "
+        "config names it)"
+    ]
+
+
+def test_calico_pool_with_workload_use_is_honoured_and_other_uses_named() -> None:
+    parsed = manifests.load(calico_pool(", allowedUses: [Workload, Tunnel]"), "test.yaml")
+    [pool] = [d.obj for d in parsed.documents]
+    assert isinstance(pool, IPPool) and pool.assignment_mode == "Automatic"
+    assert parsed.warnings == [
+        "IPPool p: spec.allowedUses Tunnel is not served by topoipam (Workload is honoured)"]
+
+
+def test_calico_allowed_uses_must_be_known() -> None:
+    with pytest.raises(InvalidInput) as info:
+        manifests.load(calico_pool(", allowedUses: [Pods]"), "test.yaml")
+    assert "allowedUses: unknown use 'Pods' (Calico knows Workload, Tunnel, LoadBalancer)" in str(
+        info.value)
+
+
+def test_calico_namespace_selector_is_named_with_its_consequence() -> None:
+    parsed = manifests.load(calico_pool(", namespaceSelector: 'team == \"a\"'"), "test.yaml")
+    assert parsed.warnings == [
+        "IPPool p: field spec.namespaceSelector is not used by topoipam (ignored): the pool "
+        "serves pods of every namespace on the nodes it selects"]
+
+
+NODE_HEAD = "apiVersion: topoipam/v1\nkind: Node\nmetadata: {name: n}\n"
+
+
+@pytest.mark.parametrize(
+    ("labels", "fragment"),
+    [
+        pytest.param("{" + "k" * 70 + ": v}", "name part longer than 63", id="key-70-chars"),
+        pytest.param("{a/b/c: v}", "invalid label key 'a/b/c'", id="key-two-slashes"),
+        pytest.param("{/x: v}", "invalid label key '/x'", id="key-empty-prefix"),
+        pytest.param("{example.com/: v}", "invalid label key 'example.com/'",
+                     id="key-empty-name"),
+        pytest.param("{Example.com/x: v}", "prefix must be a lowercase DNS subdomain",
+                     id="key-uppercase-prefix"),
+        pytest.param("{k: 'a b'}", "invalid value 'a b' for label k", id="value-space"),
+        pytest.param("{k: " + "v" * 100 + "}", "longer than 63", id="value-100-chars"),
+        pytest.param("{k: 'a\"b'}", "invalid value 'a\"b' for label k", id="value-quote"),
+        pytest.param("{k: -a}", "invalid value '-a' for label k", id="value-starts-dash"),
+    ],
+)
+def test_kubernetes_label_rules(labels: str, fragment: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        manifests.load(NODE_HEAD + f"spec: {{labels: {labels}}}\n", "test.yaml")
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_kubernetes_label_rules_accept_valid_keys_and_values() -> None:
+    [node] = objects(NODE_HEAD + "spec: {labels: {topology.kubernetes.io/zone: eu-1a, "
+                     "rack: '0', empty: '', A_b.c-d: x.Y_z-9}}\n")
+    assert isinstance(node, Node) and node.labels["topology.kubernetes.io/zone"] == "eu-1a"
+
+
+@pytest.mark.parametrize("name", ["Rack-0", "rack.0", "rack_0", "-rack", "r" * 64])
+def test_pool_names_are_dns_1123_labels(name: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        manifests.load(f"apiVersion: topoipam/v1\nkind: IPPool\nmetadata: {{name: '{name}'}}\n"
+                       "spec: {cidr: 10.0.0.0/24}\n", "test.yaml")
+    assert "DNS-1123 label" in str(info.value)
+
+
+def test_block_size_given_as_text_is_named_clearly() -> None:
+    with pytest.raises(InvalidInput) as info:
+        manifests.load(POOL_HEAD + "spec: {cidr: 10.0.0.0/24, blockSize: '26'}\n", "test.yaml")
+    assert str(info.value) == (
+        "test.yaml document 1: pool rack-0: blockSize must be a number, not the text '26' "
+        "(write blockSize: 26, without quotes)")

@@ -122,7 +122,7 @@ def test_label_change_governs_next_allocation_within_a_second(
                   'rack == "0"'],
                  ["create", "ippool", "rack-1", "--cidr", "10.20.1.0/24", "--node-selector",
                   'rack == "1"'],
-                 ["label", "nodes", "node-x", "rack=0"]):
+                 ["label", "nodes", "node-x", "rack=0", "--create"]):
         assert ctl(ctl_env, *args).returncode == 0
     daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-x")
     with daemon.stub() as stub:
@@ -364,7 +364,7 @@ def test_blocks_unselected_while_the_daemon_was_down_are_released(
 ) -> None:
     assert ctl(ctl_env, "create", "ippool", "rack-0", "--cidr", "10.49.0.0/24",
                "--node-selector", 'rack == "0"').returncode == 0
-    assert ctl(ctl_env, "label", "nodes", "node-u", "rack=0").returncode == 0
+    assert ctl(ctl_env, "label", "nodes", "node-u", "rack=0", "--create").returncode == 0
     daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-u")
     with daemon.stub() as stub:
         stub.Allocate(ipam_pb2.AllocateRequest(attachment=attachment("u"), assign_ipv4=True),
@@ -378,3 +378,25 @@ def test_blocks_unselected_while_the_daemon_was_down_are_released(
     while "node-u" in ctl(ctl_env, "ipam", "show", "--show-blocks").stdout:
         assert time.monotonic() < deadline, "the empty, unselected block is still claimed"
         time.sleep(0.05)
+
+
+def test_delete_node_refuses_while_its_daemon_runs_unless_forced(
+    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
+    ctl_env: dict[str, str],
+) -> None:
+    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-live", ["--labels", "rack=0"])
+    refused = ctl(ctl_env, "delete", "node", "node-live")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: node node-live is served by a running topoipamd")
+    assert refused.stderr.count("\n") == 1
+    assert "node-live" in ctl(ctl_env, "get", "nodes").stdout
+    forced = ctl(ctl_env, "delete", "node", "node-live", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stderr.startswith("warning: node node-live is served by a running topoipamd")
+    # A clean stop gives up the daemon's liveness key at once.
+    daemon.stop()
+    daemon.start()
+    assert ctl(ctl_env, "delete", "node", "node-live").returncode == 1
+    daemon.stop()
+    done = ctl(ctl_env, "delete", "node", "node-live")
+    assert done.returncode == 0, done.stderr

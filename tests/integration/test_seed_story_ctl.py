@@ -73,7 +73,7 @@ async def test_seed_story_with_topoipamctl(
 
     # 3. Label the nodes by rack.
     for i, rack in enumerate(["0", "0", "1", "1"]):
-        assert await topoipamctl("label", "nodes", f"node-{i}", f"rack={rack}") == (
+        assert await topoipamctl("label", "nodes", f"node-{i}", f"rack={rack}", "--create") == (
             f"node/node-{i} labeled\n")
 
     # 4. One pool per rack from a manifest.
@@ -107,12 +107,13 @@ async def test_seed_story_with_topoipamctl(
     assert (in_use["rack-0"][-2], in_use["rack-1"][-2]) == ("3", "2")
 
     # 8. A fifth node in a rack without a pool: coverage names it.
-    await topoipamctl("label", "nodes", "node-4", "rack=2")
+    await topoipamctl("label", "nodes", "node-4", "rack=2", "--create")
     coverage = await topoipamctl("check", "coverage", expect=1)
     assert coverage.splitlines() == [
-        "warning: no enabled IPv4 pool selects node node-4 (labels {rack=2}; pools "
+        "uncovered node: no enabled IPv4 pool selects node node-4 (labels {rack=2}; pools "
         "considered: rack-0, rack-1)",
-        "check coverage: 1 of 5 node(s) not selected by any enabled Automatic pool",
+        "check coverage: 1 problem(s) found (1 of 5 node(s) not selected by any enabled "
+        "Automatic pool; 2 pools)",
     ]
 
     # 7. node-0 moves to rack 1: its earlier addresses stay, and placement lists them.
