@@ -139,7 +139,7 @@ def test_readme_ptp_config_per_rack_pools_get_their_racks_address_and_gateway(
     create_pool(ctl_env, "rack-1", "10.253.1.0/24", "--node-selector", 'rack == "1"')
     racks = {"node-0": "0", "node-2": "1"}
     for node, rack in racks.items():
-        done = ctl(ctl_env, "label", "nodes", node, f"rack={rack}")
+        done = ctl(ctl_env, "label", "nodes", node, f"rack={rack}", "--create")
         assert done.returncode == 0, done.stderr
     daemons = {node: start_daemon(tmp_path, node, etcd, prefix) for node in racks}
     try:
