@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import EtcdServer
 from tests.daemons import DaemonProcess, ctl
 from tests.e2e.netns import (
+    Json,
     addresses,
     default_route,
     exec_plugin,
@@ -86,30 +87,44 @@ def test_readme_bridge_config_chained_never_gives_a_pod_the_bridge_address(
         daemon.stop()
 
 
-@pytest.mark.parametrize("families", [(6,), (4, 6)], ids=["ipv6", "dual-stack"])
-def test_bridge_is_gateway_without_gateway_ipv6_and_dual_stack(
-        families: tuple[int, ...], etcd: EtcdServer, prefix: str, tmp_path: Path,
-        ctl_env: dict[str, str]) -> None:
-    require_root_and_plugins("bridge")
+@pytest.mark.parametrize("chained", [False, True], ids=["raw-exec", "chained"])
+@pytest.mark.parametrize("families", [(4,), (6,), (4, 6)], ids=["ipv4", "ipv6", "dual-stack"])
+def test_bridge_is_gateway_without_gateway_on_a_fresh_pool(
+        families: tuple[int, ...], chained: bool, etcd: EtcdServer, prefix: str,
+        tmp_path: Path, ctl_env: dict[str, str]) -> None:
+    require_root_and_plugins("bridge", "portmap")
     gateways = {4: "10.252.0.1", 6: "fd00:252::1"}
     create_pool(ctl_env, "e2e-v4", "10.252.0.0/24")
     create_pool(ctl_env, "e2e-v6", "fd00:252::/120")
     daemon = start_daemon(tmp_path, "e2e-node", etcd, prefix)
-    config = {
-        "cniVersion": "1.0.0", "name": "e2e-dual", "type": "bridge", "bridge": "tpibr6",
-        "isGateway": True,
+    bridge = {
+        "type": "bridge", "bridge": "tpibr6", "isGateway": True,
         "ipam": {"type": "topoipam", "socket": daemon.socket, "assign_ipv4": 4 in families,
                  "assign_ipv6": 6 in families,
                  "routes": [{"dst": "0.0.0.0/0" if family == 4 else "::/0"}
                             for family in families]},
     }
+    conflist = {"cniVersion": "1.0.0", "name": "e2e-dual",
+                "plugins": [bridge, {"type": "portmap", "capabilities": {"portMappings": True}}]}
+
+    def cni(command: str, pod: str, i: int, result: Json | None = None) -> Json | None:
+        if chained:  # the way libcni runs a conflist: in order, prevResult passed on
+            return run_chain(conflist, command, host, pod, f"pod{i}", result)
+        config = {"cniVersion": "1.0.0", "name": "e2e-dual", **bridge}
+        if result is not None:
+            config["prevResult"] = result
+        code, out, err = exec_plugin("bridge", command, config, host, pod, f"pod{i}")
+        assert code == 0, f"{out} {err}\n{daemon.log()}"
+        return out
+
     try:
         with namespaces(1, "h") as [host], namespaces(PODS, "c") as pods:
             held: set[str] = set()
+            results = {}
             for i, pod in enumerate(pods):
-                code, result, err = exec_plugin("bridge", "ADD", config, host, pod, f"pod{i}")
-                assert code == 0, f"{result} {err}\n{daemon.log()}"
+                result = cni("ADD", pod, i)
                 assert result is not None
+                results[pod] = result
                 by_family = {ipaddress.ip_interface(ip["address"]).version: ip
                              for ip in result["ips"]}
                 assert sorted(by_family) == list(families)
@@ -123,10 +138,10 @@ def test_bridge_is_gateway_without_gateway_ipv6_and_dual_stack(
             assert len(held) == PODS * len(families)
             for family in families:
                 plen = 24 if family == 4 else 120
-                assert f"{gateways[family]}/{plen}" in addresses(host, family, "tpibr6")
+                assert addresses(host, family, "tpibr6") == [f"{gateways[family]}/{plen}"]
             for i, pod in enumerate(pods):
-                code, _, err = exec_plugin("bridge", "DEL", config, host, pod, f"pod{i}")
-                assert code == 0, err
+                cni("CHECK", pod, i, results[pod])
+                cni("DEL", pod, i, results[pod])
         assert allocations(ctl_env) == []
     finally:
         daemon.stop()
