@@ -674,7 +674,7 @@ class CniSocketClient:
     """
 
     def __init__(self, grpc_socket: str, network: str = "bench-cni") -> None:
-        from topoipam.client import wire
+        from topoipam.proto import cniwire as wire
 
         self.wire: Any = wire  # the module, imported lazily
         self.path = wire.cni_socket_path(grpc_socket)

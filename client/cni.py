@@ -4,7 +4,7 @@ The runtime execs this once per pod attachment, so its start-up is part of pod
 start-up. It therefore imports only ``os``, ``sys``, ``time``, ``json`` and the
 C ``_socket`` module, never grpc, protobuf, asyncio or anything of the daemon,
 and makes exactly one request to the daemon's fast CNI socket
-``<socket>.cni`` (framing in :mod:`topoipam.client.wire`). Like host-local's
+``<socket>.cni`` (framing in :mod:`topoipam.proto.cniwire`). Like host-local's
 ``main.go`` it is wiring only: parse env and stdin, one call, print.
 
 Verbs: ADD (Allocate), DEL (Release; an unknown attachment is success), CHECK
@@ -140,7 +140,7 @@ import os
 import sys
 import time
 
-from topoipam.client import wire
+from topoipam.proto import cniwire as wire
 
 # typing costs ~2 ms to import and is only needed by the type checker (which
 # treats any TYPE_CHECKING as true); annotations are strings at run time.
@@ -164,16 +164,16 @@ GATEWAY_NONE = "none"
 # own CNI timeout, so a stuck daemon surfaces as a retriable error.
 DEFAULT_TIMEOUT = 20.0
 
-ERR_INCOMPATIBLE_VERSION = 1
-ERR_UNSUPPORTED_FIELD = 2
-ERR_INVALID_ENV = 4
-ERR_IO = 5
-ERR_DECODE = 6
-ERR_INVALID_CONFIG = 7
-ERR_TRY_AGAIN = 11
-ERR_NOT_AVAILABLE = 50
-ERR_CHECK_FAILED = 113
-ERR_INTERNAL = 999
+ERR_INCOMPATIBLE_VERSION = wire.CNI_INCOMPATIBLE_VERSION
+ERR_UNSUPPORTED_FIELD = wire.CNI_UNSUPPORTED_FIELD
+ERR_INVALID_ENV = wire.CNI_INVALID_ENV
+ERR_IO = wire.CNI_IO_ERROR
+ERR_DECODE = wire.CNI_DECODE_ERROR
+ERR_INVALID_CONFIG = wire.CNI_INVALID_CONFIG
+ERR_TRY_AGAIN = wire.CNI_TRY_AGAIN
+ERR_NOT_AVAILABLE = wire.CNI_NOT_AVAILABLE
+ERR_CHECK_FAILED = wire.CNI_CHECK_FAILED
+ERR_INTERNAL = wire.CNI_INTERNAL_ERROR
 
 _IPAM_KEYS = frozenset({
     "type", "socket", "timeout", "assign_ipv4", "assign_ipv6", "ipv4_pools", "ipv6_pools",

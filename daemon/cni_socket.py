@@ -2,7 +2,7 @@
 
 The CNI plugin is exec'd once per pod and cannot afford grpc's import time, so
 the daemon also serves its API on ``<grpc socket>.cni`` with the framing of
-:mod:`topoipam.client.wire`. This module only moves frames: it parses each
+:mod:`topoipam.proto.cniwire`. This module only moves frames: it parses each
 request, awaits ``dispatch(method, request)`` and writes back whatever payload
 dispatch built. Dispatch owns the API semantics and the error table (domain
 error -> gRPC status name + CNI code), exactly as the gRPC servicer does.
@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
-from topoipam.client import wire
+from topoipam.proto import cniwire as wire
 
 _log = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from topoipam.proto import cniwire
+
 
 class TopoipamError(Exception):
     """Root of every expected topoipam error; the message is one line for users."""
@@ -20,7 +22,7 @@ class TopoipamError(Exception):
     #: gRPC status code name (grpc.StatusCode member) the service maps this to.
     code: str = "FAILED_PRECONDITION"
     #: CNI error code the plugin reports (>= 100 are plugin-specific).
-    cni_code: int = 100
+    cni_code: int = cniwire.CNI_FAILED
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -34,7 +36,7 @@ class InvalidInput(TopoipamError):
     """A request, manifest, flag or value that is malformed or out of range."""
 
     code = "INVALID_ARGUMENT"
-    cni_code = 7
+    cni_code = cniwire.CNI_INVALID_CONFIG
 
 
 class SelectorSyntaxError(InvalidInput):
@@ -50,12 +52,12 @@ class SelectorSyntaxError(InvalidInput):
 
 class NotFound(TopoipamError):
     code = "NOT_FOUND"
-    cni_code = 102
+    cni_code = cniwire.CNI_NOT_FOUND
 
 
 class AlreadyExists(TopoipamError):
     code = "ALREADY_EXISTS"
-    cni_code = 103
+    cni_code = cniwire.CNI_ALREADY_EXISTS
 
 
 class PoolOverlap(InvalidInput):
@@ -99,7 +101,7 @@ class NoPoolForNode(TopoipamError):
     """No enabled pool selects the node (or the requested pools are unusable)."""
 
     code = "FAILED_PRECONDITION"
-    cni_code = 110
+    cni_code = cniwire.CNI_NO_POOL
 
     def __init__(
         self, node: str, labels: Mapping[str, str], family: int, pools_considered: Iterable[str]
@@ -117,7 +119,7 @@ class PoolExhausted(TopoipamError):
     """Every selected pool is full for this node."""
 
     code = "RESOURCE_EXHAUSTED"
-    cni_code = 111
+    cni_code = cniwire.CNI_EXHAUSTED
 
     def __init__(
         self, node: str, labels: Mapping[str, str], family: int, pools: Iterable[str],
@@ -137,7 +139,7 @@ class AddressUnavailable(TopoipamError):
     """A specifically requested address is in use, reserved, or outside every usable pool."""
 
     code = "FAILED_PRECONDITION"
-    cni_code = 112
+    cni_code = cniwire.CNI_ADDRESS_UNAVAILABLE
 
 
 class UnknownPool(InvalidInput):

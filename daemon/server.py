@@ -23,8 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from topoipam.client.wire import cni_socket_path
 from topoipam.proto import ipam_pb2, ipam_pb2_grpc
+from topoipam.proto.cniwire import cni_socket_path
 
 from . import allocator
 from .cache import NodeCache

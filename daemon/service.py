@@ -19,7 +19,7 @@ import grpc
 import grpc.aio
 from google.protobuf.descriptor import FieldDescriptor
 
-from topoipam.proto import ipam_pb2, ipam_pb2_grpc
+from topoipam.proto import cniwire, ipam_pb2, ipam_pb2_grpc
 
 from . import allocator
 from .errors import InvalidInput, NotFound, TopoipamError
@@ -41,7 +41,7 @@ STATUS_OF = {name: getattr(grpc.StatusCode, name) for name in (
 def error_codes(exc: TopoipamError) -> tuple[str, int]:
     """(gRPC status name, CNI code) of a domain error: retriable ones are "try again"."""
     if exc.retriable:
-        return "UNAVAILABLE", 11
+        return "UNAVAILABLE", cniwire.CNI_TRY_AGAIN
     return exc.code, exc.cni_code
 
 
@@ -186,6 +186,7 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
                                ipam_pb2.GarbageCollectResponse, self.garbage_collect),
             "Status": (ipam_pb2.StatusRequest, ipam_pb2.StatusResponse, self.node_status),
         }
+        assert set(self._methods) == cniwire.METHODS, "the CNI socket serves exactly the RPCs"
 
     # ------------------------------------------------------------------ domain calls
     async def allocate(self, request: Any) -> dict[str, Any]:
@@ -319,8 +320,8 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         """The CNI socket's entry: proto3 JSON (proto field names) in and out."""
         entry = self._methods.get(method)
         if entry is None:
-            return {"code": "UNIMPLEMENTED", "message": f"unknown method {method!r}",
-                    "cni_code": 4}
+            return cniwire.error_response("UNIMPLEMENTED", f"unknown method {method!r}",
+                                          cniwire.CNI_INVALID_ENV)
         try:
             # No timer of our own on this, the per-pod path: the plugin's deadline
             # governs, and every etcd call a handler makes is bounded already.
@@ -328,9 +329,9 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
                                         bounded=False)
         except TopoipamError as exc:
             code, cni_code = error_codes(exc)
-            return {"code": code, "message": exc.message, "cni_code": cni_code}
+            return cniwire.error_response(code, exc.message, cni_code)
         except TimeoutError:
-            return {"code": "UNAVAILABLE", "cni_code": 11,
-                    "message": f"{method} did not finish within {self.request_timeout:g}s; "
-                               "etcd may be unreachable"}
-        return {"code": "OK", "response": response}
+            return cniwire.error_response(
+                "UNAVAILABLE", f"{method} did not finish within {self.request_timeout:g}s; "
+                "etcd may be unreachable", cniwire.CNI_TRY_AGAIN)
+        return cniwire.ok_response(response)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,33 @@ def test_mypy_strict_clean(tmp_path: Path) -> None:
          str(tmp_path / ".mypy_cache"), "-p", "topoipam"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# Imports run one way: client -> daemon -> proto (and the plugin's contract,
+# proto/cniwire.py, imports nothing of topoipam at all).
+LAYERS = {"daemon": ("topoipam.client",), "proto": ("topoipam.client", "topoipam.daemon")}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_imports_flow_one_way() -> None:
+    wrong = []
+    for folder, forbidden in LAYERS.items():
+        for path in sorted((ROOT / folder).glob("*.py")):
+            for name in imported_modules(path):
+                if any(name == f or name.startswith(f + ".") for f in forbidden):
+                    wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert wrong == []
+
+
+def test_the_wire_contract_is_standard_library_only() -> None:
+    imported = imported_modules(ROOT / "proto" / "cniwire.py")
+    assert {name.split(".")[0] for name in imported} <= {"__future__", "json", "typing"}

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from topoipam.client import wire
 from topoipam.daemon.cni_socket import CniSocketServer
+from topoipam.proto import cniwire as wire
 
 Json = dict[str, Any]
 

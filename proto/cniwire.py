@@ -1,4 +1,8 @@
-"""Framing of the daemon's fast CNI socket, shared by the plugin and the daemon.
+"""The CNI socket's contract, the one module both the plugin and the daemon import.
+
+Framing, the method table and the one table of CNI error codes. Imports run
+one way — client → daemon → proto — and this module sits at the bottom: the
+plugin imports it on every pod start, so it stays standard-library only.
 
 The CNI plugin is exec'd once per pod, so it cannot afford to import grpc or
 protobuf (100+ ms). The daemon therefore serves the same ``topoipam.v1.Ipam``
@@ -41,12 +45,23 @@ HEADER_SIZE = 4
 #: The RPCs of ``topoipam.v1.Ipam``, which are all this socket carries.
 METHODS = frozenset({"Allocate", "Release", "Get", "GarbageCollect", "Status"})
 
-#: CNI code of a request the server could not parse ("failed to decode content").
-CNI_DECODE_ERROR = 6
-#: CNI code of an unexpected failure ("internal error", as libcni uses it).
-CNI_INTERNAL_ERROR = 999
-#: CNI code of a transient failure ("try again later").
-CNI_TRY_AGAIN = 11
+# The one table of CNI error codes. 1-99 are the spec's; 100 and up are ours.
+CNI_INCOMPATIBLE_VERSION = 1  # unsupported cniVersion, or a verb the version lacks
+CNI_UNSUPPORTED_FIELD = 2  # an unknown key in the network configuration
+CNI_INVALID_ENV = 4  # CNI_COMMAND, CNI_CONTAINERID, CNI_IFNAME, CNI_ARGS
+CNI_IO_ERROR = 5  # stdin could not be read
+CNI_DECODE_ERROR = 6  # stdin (or a request) is not a JSON object
+CNI_INVALID_CONFIG = 7  # a bad network or IPAM configuration, a bad request
+CNI_TRY_AGAIN = 11  # daemon unreachable or timed out, etcd down, lost races
+CNI_NOT_AVAILABLE = 50  # STATUS: no ADD can succeed now
+CNI_FAILED = 100  # a topoipam error without a code of its own
+CNI_NOT_FOUND = 102
+CNI_ALREADY_EXISTS = 103
+CNI_NO_POOL = 110  # no enabled pool selects the node
+CNI_EXHAUSTED = 111  # the pools are full and nothing can be claimed or borrowed
+CNI_ADDRESS_UNAVAILABLE = 112  # a requested address is held, reserved or outside the pools
+CNI_CHECK_FAILED = 113  # CHECK: the attachment does not hold what prevResult says
+CNI_INTERNAL_ERROR = 999  # anything unexpected (libcni's "internal error")
 
 
 class FrameError(ValueError):
