@@ -25,78 +25,79 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
-import netaddr
 import yaml
 
 from topoipam.client import manifests
-from topoipam.client.manifests import Document, Resource, resource_id
+from topoipam.client.manifests import Document
 from topoipam.daemon import allocator
+from topoipam.daemon.admin import (
+    Plan,
+    Target,
+    allocated_in,
+    configure,
+    drop_stray_empty_blocks,
+    label_node,
+    merge_patch,
+    parse_label_changes,
+    plan_writes,
+    read_current,
+    read_holding,
+    refuse_live,
+    release_holding,
+    retire_node,
+    unlist_address,
+    write_targets,
+)
+from topoipam.daemon.audit import (
+    allocation_steps,
+    describe_address,
+    find_inconsistencies,
+    find_warnings,
+    load_snapshot,
+    network_order,
+    placement_problem,
+    show,
+    usable_capacity,
+)
 from topoipam.daemon.errors import (
-    AlreadyExists,
-    Conflict,
     DatastoreUnavailable,
     InvalidInput,
     NoPoolForNode,
     NotFound,
-    PoolInUse,
     TopoipamError,
 )
-from topoipam.daemon.ipam import Ipam
 from topoipam.daemon.model import (
     ASSIGNMENT_MODES,
+    CONFIG_NAME,
     DEFAULT_BLOCK_SIZE,
-    Block,
-    Handle,
-    IPAddress,
     IPAMConfig,
-    IPNetwork,
     IPPool,
     IPReservation,
     Node,
-    check_kubernetes_label,
-    check_pool_name,
-    check_pool_overlaps,
+    Resource,
+    name_of,
     parse_address,
     parse_gateway_spec,
     parse_network,
-    reserved_range_problem,
 )
 from topoipam.daemon.store import (
     DEFAULT_PREFIX,
-    DeleteAffinity,
-    DeleteBlock,
-    DeleteHandle,
-    DeleteObject,
     EtcdOptions,
     EtcdStore,
-    PoolsUnchangedSince,
-    PutBlock,
-    PutHandle,
     PutObject,
-    Versioned,
     Write,
 )
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 # Short: an operator at a terminal wants "etcd is down" in seconds, not a hang.
 DEFAULT_TIMEOUT = 3.0
-# Re-read-and-revalidate rounds when a guarded write loses a race.
-WRITE_ATTEMPTS = 5
-# etcd's default --max-txn-ops; a bigger manifest cannot be applied atomically.
-MAX_TXN_OPS = 128
-# Empty blocks of deleted pools are dropped in transactions of this many blocks
-# (two ops each: block and affinity).
-BLOCK_DROP_BATCH = 50
 CONFIG_FLAGS = ("strict_affinity", "max_blocks_per_host", "auto_allocate_blocks",
                 "ip_cooldown_seconds")
 
-STORE_KIND = {"IPPool": "pool", "Node": "node", "IPReservation": "reservation"}
 # Resource names as calicoctl and kubectl spell them, with their short forms.
 POOL_NAMES = ("ippool", "ippools", "ipp", "ipps", "pool", "pools")
 NODE_NAMES = ("node", "nodes", "no")
@@ -140,419 +141,60 @@ def show_labels(labels: dict[str, str] | Any) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "<none>"
 
 
-def show(value: object) -> str:
-    return "-" if value is None else str(value)
 
 
 def family_name(family: int) -> str:
     return f"IPv{family}"
 
 
-def address_order(address: IPAddress) -> tuple[int, int]:
-    return address.version, int(address)
 
 
-def network_order(cidr: IPNetwork) -> tuple[int, int, int]:
-    return cidr.version, int(cidr.network_address), cidr.prefixlen
 
 
 # ---------------------------------------------------------------------------- reads
 
 
-def key_of(store: EtcdStore, kind: str, name: str) -> bytes:
-    keys = store.keys
-    if kind == "IPPool":
-        return keys.pool(name)
-    if kind == "Node":
-        return keys.node(name)
-    if kind == "IPReservation":
-        return keys.reservation(name)
-    return keys.config()
 
 
-async def read_current(store: EtcdStore, kind: str, name: str) -> tuple[Resource | None, int]:
-    """The stored object and its mod_revision; (None, 0) if absent, (None, rev) if corrupt.
-
-    A corrupt stored value is reported as existing-but-unreadable so that
-    `apply` can overwrite it and `create` refuses, instead of crashing.
-    """
-    key = key_of(store, kind, name)
-    raw = await store.get_raw(key)
-    if raw is None:
-        return None, 0
-    value, revision = raw
-    try:
-        decoded: Resource
-        if kind == "IPPool":
-            decoded = store.decode_pool(key, value)
-        elif kind == "Node":
-            decoded = store.decode_node(key, value)
-        elif kind == "IPReservation":
-            decoded = store.decode_reservation(key, value)
-        else:
-            decoded = store.decode_config(value)
-    except InvalidInput as exc:
-        warn(f"{kind.lower()} {name}: stored value is corrupt ({exc})")
-        return None, revision
-    return decoded, revision
 
 
-async def allocated_in(store: EtcdStore, cidr: IPNetwork) -> int:
-    return sum(b.value.in_use for b in await store.list_blocks(cidr))
 
 
-def owning_pool(pools: Iterable[IPPool], cidr: IPNetwork) -> IPPool | None:
-    """The pool a block belongs to: inside its CIDR and of its block size."""
-    pool = allocator.pool_of_block(pools, cidr)
-    return pool if pool is not None and pool.block_size == cidr.prefixlen else None
 
 
-@dataclass(frozen=True)
-class AllocationRow:
-    """One allocated address: the block's view joined with its handle (None if missing)."""
-
-    ip: IPAddress
-    block: Block
-    handle_id: str
-    handle: Handle | None
-    pool: IPPool | None
-
-    @property
-    def node(self) -> str | None:
-        return self.handle.node if self.handle is not None else None
-
-    def attribute(self, name: str) -> str | None:
-        return self.handle.attributes.get(name) if self.handle is not None else None
-
-    @property
-    def pod(self) -> str:
-        namespace, pod = self.attribute("namespace"), self.attribute("pod")
-        if pod is None:
-            return "-"
-        return f"{namespace}/{pod}" if namespace else pod
-
-    def to_json(self) -> dict[str, str | None]:
-        return {
-            "ip": str(self.ip),
-            "node": self.node,
-            "pool": self.pool.name if self.pool is not None else None,
-            "block": str(self.block.cidr),
-            "handle": self.handle_id,
-            "namespace": self.attribute("namespace"),
-            "pod": self.attribute("pod"),
-            "container_id": self.attribute("container_id"),
-            "ifname": self.attribute("ifname"),
-        }
 
 
-@dataclass
-class Snapshot:
-    """Everything the reports need, read at one etcd revision (so they agree with each other)."""
-
-    revision: int
-    pools: list[IPPool]
-    nodes: dict[str, Node]
-    reservations: list[IPReservation]
-    blocks: dict[IPNetwork, Block]
-    affinities: list[tuple[str, IPNetwork]]
-    handles: dict[str, Handle]
-    corrupt: list[str] = field(default_factory=list)
-
-    def allocations(self) -> list[AllocationRow]:
-        rows = []
-        for block in self.blocks.values():
-            pool = allocator.pool_of_block(self.pools, block.cidr)
-            for ordinal, handle_id in block.allocations.items():
-                rows.append(AllocationRow(block.address(ordinal), block, handle_id,
-                                          self.handles.get(handle_id), pool))
-        return sorted(rows, key=lambda r: address_order(r.ip))
 
 
-async def load_snapshot(store: EtcdStore) -> Snapshot:
-    keys = store.keys
-    pool_kvs, revision = await store.prefix_raw(keys.pools())
-    (node_kvs, _), (reservation_kvs, _), (block_kvs, _), (affinity_kvs, _), (handle_kvs, _) = (
-        await asyncio.gather(
-            store.prefix_raw(keys.nodes(), revision=revision),
-            store.prefix_raw(keys.reservations(), revision=revision),
-            store.prefix_raw(keys.blocks(), revision=revision),
-            store.prefix_raw(keys.affinities(), keys_only=True, revision=revision),
-            store.prefix_raw(keys.handles(), revision=revision),
-        )
-    )
-    snap = Snapshot(revision, [], {}, [], {}, [], {})
-
-    def decoded(kvs: Iterable[Any], decode: Callable[[bytes, bytes], Any]) -> Iterator[Any]:
-        """The values that decode; the others are reported by ``ipam check``."""
-        for kv in kvs:
-            try:
-                yield decode(kv.key, kv.value)
-            except (InvalidInput, ValueError) as exc:
-                snap.corrupt.append(f"corrupt value at {kv.key.decode(errors='replace')}: {exc}")
-
-    snap.pools.extend(sorted(decoded(pool_kvs, store.decode_pool), key=lambda p: p.name))
-    snap.nodes.update((n.name, n) for n in decoded(node_kvs, store.decode_node))
-    snap.reservations.extend(decoded(reservation_kvs, store.decode_reservation))
-    snap.blocks.update((b.cidr, b) for b in decoded(block_kvs, store.decode_block))
-    snap.affinities.extend(decoded(affinity_kvs, lambda key, _: keys.affinity_of(key)))
-    snap.handles.update((h.id, h) for h in decoded(handle_kvs, store.decode_handle))
-    return snap
 
 
 # ---------------------------------------------------------------------------- writes
 
 
-@dataclass(frozen=True)
-class Target:
-    """What a write is about; ``obj`` is None when deleting by name."""
-
-    kind: str
-    name: str
-    obj: Resource | None
-    where: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind.lower()} {self.name}"
-
-    @property
-    def context(self) -> str:
-        return f"{self.where}: " if self.where else ""
-
-    @classmethod
-    def of(cls, document: Document) -> Target:
-        return cls(document.kind, document.name, document.obj, document.where)
 
 
-@dataclass
-class Plan:
-    writes: list[Write] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    deletes_pool: bool = False
 
 
-async def plan_writes(
-    store: EtcdStore, targets: Sequence[Target], action: str, force: bool
-) -> Plan:
-    """Validate every target against etcd as it is now and plan one guarded transaction.
-
-    Raises before anything is written: duplicates in the file, create of an
-    existing object, delete of a missing one or of a pool in use, pool
-    overlaps (with stored pools and within the file), changed CIDRs.
-    """
-    seen: dict[tuple[str, str], str] = {}
-    for target in targets:
-        first = seen.setdefault((target.kind, target.name), target.where)
-        if first != target.where:
-            raise InvalidInput(f"{target.context}{target.label} appears twice (also in {first})")
-        if action == "delete" and target.kind not in ("IPPool", "IPReservation"):
-            raise InvalidInput(
-                f"{target.context}deleting {target.kind} objects is not supported "
-                "(IPAMConfig: use `topoipamctl ipam configure`; Node: not yet)"
-            )
-    currents = await asyncio.gather(*(read_current(store, t.kind, t.name) for t in targets))
-    stored, pools_revision = await store.pools_at_revision()
-    stored_pools = [p.value for p in stored]
-    file_pools = [t.obj for t in targets if isinstance(t.obj, IPPool)]
-    block_cidrs: dict[int, list[IPNetwork]] = {}
-    snapshot: Snapshot | None = None
-    plan = Plan()
-    for target, (current, revision) in zip(targets, currents, strict=True):
-        if action == "delete":
-            await plan_delete(store, target, current, revision, force, plan)
-            continue
-        assert target.obj is not None
-        if action == "create" and revision != 0:
-            raise AlreadyExists(f"{target.context}{target.label} already exists")
-        if isinstance(target.obj, IPPool):
-            pool = target.obj
-            problem = reserved_range_problem(pool.cidr)
-            if problem is not None:
-                raise InvalidInput(f"{target.context}ippool {pool.name}: {problem}")
-            if revision == 0:
-                try:
-                    check_pool_name(pool.name)
-                except InvalidInput as exc:
-                    raise InvalidInput(f"{target.context}{exc}") from exc
-            # Against the stored pools this file does not replace, and against the
-            # earlier pools of the file: an overlap is reported at the later document.
-            # Checked before the leftover blocks, so that the blocks of a live pool
-            # are blamed on that pool, not on "a deleted pool".
-            others = [p for p in stored_pools if p.name not in {f.name for f in file_pools}]
-            earlier = file_pools[:file_pools.index(pool)]
-            try:
-                check_pool_overlaps(pool, [*others, *earlier])
-            except InvalidInput as exc:
-                raise InvalidInput(f"{target.context}{exc}") from exc
-            if isinstance(current, IPPool):
-                check_immutable(target, current, pool)
-            else:
-                family = pool.family
-                if family not in block_cidrs:
-                    block_cidrs[family] = await existing_block_cidrs(store, family)
-                check_leftover_blocks(target, pool, block_cidrs[family])
-        if isinstance(target.obj, IPReservation) and current != target.obj:
-            if snapshot is None:
-                snapshot = await load_snapshot(store)
-            pools_after = [*(p for p in stored_pools if p.name not in {f.name for f in file_pools}),
-                           *file_pools]
-            plan.warnings.extend(reservation_warnings(target.obj, snapshot, pools_after))
-        if current == target.obj:
-            plan.lines.append(f"{resource_id(target.obj)} unchanged")
-            continue
-        plan.writes.append(PutObject(target.obj, revision))
-        outcome = "configured" if revision else "created"
-        plan.lines.append(f"{resource_id(target.obj)} {outcome}")
-    if any(isinstance(w, PutObject) and isinstance(w.obj, IPPool) for w in plan.writes):
-        # The overlap checks above hold only if no pool appears meanwhile.
-        plan.writes.append(PoolsUnchangedSince(pools_revision))
-    if len(plan.writes) > MAX_TXN_OPS:
-        raise InvalidInput(
-            f"{len(plan.writes)} changes do not fit in one etcd transaction (at most "
-            f"{MAX_TXN_OPS}); split the manifest"
-        )
-    return plan
 
 
-def reservation_warnings(
-    reservation: IPReservation, snap: Snapshot, pools: Sequence[IPPool]
-) -> list[str]:
-    """What an operator must know when writing ``reservation``: allocations it cannot take
-    back, and CIDRs that reserve nothing because no pool contains them."""
-    what = f"ipreservation {reservation.name}"
-    lines = [
-        f"{what}: {row.ip} is allocated to {row.pod if row.handle else 'a leaked handle'} "
-        f"(handle {row.handle_id}, node {show(row.node)}); the reservation keeps it only once "
-        "it is released"
-        for row in snap.allocations() if reserves(reservation, row.ip)
-    ]
-    lines += [f"{what}: {cidr} is outside every pool (it reserves nothing)"
-              for cidr in outside_pools(reservation, pools)]
-    return lines
 
 
-def reserves(reservation: IPReservation, address: IPAddress) -> bool:
-    return any(address.version == c.version and address in c for c in reservation.cidrs)
 
 
-def outside_pools(reservation: IPReservation, pools: Iterable[IPPool]) -> list[IPNetwork]:
-    pools = list(pools)
-    return [c for c in reservation.cidrs
-            if not any(p.family == c.version and p.cidr.overlaps(c)
-                       for p in pools)]
 
 
-async def plan_delete(
-    store: EtcdStore, target: Target, current: Resource | None, revision: int, force: bool,
-    plan: Plan,
-) -> None:
-    if revision == 0:
-        raise NotFound(f"{target.context}{target.label} does not exist")
-    if isinstance(current, IPPool):
-        in_use = await allocated_in(store, current.cidr)
-        if in_use and not force:
-            raise PoolInUse(target.name, in_use)
-        if in_use:
-            plan.warnings.append(
-                f"ippool {target.name}: {in_use} allocated address(es) stay allocated in the "
-                "pool's blocks until released (see `topoipamctl check placement`)"
-            )
-    plan.deletes_pool = plan.deletes_pool or target.kind == "IPPool"
-    plan.writes.append(DeleteObject(STORE_KIND[target.kind], target.name, revision))
-    plan.lines.append(f"{target.kind.lower()}/{target.name} deleted")
 
 
-def check_immutable(target: Target, current: IPPool, pool: IPPool) -> None:
-    # Existing blocks are cut at the old CIDR and block size; changing either would
-    # orphan them or let two blocks overlap. Calico refuses this too.
-    if (current.cidr, current.block_size) != (pool.cidr, pool.block_size):
-        raise InvalidInput(
-            f"{target.context}ippool {pool.name}: cidr and blockSize cannot change "
-            f"({current.cidr} /{current.block_size} -> {pool.cidr} /{pool.block_size}); "
-            "create a new pool instead"
-        )
 
 
-async def existing_block_cidrs(store: EtcdStore, family: int) -> list[IPNetwork]:
-    kvs, _ = await store.prefix_raw(store.keys.blocks(family), keys_only=True)
-    cidrs = []
-    for kv in kvs:
-        try:
-            cidrs.append(store.keys.block_cidr(kv.key))
-        except (InvalidInput, ValueError):
-            continue  # reported by `ipam check`
-    return cidrs
 
 
-def check_leftover_blocks(target: Target, pool: IPPool, cidrs: Iterable[IPNetwork]) -> None:
-    """Refuse a new pool over blocks of another size (left by a deleted pool).
-
-    The allocator only recognises blocks of its pool's size; a differently cut
-    block in the range would let the same address be handed out twice.
-    Blocks of the right size are simply adopted by the new pool.
-    """
-    for cidr in cidrs:
-        if not cidr.overlaps(pool.cidr):
-            continue
-        if owning_pool([pool], cidr) is pool:
-            continue
-        raise InvalidInput(
-            f"{target.context}ippool {pool.name}: block {cidr} of a deleted pool overlaps "
-            f"{pool.cidr} but is not a /{pool.block_size} block of it; release its "
-            "addresses first (`topoipamctl ipam show --show-blocks`)"
-        )
 
 
-async def write_targets(
-    store: EtcdStore, targets: Sequence[Target], action: str, force: bool = False
-) -> Plan:
-    """Validate and commit ``targets`` in one transaction, re-validating after lost races."""
-    for _ in range(WRITE_ATTEMPTS):
-        plan = await plan_writes(store, targets, action, force)
-        if not plan.writes:
-            return plan
-        result = await store.commit(plan.writes)
-        if result.succeeded:
-            if plan.deletes_pool:
-                dropped = await drop_stray_empty_blocks(store)
-                if dropped:
-                    plan.lines.append(f"dropped {dropped} empty block(s) of deleted pools")
-            return plan
-    raise Conflict(f"the objects changed concurrently {WRITE_ATTEMPTS} times; try again")
 
 
-async def drop_stray_empty_blocks(store: EtcdStore) -> int:
-    """Delete empty blocks (and their affinities) that no pool owns any more.
-
-    Each delete is guarded by the block's revision, so a block that a daemon
-    with a stale view allocates from in the meantime is kept. Blocks with
-    allocations are never touched.
-    """
-    pools = [p.value for p in await store.list_pools()]
-    stray = [
-        b for b in await store.list_blocks()
-        if b.value.is_empty() and owning_pool(pools, b.value.cidr) is None
-    ]
-    dropped = 0
-    for start in range(0, len(stray), BLOCK_DROP_BATCH):
-        batch = stray[start:start + BLOCK_DROP_BATCH]
-        result = await store.commit([w for b in batch for w in block_drop_writes(b)])
-        if result.succeeded:
-            dropped += len(batch)
-            continue
-        for block in batch:  # one of them changed: keep that one, drop the others
-            if (await store.commit(block_drop_writes(block))).succeeded:
-                dropped += 1
-    return dropped
 
 
-def block_drop_writes(current: Versioned[Block]) -> list[Write]:
-    block = current.value
-    writes: list[Write] = [DeleteBlock(block.cidr, current.mod_revision)]
-    if block.affinity is not None:
-        writes.append(DeleteAffinity(block.affinity, block.cidr))
-    return writes
 
 
 def report(plan: Plan) -> int:
@@ -584,15 +226,19 @@ def read_manifests(path: str) -> manifests.Manifests:
     return parsed
 
 
+def target_of(document: Document) -> Target:
+    return Target(document.kind, document.name, document.obj, document.where)
+
+
 async def cmd_apply(store: EtcdStore, args: argparse.Namespace) -> int:
     parsed = read_manifests(args.filename)
-    return report(await write_targets(store, [Target.of(d) for d in parsed.documents], "apply"))
+    return report(await write_targets(store, [target_of(d) for d in parsed.documents], "apply"))
 
 
 async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
     if args.filename is not None:
         parsed = read_manifests(args.filename)
-        targets = [Target.of(d) for d in parsed.documents]
+        targets = [target_of(d) for d in parsed.documents]
     else:
         cidr = parse_network(args.cidr, f"pool {args.name}: --cidr")
         pool = IPPool(
@@ -614,7 +260,7 @@ async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
         return await delete_node(store, args.name, args.force)
     if args.filename is not None:
         parsed = read_manifests(args.filename)
-        targets = [Target.of(d) for d in parsed.documents]
+        targets = [target_of(d) for d in parsed.documents]
     else:
         kind = GET_KINDS[args.kind]
         targets = [Target(kind, args.name, None)]
@@ -635,7 +281,7 @@ async def delete_node(store: EtcdStore, name: str, force: bool) -> int:
             )
         warn(f"node {name} is served by a running topoipamd{where}: it keeps serving with no "
              "labels, and its node record comes back only when it restarts")
-    released, deleted, kept = await Ipam(store, name).retire_node(force)
+    released, deleted, kept = await retire_node(store, name, force)
     print(f"node/{name} deleted ({released} attachment(s) released, {deleted} block(s) "
           f"deleted, {kept} block(s) with borrowed addresses kept without affinity)")
     return 0
@@ -644,17 +290,6 @@ async def delete_node(store: EtcdStore, name: str, force: bool) -> int:
 # ---------------------------------------------------------------------------- verbs: patch
 
 
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: objects merge, null deletes, anything else replaces."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 async def cmd_patch(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -672,7 +307,8 @@ async def cmd_patch(store: EtcdStore, args: argparse.Namespace) -> int:
             raise InvalidInput("-p must be a JSON object, e.g. '{\"spec\": {\"disabled\": true}}'")
     else:
         patch = {"spec": {"disabled": args.disabled}}
-    for _ in range(WRITE_ATTEMPTS):
+
+    async def attempt() -> tuple[list[Write], Plan]:
         current, revision = await read_current(store, "IPPool", args.name)
         if revision == 0:
             raise NotFound(f"ippool {args.name} does not exist")
@@ -686,11 +322,11 @@ async def cmd_patch(store: EtcdStore, args: argparse.Namespace) -> int:
         [document] = parsed.documents
         target = Target(document.kind, args.name, document.obj)
         plan = await plan_writes(store, [target], "apply", force=False)
-        if not plan.writes or (await store.commit(
-                [dataclasses.replace(w, expect_revision=revision) if isinstance(w, PutObject)
-                 else w for w in plan.writes])).succeeded:
-            return report(plan)
-    raise Conflict(f"ippool {args.name} changed concurrently {WRITE_ATTEMPTS} times; try again")
+        # Guarded by the revision the patch was applied to, not the one plan_writes read.
+        return [dataclasses.replace(w, expect_revision=revision) if isinstance(w, PutObject)
+                else w for w in plan.writes], plan
+
+    return report(await store.commit_with_retry(attempt, f"ippool {args.name}"))
 
 
 # ---------------------------------------------------------------------------- verbs: get
@@ -706,7 +342,7 @@ async def list_objects(store: EtcdStore, kind: str) -> list[Resource]:
         objs = [r.value for r in await store.list_reservations()]
     else:
         objs = [(await store.get_config()).value]
-    return sorted(objs, key=manifests.name_of)
+    return sorted(objs, key=name_of)
 
 
 async def cmd_get(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -715,7 +351,7 @@ async def cmd_get(store: EtcdStore, args: argparse.Namespace) -> int:
         return await get_allocations(store, args.node, args.output)
     objs = await list_objects(store, kind)
     if args.name is not None:
-        objs = [o for o in objs if manifests.name_of(o) == args.name]
+        objs = [o for o in objs if name_of(o) == args.name]
         if not objs:
             raise NotFound(f"{kind.lower()} {args.name} not found")
     if args.output in ("yaml", "json"):
@@ -736,7 +372,7 @@ async def cmd_get(store: EtcdStore, args: argparse.Namespace) -> int:
     else:
         print_table(["NAME", "STRICTAFFINITY", "MAXBLOCKSPERHOST", "AUTOALLOCATEBLOCKS",
                      "IPCOOLDOWNSECONDS"], [
-            [manifests.CONFIG_NAME, str(o.strict_affinity).lower(), str(o.max_blocks_per_host),
+            [CONFIG_NAME, str(o.strict_affinity).lower(), str(o.max_blocks_per_host),
              str(o.auto_allocate_blocks).lower(), str(o.ip_cooldown_seconds)]
             for o in objs if isinstance(o, IPAMConfig)
         ])
@@ -797,68 +433,20 @@ async def get_allocations(store: EtcdStore, node: str | None, output: str | None
 # ---------------------------------------------------------------------------- verbs: label
 
 
-def parse_label_changes(items: Sequence[str]) -> dict[str, str | None]:
-    """``k=v`` sets, ``k-`` removes (kubectl syntax); None means remove."""
-    changes: dict[str, str | None] = {}
-    for item in items:
-        if "=" in item:
-            key, value = item.split("=", 1)
-            change: str | None = value
-        elif item.endswith("-") and len(item) > 1:
-            key, change = item[:-1], None
-        else:
-            raise InvalidInput(f"invalid label change {item!r}: use KEY=VALUE or KEY-")
-        if key in changes:
-            raise InvalidInput(f"label {key} is given more than once")
-        changes[key] = change
-    return changes
 
 
 async def cmd_label(store: EtcdStore, args: argparse.Namespace) -> int:
-    changes = parse_label_changes(args.labels)
-    for key, value in changes.items():
-        check_kubernetes_label(key, "" if value is None else value, f"node {args.name}")
-    for _ in range(WRITE_ATTEMPTS):
-        current, revision = await read_current(store, "Node", args.name)
-        if revision == 0 and not args.create:
-            # A typo would otherwise create a node no daemon serves. Daemons
-            # register their own node when they start.
-            raise NotFound(f"node {args.name} does not exist; use --create to create it")
-        labels = dict(current.labels) if isinstance(current, Node) else {}
-        before = dict(labels)
-        missing = []
-        for key, value in changes.items():
-            if value is None:
-                if labels.pop(key, None) is None:
-                    missing.append(key)
-            elif key in labels and labels[key] != value and not args.overwrite:
-                raise InvalidInput(
-                    f"node {args.name} already has label {key}={labels[key]}; "
-                    f"use --overwrite to change it to {value}"
-                )
-            else:
-                labels[key] = value
-        # With --create a node that does not exist yet is created, unless nothing is set.
-        unchanged = labels == before
-        if unchanged or (await store.commit([PutObject(Node(args.name, labels),
-                                                       revision)])).succeeded:
-            for key in missing:
-                warn(f"node {args.name} has no label {key}")
-            print(f"node/{args.name} {'not labeled' if unchanged else 'labeled'}")
-            return 0
-    raise Conflict(f"node {args.name} changed concurrently {WRITE_ATTEMPTS} times; try again")
+    changed, missing = await label_node(store, args.name, parse_label_changes(args.labels),
+                                        overwrite=args.overwrite, create=args.create)
+    for key in missing:
+        warn(f"node {args.name} has no label {key}")
+    print(f"node/{args.name} {'labeled' if changed else 'not labeled'}")
+    return 0
 
 
 # ---------------------------------------------------------------------------- verbs: ipam
 
 
-def usable_capacity(pool: IPPool, reservations: allocator.Reservations) -> int:
-    """How many addresses of ``pool`` can ever be allocated: all of them, less the
-    unusable ones and those IPReservations keep (each counted once)."""
-    excluded = netaddr.IPSet(str(a) for a in pool.unusable())
-    if reservations:
-        excluded |= reservations.ip_set & netaddr.IPSet([str(pool.cidr)])
-    return pool.cidr.num_addresses - int(excluded.size)
 
 
 async def cmd_ipam_show(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -902,92 +490,14 @@ async def cmd_ipam_show(store: EtcdStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_address(snap: Snapshot, address: IPAddress) -> str:
-    for block in snap.blocks.values():
-        if address.version != block.family or address not in block.cidr:
-            continue
-        holder = block.allocations.get(block.ordinal(address))
-        if holder is None:
-            continue
-        pool = allocator.pool_of_block(snap.pools, block.cidr)
-        where = f"block {block.cidr} of {f'pool {pool.name}' if pool else 'no pool'}"
-        handle = snap.handles.get(holder)
-        if handle is None:
-            return (f"{address} is allocated to handle {holder} in {where}, but that handle "
-                    f"does not exist (leaked; free it with `topoipamctl ipam release --ip "
-                    f"{address}`)")
-        row = AllocationRow(address, block, holder, handle, pool)
-        reserved = reserved_by(snap, address)
-        also = (f"; it is also reserved by ipreservation {', '.join(reserved)}"
-                if reserved else "")
-        return (f"{address} is allocated to handle {holder} on node {handle.node} "
-                f"(pod {row.pod}) in {where}{also}")
-    pool = allocator.pool_of(snap.pools, address)
-    if pool is None:
-        return f"{address} is not in any pool"
-    if address == pool.gateway:
-        return f"{address} is the gateway of pool {pool.name} (never handed out)"
-    if not pool.usable(address):
-        return f"{address} is the network or broadcast address of pool {pool.name} (never used)"
-    reserved = reserved_by(snap, address)
-    if reserved:
-        return f"{address} is reserved by ipreservation {', '.join(reserved)} (pool {pool.name})"
-    cidr = pool.block_of(address)
-    claimed = snap.blocks.get(cidr)
-    where = (f"block {cidr}, affinity {show(claimed.affinity)}" if claimed is not None
-             else f"block {cidr} not claimed yet")
-    return f"{address} is free (pool {pool.name}, {where})"
 
 
-def reserved_by(snap: Snapshot, address: IPAddress) -> list[str]:
-    return sorted(r.name for r in snap.reservations if reserves(r, address))
 
 
-def find_inconsistencies(snap: Snapshot) -> list[str]:
-    """Every disagreement between blocks, handles, affinities and pools, one line each.
-
-    These are problems: state that can hand an address out twice or lose it.
-    """
-    return [
-        *snap.corrupt,
-        *handle_problems(snap),
-        *block_problems(snap),
-        *affinity_problems(snap),
-        *pool_problems(snap),
-        *double_allocations(snap),
-        *gateway_problems(snap),
-    ]
 
 
-def gateway_problems(snap: Snapshot) -> Iterator[str]:
-    """Allocations that hold their pool's gateway (made before pools had gateways)."""
-    for row in snap.allocations():
-        if row.pool is not None and row.ip == row.pool.gateway:
-            yield (f"gateway allocated: {row.ip} is the gateway of pool {row.pool.name} but "
-                   f"is held by handle {row.handle_id} (pod {row.pod}); recreate that pod, "
-                   "or give the pool another gateway")
 
 
-def find_warnings(snap: Snapshot) -> list[str]:
-    """Deliberate or harmless states an operator should know about, one line each.
-
-    Blocks left by a forced pool deletion (until their last address is
-    released), reserved addresses that are still allocated, reservations
-    outside every pool.
-    """
-    lines = []
-    for cidr in sorted(snap.blocks, key=network_order):
-        if allocator.pool_of_block(snap.pools, cidr) is None:
-            lines.append(f"block {cidr} is not inside any pool (block of a deleted pool; "
-                         f"{snap.blocks[cidr].in_use} address(es) in use)")
-    for row in snap.allocations():
-        for name in reserved_by(snap, row.ip):
-            lines.append(f"reserved address {row.ip} (ipreservation {name}) is allocated to "
-                         f"handle {row.handle_id} (node {show(row.node)})")
-    for reservation in sorted(snap.reservations, key=lambda r: r.name):
-        lines += [f"ipreservation {reservation.name}: {cidr} is outside every pool"
-                  for cidr in outside_pools(reservation, snap.pools)]
-    return lines
 
 
 def print_findings(report_name: str, problems: Sequence[str], warnings: Sequence[str],
@@ -1008,89 +518,14 @@ def print_findings(report_name: str, problems: Sequence[str], warnings: Sequence
     return 1 if warnings and fail_on_warnings else 0
 
 
-def handle_problems(snap: Snapshot) -> Iterator[str]:
-    """Handles whose addresses their blocks do not give them (orphans and mismatches)."""
-    for handle in sorted(snap.handles.values(), key=lambda h: h.id):
-        who = f"handle {handle.id} (node {handle.node})"
-        if not handle.addresses:
-            yield f"orphaned handle: {who} holds no address"
-        for entry in handle.addresses:
-            block = snap.blocks.get(entry.block)
-            if block is None:
-                yield (f"orphaned handle: {who} lists {entry.ip} in block {entry.block}, "
-                       "which does not exist")
-            elif entry.ip.version != block.family or entry.ip not in block.cidr:
-                yield (f"mismatch: {who} lists {entry.ip} in block {entry.block}, which does "
-                       "not contain it")
-            elif (holder := block.allocations.get(block.ordinal(entry.ip))) != handle.id:
-                state = "has it free" if holder is None else f"gives it to handle {holder}"
-                yield (f"mismatch: {who} lists {entry.ip}, but block {block.cidr} {state} "
-                       f"(fix: topoipamctl ipam release --ip {entry.ip})")
 
 
-def block_problems(snap: Snapshot) -> Iterator[str]:
-    """Allocated addresses whose handle is gone or does not list them (leaks)."""
-    for cidr in sorted(snap.blocks, key=network_order):
-        block = snap.blocks[cidr]
-        for ordinal, holder in sorted(block.allocations.items()):
-            address = block.address(ordinal)
-            handle = snap.handles.get(holder)
-            if handle is None:
-                reason = f"handle {holder} does not exist"
-            elif not any(a.ip == address and a.block == cidr for a in handle.addresses):
-                reason = f"handle {holder} (node {handle.node}) does not list it"
-            else:
-                continue
-            yield (f"leaked address: {address} in block {cidr}: {reason} "
-                   f"(free it: topoipamctl ipam release --ip {address})")
 
 
-def affinity_problems(snap: Snapshot) -> Iterator[str]:
-    """Affinity keys and block owners that do not point at each other."""
-    affinity_keys = set(snap.affinities)
-    for node, cidr in sorted(snap.affinities, key=lambda a: (a[0], network_order(a[1]))):
-        block = snap.blocks.get(cidr)
-        if block is None:
-            yield (f"affinity mismatch: node {node} has an affinity for block {cidr}, which "
-                   "does not exist")
-        elif block.affinity != node:
-            yield (f"affinity mismatch: node {node} has an affinity for block {cidr}, but the "
-                   f"block belongs to {show(block.affinity)}")
-    for cidr in sorted(snap.blocks, key=network_order):
-        owner = snap.blocks[cidr].affinity
-        if owner is not None and (owner, cidr) not in affinity_keys:
-            yield (f"affinity mismatch: block {cidr} belongs to node {owner}, which has no "
-                   "affinity for it")
 
 
-def pool_problems(snap: Snapshot) -> Iterator[str]:
-    """Blocks cut to another size than their pool's (blocks of no pool are warnings)."""
-    for cidr in sorted(snap.blocks, key=network_order):
-        pool = allocator.pool_of_block(snap.pools, cidr)
-        if pool is not None and pool.block_size != cidr.prefixlen:
-            yield (f"block size mismatch: block {cidr} lies in pool {pool.name}, whose blocks "
-                   f"are /{pool.block_size}")
 
 
-def double_allocations(snap: Snapshot) -> Iterator[str]:
-    """Addresses allocated in two (overlapping) blocks, or listed by two handles."""
-    in_blocks: dict[IPAddress, list[str]] = {}
-    for cidr in sorted(snap.blocks, key=network_order):
-        for ordinal, holder in sorted(snap.blocks[cidr].allocations.items()):
-            in_blocks.setdefault(snap.blocks[cidr].address(ordinal), []).append(
-                f"block {cidr} (handle {holder})")
-    in_handles: dict[IPAddress, list[str]] = {}
-    for handle in snap.handles.values():
-        for entry in handle.addresses:
-            in_handles.setdefault(entry.ip, []).append(handle.id)
-    for address in sorted(in_blocks, key=address_order):
-        if len(in_blocks[address]) > 1:
-            yield (f"double allocation: {address} is allocated in "
-                   f"{' and '.join(in_blocks[address])}")
-    for address in sorted(in_handles, key=address_order):
-        if len(in_handles[address]) > 1:
-            yield (f"double allocation: {address} is listed by handles "
-                   f"{', '.join(sorted(in_handles[address]))}")
 
 
 async def cmd_ipam_check(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -1101,78 +536,12 @@ async def cmd_ipam_check(store: EtcdStore, args: argparse.Namespace) -> int:
                           counts, args.fail_on_warnings)
 
 
-@dataclass(frozen=True)
-class Holding:
-    """Who holds ``address`` in its block, read with the revisions a release must guard."""
-
-    address: IPAddress
-    block: Versioned[Block]
-    holder: str
-    handle: Versioned[Handle] | None
-
-    @property
-    def live(self) -> bool:
-        """The holder's attachment still exists and claims the address: a pod uses it."""
-        return self.handle is not None and any(
-            a.ip == self.address for a in self.handle.value.addresses)
-
-    @property
-    def attachment(self) -> str:
-        """namespace/pod/container, from the handle's attributes (what is known of them)."""
-        attributes = self.handle.value.attributes if self.handle is not None else {}
-        parts = [attributes.get(k) for k in ("namespace", "pod", "container_id")]
-        return "/".join(p for p in parts if p) or f"handle {self.holder}"
-
-    def describe(self) -> str:
-        node = self.handle.value.node if self.handle is not None else "?"
-        return f"attachment {self.attachment} (handle {self.holder}, node {node})"
 
 
-async def read_holding(store: EtcdStore, address: IPAddress) -> Holding | None:
-    block = await store.block_containing(address)
-    if block is None:
-        return None
-    holder = block.value.allocations.get(block.value.ordinal(address))
-    if holder is None:
-        return None
-    return Holding(address, block, holder, await store.get_handle(holder))
 
 
-def refuse_live(holding: Holding) -> InvalidInput:
-    return InvalidInput(
-        f"{holding.address} is held by {holding.describe()}, which still exists: releasing it "
-        "would let the next pod get the same address; delete the pod, or use --force"
-    )
 
 
-async def release_holding(store: EtcdStore, address: IPAddress, force: bool
-                          ) -> Holding | None:
-    """Free ``address`` in its block, in one transaction with its handle.
-
-    The transaction guards the block and the handle as read (an absent handle
-    must still be absent), so an attachment that appears or changes meanwhile
-    makes it re-read and re-decide: a live attachment's address is freed only
-    with ``force``. Returns what was released, or None if the address was free.
-    """
-    for _ in range(WRITE_ATTEMPTS):
-        holding = await read_holding(store, address)
-        if holding is None:
-            return None
-        if holding.live and not force:
-            raise refuse_live(holding)
-        block, _ = allocator.release_addresses(holding.block.value, [address], None, time.time())
-        writes: list[Write] = [PutBlock(block, holding.block.mod_revision)]
-        handle = holding.handle
-        if handle is None:
-            writes.append(DeleteHandle(holding.holder, 0))  # a guard: still absent
-        else:
-            rest = tuple(a for a in handle.value.addresses if a.ip != address)
-            writes.append(
-                PutHandle(dataclasses.replace(handle.value, addresses=rest), handle.mod_revision)
-                if rest else DeleteHandle(holding.holder, handle.mod_revision))
-        if (await store.commit(writes)).succeeded:
-            return holding
-    raise Conflict(f"{address} changed concurrently {WRITE_ATTEMPTS} times; try again")
 
 
 async def cmd_ipam_release(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -1204,58 +573,14 @@ async def cmd_ipam_release(store: EtcdStore, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-async def unlist_address(store: EtcdStore, address: IPAddress) -> list[str]:
-    """Remove ``address`` from handles that list it although its block does not give it to them.
-
-    Such a handle (an orphan, reported by `ipam check`) would otherwise keep
-    the address in `get allocations` of its pod forever. The block is written
-    back unchanged in the same transaction so that the fix is guarded by its
-    revision too: if it was handed to the handle meanwhile, nothing changes.
-    """
-    fixed = []
-    for _ in range(WRITE_ATTEMPTS):
-        pending = False
-        for current in await store.list_handles():
-            handle = current.value
-            entries = [a for a in handle.addresses if a.ip == address]
-            if not entries:
-                continue
-            block = await store.get_block(entries[0].block)
-            if block is not None and address in block.value.cidr and (
-                block.value.allocations.get(block.value.ordinal(address)) == handle.id
-            ):
-                continue
-            rest = tuple(a for a in handle.addresses if a.ip != address)
-            writes: list[Write] = [
-                PutHandle(Handle(handle.id, handle.node, rest, handle.attributes),
-                          current.mod_revision) if rest
-                else DeleteHandle(handle.id, current.mod_revision)
-            ]
-            if block is not None:
-                writes.append(PutBlock(block.value, block.mod_revision))
-            if (await store.commit(writes)).succeeded:
-                fixed.append(handle.id)
-            else:
-                pending = True
-        if not pending:
-            return fixed
-    raise Conflict(f"handles of {address} changed concurrently {WRITE_ATTEMPTS} times; "
-                   "try again")
 
 
 async def cmd_ipam_configure(store: EtcdStore, args: argparse.Namespace) -> int:
     changes = {name: getattr(args, name) for name in CONFIG_FLAGS
                if getattr(args, name) is not None}
-    for _ in range(WRITE_ATTEMPTS):
-        current = await store.get_config()
-        config = dataclasses.replace(current.value, **changes)
-        if config == current.value and current.mod_revision:
-            print("ipamconfig/default unchanged")
-            return 0
-        if (await store.commit([PutObject(config, current.mod_revision)])).succeeded:
-            print("ipamconfig/default configured")
-            return 0
-    raise Conflict(f"ipamconfig changed concurrently {WRITE_ATTEMPTS} times; try again")
+    changed = await configure(store, changes)
+    print(f"ipamconfig/default {'configured' if changed else 'unchanged'}")
+    return 0
 
 
 # ---------------------------------------------------------------------------- verbs: explain, check
@@ -1294,32 +619,6 @@ async def cmd_explain(store: EtcdStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config: IPAMConfig
-                     ) -> list[str]:
-    """The allocator's three steps (DESIGN §4) for ``node``, as they stand now."""
-    reservations = allocator.Reservations(snap.reservations)
-    now, cooldown = time.time(), float(config.ip_cooldown_seconds)
-    own = []
-    affine = [b for b in snap.blocks.values() if b.affinity == node]
-    for pool in order:  # pool order, then address order, like the allocator
-        ctx = allocator.AssignContext(pool, reservations, now, cooldown)
-        for block in sorted((b for b in affine if owning_pool([pool], b.cidr) is pool),
-                            key=lambda b: network_order(b.cidr)):
-            free = allocator.free_count(block, ctx)
-            if free:
-                own.append(f"{block.cidr} (pool {pool.name}, {free} free)")
-    names = ", ".join(p.name for p in order)
-    steps = [f"1. {node}'s blocks with free addresses: {', '.join(own) or 'none'}"]
-    if not config.auto_allocate_blocks:
-        steps.append("2. no new blocks: autoAllocateBlocks is off")
-    elif config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host:
-        steps.append(f"2. no new blocks: node has reached maxBlocksPerHost="
-                     f"{config.max_blocks_per_host}")
-    else:
-        steps.append(f"2. claim a new block in: {names}")
-    steps.append("3. no borrowing: strictAffinity is on" if config.strict_affinity
-                 else f"3. borrow a free address from other nodes' blocks in: {names}")
-    return steps
 
 
 async def cmd_check_coverage(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -1344,24 +643,6 @@ async def cmd_check_coverage(store: EtcdStore, args: argparse.Namespace) -> int:
     return print_findings("check coverage", problems, [], counts, args.fail_on_warnings)
 
 
-def placement_problem(row: AllocationRow, snap: Snapshot) -> str | None:
-    """Why ``row`` would not be allocated where it is today, or None if it would."""
-    pool = row.pool
-    if pool is None:
-        return "its pool was deleted"
-    if pool.disabled:
-        return f"pool {pool.name} is disabled"
-    if not pool.automatic:
-        return None  # Manual pools are used when named, whatever the node's labels
-    reserved = reserved_by(snap, row.ip)
-    if reserved:
-        return f"the address is reserved by ipreservation {', '.join(reserved)}"
-    node = snap.nodes.get(row.node or "")
-    labels = node.labels if node is not None else {}
-    if pool.selects(labels):
-        return None
-    _, reason = allocator.explain_pool(pool, labels)
-    return reason if node is not None else f"node is not registered; {reason}"
 
 
 async def cmd_check_placement(store: EtcdStore, args: argparse.Namespace) -> int:

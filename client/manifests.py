@@ -19,19 +19,23 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any
 
 import yaml
 
 from topoipam.daemon.errors import InvalidInput
 from topoipam.daemon.model import (
+    CONFIG_NAME,
     IPAMConfig,
     IPPool,
     IPReservation,
     Node,
+    Resource,
     check_kubernetes_label,
     check_name,
     check_pool_name,
+    kind_of,
+    name_of,
 )
 
 API_VERSION = "topoipam/v1"
@@ -40,7 +44,6 @@ API_VERSION = "topoipam/v1"
 CALICO_API_VERSIONS = ("projectcalico.org/v3", "crd.projectcalico.org/v1")
 CALICO_KINDS = ("IPPool", "IPReservation")
 
-Resource: TypeAlias = IPPool | Node | IPAMConfig | IPReservation
 
 KINDS: dict[str, type[Resource]] = {
     "IPPool": IPPool,
@@ -59,7 +62,6 @@ SPEC_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 # There is one IPAM configuration; Calico names its IPAMConfiguration "default".
-CONFIG_NAME = "default"
 
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec")
 
@@ -92,19 +94,6 @@ class Manifests:
     documents: list[Document] = field(default_factory=list)
     #: Fields that were accepted but have no effect, one line each, without "warning: ".
     warnings: list[str] = field(default_factory=list)
-
-
-def kind_of(obj: Resource) -> str:
-    return type(obj).__name__
-
-
-def name_of(obj: Resource) -> str:
-    return CONFIG_NAME if isinstance(obj, IPAMConfig) else obj.name
-
-
-def resource_id(obj: Resource) -> str:
-    """kubectl-style ``ippool/rack-0``, used in every per-object output line."""
-    return f"{kind_of(obj).lower()}/{name_of(obj)}"
 
 
 def load(text: str, source: str) -> Manifests:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from .store import (
     PutHandle,
     Versioned,
     Write,
+    backoff,
 )
 
 log = logging.getLogger(__name__)
@@ -470,7 +470,7 @@ class Ipam:
                     f"node {self.node}: {len(pending)} call(s) lost {self.max_attempts} "
                     "concurrent update races; try again"))
                 return
-            await _backoff(conflicts)
+            await backoff(conflicts)
 
     def _resolve(self, op: _Op, revision: int, txn: _Txn) -> None:
         if op.request is not None:
@@ -814,50 +814,6 @@ class Ipam:
             return handle
         return None
 
-    async def release_address(self, address: IPAddress) -> str | None:
-        """Free one address wherever it is held; returns the handle that held it, if any.
-
-        The handle loses that address (and is deleted when it has none left)
-        in the same transaction as the block.
-        """
-        for attempt in range(self.max_attempts):
-            current = await self._find_block(address)
-            if current is None:
-                return None
-            ordinal = current.value.ordinal(address)
-            holder = current.value.allocations.get(ordinal)
-            if holder is None:
-                return None
-            block, _ = allocator.release_addresses(current.value, [address], None, self.clock())
-            writes: list[Write] = [PutBlock(block, current.mod_revision)]
-            handle = await self.store.get_handle(holder)
-            if handle is not None:
-                rest = tuple(a for a in handle.value.addresses if a.ip != address)
-                if rest:
-                    writes.append(PutHandle(
-                        Handle(holder, handle.value.node, rest, handle.value.attributes),
-                        handle.mod_revision))
-                else:
-                    writes.append(DeleteHandle(holder, handle.mod_revision))
-            result = await self.store.commit(writes)
-            if result.succeeded:
-                self._observe_success(writes, result.revision)
-                return holder
-            self._observe_failure(result)
-            self.on_conflict()
-            await _backoff(attempt)
-        raise Conflict(f"release of {address} lost {self.max_attempts} update races; try again")
-
-    async def _find_block(self, address: IPAddress) -> Versioned[Block] | None:
-        state = await self.source.state()
-        pool = allocator.pool_of(state.pools, address)
-        if pool is not None:
-            found = await self.source.block(pool.block_of(address))
-            if found is not None:
-                return found
-        # The pool may be gone or have had another block size.
-        return await self.store.block_containing(address)
-
     async def garbage_collect(self, network: str, keep: set[str]) -> list[str]:
         """Release this node's handles of ``network`` whose ids are not in ``keep``.
 
@@ -914,7 +870,7 @@ class Ipam:
                     elif len(writes) > 1:
                         kept += 1
                     break
-                await _backoff(attempt)
+                await backoff(attempt)
             else:
                 raise Conflict(f"block {cidr} kept changing while node {self.node} was removed")
         node = await self.store.get_node(self.node)
@@ -964,8 +920,3 @@ def _settle(op: _Op, result: Any = None, error: BaseException | None = None) -> 
 def _fail(ops: Iterable[_Op], exc: BaseException) -> None:
     for op in ops:
         _settle(op, error=exc)
-
-
-async def _backoff(attempt: int) -> None:
-    if attempt >= 1:
-        await asyncio.sleep(random.uniform(0, min(0.002 * attempt, 0.05)))

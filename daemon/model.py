@@ -659,3 +659,22 @@ class Block:
         ) >= cidr.num_addresses:
             raise InvalidInput(f"corrupt block {cidr}: allocations and free list disagree")
         return block
+
+
+#: The objects an operator writes (manifests, `topoipamctl`).
+Resource: TypeAlias = IPPool | Node | IPAMConfig | IPReservation
+#: The name of the one IPAMConfig object.
+CONFIG_NAME = "default"
+
+
+def kind_of(obj: Resource) -> str:
+    return type(obj).__name__
+
+
+def name_of(obj: Resource) -> str:
+    return CONFIG_NAME if isinstance(obj, IPAMConfig) else obj.name
+
+
+def resource_id(obj: Resource) -> str:
+    """kubectl-style ``ippool/rack-0``, used in every per-object output line."""
+    return f"{kind_of(obj).lower()}/{name_of(obj)}"

@@ -28,7 +28,8 @@ import asyncio
 import ipaddress
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -36,7 +37,7 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
-from .errors import AuthenticationFailed, DatastoreUnavailable, InvalidInput
+from .errors import AuthenticationFailed, Conflict, DatastoreUnavailable, InvalidInput
 from .model import (
     BLOCK_SIZE_RANGE,
     Block,
@@ -50,6 +51,16 @@ from .model import (
 )
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+# Rounds of re-read and re-validate when an operator's guarded write loses a race.
+WRITE_ATTEMPTS = 5
+
+
+async def backoff(attempt: int) -> None:
+    """A short random pause before retry ``attempt`` (none before the first retry)."""
+    if attempt >= 1:
+        await asyncio.sleep(random.uniform(0, min(0.002 * attempt, 0.05)))
 
 T = TypeVar("T")
 
@@ -767,6 +778,27 @@ class EtcdStore:
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self._named_key(kind, name)))
         raise TypeError(f"unknown write {write!r}")
+
+    async def commit_with_retry(
+        self, attempt: Callable[[], Awaitable[tuple[Sequence[Write], R]]], what: str,
+        attempts: int = WRITE_ATTEMPTS,
+    ) -> R:
+        """Read, decide and commit until the commit's guards hold: the one retry policy.
+
+        ``attempt`` reads what it needs, validates, and returns the guarded
+        writes with the value to return once they are committed (no writes:
+        nothing to do, return at once). A lost race runs it again from fresh
+        reads, after a short random pause, at most ``attempts`` times; then
+        :class:`Conflict` (retriable) names ``what``. Every CAS site but the
+        engine's batch loop (which re-plans from the failed transaction's
+        values instead of re-reading) goes through here.
+        """
+        for round_ in range(attempts):
+            writes, value = await attempt()
+            if not writes or (await self.commit(writes)).succeeded:
+                return value
+            await backoff(round_)
+        raise Conflict(f"{what} changed concurrently {attempts} times; try again")
 
     async def commit(self, writes: Iterable[Write]) -> CommitResult:
         """Apply ``writes`` atomically if every guarded key is still at its expected revision.

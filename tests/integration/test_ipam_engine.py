@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from topoipam.daemon.admin import retire_node
 from topoipam.daemon.errors import (
     AddressUnavailable,
     InvalidInput,
@@ -276,7 +277,7 @@ async def test_empty_unaffined_blocks_are_dropped_on_release(store: EtcdStore) -
     held = [await stay.allocate(request(f"s{i}")) for i in range(8)]  # 7 own + 1 borrowed
     gone_block = (await store.list_affinities("gone"))[0][1]
     assert any(a.block == gone_block for h in held for a in h.addresses)
-    await Ipam(store, "gone").retire_node(force=True)
+    await retire_node(store, "gone", force=True)
     for i in range(8):
         await stay.release(f"net/s{i}/eth0")
     assert await store.get_block(gone_block) is None

@@ -1,0 +1,584 @@
+"""Operator writes: the manifest write planner, label and config changes, release by
+address, node retirement. What ``topoipamctl`` does, usable from the library.
+
+Every change is one compare-and-swap etcd transaction built from the domain
+writes of :mod:`topoipam.daemon.store`: read, validate everything, then commit
+with the read revisions as guards. A guard that fails means someone else
+changed the same object in between; the write is then re-read and
+re-validated (bounded, :data:`WRITE_ATTEMPTS`), so it never overwrites a
+change it did not see and never writes half of a manifest. Nothing here
+prints: lines for the operator come back in :class:`Plan` (or as values).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import allocator
+from .audit import Snapshot, load_snapshot, outside_pools, owning_pool, reserves, show
+from .errors import AlreadyExists, Conflict, InvalidInput, NodeInUse, NotFound, PoolInUse
+from .ipam import Ipam
+from .model import (
+    Block,
+    Handle,
+    IPAddress,
+    IPNetwork,
+    IPPool,
+    IPReservation,
+    Node,
+    Resource,
+    check_kubernetes_label,
+    check_pool_name,
+    check_pool_overlaps,
+    reserved_range_problem,
+    resource_id,
+)
+from .store import (
+    WRITE_ATTEMPTS,
+    DeleteAffinity,
+    DeleteBlock,
+    DeleteHandle,
+    DeleteObject,
+    EtcdStore,
+    PoolsUnchangedSince,
+    PutBlock,
+    PutHandle,
+    PutObject,
+    Versioned,
+    Write,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+# etcd's default --max-txn-ops; a bigger manifest cannot be applied atomically.
+MAX_TXN_OPS = 128
+
+
+# Empty blocks of deleted pools are dropped in transactions of this many blocks
+# (two ops each: block and affinity).
+BLOCK_DROP_BATCH = 50
+
+
+STORE_KIND = {"IPPool": "pool", "Node": "node", "IPReservation": "reservation"}
+
+
+def key_of(store: EtcdStore, kind: str, name: str) -> bytes:
+    keys = store.keys
+    if kind == "IPPool":
+        return keys.pool(name)
+    if kind == "Node":
+        return keys.node(name)
+    if kind == "IPReservation":
+        return keys.reservation(name)
+    return keys.config()
+
+
+async def read_current(store: EtcdStore, kind: str, name: str) -> tuple[Resource | None, int]:
+    """The stored object and its mod_revision; (None, 0) if absent, (None, rev) if corrupt.
+
+    A corrupt stored value is reported as existing-but-unreadable so that
+    `apply` can overwrite it and `create` refuses, instead of crashing.
+    """
+    key = key_of(store, kind, name)
+    raw = await store.get_raw(key)
+    if raw is None:
+        return None, 0
+    value, revision = raw
+    try:
+        decoded: Resource
+        if kind == "IPPool":
+            decoded = store.decode_pool(key, value)
+        elif kind == "Node":
+            decoded = store.decode_node(key, value)
+        elif kind == "IPReservation":
+            decoded = store.decode_reservation(key, value)
+        else:
+            decoded = store.decode_config(value)
+    except InvalidInput as exc:
+        log.warning("%s %s: stored value is corrupt (%s)", kind.lower(), name, exc)
+        return None, revision
+    return decoded, revision
+
+
+async def allocated_in(store: EtcdStore, cidr: IPNetwork) -> int:
+    return sum(b.value.in_use for b in await store.list_blocks(cidr))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a write is about; ``obj`` is None when deleting by name."""
+
+    kind: str
+    name: str
+    obj: Resource | None
+    where: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind.lower()} {self.name}"
+
+    @property
+    def context(self) -> str:
+        return f"{self.where}: " if self.where else ""
+
+
+@dataclass
+class Plan:
+    writes: list[Write] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    deletes_pool: bool = False
+
+
+async def plan_writes(
+    store: EtcdStore, targets: Sequence[Target], action: str, force: bool
+) -> Plan:
+    """Validate every target against etcd as it is now and plan one guarded transaction.
+
+    Raises before anything is written: duplicates in the file, create of an
+    existing object, delete of a missing one or of a pool in use, pool
+    overlaps (with stored pools and within the file), changed CIDRs.
+    """
+    seen: dict[tuple[str, str], str] = {}
+    for target in targets:
+        first = seen.setdefault((target.kind, target.name), target.where)
+        if first != target.where:
+            raise InvalidInput(f"{target.context}{target.label} appears twice (also in {first})")
+        if action == "delete" and target.kind not in ("IPPool", "IPReservation"):
+            raise InvalidInput(
+                f"{target.context}deleting {target.kind} objects is not supported "
+                "(IPAMConfig: use `topoipamctl ipam configure`; Node: not yet)"
+            )
+    currents = await asyncio.gather(*(read_current(store, t.kind, t.name) for t in targets))
+    stored, pools_revision = await store.pools_at_revision()
+    stored_pools = [p.value for p in stored]
+    file_pools = [t.obj for t in targets if isinstance(t.obj, IPPool)]
+    block_cidrs: dict[int, list[IPNetwork]] = {}
+    snapshot: Snapshot | None = None
+    plan = Plan()
+    for target, (current, revision) in zip(targets, currents, strict=True):
+        if action == "delete":
+            await plan_delete(store, target, current, revision, force, plan)
+            continue
+        assert target.obj is not None
+        if action == "create" and revision != 0:
+            raise AlreadyExists(f"{target.context}{target.label} already exists")
+        if isinstance(target.obj, IPPool):
+            pool = target.obj
+            problem = reserved_range_problem(pool.cidr)
+            if problem is not None:
+                raise InvalidInput(f"{target.context}ippool {pool.name}: {problem}")
+            if revision == 0:
+                try:
+                    check_pool_name(pool.name)
+                except InvalidInput as exc:
+                    raise InvalidInput(f"{target.context}{exc}") from exc
+            # Against the stored pools this file does not replace, and against the
+            # earlier pools of the file: an overlap is reported at the later document.
+            # Checked before the leftover blocks, so that the blocks of a live pool
+            # are blamed on that pool, not on "a deleted pool".
+            others = [p for p in stored_pools if p.name not in {f.name for f in file_pools}]
+            earlier = file_pools[:file_pools.index(pool)]
+            try:
+                check_pool_overlaps(pool, [*others, *earlier])
+            except InvalidInput as exc:
+                raise InvalidInput(f"{target.context}{exc}") from exc
+            if isinstance(current, IPPool):
+                check_immutable(target, current, pool)
+            else:
+                family = pool.family
+                if family not in block_cidrs:
+                    block_cidrs[family] = await existing_block_cidrs(store, family)
+                check_leftover_blocks(target, pool, block_cidrs[family])
+        if isinstance(target.obj, IPReservation) and current != target.obj:
+            if snapshot is None:
+                snapshot = await load_snapshot(store)
+            pools_after = [*(p for p in stored_pools if p.name not in {f.name for f in file_pools}),
+                           *file_pools]
+            plan.warnings.extend(reservation_warnings(target.obj, snapshot, pools_after))
+        if current == target.obj:
+            plan.lines.append(f"{resource_id(target.obj)} unchanged")
+            continue
+        plan.writes.append(PutObject(target.obj, revision))
+        outcome = "configured" if revision else "created"
+        plan.lines.append(f"{resource_id(target.obj)} {outcome}")
+    if any(isinstance(w, PutObject) and isinstance(w.obj, IPPool) for w in plan.writes):
+        # The overlap checks above hold only if no pool appears meanwhile.
+        plan.writes.append(PoolsUnchangedSince(pools_revision))
+    if len(plan.writes) > MAX_TXN_OPS:
+        raise InvalidInput(
+            f"{len(plan.writes)} changes do not fit in one etcd transaction (at most "
+            f"{MAX_TXN_OPS}); split the manifest"
+        )
+    return plan
+
+
+def reservation_warnings(
+    reservation: IPReservation, snap: Snapshot, pools: Sequence[IPPool]
+) -> list[str]:
+    """What an operator must know when writing ``reservation``: allocations it cannot take
+    back, and CIDRs that reserve nothing because no pool contains them."""
+    what = f"ipreservation {reservation.name}"
+    lines = [
+        f"{what}: {row.ip} is allocated to {row.pod if row.handle else 'a leaked handle'} "
+        f"(handle {row.handle_id}, node {show(row.node)}); the reservation keeps it only once "
+        "it is released"
+        for row in snap.allocations() if reserves(reservation, row.ip)
+    ]
+    lines += [f"{what}: {cidr} is outside every pool (it reserves nothing)"
+              for cidr in outside_pools(reservation, pools)]
+    return lines
+
+
+async def plan_delete(
+    store: EtcdStore, target: Target, current: Resource | None, revision: int, force: bool,
+    plan: Plan,
+) -> None:
+    if revision == 0:
+        raise NotFound(f"{target.context}{target.label} does not exist")
+    if isinstance(current, IPPool):
+        in_use = await allocated_in(store, current.cidr)
+        if in_use and not force:
+            raise PoolInUse(target.name, in_use)
+        if in_use:
+            plan.warnings.append(
+                f"ippool {target.name}: {in_use} allocated address(es) stay allocated in the "
+                "pool's blocks until released (see `topoipamctl check placement`)"
+            )
+    plan.deletes_pool = plan.deletes_pool or target.kind == "IPPool"
+    plan.writes.append(DeleteObject(STORE_KIND[target.kind], target.name, revision))
+    plan.lines.append(f"{target.kind.lower()}/{target.name} deleted")
+
+
+def check_immutable(target: Target, current: IPPool, pool: IPPool) -> None:
+    # Existing blocks are cut at the old CIDR and block size; changing either would
+    # orphan them or let two blocks overlap. Calico refuses this too.
+    if (current.cidr, current.block_size) != (pool.cidr, pool.block_size):
+        raise InvalidInput(
+            f"{target.context}ippool {pool.name}: cidr and blockSize cannot change "
+            f"({current.cidr} /{current.block_size} -> {pool.cidr} /{pool.block_size}); "
+            "create a new pool instead"
+        )
+
+
+async def existing_block_cidrs(store: EtcdStore, family: int) -> list[IPNetwork]:
+    kvs, _ = await store.prefix_raw(store.keys.blocks(family), keys_only=True)
+    cidrs = []
+    for kv in kvs:
+        try:
+            cidrs.append(store.keys.block_cidr(kv.key))
+        except (InvalidInput, ValueError):
+            continue  # reported by `ipam check`
+    return cidrs
+
+
+def check_leftover_blocks(target: Target, pool: IPPool, cidrs: Iterable[IPNetwork]) -> None:
+    """Refuse a new pool over blocks of another size (left by a deleted pool).
+
+    The allocator only recognises blocks of its pool's size; a differently cut
+    block in the range would let the same address be handed out twice.
+    Blocks of the right size are simply adopted by the new pool.
+    """
+    for cidr in cidrs:
+        if not cidr.overlaps(pool.cidr):
+            continue
+        if owning_pool([pool], cidr) is pool:
+            continue
+        raise InvalidInput(
+            f"{target.context}ippool {pool.name}: block {cidr} of a deleted pool overlaps "
+            f"{pool.cidr} but is not a /{pool.block_size} block of it; release its "
+            "addresses first (`topoipamctl ipam show --show-blocks`)"
+        )
+
+
+async def write_targets(
+    store: EtcdStore, targets: Sequence[Target], action: str, force: bool = False
+) -> Plan:
+    """Validate and commit ``targets`` in one transaction, re-validating after lost races."""
+
+    async def attempt() -> tuple[list[Write], Plan]:
+        plan = await plan_writes(store, targets, action, force)
+        return plan.writes, plan
+
+    plan = await store.commit_with_retry(attempt, "the objects")
+    if plan.writes and plan.deletes_pool:
+        dropped = await drop_stray_empty_blocks(store)
+        if dropped:
+            plan.lines.append(f"dropped {dropped} empty block(s) of deleted pools")
+    return plan
+
+
+async def drop_stray_empty_blocks(store: EtcdStore) -> int:
+    """Delete empty blocks (and their affinities) that no pool owns any more.
+
+    Each delete is guarded by the block's revision, so a block that a daemon
+    with a stale view allocates from in the meantime is kept. Blocks with
+    allocations are never touched.
+    """
+    pools = [p.value for p in await store.list_pools()]
+    stray = [
+        b for b in await store.list_blocks()
+        if b.value.is_empty() and owning_pool(pools, b.value.cidr) is None
+    ]
+    dropped = 0
+    for start in range(0, len(stray), BLOCK_DROP_BATCH):
+        batch = stray[start:start + BLOCK_DROP_BATCH]
+        result = await store.commit([w for b in batch for w in block_drop_writes(b)])
+        if result.succeeded:
+            dropped += len(batch)
+            continue
+        for block in batch:  # one of them changed: keep that one, drop the others
+            if (await store.commit(block_drop_writes(block))).succeeded:
+                dropped += 1
+    return dropped
+
+
+def block_drop_writes(current: Versioned[Block]) -> list[Write]:
+    block = current.value
+    writes: list[Write] = [DeleteBlock(block.cidr, current.mod_revision)]
+    if block.affinity is not None:
+        writes.append(DeleteAffinity(block.affinity, block.cidr))
+    return writes
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge, null deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Who holds ``address`` in its block, read with the revisions a release must guard."""
+
+    address: IPAddress
+    block: Versioned[Block]
+    holder: str
+    handle: Versioned[Handle] | None
+
+    @property
+    def live(self) -> bool:
+        """The holder's attachment still exists and claims the address: a pod uses it."""
+        return self.handle is not None and any(
+            a.ip == self.address for a in self.handle.value.addresses)
+
+    @property
+    def attachment(self) -> str:
+        """namespace/pod/container, from the handle's attributes (what is known of them)."""
+        attributes = self.handle.value.attributes if self.handle is not None else {}
+        parts = [attributes.get(k) for k in ("namespace", "pod", "container_id")]
+        return "/".join(p for p in parts if p) or f"handle {self.holder}"
+
+    def describe(self) -> str:
+        node = self.handle.value.node if self.handle is not None else "?"
+        return f"attachment {self.attachment} (handle {self.holder}, node {node})"
+
+
+async def read_holding(store: EtcdStore, address: IPAddress) -> Holding | None:
+    block = await store.block_containing(address)
+    if block is None:
+        return None
+    holder = block.value.allocations.get(block.value.ordinal(address))
+    if holder is None:
+        return None
+    return Holding(address, block, holder, await store.get_handle(holder))
+
+
+def refuse_live(holding: Holding) -> InvalidInput:
+    return InvalidInput(
+        f"{holding.address} is held by {holding.describe()}, which still exists: releasing it "
+        "would let the next pod get the same address; delete the pod, or use --force"
+    )
+
+
+async def release_holding(store: EtcdStore, address: IPAddress, force: bool
+                          ) -> Holding | None:
+    """Free ``address`` in its block, in one transaction with its handle.
+
+    The transaction guards the block and the handle as read (an absent handle
+    must still be absent), so an attachment that appears or changes meanwhile
+    makes it re-read and re-decide: a live attachment's address is freed only
+    with ``force``. Returns what was released, or None if the address was free.
+    """
+    async def attempt() -> tuple[list[Write], Holding | None]:
+        holding = await read_holding(store, address)
+        if holding is None:
+            return [], None
+        if holding.live and not force:
+            raise refuse_live(holding)
+        block, _ = allocator.release_addresses(holding.block.value, [address], None, time.time())
+        writes: list[Write] = [PutBlock(block, holding.block.mod_revision)]
+        handle = holding.handle
+        if handle is None:
+            writes.append(DeleteHandle(holding.holder, 0))  # a guard: still absent
+        else:
+            rest = tuple(a for a in handle.value.addresses if a.ip != address)
+            writes.append(
+                PutHandle(dataclasses.replace(handle.value, addresses=rest), handle.mod_revision)
+                if rest else DeleteHandle(holding.holder, handle.mod_revision))
+        return writes, holding
+
+    return await store.commit_with_retry(attempt, str(address))
+
+
+async def unlist_address(store: EtcdStore, address: IPAddress) -> list[str]:
+    """Remove ``address`` from handles that list it although its block does not give it to them.
+
+    Such a handle (an orphan, reported by `ipam check`) would otherwise keep
+    the address in `get allocations` of its pod forever. The block is written
+    back unchanged in the same transaction so that the fix is guarded by its
+    revision too: if it was handed to the handle meanwhile, nothing changes.
+    """
+    fixed = []
+    for _ in range(WRITE_ATTEMPTS):  # each handle is its own guarded commit: no shared helper
+        pending = False
+        for current in await store.list_handles():
+            handle = current.value
+            entries = [a for a in handle.addresses if a.ip == address]
+            if not entries:
+                continue
+            block = await store.get_block(entries[0].block)
+            if block is not None and address in block.value.cidr and (
+                block.value.allocations.get(block.value.ordinal(address)) == handle.id
+            ):
+                continue
+            rest = tuple(a for a in handle.addresses if a.ip != address)
+            writes: list[Write] = [
+                PutHandle(Handle(handle.id, handle.node, rest, handle.attributes),
+                          current.mod_revision) if rest
+                else DeleteHandle(handle.id, current.mod_revision)
+            ]
+            if block is not None:
+                writes.append(PutBlock(block.value, block.mod_revision))
+            if (await store.commit(writes)).succeeded:
+                fixed.append(handle.id)
+            else:
+                pending = True
+        if not pending:
+            return fixed
+    raise Conflict(f"handles of {address} changed concurrently {WRITE_ATTEMPTS} times; "
+                   "try again")
+
+
+def parse_label_changes(items: Sequence[str]) -> dict[str, str | None]:
+    """``k=v`` sets, ``k-`` removes (kubectl syntax); None means remove."""
+    changes: dict[str, str | None] = {}
+    for item in items:
+        if "=" in item:
+            key, value = item.split("=", 1)
+            change: str | None = value
+        elif item.endswith("-") and len(item) > 1:
+            key, change = item[:-1], None
+        else:
+            raise InvalidInput(f"invalid label change {item!r}: use KEY=VALUE or KEY-")
+        if key in changes:
+            raise InvalidInput(f"label {key} is given more than once")
+        changes[key] = change
+    return changes
+
+
+
+async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple[int, int, int]:
+    """Remove ``node``: its handles (only with ``force``), blocks, affinities, record.
+
+    Refuses with NodeInUse while the node holds addresses, unless ``force``,
+    which releases them (through that node's own engine, as its daemon
+    would). Empty blocks are deleted; a block that still holds addresses
+    other nodes borrowed loses its affinity but keeps them. Each step is its
+    own guarded transaction, so an interrupted removal can simply be run
+    again. Returns (handles released, blocks deleted, blocks kept unaffined).
+    """
+    handles = [h.value.id for h in await store.list_handles() if h.value.node == node]
+    if handles and not force:
+        raise NodeInUse(node, len(handles))
+    engine = Ipam(store, node)
+    try:
+        for handle_id in handles:
+            await engine.release(handle_id)
+    finally:
+        await engine.close()
+    deleted = kept = 0
+    for _, cidr in await store.list_affinities(node):
+
+        async def attempt(cidr: IPNetwork = cidr) -> tuple[list[Write], str]:
+            current = await store.get_block(cidr)
+            writes: list[Write] = [DeleteAffinity(node, cidr)]
+            if current is None or current.value.affinity != node:
+                return writes, "affinity"
+            if current.value.is_empty():
+                return [*writes, DeleteBlock(cidr, current.mod_revision)], "deleted"
+            orphan = current.value.copy()
+            orphan.affinity = None
+            return [*writes, PutBlock(orphan, current.mod_revision)], "kept"
+
+        outcome = await store.commit_with_retry(attempt, f"block {cidr} of node {node}")
+        deleted += outcome == "deleted"
+        kept += outcome == "kept"
+    record = await store.get_node(node)
+    if record is not None:
+        await store.commit([DeleteObject("node", node, record.mod_revision)])
+    return len(handles), deleted, kept
+
+
+async def label_node(store: EtcdStore, name: str, changes: dict[str, str | None],
+                     overwrite: bool = False, create: bool = False) -> tuple[bool, list[str]]:
+    """Set (value) or remove (None) labels of node ``name``, guarded by its revision.
+
+    Refuses to change an existing value without ``overwrite``, and to touch a
+    node that does not exist without ``create`` (a typo would otherwise create
+    a node no daemon serves; daemons register their own node). Returns
+    whether anything changed and the labels asked to be removed that were absent.
+    """
+    for key, value in changes.items():
+        check_kubernetes_label(key, "" if value is None else value, f"node {name}")
+
+    async def attempt() -> tuple[list[Write], tuple[bool, list[str]]]:
+        current, revision = await read_current(store, "Node", name)
+        if revision == 0 and not create:
+            raise NotFound(f"node {name} does not exist; use --create to create it")
+        labels = dict(current.labels) if isinstance(current, Node) else {}
+        before = dict(labels)
+        missing = []
+        for key, value in changes.items():
+            if value is None:
+                if labels.pop(key, None) is None:
+                    missing.append(key)
+            elif key in labels and labels[key] != value and not overwrite:
+                raise InvalidInput(f"node {name} already has label {key}={labels[key]}; "
+                                   f"use --overwrite to change it to {value}")
+            else:
+                labels[key] = value
+        # With create, a node that does not exist yet is created, unless nothing is set.
+        if labels == before:
+            return [], (False, missing)
+        return [PutObject(Node(name, labels), revision)], (True, missing)
+
+    return await store.commit_with_retry(attempt, f"node {name}")
+
+
+async def configure(store: EtcdStore, changes: dict[str, Any]) -> bool:
+    """Change IPAMConfig fields (by attribute name); whether anything changed."""
+
+    async def attempt() -> tuple[list[Write], bool]:
+        current = await store.get_config()
+        config = dataclasses.replace(current.value, **changes)
+        if config == current.value and current.mod_revision:
+            return [], False
+        return [PutObject(config, current.mod_revision)], True
+
+    return await store.commit_with_retry(attempt, "ipamconfig")

@@ -1,0 +1,378 @@
+"""Audits of the cluster's IPAM state, read at one etcd revision: pure reports, no writes.
+
+What ``topoipamctl ipam check``, ``ipam show``, ``explain node`` and the
+``check`` verbs report, usable from the library: :func:`load_snapshot` reads
+every pool, node, reservation, block, affinity and handle at one revision (so
+the reports agree with each other), and the functions below turn a
+:class:`Snapshot` into lines. Problems (:func:`find_inconsistencies`) are
+states that can hand an address out twice or lose one; warnings
+(:func:`find_warnings`) are deliberate or harmless states an operator should
+know about. The CLI only prints them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import netaddr
+
+from . import allocator
+from .errors import InvalidInput
+from .model import Block, Handle, IPAddress, IPAMConfig, IPNetwork, IPPool, IPReservation, Node
+from .store import EtcdStore
+
+
+def show(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def address_order(address: IPAddress) -> tuple[int, int]:
+    return address.version, int(address)
+
+
+def network_order(cidr: IPNetwork) -> tuple[int, int, int]:
+    return cidr.version, int(cidr.network_address), cidr.prefixlen
+
+
+def owning_pool(pools: Iterable[IPPool], cidr: IPNetwork) -> IPPool | None:
+    """The pool a block belongs to: inside its CIDR and of its block size."""
+    pool = allocator.pool_of_block(pools, cidr)
+    return pool if pool is not None and pool.block_size == cidr.prefixlen else None
+
+
+@dataclass(frozen=True)
+class AllocationRow:
+    """One allocated address: the block's view joined with its handle (None if missing)."""
+
+    ip: IPAddress
+    block: Block
+    handle_id: str
+    handle: Handle | None
+    pool: IPPool | None
+
+    @property
+    def node(self) -> str | None:
+        return self.handle.node if self.handle is not None else None
+
+    def attribute(self, name: str) -> str | None:
+        return self.handle.attributes.get(name) if self.handle is not None else None
+
+    @property
+    def pod(self) -> str:
+        namespace, pod = self.attribute("namespace"), self.attribute("pod")
+        if pod is None:
+            return "-"
+        return f"{namespace}/{pod}" if namespace else pod
+
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "ip": str(self.ip),
+            "node": self.node,
+            "pool": self.pool.name if self.pool is not None else None,
+            "block": str(self.block.cidr),
+            "handle": self.handle_id,
+            "namespace": self.attribute("namespace"),
+            "pod": self.attribute("pod"),
+            "container_id": self.attribute("container_id"),
+            "ifname": self.attribute("ifname"),
+        }
+
+
+@dataclass
+class Snapshot:
+    """Everything the reports need, read at one etcd revision (so they agree with each other)."""
+
+    revision: int
+    pools: list[IPPool]
+    nodes: dict[str, Node]
+    reservations: list[IPReservation]
+    blocks: dict[IPNetwork, Block]
+    affinities: list[tuple[str, IPNetwork]]
+    handles: dict[str, Handle]
+    corrupt: list[str] = field(default_factory=list)
+
+    def allocations(self) -> list[AllocationRow]:
+        rows = []
+        for block in self.blocks.values():
+            pool = allocator.pool_of_block(self.pools, block.cidr)
+            for ordinal, handle_id in block.allocations.items():
+                rows.append(AllocationRow(block.address(ordinal), block, handle_id,
+                                          self.handles.get(handle_id), pool))
+        return sorted(rows, key=lambda r: address_order(r.ip))
+
+
+async def load_snapshot(store: EtcdStore) -> Snapshot:
+    keys = store.keys
+    pool_kvs, revision = await store.prefix_raw(keys.pools())
+    (node_kvs, _), (reservation_kvs, _), (block_kvs, _), (affinity_kvs, _), (handle_kvs, _) = (
+        await asyncio.gather(
+            store.prefix_raw(keys.nodes(), revision=revision),
+            store.prefix_raw(keys.reservations(), revision=revision),
+            store.prefix_raw(keys.blocks(), revision=revision),
+            store.prefix_raw(keys.affinities(), keys_only=True, revision=revision),
+            store.prefix_raw(keys.handles(), revision=revision),
+        )
+    )
+    snap = Snapshot(revision, [], {}, [], {}, [], {})
+
+    def decoded(kvs: Iterable[Any], decode: Callable[[bytes, bytes], Any]) -> Iterator[Any]:
+        """The values that decode; the others are reported by ``ipam check``."""
+        for kv in kvs:
+            try:
+                yield decode(kv.key, kv.value)
+            except (InvalidInput, ValueError) as exc:
+                snap.corrupt.append(f"corrupt value at {kv.key.decode(errors='replace')}: {exc}")
+
+    snap.pools.extend(sorted(decoded(pool_kvs, store.decode_pool), key=lambda p: p.name))
+    snap.nodes.update((n.name, n) for n in decoded(node_kvs, store.decode_node))
+    snap.reservations.extend(decoded(reservation_kvs, store.decode_reservation))
+    snap.blocks.update((b.cidr, b) for b in decoded(block_kvs, store.decode_block))
+    snap.affinities.extend(decoded(affinity_kvs, lambda key, _: keys.affinity_of(key)))
+    snap.handles.update((h.id, h) for h in decoded(handle_kvs, store.decode_handle))
+    return snap
+
+
+def reserves(reservation: IPReservation, address: IPAddress) -> bool:
+    return any(address.version == c.version and address in c for c in reservation.cidrs)
+
+
+def outside_pools(reservation: IPReservation, pools: Iterable[IPPool]) -> list[IPNetwork]:
+    pools = list(pools)
+    return [c for c in reservation.cidrs
+            if not any(p.family == c.version and p.cidr.overlaps(c)
+                       for p in pools)]
+
+
+def reserved_by(snap: Snapshot, address: IPAddress) -> list[str]:
+    return sorted(r.name for r in snap.reservations if reserves(r, address))
+
+
+def usable_capacity(pool: IPPool, reservations: allocator.Reservations) -> int:
+    """How many addresses of ``pool`` can ever be allocated: all of them, less the
+    unusable ones and those IPReservations keep (each counted once)."""
+    excluded = netaddr.IPSet(str(a) for a in pool.unusable())
+    if reservations:
+        excluded |= reservations.ip_set & netaddr.IPSet([str(pool.cidr)])
+    return pool.cidr.num_addresses - int(excluded.size)
+
+
+def describe_address(snap: Snapshot, address: IPAddress) -> str:
+    for block in snap.blocks.values():
+        if address.version != block.family or address not in block.cidr:
+            continue
+        holder = block.allocations.get(block.ordinal(address))
+        if holder is None:
+            continue
+        pool = allocator.pool_of_block(snap.pools, block.cidr)
+        where = f"block {block.cidr} of {f'pool {pool.name}' if pool else 'no pool'}"
+        handle = snap.handles.get(holder)
+        if handle is None:
+            return (f"{address} is allocated to handle {holder} in {where}, but that handle "
+                    f"does not exist (leaked; free it with `topoipamctl ipam release --ip "
+                    f"{address}`)")
+        row = AllocationRow(address, block, holder, handle, pool)
+        reserved = reserved_by(snap, address)
+        also = (f"; it is also reserved by ipreservation {', '.join(reserved)}"
+                if reserved else "")
+        return (f"{address} is allocated to handle {holder} on node {handle.node} "
+                f"(pod {row.pod}) in {where}{also}")
+    pool = allocator.pool_of(snap.pools, address)
+    if pool is None:
+        return f"{address} is not in any pool"
+    if address == pool.gateway:
+        return f"{address} is the gateway of pool {pool.name} (never handed out)"
+    if not pool.usable(address):
+        return f"{address} is the network or broadcast address of pool {pool.name} (never used)"
+    reserved = reserved_by(snap, address)
+    if reserved:
+        return f"{address} is reserved by ipreservation {', '.join(reserved)} (pool {pool.name})"
+    cidr = pool.block_of(address)
+    claimed = snap.blocks.get(cidr)
+    where = (f"block {cidr}, affinity {show(claimed.affinity)}" if claimed is not None
+             else f"block {cidr} not claimed yet")
+    return f"{address} is free (pool {pool.name}, {where})"
+
+
+def find_inconsistencies(snap: Snapshot) -> list[str]:
+    """Every disagreement between blocks, handles, affinities and pools, one line each.
+
+    These are problems: state that can hand an address out twice or lose it.
+    """
+    return [
+        *snap.corrupt,
+        *handle_problems(snap),
+        *block_problems(snap),
+        *affinity_problems(snap),
+        *pool_problems(snap),
+        *double_allocations(snap),
+        *gateway_problems(snap),
+    ]
+
+
+def gateway_problems(snap: Snapshot) -> Iterator[str]:
+    """Allocations that hold their pool's gateway (made before pools had gateways)."""
+    for row in snap.allocations():
+        if row.pool is not None and row.ip == row.pool.gateway:
+            yield (f"gateway allocated: {row.ip} is the gateway of pool {row.pool.name} but "
+                   f"is held by handle {row.handle_id} (pod {row.pod}); recreate that pod, "
+                   "or give the pool another gateway")
+
+
+def find_warnings(snap: Snapshot) -> list[str]:
+    """Deliberate or harmless states an operator should know about, one line each.
+
+    Blocks left by a forced pool deletion (until their last address is
+    released), reserved addresses that are still allocated, reservations
+    outside every pool.
+    """
+    lines = []
+    for cidr in sorted(snap.blocks, key=network_order):
+        if allocator.pool_of_block(snap.pools, cidr) is None:
+            lines.append(f"block {cidr} is not inside any pool (block of a deleted pool; "
+                         f"{snap.blocks[cidr].in_use} address(es) in use)")
+    for row in snap.allocations():
+        for name in reserved_by(snap, row.ip):
+            lines.append(f"reserved address {row.ip} (ipreservation {name}) is allocated to "
+                         f"handle {row.handle_id} (node {show(row.node)})")
+    for reservation in sorted(snap.reservations, key=lambda r: r.name):
+        lines += [f"ipreservation {reservation.name}: {cidr} is outside every pool"
+                  for cidr in outside_pools(reservation, snap.pools)]
+    return lines
+
+
+def handle_problems(snap: Snapshot) -> Iterator[str]:
+    """Handles whose addresses their blocks do not give them (orphans and mismatches)."""
+    for handle in sorted(snap.handles.values(), key=lambda h: h.id):
+        who = f"handle {handle.id} (node {handle.node})"
+        if not handle.addresses:
+            yield f"orphaned handle: {who} holds no address"
+        for entry in handle.addresses:
+            block = snap.blocks.get(entry.block)
+            if block is None:
+                yield (f"orphaned handle: {who} lists {entry.ip} in block {entry.block}, "
+                       "which does not exist")
+            elif entry.ip.version != block.family or entry.ip not in block.cidr:
+                yield (f"mismatch: {who} lists {entry.ip} in block {entry.block}, which does "
+                       "not contain it")
+            elif (holder := block.allocations.get(block.ordinal(entry.ip))) != handle.id:
+                state = "has it free" if holder is None else f"gives it to handle {holder}"
+                yield (f"mismatch: {who} lists {entry.ip}, but block {block.cidr} {state} "
+                       f"(fix: topoipamctl ipam release --ip {entry.ip})")
+
+
+def block_problems(snap: Snapshot) -> Iterator[str]:
+    """Allocated addresses whose handle is gone or does not list them (leaks)."""
+    for cidr in sorted(snap.blocks, key=network_order):
+        block = snap.blocks[cidr]
+        for ordinal, holder in sorted(block.allocations.items()):
+            address = block.address(ordinal)
+            handle = snap.handles.get(holder)
+            if handle is None:
+                reason = f"handle {holder} does not exist"
+            elif not any(a.ip == address and a.block == cidr for a in handle.addresses):
+                reason = f"handle {holder} (node {handle.node}) does not list it"
+            else:
+                continue
+            yield (f"leaked address: {address} in block {cidr}: {reason} "
+                   f"(free it: topoipamctl ipam release --ip {address})")
+
+
+def affinity_problems(snap: Snapshot) -> Iterator[str]:
+    """Affinity keys and block owners that do not point at each other."""
+    affinity_keys = set(snap.affinities)
+    for node, cidr in sorted(snap.affinities, key=lambda a: (a[0], network_order(a[1]))):
+        block = snap.blocks.get(cidr)
+        if block is None:
+            yield (f"affinity mismatch: node {node} has an affinity for block {cidr}, which "
+                   "does not exist")
+        elif block.affinity != node:
+            yield (f"affinity mismatch: node {node} has an affinity for block {cidr}, but the "
+                   f"block belongs to {show(block.affinity)}")
+    for cidr in sorted(snap.blocks, key=network_order):
+        owner = snap.blocks[cidr].affinity
+        if owner is not None and (owner, cidr) not in affinity_keys:
+            yield (f"affinity mismatch: block {cidr} belongs to node {owner}, which has no "
+                   "affinity for it")
+
+
+def pool_problems(snap: Snapshot) -> Iterator[str]:
+    """Blocks cut to another size than their pool's (blocks of no pool are warnings)."""
+    for cidr in sorted(snap.blocks, key=network_order):
+        pool = allocator.pool_of_block(snap.pools, cidr)
+        if pool is not None and pool.block_size != cidr.prefixlen:
+            yield (f"block size mismatch: block {cidr} lies in pool {pool.name}, whose blocks "
+                   f"are /{pool.block_size}")
+
+
+def double_allocations(snap: Snapshot) -> Iterator[str]:
+    """Addresses allocated in two (overlapping) blocks, or listed by two handles."""
+    in_blocks: dict[IPAddress, list[str]] = {}
+    for cidr in sorted(snap.blocks, key=network_order):
+        for ordinal, holder in sorted(snap.blocks[cidr].allocations.items()):
+            in_blocks.setdefault(snap.blocks[cidr].address(ordinal), []).append(
+                f"block {cidr} (handle {holder})")
+    in_handles: dict[IPAddress, list[str]] = {}
+    for handle in snap.handles.values():
+        for entry in handle.addresses:
+            in_handles.setdefault(entry.ip, []).append(handle.id)
+    for address in sorted(in_blocks, key=address_order):
+        if len(in_blocks[address]) > 1:
+            yield (f"double allocation: {address} is allocated in "
+                   f"{' and '.join(in_blocks[address])}")
+    for address in sorted(in_handles, key=address_order):
+        if len(in_handles[address]) > 1:
+            yield (f"double allocation: {address} is listed by handles "
+                   f"{', '.join(sorted(in_handles[address]))}")
+
+
+def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config: IPAMConfig
+                     ) -> list[str]:
+    """The allocator's three steps (DESIGN §4) for ``node``, as they stand now."""
+    reservations = allocator.Reservations(snap.reservations)
+    now, cooldown = time.time(), float(config.ip_cooldown_seconds)
+    own = []
+    affine = [b for b in snap.blocks.values() if b.affinity == node]
+    for pool in order:  # pool order, then address order, like the allocator
+        ctx = allocator.AssignContext(pool, reservations, now, cooldown)
+        for block in sorted((b for b in affine if owning_pool([pool], b.cidr) is pool),
+                            key=lambda b: network_order(b.cidr)):
+            free = allocator.free_count(block, ctx)
+            if free:
+                own.append(f"{block.cidr} (pool {pool.name}, {free} free)")
+    names = ", ".join(p.name for p in order)
+    steps = [f"1. {node}'s blocks with free addresses: {', '.join(own) or 'none'}"]
+    if not config.auto_allocate_blocks:
+        steps.append("2. no new blocks: autoAllocateBlocks is off")
+    elif config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host:
+        steps.append(f"2. no new blocks: node has reached maxBlocksPerHost="
+                     f"{config.max_blocks_per_host}")
+    else:
+        steps.append(f"2. claim a new block in: {names}")
+    steps.append("3. no borrowing: strictAffinity is on" if config.strict_affinity
+                 else f"3. borrow a free address from other nodes' blocks in: {names}")
+    return steps
+
+
+def placement_problem(row: AllocationRow, snap: Snapshot) -> str | None:
+    """Why ``row`` would not be allocated where it is today, or None if it would."""
+    pool = row.pool
+    if pool is None:
+        return "its pool was deleted"
+    if pool.disabled:
+        return f"pool {pool.name} is disabled"
+    if not pool.automatic:
+        return None  # Manual pools are used when named, whatever the node's labels
+    reserved = reserved_by(snap, row.ip)
+    if reserved:
+        return f"the address is reserved by ipreservation {', '.join(reserved)}"
+    node = snap.nodes.get(row.node or "")
+    labels = node.labels if node is not None else {}
+    if pool.selects(labels):
+        return None
+    _, reason = allocator.explain_pool(pool, labels)
+    return reason if node is not None else f"node is not registered; {reason}"
+
