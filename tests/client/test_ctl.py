@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import EtcdServer, free_port
+from tests.conftest import EtcdServer
 from topoipam.client import ctl
 from topoipam.daemon.ipam import AllocationRequest, Ipam
+from topoipam.daemon.local_etcd import free_port
 from topoipam.daemon.model import Attachment
 from topoipam.daemon.store import DeleteHandle, EtcdStore, PutAffinity, PutBlock
 

@@ -43,9 +43,9 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import free_port
 from tests.daemons import DaemonProcess, cni, ctl
 from tests.etcd_cluster import TCP_ESTABLISHED, EtcdCluster, process_tcp_sockets
+from topoipam.daemon.local_etcd import free_port
 from topoipam.proto import ipam_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]

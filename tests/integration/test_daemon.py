@@ -19,8 +19,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from tests.conftest import EtcdServer, free_port
+from tests.conftest import EtcdServer
 from tests.daemons import TOPOIPAMD, DaemonProcess, ctl
+from topoipam.daemon.local_etcd import free_port
 from topoipam.proto import ipam_pb2
 
 

@@ -27,7 +27,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import EtcdServer, free_port, start_etcd
+from tests.conftest import EtcdServer, start_etcd
 from tests.daemons import TOPOIPAMD, DaemonProcess, cni, ctl
 from tests.etcd_cluster import (
     TCP_ESTABLISHED,
@@ -37,6 +37,7 @@ from tests.etcd_cluster import (
     process_tcp_sockets,
     write_pki,
 )
+from topoipam.daemon.local_etcd import free_port
 from topoipam.proto import ipam_pb2, ipam_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
