@@ -26,10 +26,8 @@ import argparse
 
 from common import (
     STATS_HEADERS,
-    CniSocketClient,
     EchoFloor,
     EtcdTxnFloor,
-    IpamClient,
     Report,
     Stats,
     Workspace,
@@ -44,6 +42,8 @@ from common import (
     run_main,
     sample,
 )
+
+from topoipam.client.rpc import CniSocketClient, IpamClient
 
 PREFIX = "/topoipam-bench/latency/v1"
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from topoipam.client.rpc import health_check
 from topoipam.daemon.local_etcd import LocalEtcd, free_port, start_local_etcd
 
 BIN = Path(sys.executable).parent
@@ -358,21 +359,6 @@ class Daemon:
         self.notify.close()
 
 
-def health_check(socket_path: str) -> str:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    if not os.path.exists(socket_path):
-        return "NO_SOCKET"
-    try:
-        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=2)
-            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-    except grpc.RpcError as exc:
-        return str(exc.code().name)
-
-
 class Workspace(contextlib.ExitStack):
     """A temp dir with its own etcd and daemons; everything is stopped and removed on exit."""
 
@@ -441,8 +427,9 @@ class Workspace(contextlib.ExitStack):
     def _helper_server(self, kind: str, *extra: str) -> EchoServer:
         sock = self.path(f"{kind}.sock")
         log = self.enter_context(open(self.path(f"{kind}.log"), "ab"))
-        process = self.spawn([sys.executable, str(BENCH_DIR / "common.py"), kind, sock, *extra],
-                             stdout=log, stderr=subprocess.STDOUT)
+        process = self.spawn(
+            [sys.executable, str(BENCH_DIR / "helper_servers.py"), kind, sock, *extra],
+            stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not os.path.exists(sock):
             if process.poll() is not None or time.monotonic() > deadline:
@@ -579,110 +566,6 @@ def chunks(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-class IpamClient:
-    """The daemon's gRPC API through the generated stub on one grpc.aio channel."""
-
-    def __init__(self, socket_path: str, network: str = "bench") -> None:
-        import grpc.aio
-
-        from topoipam.proto import ipam_pb2, ipam_pb2_grpc
-
-        self.pb = ipam_pb2
-        self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
-        self.stub = ipam_pb2_grpc.IpamStub(self.channel)  # type: ignore[no-untyped-call]
-        self.network = network
-
-    def attachment(self, container: str) -> Any:
-        return self.pb.Attachment(network=self.network, container_id=container, ifname="eth0")
-
-    async def allocate(self, container: str, **fields: Any) -> Any:
-        return await self.stub.Allocate(self.pb.AllocateRequest(
-            attachment=self.attachment(container), assign_ipv4=True, **fields), timeout=30)
-
-    async def release(self, container: str) -> Any:
-        return await self.stub.Release(
-            self.pb.ReleaseRequest(attachment=self.attachment(container)), timeout=30)
-
-    async def timed_allocate(self, container: str) -> tuple[int, Any]:
-        started = ns()
-        reply = await self.allocate(container)
-        return ns() - started, reply
-
-    async def timed_release(self, container: str) -> int:
-        started = ns()
-        await self.release(container)
-        return ns() - started
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-
-class CniSocketClient:
-    """The daemon's framed-JSON CNI socket, one connection per call (as the plugin does).
-
-    A connection the daemon did not take (its listen backlog was full) is retried
-    after 1 ms, as a runtime retries a CNI error 11; ``retries`` counts them. Every
-    call is idempotent per attachment, so a retry is safe.
-    """
-
-    def __init__(self, grpc_socket: str, network: str = "bench-cni") -> None:
-        from topoipam.proto import cniwire as wire
-
-        self.wire: Any = wire  # the module, imported lazily
-        self.path = wire.cni_socket_path(grpc_socket)
-        self.network = network
-        self.retries = 0
-
-    async def call(self, method: str, request: dict[str, Any], timeout: float = 30.0
-                   ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                answer = await self._once(method, request)
-                break
-            except (OSError, asyncio.IncompleteReadError):
-                if time.monotonic() > deadline:
-                    raise
-                self.retries += 1
-                await asyncio.sleep(0.001)
-        if answer.get("code") != "OK":
-            raise RuntimeError(f"{method}: {answer.get('code')}: {answer.get('message')}")
-        response: dict[str, Any] = answer.get("response", {})
-        return response
-
-    async def _once(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
-        wire = self.wire
-        reader, writer = await asyncio.open_unix_connection(self.path)
-        try:
-            writer.write(wire.encode_frame({"method": method, "request": request}))
-            header = await reader.readexactly(wire.HEADER_SIZE)
-            payload = await reader.readexactly(wire.frame_length(header))
-            message: dict[str, Any] = wire.decode_payload(payload)
-            return message
-        finally:
-            writer.close()
-
-    def attachment(self, container: str) -> dict[str, str]:
-        return {"network": self.network, "container_id": container, "ifname": "eth0"}
-
-    async def allocate(self, container: str) -> dict[str, Any]:
-        return await self.call("Allocate", {"attachment": self.attachment(container),
-                                            "assign_ipv4": True})
-
-    async def release(self, container: str) -> dict[str, Any]:
-        return await self.call("Release", {"attachment": self.attachment(container)})
-
-    async def timed_allocate(self, container: str) -> int:
-        started = ns()
-        await self.allocate(container)
-        return ns() - started
-
-    async def timed_release(self, container: str) -> int:
-        started = ns()
-        await self.release(container)
-        return ns() - started
-
-
 def block_value(cidr: str, affinity: str | None = "bench") -> bytes:
     import ipaddress
 
@@ -784,62 +667,3 @@ def _frame_name(frame: str) -> str:
 
 
 # ---------------------------------------------------------------------------- echo server
-
-
-async def _echo_server(socket_path: str) -> None:
-    import grpc
-    import grpc.aio
-
-    async def empty(request: bytes, context: Any) -> bytes:
-        return b""
-
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Empty": grpc.unary_unary_rpc_method_handler(empty)}),))
-    server.add_insecure_port(f"unix:{socket_path}")
-    await server.start()
-    await _serve_until_signal(server)
-
-
-async def _minimal_server(socket_path: str, endpoint: str) -> None:
-    import grpc.aio
-
-    from topoipam.proto import ipam_pb2, ipam_pb2_grpc
-
-    floor = EtcdTxnFloor(endpoint, b"/topoipam-bench/minimal-server/block",
-                         block_value("10.254.0.0/26"))
-    await floor.setup()
-
-    class Minimal(ipam_pb2_grpc.IpamServicer):
-        async def Allocate(self, request: Any, context: Any) -> Any:  # noqa: N802
-            await floor.once()
-            response = ipam_pb2.AllocateResponse(handle=request.attachment.container_id)
-            response.addresses.add(ip="10.254.0.1", pool="minimal", pool_cidr="10.254.0.0/16",
-                                   block="10.254.0.0/26", family=4)
-            return response
-
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    ipam_pb2_grpc.add_IpamServicer_to_server(Minimal(), server)  # type: ignore[no-untyped-call]
-    server.add_insecure_port(f"unix:{socket_path}")
-    await server.start()
-    await _serve_until_signal(server)
-    await floor.close()
-
-
-async def _serve_until_signal(server: Any) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    await stop.wait()
-    await server.stop(0.5)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "echo-server":
-        asyncio.run(_echo_server(sys.argv[2]))
-    elif len(sys.argv) == 4 and sys.argv[1] == "minimal-server":
-        asyncio.run(_minimal_server(sys.argv[2], sys.argv[3]))
-    else:
-        sys.exit("usage: python bench/common.py echo-server SOCKET | "
-                 "minimal-server SOCKET ETCD_ENDPOINT")

@@ -25,7 +25,6 @@ from typing import Any
 
 from common import (
     STATS_HEADERS,
-    IpamClient,
     Report,
     Stats,
     Workspace,
@@ -37,6 +36,8 @@ from common import (
     put_objects,
     run_main,
 )
+
+from topoipam.client.rpc import IpamClient
 
 PREFIX = "/topoipam-bench/policy/v1"
 NODE = "node-0"

@@ -35,7 +35,6 @@ from common import (
     STATS_HEADERS,
     Daemon,
     Etcd,
-    IpamClient,
     Report,
     Stats,
     Workspace,
@@ -46,6 +45,8 @@ from common import (
     run_main,
     timer,
 )
+
+from topoipam.client.rpc import IpamClient
 
 BIG_PREFIX = "/topoipam-bench/scale-big/v1"
 SMALL_PREFIX = "/topoipam-bench/scale-small/v1"

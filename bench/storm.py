@@ -34,12 +34,10 @@ from typing import Any
 
 from common import (
     STATS_HEADERS,
-    CniSocketClient,
     Daemon,
     EchoFloor,
     Etcd,
     EtcdTxnFloor,
-    IpamClient,
     Report,
     Stats,
     Workspace,
@@ -55,6 +53,8 @@ from common import (
     py_spy,
     run_main,
 )
+
+from topoipam.client.rpc import CniSocketClient, IpamClient
 
 PREFIX = "/topoipam-bench/storm/v1"
 BASELINE_PREFIX = "/topoipam-bench/storm-baseline/v1"

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from topoipam.client.rpc import health_check
 from topoipam.proto import ipam_pb2_grpc
 
 BIN = Path(sys.executable).parent
@@ -64,15 +64,7 @@ class DaemonProcess:
         raise RuntimeError(f"topoipamd {self.node} not SERVING after {timeout}s:\n{self.log()}")
 
     def health(self) -> str:
-        if not os.path.exists(self.socket):
-            return "NO_SOCKET"
-        try:
-            with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=1)
-                return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-        except grpc.RpcError as exc:
-            return str(exc.code().name)
+        return health_check(self.socket, timeout=1)
 
     @contextmanager
     def stub(self) -> Iterator[Any]:
