@@ -474,7 +474,7 @@ async def open_store(endpoint: str, prefix: str) -> Any:
 
 async def put_objects(store: Any, objects: Iterable[Any]) -> None:
     """Unconditionally write pools, nodes, config (one transaction per object)."""
-    from topoipam.daemon.store import PutObject
+    from topoipam.daemon.writes import PutObject
 
     for obj in objects:
         result = await store.commit([PutObject(obj)])

@@ -71,7 +71,7 @@ async def follow(client: IpamClient, store: Any, writes: list[Any], want_pool: s
     Gives up after ``timeout`` seconds (DESIGN §1.7: "within a second"); such a
     change counts as missed, with the timeout as its latency.
     """
-    from topoipam.daemon.store import PutObject
+    from topoipam.daemon.writes import PutObject
 
     sent = ns()
     result = await store.commit([PutObject(obj) for obj in writes])

@@ -67,7 +67,8 @@ class CasBaseline:
         from aetcd import rpc
 
         from topoipam.daemon.model import Block
-        from topoipam.daemon.store import KeySchema, encode
+        from topoipam.daemon.keys import KeySchema
+        from topoipam.daemon.store import encode
 
         self.rpc = rpc
         self.channel = etcd_channel(endpoint)

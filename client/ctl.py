@@ -70,6 +70,7 @@ from topoipam.daemon.errors import (
     NotFound,
     TopoipamError,
 )
+from topoipam.daemon.keys import DEFAULT_PREFIX
 from topoipam.daemon.model import (
     ASSIGNMENT_MODES,
     CONFIG_NAME,
@@ -84,13 +85,8 @@ from topoipam.daemon.model import (
     parse_gateway_spec,
     parse_network,
 )
-from topoipam.daemon.store import (
-    DEFAULT_PREFIX,
-    EtcdOptions,
-    EtcdStore,
-    PutObject,
-    Write,
-)
+from topoipam.daemon.store import EtcdOptions, EtcdStore
+from topoipam.daemon.writes import PutObject, Write
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 # Short: an operator at a terminal wants "etcd is down" in seconds, not a hang.

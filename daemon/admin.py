@@ -39,13 +39,12 @@ from .model import (
     reserved_range_problem,
     resource_id,
 )
-from .store import (
-    WRITE_ATTEMPTS,
+from .store import WRITE_ATTEMPTS, EtcdStore
+from .writes import (
     DeleteAffinity,
     DeleteBlock,
     DeleteHandle,
     DeleteObject,
-    EtcdStore,
     PoolsUnchangedSince,
     PutBlock,
     PutHandle,

@@ -22,15 +22,15 @@ from typing import Any
 from .allocator import Reservations
 from .errors import DatastoreUnavailable, InvalidInput, NotReady
 from .ipam import ClusterState
+from .keys import prefix_range_end
 from .model import Block, IPAMConfig, IPNetwork, IPPool, IPReservation
 from .store import (
     EtcdStore,
-    Versioned,
     WatchCompacted,
     WatchStream,
     WatchTokenExpired,
-    prefix_range_end,
 )
+from .writes import Versioned
 
 log = logging.getLogger(__name__)
 

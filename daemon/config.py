@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput
+from .keys import DEFAULT_PREFIX, KeySchema
 from .model import check_kubernetes_label, check_name
-from .store import DEFAULT_PREFIX, EtcdOptions, KeySchema
+from .store import EtcdOptions
 
 DEFAULT_SOCKET = "/run/topoipam/topoipamd.sock"
 DEFAULT_METRICS = "127.0.0.1:9092"

@@ -39,19 +39,18 @@ from .model import (
     IPPool,
     handle_prefix,
 )
-from .store import (
+from .store import EtcdStore, backoff
+from .writes import (
     CommitResult,
     DeleteAffinity,
     DeleteBlock,
     DeleteHandle,
     DeleteObject,
-    EtcdStore,
     PutAffinity,
     PutBlock,
     PutHandle,
     Versioned,
     Write,
-    backoff,
 )
 
 log = logging.getLogger(__name__)
@@ -234,16 +233,26 @@ class _Txn:
 
 
 @dataclass
-class _Op:
-    """One allocation or release waiting for its batch's transaction."""
+class _AllocateOp:
+    """One allocation waiting for its batch's transaction, and what was planned for it."""
 
     future: asyncio.Future[Any]
-    request: AllocationRequest | None = None
-    release: str | None = None
+    request: AllocationRequest
+    addresses: list[AllocatedAddress] = field(default_factory=list)
+
+
+@dataclass
+class _ReleaseOp:
+    """One release waiting for its batch's transaction, and what it freed."""
+
+    future: asyncio.Future[Any]
+    handle_id: str
     # For a release by attachment: where to look when no handle has the current id.
     legacy: Attachment | None = None
-    addresses: list[AllocatedAddress] = field(default_factory=list)
     freed: list[IPAddress] = field(default_factory=list)
+
+
+_Op = _AllocateOp | _ReleaseOp
 
 
 class _Defer(Exception):
@@ -304,7 +313,7 @@ class Ipam:
         NoPoolForNode, PoolExhausted, UnknownPool, AddressUnavailable (final)
         or Conflict / DatastoreUnavailable / NotReady (retriable).
         """
-        result: Allocation = await self._submit(_Op(self._future(), request=request))
+        result: Allocation = await self._submit(_AllocateOp(self._future(), request))
         return result
 
     async def release(self, handle_id: str, attachment: Attachment | None = None
@@ -318,7 +327,7 @@ class Ipam:
         this node are released in the same transaction.
         """
         result: list[IPAddress] = await self._submit(
-            _Op(self._future(), release=handle_id, legacy=attachment))
+            _ReleaseOp(self._future(), handle_id, attachment))
         return result
 
     async def release_attachment(self, attachment: Attachment) -> list[IPAddress]:
@@ -445,23 +454,19 @@ class Ipam:
             self.on_conflict()
             retry = []
             for op in planned:
-                if op.request is not None:
+                if isinstance(op, _AllocateOp):
                     handle_id = op.request.attachment.handle_id
                     existing = result.handles.get(handle_id)
                     if existing is not None:  # an earlier ADD of this attachment won
                         self._handles[handle_id] = existing
-                        try:
-                            _settle(op, result=self._existing_allocation(
-                                op.request, existing.value, state))
-                        except TopoipamError as exc:
-                            _settle(op, error=exc)
+                        self._settle_existing(op, existing.value, state)
                         continue
-                elif op.release is not None and op.release in result.handles:
-                    current = result.handles[op.release]
+                elif op.handle_id in result.handles:
+                    current = result.handles[op.handle_id]
                     if current is None:
-                        self._handles.pop(op.release, None)
+                        self._handles.pop(op.handle_id, None)
                     else:
-                        self._handles[op.release] = current
+                        self._handles[op.handle_id] = current
                 retry.append(op)
             pending = retry + deferred
             conflicts += 1
@@ -473,43 +478,43 @@ class Ipam:
             await backoff(conflicts)
 
     def _resolve(self, op: _Op, revision: int, txn: _Txn) -> None:
-        if op.request is not None:
+        if isinstance(op, _AllocateOp):
             handle_id = op.request.attachment.handle_id
             write = txn.handles[handle_id]
             assert isinstance(write, PutHandle)
             self._handles[handle_id] = Versioned(write.handle, revision)
             _settle(op, result=Allocation(handle_id, tuple(op.addresses)))
         else:
-            assert op.release is not None
-            self._handles.pop(op.release, None)
+            self._handles.pop(op.handle_id, None)
             _settle(op, result=op.freed)
+
+    def _settle_existing(self, op: _AllocateOp, handle: Handle, state: ClusterState) -> None:
+        try:
+            _settle(op, result=self._existing_allocation(op.request, handle, state))
+        except TopoipamError as exc:
+            _settle(op, error=exc)
 
     async def _fail_or_return_existing(self, op: _Op, exc: TopoipamError,
                                        state: ClusterState) -> None:
         """A repeated ADD whose pools are now full, disabled or gone still gets what it holds."""
-        if op.request is not None and not exc.retriable:
+        if isinstance(op, _AllocateOp) and not exc.retriable:
             existing = await self.store.get_handle(op.request.attachment.handle_id)
             if existing is not None:
-                try:
-                    _settle(op, result=self._existing_allocation(
-                        op.request, existing.value, state))
-                except TopoipamError as other:
-                    _settle(op, error=other)
+                self._settle_existing(op, existing.value, state)
                 return
         _settle(op, error=exc)
 
     async def _plan_op(self, state: ClusterState, op: _Op, txn: _Txn) -> bool:
         """Plan one call into ``txn``; True if it finished without needing a write."""
-        op.addresses, op.freed = [], []
-        if op.request is not None:
+        if isinstance(op, _AllocateOp):
+            op.addresses = []
             await self._plan_allocation(state, op, txn)
             return False
-        assert op.release is not None
+        op.freed = []
         return await self._plan_release(state, op, txn)
 
-    async def _plan_allocation(self, state: ClusterState, op: _Op, txn: _Txn) -> None:
+    async def _plan_allocation(self, state: ClusterState, op: _AllocateOp, txn: _Txn) -> None:
         request = op.request
-        assert request is not None
         handle_id = request.attachment.handle_id
         if handle_id in txn.handles:
             raise _Defer()
@@ -565,7 +570,7 @@ class Ipam:
 
     async def _plan_specific(
         self, state: ClusterState, request: AllocationRequest, family: int,
-        address: IPAddress, handle_id: str, op: _Op, txn: _Txn,
+        address: IPAddress, handle_id: str, op: _AllocateOp, txn: _Txn,
     ) -> None:
         requested = request.requested_pools(family)
         candidates = (
@@ -606,7 +611,7 @@ class Ipam:
 
     async def _plan_next(
         self, state: ClusterState, pools: Sequence[IPPool], family: int, handle_id: str,
-        op: _Op, txn: _Txn,
+        op: _AllocateOp, txn: _Txn,
     ) -> None:
         # This node's blocks as the transaction has them so far, with their read revisions.
         if txn.affine_read is None:  # one read per batch (a cache hit in the daemon)
@@ -687,16 +692,15 @@ class Ipam:
         raise PoolExhausted(self.node, state.labels, family, [p.name for p in pools],
                             f"{reason}; no free address to borrow")
 
-    async def _plan_release(self, state: ClusterState, op: _Op, txn: _Txn) -> bool:
-        handle_id = op.release
-        assert handle_id is not None
+    async def _plan_release(self, state: ClusterState, op: _ReleaseOp, txn: _Txn) -> bool:
+        handle_id = op.handle_id
         if handle_id in txn.handles:
             raise _Defer()
         handle = self._handles.get(handle_id) or await self.store.get_handle(handle_id)
         if handle is None and op.legacy is not None:
             handle = await self._legacy_handle(op.legacy)
             if handle is not None:
-                op.release = handle_id = handle.value.id
+                op.handle_id = handle_id = handle.value.id
                 op.legacy = None
         if handle is None:
             _settle(op, result=[])
@@ -788,12 +792,13 @@ class Ipam:
             families = sorted({p.family for p in state.pools})
             if not families:
                 return "no IP pool exists"
-        probe = Attachment("status", "readiness-probe", "eth0").handle_id
+        probe = AllocationRequest(Attachment("status", "readiness-probe", "eth0"))
         for family in families:
-            op = _Op(self._future())
+            op = _AllocateOp(self._future(), probe)
             try:
                 pools = self._pools_for(state, family, tuple(requested.get(family, ())))
-                await self._plan_next(state, pools, family, probe, op, _Txn())
+                await self._plan_next(state, pools, family, probe.attachment.handle_id, op,
+                                      _Txn())
             except TopoipamError as exc:
                 return exc.message
             finally:

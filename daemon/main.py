@@ -16,7 +16,8 @@ from .config import DaemonConfig, load_config
 from .errors import TopoipamError
 from .local_etcd import LocalEtcd, free_port, start_local_etcd
 from .model import IPPool
-from .store import EtcdOptions, EtcdStore, PutObject
+from .store import EtcdOptions, EtcdStore
+from .writes import PutObject
 
 log = logging.getLogger("topoipamd")
 

@@ -35,7 +35,8 @@ from .ipam import Ipam
 from .metrics import Metrics
 from .model import Node
 from .service import IpamService, StatusProvider
-from .store import EtcdStore, PutObject
+from .store import EtcdStore
+from .writes import PutObject
 
 log = logging.getLogger(__name__)
 

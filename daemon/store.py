@@ -30,14 +30,21 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 from aetcd import rpc
 
-from .errors import AuthenticationFailed, Conflict, DatastoreUnavailable, InvalidInput
+from .errors import (
+    AuthenticationFailed,
+    Conflict,
+    DatastoreUnavailable,
+    InvalidInput,
+    TopoipamError,
+)
+from .keys import DEFAULT_PREFIX, KeySchema, prefix_range_end
 from .model import (
     BLOCK_SIZE_RANGE,
     Block,
@@ -48,6 +55,20 @@ from .model import (
     IPPool,
     IPReservation,
     Node,
+)
+from .writes import (
+    CommitResult,
+    DeleteAffinity,
+    DeleteBlock,
+    DeleteHandle,
+    DeleteObject,
+    PoolsUnchangedSince,
+    PutAffinity,
+    PutBlock,
+    PutHandle,
+    PutObject,
+    Versioned,
+    Write,
 )
 
 log = logging.getLogger(__name__)
@@ -64,137 +85,7 @@ async def backoff(attempt: int) -> None:
 
 T = TypeVar("T")
 
-DEFAULT_PREFIX = "/topoipam/v1"
 DEFAULT_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class Versioned(Generic[T]):
-    """A value as read from etcd, with the mod_revision that guards a later write."""
-
-    value: T
-    mod_revision: int
-
-
-def _family_segment(version: int) -> str:
-    return "v4" if version == 4 else "v6"
-
-
-def _hex_network(cidr: IPNetwork) -> str:
-    width = 8 if cidr.version == 4 else 32
-    return f"{int(cidr.network_address):0{width}x}-{cidr.prefixlen}"
-
-
-def _network_from_hex(segment: str, family: str) -> IPNetwork:
-    hex_part, _, length = segment.partition("-")
-    version = 4 if family == "v4" else 6
-    address = ipaddress.ip_address(int(hex_part, 16)) if version == 4 else ipaddress.IPv6Address(
-        int(hex_part, 16)
-    )
-    return ipaddress.ip_network(f"{address}/{int(length)}")
-
-
-def prefix_range_end(prefix: bytes) -> bytes:
-    """The etcd range end that covers every key starting with ``prefix``."""
-    end = bytearray(prefix)
-    for i in range(len(end) - 1, -1, -1):
-        if end[i] < 0xFF:
-            end[i] += 1
-            return bytes(end[: i + 1])
-    return b"\0"
-
-
-class KeySchema:
-    """Both directions of the etcd key schema: objects to keys and keys to objects."""
-
-    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
-        prefix = prefix.rstrip("/")
-        if not prefix.startswith("/"):
-            raise InvalidInput(f"etcd prefix {prefix!r} must start with '/'")
-        self.prefix = prefix
-
-    def _key(self, *parts: str) -> bytes:
-        return "/".join((self.prefix, *parts)).encode()
-
-    # objects -> keys
-    def config(self) -> bytes:
-        return self._key("config")
-
-    def pool(self, name: str) -> bytes:
-        return self._key("pools", name)
-
-    def pools(self) -> bytes:
-        return self._key("pools", "")
-
-    def node(self, name: str) -> bytes:
-        return self._key("nodes", name)
-
-    def nodes(self) -> bytes:
-        return self._key("nodes", "")
-
-    def block(self, cidr: IPNetwork) -> bytes:
-        return self._key("blocks", _family_segment(cidr.version), _hex_network(cidr))
-
-    def blocks(self, family: int | None = None) -> bytes:
-        if family is None:
-            return self._key("blocks", "")
-        return self._key("blocks", _family_segment(family), "")
-
-    def blocks_in(self, cidr: IPNetwork) -> tuple[bytes, bytes]:
-        """Key range [start, end) that holds exactly the blocks inside ``cidr``."""
-        start = self.block(cidr)[: -len(f"-{cidr.prefixlen}")]
-        after = int(cidr.broadcast_address) + 1
-        if after >> cidr.max_prefixlen:  # the range ends at the top of the address space
-            return start, prefix_range_end(self.blocks(cidr.version))
-        width = 8 if cidr.version == 4 else 32
-        end = self._key("blocks", _family_segment(cidr.version), f"{after:0{width}x}")
-        return start, end
-
-    def affinity(self, node: str, cidr: IPNetwork) -> bytes:
-        return self._key("affinities", node, _family_segment(cidr.version), _hex_network(cidr))
-
-    def affinities(self, node: str | None = None) -> bytes:
-        return self._key("affinities", node, "") if node else self._key("affinities", "")
-
-    def handle(self, handle_id: str) -> bytes:
-        return self._key("handles", handle_id)
-
-    def handles(self) -> bytes:
-        return self._key("handles", "")
-
-    def reservation(self, name: str) -> bytes:
-        return self._key("reservations", name)
-
-    def reservations(self) -> bytes:
-        return self._key("reservations", "")
-
-    def daemon(self, node: str) -> bytes:
-        return self._key("daemons", node)
-
-    # keys -> objects
-    def kind_of(self, key: bytes) -> tuple[str, list[str]]:
-        """('pools', ['name']), ('blocks', ['v4', 'c0a80000-26']), ... or ('', [])."""
-        text = key.decode(errors="replace")
-        if not text.startswith(self.prefix + "/"):
-            return "", []
-        parts = text[len(self.prefix) + 1 :].split("/")
-        return parts[0], parts[1:]
-
-    def block_cidr(self, key: bytes) -> IPNetwork:
-        kind, rest = self.kind_of(key)
-        if kind != "blocks" or len(rest) != 2:
-            raise InvalidInput(f"not a block key: {key!r}")
-        return _network_from_hex(rest[1], rest[0])
-
-    def affinity_of(self, key: bytes) -> tuple[str, IPNetwork]:
-        kind, rest = self.kind_of(key)
-        if kind != "affinities" or len(rest) != 3:
-            raise InvalidInput(f"not an affinity key: {key!r}")
-        return rest[0], _network_from_hex(rest[2], rest[1])
-
-    def name_of(self, key: bytes) -> str:
-        _, rest = self.kind_of(key)
-        return "/".join(rest)
 
 
 def encode(value: dict[str, Any]) -> bytes:
@@ -209,91 +100,6 @@ def decode(raw: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput(f"{what}: value is not a JSON object")
     return value
-
-
-# Domain-level writes. Each names what it guards; the store makes the keys.
-@dataclass(frozen=True)
-class PutBlock:
-    block: Block
-    expect_revision: int  # 0: the block must not exist yet
-
-
-@dataclass(frozen=True)
-class DeleteBlock:
-    cidr: IPNetwork
-    expect_revision: int
-
-
-@dataclass(frozen=True)
-class PutAffinity:
-    node: str
-    cidr: IPNetwork
-
-
-@dataclass(frozen=True)
-class DeleteAffinity:
-    node: str
-    cidr: IPNetwork
-
-
-@dataclass(frozen=True)
-class PutHandle:
-    handle: Handle
-    expect_revision: int  # 0: the handle must not exist yet
-
-
-@dataclass(frozen=True)
-class DeleteHandle:
-    handle_id: str
-    expect_revision: int
-
-
-@dataclass(frozen=True)
-class PutObject:
-    """A pool, node, config or reservation; expect_revision None = unconditional."""
-
-    obj: IPPool | Node | IPAMConfig | IPReservation
-    expect_revision: int | None = None
-
-
-@dataclass(frozen=True)
-class DeleteObject:
-    kind: str  # "pool" | "node" | "reservation"
-    name: str
-    expect_revision: int | None = None
-
-
-@dataclass(frozen=True)
-class PoolsUnchangedSince:
-    """A guard, not a write: no pool was created or changed after ``revision``.
-
-    Checks that were made against the pools read at that revision (overlaps)
-    still hold when the transaction commits.
-    """
-
-    revision: int
-
-
-Write = (
-    PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutHandle | DeleteHandle | PutObject
-    | DeleteObject | PoolsUnchangedSince
-)
-
-
-@dataclass
-class CommitResult:
-    """Outcome of one transaction.
-
-    On success ``revision`` is the new mod_revision of everything written.
-    On failure ``blocks`` and ``handles`` hold the current value of every
-    guarded block and handle (None where absent), read in the same round trip.
-    """
-
-    succeeded: bool
-    revision: int
-    blocks: dict[IPNetwork, Versioned[Block] | None] = field(default_factory=dict)
-    handles: dict[str, Versioned[Handle] | None] = field(default_factory=dict)
-    raw: dict[bytes, tuple[bytes, int] | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -842,7 +648,6 @@ class EtcdStore:
         result = CommitResult(False, revision)
         for key, op in zip(guarded, response.responses, strict=True):
             kvs = op.response_range.kvs
-            result.raw[key] = (kvs[0].value, kvs[0].mod_revision) if kvs else None
             kind, _ = self.keys.kind_of(key)
             try:
                 if kind == "blocks":
@@ -941,7 +746,11 @@ class WatchTokenExpired(DatastoreUnavailable):
     """A watch stream's auth token expired: reopen it with the current token."""
 
 
-class WatchCompacted(Exception):
+class WatchCompacted(TopoipamError):
+    """A watch's start revision was compacted away: the cache must relist."""
+
+    retriable = True
+
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"watch start revision was compacted (now at {compact_revision})")
         self.compact_revision = compact_revision

@@ -28,7 +28,12 @@ from topoipam.client import ctl
 from topoipam.daemon.ipam import AllocationRequest, Ipam
 from topoipam.daemon.local_etcd import free_port
 from topoipam.daemon.model import Attachment
-from topoipam.daemon.store import DeleteHandle, EtcdStore, PutAffinity, PutBlock
+from topoipam.daemon.store import EtcdStore
+from topoipam.daemon.writes import (
+    DeleteHandle,
+    PutAffinity,
+    PutBlock,
+)
 
 TOPOIPAMCTL = str(Path(sys.executable).parent / "topoipamctl")
 

@@ -18,7 +18,12 @@ import pytest
 from tests.conftest import EtcdServer
 from tests.daemons import DaemonProcess, cni, ctl
 from topoipam.daemon.model import Attachment, Block, Handle, HandleAddress
-from topoipam.daemon.store import DeleteHandle, EtcdOptions, EtcdStore, PutBlock, PutHandle
+from topoipam.daemon.store import EtcdOptions, EtcdStore
+from topoipam.daemon.writes import (
+    DeleteHandle,
+    PutBlock,
+    PutHandle,
+)
 
 
 @pytest.fixture

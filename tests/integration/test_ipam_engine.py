@@ -21,7 +21,8 @@ from topoipam.daemon.errors import (
 )
 from topoipam.daemon.ipam import AllocationRequest, Ipam
 from topoipam.daemon.model import Attachment, IPAMConfig, IPPool, IPReservation, Node
-from topoipam.daemon.store import EtcdStore, PutObject
+from topoipam.daemon.store import EtcdStore
+from topoipam.daemon.writes import PutObject
 
 CTL = str(Path(sys.executable).parent / "topoipamctl")
 
@@ -306,7 +307,7 @@ async def test_scoped_addresses_are_refused(store: EtcdStore) -> None:
 async def test_pools_unchanged_guard_refuses_a_commit_after_a_pool_appeared(
     store: EtcdStore
 ) -> None:
-    from topoipam.daemon.store import PoolsUnchangedSince
+    from topoipam.daemon.writes import PoolsUnchangedSince
 
     _, revision = await store.pools_at_revision()
     ours = IPPool("mine", net("10.8.0.0/24"), 26)

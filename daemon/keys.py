@@ -1,0 +1,137 @@
+"""The etcd key schema, both directions: objects to keys and keys to objects.
+
+The one place that knows how keys are spelled (DESIGN §3), under a prefix
+with a version segment (default ``/topoipam/v1``). Block keys carry the
+fixed-width hex of the network address, so the blocks of one pool form one
+contiguous, numerically ordered key range (:meth:`KeySchema.blocks_in`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from .errors import InvalidInput
+from .model import IPNetwork
+
+DEFAULT_PREFIX = "/topoipam/v1"
+
+
+def _family_segment(version: int) -> str:
+    return "v4" if version == 4 else "v6"
+
+
+def _hex_network(cidr: IPNetwork) -> str:
+    width = 8 if cidr.version == 4 else 32
+    return f"{int(cidr.network_address):0{width}x}-{cidr.prefixlen}"
+
+
+def _network_from_hex(segment: str, family: str) -> IPNetwork:
+    hex_part, _, length = segment.partition("-")
+    version = 4 if family == "v4" else 6
+    address = ipaddress.ip_address(int(hex_part, 16)) if version == 4 else ipaddress.IPv6Address(
+        int(hex_part, 16)
+    )
+    return ipaddress.ip_network(f"{address}/{int(length)}")
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """The etcd range end that covers every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+class KeySchema:
+    """Both directions of the etcd key schema: objects to keys and keys to objects."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        prefix = prefix.rstrip("/")
+        if not prefix.startswith("/"):
+            raise InvalidInput(f"etcd prefix {prefix!r} must start with '/'")
+        self.prefix = prefix
+
+    def _key(self, *parts: str) -> bytes:
+        return "/".join((self.prefix, *parts)).encode()
+
+    # objects -> keys
+    def config(self) -> bytes:
+        return self._key("config")
+
+    def pool(self, name: str) -> bytes:
+        return self._key("pools", name)
+
+    def pools(self) -> bytes:
+        return self._key("pools", "")
+
+    def node(self, name: str) -> bytes:
+        return self._key("nodes", name)
+
+    def nodes(self) -> bytes:
+        return self._key("nodes", "")
+
+    def block(self, cidr: IPNetwork) -> bytes:
+        return self._key("blocks", _family_segment(cidr.version), _hex_network(cidr))
+
+    def blocks(self, family: int | None = None) -> bytes:
+        if family is None:
+            return self._key("blocks", "")
+        return self._key("blocks", _family_segment(family), "")
+
+    def blocks_in(self, cidr: IPNetwork) -> tuple[bytes, bytes]:
+        """Key range [start, end) that holds exactly the blocks inside ``cidr``."""
+        start = self.block(cidr)[: -len(f"-{cidr.prefixlen}")]
+        after = int(cidr.broadcast_address) + 1
+        if after >> cidr.max_prefixlen:  # the range ends at the top of the address space
+            return start, prefix_range_end(self.blocks(cidr.version))
+        width = 8 if cidr.version == 4 else 32
+        end = self._key("blocks", _family_segment(cidr.version), f"{after:0{width}x}")
+        return start, end
+
+    def affinity(self, node: str, cidr: IPNetwork) -> bytes:
+        return self._key("affinities", node, _family_segment(cidr.version), _hex_network(cidr))
+
+    def affinities(self, node: str | None = None) -> bytes:
+        return self._key("affinities", node, "") if node else self._key("affinities", "")
+
+    def handle(self, handle_id: str) -> bytes:
+        return self._key("handles", handle_id)
+
+    def handles(self) -> bytes:
+        return self._key("handles", "")
+
+    def reservation(self, name: str) -> bytes:
+        return self._key("reservations", name)
+
+    def reservations(self) -> bytes:
+        return self._key("reservations", "")
+
+    def daemon(self, node: str) -> bytes:
+        return self._key("daemons", node)
+
+    # keys -> objects
+    def kind_of(self, key: bytes) -> tuple[str, list[str]]:
+        """('pools', ['name']), ('blocks', ['v4', 'c0a80000-26']), ... or ('', [])."""
+        text = key.decode(errors="replace")
+        if not text.startswith(self.prefix + "/"):
+            return "", []
+        parts = text[len(self.prefix) + 1 :].split("/")
+        return parts[0], parts[1:]
+
+    def block_cidr(self, key: bytes) -> IPNetwork:
+        kind, rest = self.kind_of(key)
+        if kind != "blocks" or len(rest) != 2:
+            raise InvalidInput(f"not a block key: {key!r}")
+        return _network_from_hex(rest[1], rest[0])
+
+    def affinity_of(self, key: bytes) -> tuple[str, IPNetwork]:
+        kind, rest = self.kind_of(key)
+        if kind != "affinities" or len(rest) != 3:
+            raise InvalidInput(f"not an affinity key: {key!r}")
+        return rest[0], _network_from_hex(rest[2], rest[1])
+
+    def name_of(self, key: bytes) -> str:
+        _, rest = self.kind_of(key)
+        return "/".join(rest)

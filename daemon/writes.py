@@ -1,0 +1,108 @@
+"""What one etcd transaction compares and writes, as plain values (no I/O).
+
+Each write names the object and the revision that guards it; the store
+turns them into keys, compares and puts (:meth:`EtcdStore.commit`). Kept
+apart from the store so that the pure allocator can plan a transaction
+(:class:`topoipam.daemon.allocator.TxnPlan`) without importing etcd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from .model import Block, Handle, IPAMConfig, IPNetwork, IPPool, IPReservation, Node
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Versioned(Generic[T]):
+    """A value as read from etcd, with the mod_revision that guards a later write."""
+
+    value: T
+    mod_revision: int
+
+
+# Domain-level writes. Each names what it guards; the store makes the keys.
+@dataclass(frozen=True)
+class PutBlock:
+    block: Block
+    expect_revision: int  # 0: the block must not exist yet
+
+
+@dataclass(frozen=True)
+class DeleteBlock:
+    cidr: IPNetwork
+    expect_revision: int
+
+
+@dataclass(frozen=True)
+class PutAffinity:
+    node: str
+    cidr: IPNetwork
+
+
+@dataclass(frozen=True)
+class DeleteAffinity:
+    node: str
+    cidr: IPNetwork
+
+
+@dataclass(frozen=True)
+class PutHandle:
+    handle: Handle
+    expect_revision: int  # 0: the handle must not exist yet
+
+
+@dataclass(frozen=True)
+class DeleteHandle:
+    handle_id: str
+    expect_revision: int
+
+
+@dataclass(frozen=True)
+class PutObject:
+    """A pool, node, config or reservation; expect_revision None = unconditional."""
+
+    obj: IPPool | Node | IPAMConfig | IPReservation
+    expect_revision: int | None = None
+
+
+@dataclass(frozen=True)
+class DeleteObject:
+    kind: str  # "pool" | "node" | "reservation"
+    name: str
+    expect_revision: int | None = None
+
+
+@dataclass(frozen=True)
+class PoolsUnchangedSince:
+    """A guard, not a write: no pool was created or changed after ``revision``.
+
+    Checks that were made against the pools read at that revision (overlaps)
+    still hold when the transaction commits.
+    """
+
+    revision: int
+
+
+Write = (
+    PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutHandle | DeleteHandle | PutObject
+    | DeleteObject | PoolsUnchangedSince
+)
+
+
+@dataclass
+class CommitResult:
+    """Outcome of one transaction.
+
+    On success ``revision`` is the new mod_revision of everything written.
+    On failure ``blocks`` and ``handles`` hold the current value of every
+    guarded block and handle (None where absent), read in the same round trip.
+    """
+
+    succeeded: bool
+    revision: int
+    blocks: dict[IPNetwork, Versioned[Block] | None] = field(default_factory=dict)
+    handles: dict[str, Versioned[Handle] | None] = field(default_factory=dict)
