@@ -76,8 +76,8 @@ class DataSet:
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every key and value of the data set, as the daemon would write them."""
-        from topoipam.daemon.model import Block, Handle, HandleAddress, Node
         from topoipam.daemon.keys import KeySchema
+        from topoipam.daemon.model import Block, Handle, HandleAddress, Node
         from topoipam.daemon.store import encode
 
         keys = KeySchema(self.prefix)

@@ -66,8 +66,8 @@ class CasBaseline:
     def __init__(self, endpoint: str, blocks: int) -> None:
         from aetcd import rpc
 
-        from topoipam.daemon.model import Block
         from topoipam.daemon.keys import KeySchema
+        from topoipam.daemon.model import Block
         from topoipam.daemon.store import encode
 
         self.rpc = rpc
