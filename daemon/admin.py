@@ -22,8 +22,8 @@ from typing import Any
 
 from . import allocator
 from .audit import Snapshot, load_snapshot, outside_pools, owning_pool, reserves, show
+from .engine import AllocationEngine
 from .errors import AlreadyExists, Conflict, InvalidInput, NodeInUse, NotFound, PoolInUse
-from .ipam import Ipam
 from .model import (
     Block,
     Handle,
@@ -505,7 +505,7 @@ async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple
     handles = [h.value.id for h in await store.list_handles() if h.value.node == node]
     if handles and not force:
         raise NodeInUse(node, len(handles))
-    engine = Ipam(store, node)
+    engine = AllocationEngine(store, node)
     try:
         for handle_id in handles:
             await engine.release(handle_id)

@@ -1,8 +1,8 @@
-"""Pure allocation decisions: which pools, which block, which ordinal.
+"""Pure allocation decisions: which pools, which block, which ordinal, what to write.
 
 No I/O and no asyncio: every function takes plain values and returns new
 values (blocks are copied before they change), so the async engine in
-:mod:`topoipam.daemon.ipam` can plan a transaction, lose a compare-and-swap
+:mod:`topoipam.daemon.engine` can plan a transaction, lose a compare-and-swap
 race and simply plan again from fresher values.
 """
 
@@ -16,6 +16,7 @@ import netaddr
 
 from .errors import AddressUnavailable, NoPoolForNode, UnknownPool
 from .model import Block, IPAddress, IPNetwork, IPPool, IPReservation, parse_network
+from .writes import DeleteAffinity, DeleteBlock, PutAffinity, PutBlock, Versioned, Write
 
 
 class Reservations:
@@ -261,3 +262,66 @@ def first_unclaimed_block(
             int(free_range.first))
         return pool.block_of(first)
     return None
+
+
+class TxnPlan:
+    """What one transaction must compare and write: planned block values and their guards.
+
+    The engine plans every call of a batch into one TxnPlan; :meth:`writes`
+    gives the guarded writes of the single etcd transaction that commits them.
+
+    Blocks are never modified in place (the allocator returns copies), so a
+    snapshot is a shallow copy of the dicts: an operation that fails while
+    planning is rolled back without touching the others of its batch.
+    """
+
+    def __init__(self) -> None:
+        # cidr -> (planned block or None for deleted, mod_revision it was read at; 0 = new)
+        self.blocks: dict[IPNetwork, tuple[Block | None, int]] = {}
+        self.affinities: dict[tuple[str, IPNetwork], bool] = {}  # True put, False delete
+        self.handles: dict[str, Write] = {}
+        # Block CIDRs that exist in etcd, per pool, read once per transaction.
+        self.existing: dict[str, set[IPNetwork]] = {}
+        self.affine_read: list[Versioned[Block]] | None = None
+
+    def snapshot(self) -> tuple[dict[IPNetwork, tuple[Block | None, int]],
+                                dict[tuple[str, IPNetwork], bool], dict[str, Write]]:
+        return dict(self.blocks), dict(self.affinities), dict(self.handles)
+
+    def restore(self, saved: tuple[dict[IPNetwork, tuple[Block | None, int]],
+                                   dict[tuple[str, IPNetwork], bool], dict[str, Write]]) -> None:
+        self.blocks, self.affinities, self.handles = (dict(x) for x in saved)  # type: ignore[assignment]
+
+    def current(self, versioned: Versioned[Block]) -> Block | None:
+        """The planned value of a block read at ``versioned``, if this transaction touched it."""
+        planned = self.blocks.get(versioned.value.cidr)
+        return versioned.value if planned is None else planned[0]
+
+    def put_block(self, block: Block, read_revision: int) -> None:
+        guard = self.blocks.get(block.cidr, (None, read_revision))[1]
+        self.blocks[block.cidr] = (block, guard)
+
+    def delete_block(self, block: Block, read_revision: int) -> None:
+        guard = self.blocks.get(block.cidr, (None, read_revision))[1]
+        self.blocks[block.cidr] = (None, guard)
+        if block.affinity is not None:
+            self.affinities[(block.affinity, block.cidr)] = False
+
+    def claimed(self, node: str) -> list[Block]:
+        return [b for b, rev in self.blocks.values() if rev == 0 and b is not None
+                and b.affinity == node]
+
+    def writes(self) -> list[Write]:
+        writes: list[Write] = []
+        for cidr, (block, revision) in self.blocks.items():
+            if block is not None:
+                writes.append(PutBlock(block, revision))
+            elif revision:
+                writes.append(DeleteBlock(cidr, revision))
+        for (node, cidr), put in self.affinities.items():
+            writes.append(PutAffinity(node, cidr) if put else DeleteAffinity(node, cidr))
+        writes += self.handles.values()
+        return writes
+
+    def size(self) -> int:
+        return len(self.blocks) + len(self.affinities) + len(self.handles)

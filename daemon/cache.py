@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .allocator import Reservations
+from .engine import ClusterState
 from .errors import DatastoreUnavailable, InvalidInput, NotReady
-from .ipam import ClusterState
 from .keys import prefix_range_end
 from .model import Block, IPAMConfig, IPNetwork, IPPool, IPReservation
 from .store import (

@@ -30,8 +30,8 @@ from . import allocator
 from .cache import NodeCache
 from .cni_socket import CniSocketServer
 from .config import DaemonConfig, parse_host_port
+from .engine import AllocationEngine
 from .errors import AuthenticationFailed, DatastoreUnavailable, InvalidInput, TopoipamError
-from .ipam import Ipam
 from .metrics import Metrics
 from .model import Node
 from .service import IpamService, StatusProvider
@@ -88,7 +88,7 @@ class Daemon:
         self.store = EtcdStore(config.etcd_options(), config.prefix)
         self.cache = NodeCache(self.store, config.node, on_change=self._on_cache_change,
                                on_sync_change=self._on_sync_change)
-        self.ipam = Ipam(self.store, config.node, source=self.cache)
+        self.ipam = AllocationEngine(self.store, config.node, source=self.cache)
         self.ipam.on_conflict = self.metrics.etcd_conflicts.inc
         self.store.on_error = self.metrics.etcd_errors.inc
         self.service = IpamService(

@@ -22,8 +22,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from topoipam.proto import cniwire, ipam_pb2, ipam_pb2_grpc
 
 from . import allocator
+from .engine import Allocation, AllocationEngine, AllocationRequest, ClusterState
 from .errors import InvalidInput, NotFound, TopoipamError
-from .ipam import Allocation, AllocationRequest, ClusterState, Ipam
 from .metrics import Metrics
 from .model import Attachment, IPAddress, check_label
 
@@ -169,9 +169,9 @@ class StatusProvider:
 
 
 class IpamService(ipam_pb2_grpc.IpamServicer):
-    """topoipam.v1.Ipam on top of one node's :class:`Ipam` engine."""
+    """topoipam.v1.Ipam on top of one node's :class:`AllocationEngine`."""
 
-    def __init__(self, ipam: Ipam, status: StatusProvider, metrics: Metrics,
+    def __init__(self, ipam: AllocationEngine, status: StatusProvider, metrics: Metrics,
                  request_timeout: float = 20.0) -> None:
         self.ipam = ipam
         self.status = status

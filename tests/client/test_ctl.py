@@ -25,7 +25,7 @@ import yaml
 
 from tests.conftest import EtcdServer
 from topoipam.client import ctl
-from topoipam.daemon.ipam import AllocationRequest, Ipam
+from topoipam.daemon.engine import AllocationEngine, AllocationRequest
 from topoipam.daemon.local_etcd import free_port
 from topoipam.daemon.model import Attachment
 from topoipam.daemon.store import EtcdStore
@@ -72,7 +72,7 @@ async def dump(store: EtcdStore, prefix: str) -> dict[bytes, tuple[bytes, int]]:
 
 
 async def allocate(store: EtcdStore, node: str, container: str, pod: str) -> str:
-    allocation = await Ipam(store, node).allocate(AllocationRequest(
+    allocation = await AllocationEngine(store, node).allocate(AllocationRequest(
         Attachment("k8s-pod-network", container, "eth0"),
         attributes={"namespace": "default", "pod": pod},
     ))
@@ -376,7 +376,7 @@ async def test_delete_pool_drops_its_empty_blocks(
 ) -> None:
     await racks(run_ctl, tmp_path)
     await allocate(store, "node-0", "c1", "web-1")
-    await Ipam(store, "node-0").release("k8s-pod-network/c1/eth0")
+    await AllocationEngine(store, "node-0").release("k8s-pod-network/c1/eth0")
     assert len(await store.list_blocks()) == 1
 
     result = await run_ctl("delete", "-f", "-", stdin=RACK_POOLS)
@@ -761,7 +761,7 @@ async def test_delete_node_refuses_while_holding_addresses_unless_forced(
     assert check.code == 0, check.out + check.err
     # A node without addresses goes without --force, and its empty blocks with it.
     for i in range(9):
-        await Ipam(store, "stay").release(f"k8s-pod-network/s{i}/eth0")
+        await AllocationEngine(store, "stay").release(f"k8s-pod-network/s{i}/eth0")
     assert (await run_ctl("delete", "node", "stay")).code == 0
     assert await store.list_blocks() == [] or all(
         b.value.affinity is None for b in await store.list_blocks())
@@ -962,7 +962,7 @@ async def test_leftover_blocks_of_a_forced_pool_deletion_are_warnings_until_rele
         "ipam check: OK, 1 warning(s) (1 blocks, 1 handles, 1 addresses)",
     ])
     assert (await run_ctl("ipam", "check", "--fail-on-warnings")).code == 1
-    await Ipam(store, "node-0").release("k8s-pod-network/c0/eth0")
+    await AllocationEngine(store, "node-0").release("k8s-pod-network/c0/eth0")
     assert (await run_ctl("ipam", "release", "--ip", ip)).code == 1  # already free
     check = await run_ctl("ipam", "check")
     assert (check.code, check.out) == (0, "ipam check: OK (0 blocks, 0 handles, 0 addresses)\n")

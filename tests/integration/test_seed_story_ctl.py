@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from topoipam.daemon.ipam import AllocationRequest, Ipam
+from topoipam.daemon.engine import AllocationEngine, AllocationRequest
 from topoipam.daemon.model import Attachment
 from topoipam.daemon.store import EtcdStore
 
@@ -93,7 +93,7 @@ async def test_seed_story_with_topoipamctl(
     racks = {f"node-{i}": ipaddress.ip_network(f"192.168.{i // 2}.0/24") for i in range(4)}
     placed: dict[str, tuple[str, str]] = {}
     for i, node in enumerate(["node-0", "node-1", "node-2", "node-3", "node-0"]):
-        allocation = await Ipam(store, node).allocate(AllocationRequest(
+        allocation = await AllocationEngine(store, node).allocate(AllocationRequest(
             Attachment("k8s-pod-network", f"c{i}", "eth0"),
             attributes={"namespace": "default", "pod": f"nginx-{i}"},
         ))

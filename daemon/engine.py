@@ -1,6 +1,6 @@
 """The allocation engine: plans with the pure allocator, commits with one CAS transaction.
 
-``Ipam`` serves one node. It reads cluster state through a ``StateSource``
+``AllocationEngine`` serves one node. It reads cluster state through a ``StateSource``
 (the daemon's watch-synced cache, or :class:`EtcdSource` that reads etcd on
 every call, for the CLI and library use) and writes only through
 :meth:`EtcdStore.commit`: block, affinity and handle change together in one
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import allocator
-from .allocator import AssignContext, Reservations
+from .allocator import AssignContext, Reservations, TxnPlan
 from .errors import (
     AddressUnavailable,
     Conflict,
@@ -46,7 +46,6 @@ from .writes import (
     DeleteBlock,
     DeleteHandle,
     DeleteObject,
-    PutAffinity,
     PutBlock,
     PutHandle,
     Versioned,
@@ -172,66 +171,6 @@ class Allocation:
     addresses: tuple[AllocatedAddress, ...]
 
 
-class _Txn:
-    """The working set of one transaction: planned block values and what guards them.
-
-    Blocks are never modified in place (the allocator returns copies), so a
-    snapshot is a shallow copy of the dicts: an operation that fails while
-    planning is rolled back without touching the others of its batch.
-    """
-
-    def __init__(self) -> None:
-        # cidr -> (planned block or None for deleted, mod_revision it was read at; 0 = new)
-        self.blocks: dict[IPNetwork, tuple[Block | None, int]] = {}
-        self.affinities: dict[tuple[str, IPNetwork], bool] = {}  # True put, False delete
-        self.handles: dict[str, Write] = {}
-        # Block CIDRs that exist in etcd, per pool, read once per transaction.
-        self.existing: dict[str, set[IPNetwork]] = {}
-        self.affine_read: list[Versioned[Block]] | None = None
-
-    def snapshot(self) -> tuple[dict[IPNetwork, tuple[Block | None, int]],
-                                dict[tuple[str, IPNetwork], bool], dict[str, Write]]:
-        return dict(self.blocks), dict(self.affinities), dict(self.handles)
-
-    def restore(self, saved: tuple[dict[IPNetwork, tuple[Block | None, int]],
-                                   dict[tuple[str, IPNetwork], bool], dict[str, Write]]) -> None:
-        self.blocks, self.affinities, self.handles = (dict(x) for x in saved)  # type: ignore[assignment]
-
-    def current(self, versioned: Versioned[Block]) -> Block | None:
-        """The planned value of a block read at ``versioned``, if this transaction touched it."""
-        planned = self.blocks.get(versioned.value.cidr)
-        return versioned.value if planned is None else planned[0]
-
-    def put_block(self, block: Block, read_revision: int) -> None:
-        guard = self.blocks.get(block.cidr, (None, read_revision))[1]
-        self.blocks[block.cidr] = (block, guard)
-
-    def delete_block(self, block: Block, read_revision: int) -> None:
-        guard = self.blocks.get(block.cidr, (None, read_revision))[1]
-        self.blocks[block.cidr] = (None, guard)
-        if block.affinity is not None:
-            self.affinities[(block.affinity, block.cidr)] = False
-
-    def claimed(self, node: str) -> list[Block]:
-        return [b for b, rev in self.blocks.values() if rev == 0 and b is not None
-                and b.affinity == node]
-
-    def writes(self) -> list[Write]:
-        writes: list[Write] = []
-        for cidr, (block, revision) in self.blocks.items():
-            if block is not None:
-                writes.append(PutBlock(block, revision))
-            elif revision:
-                writes.append(DeleteBlock(cidr, revision))
-        for (node, cidr), put in self.affinities.items():
-            writes.append(PutAffinity(node, cidr) if put else DeleteAffinity(node, cidr))
-        writes += self.handles.values()
-        return writes
-
-    def size(self) -> int:
-        return len(self.blocks) + len(self.affinities) + len(self.handles)
-
-
 @dataclass
 class _AllocateOp:
     """One allocation waiting for its batch's transaction, and what was planned for it."""
@@ -268,7 +207,7 @@ LINGER_SECONDS = 0.001
 MAX_TXN_OPS = 120
 
 
-class Ipam:
+class AllocationEngine:
     """Allocation and release for one node. Safe to call from many tasks at once.
 
     Group commit: calls that arrive while a transaction is in flight are
@@ -406,7 +345,7 @@ class Ipam:
             except TopoipamError as exc:
                 _fail(pending, exc)
                 return
-            txn = _Txn()
+            txn = TxnPlan()
             planned: list[_Op] = []
             deferred: list[_Op] = []
             for op in pending:
@@ -477,7 +416,7 @@ class Ipam:
                 return
             await backoff(conflicts)
 
-    def _resolve(self, op: _Op, revision: int, txn: _Txn) -> None:
+    def _resolve(self, op: _Op, revision: int, txn: TxnPlan) -> None:
         if isinstance(op, _AllocateOp):
             handle_id = op.request.attachment.handle_id
             write = txn.handles[handle_id]
@@ -504,7 +443,7 @@ class Ipam:
                 return
         _settle(op, error=exc)
 
-    async def _plan_op(self, state: ClusterState, op: _Op, txn: _Txn) -> bool:
+    async def _plan_op(self, state: ClusterState, op: _Op, txn: TxnPlan) -> bool:
         """Plan one call into ``txn``; True if it finished without needing a write."""
         if isinstance(op, _AllocateOp):
             op.addresses = []
@@ -513,7 +452,7 @@ class Ipam:
         op.freed = []
         return await self._plan_release(state, op, txn)
 
-    async def _plan_allocation(self, state: ClusterState, op: _AllocateOp, txn: _Txn) -> None:
+    async def _plan_allocation(self, state: ClusterState, op: _AllocateOp, txn: TxnPlan) -> None:
         request = op.request
         handle_id = request.attachment.handle_id
         if handle_id in txn.handles:
@@ -570,7 +509,7 @@ class Ipam:
 
     async def _plan_specific(
         self, state: ClusterState, request: AllocationRequest, family: int,
-        address: IPAddress, handle_id: str, op: _AllocateOp, txn: _Txn,
+        address: IPAddress, handle_id: str, op: _AllocateOp, txn: TxnPlan,
     ) -> None:
         requested = request.requested_pools(family)
         candidates = (
@@ -611,7 +550,7 @@ class Ipam:
 
     async def _plan_next(
         self, state: ClusterState, pools: Sequence[IPPool], family: int, handle_id: str,
-        op: _AllocateOp, txn: _Txn,
+        op: _AllocateOp, txn: TxnPlan,
     ) -> None:
         # This node's blocks as the transaction has them so far, with their read revisions.
         if txn.affine_read is None:  # one read per batch (a cache hit in the daemon)
@@ -692,7 +631,7 @@ class Ipam:
         raise PoolExhausted(self.node, state.labels, family, [p.name for p in pools],
                             f"{reason}; no free address to borrow")
 
-    async def _plan_release(self, state: ClusterState, op: _ReleaseOp, txn: _Txn) -> bool:
+    async def _plan_release(self, state: ClusterState, op: _ReleaseOp, txn: TxnPlan) -> bool:
         handle_id = op.handle_id
         if handle_id in txn.handles:
             raise _Defer()
@@ -798,7 +737,7 @@ class Ipam:
             try:
                 pools = self._pools_for(state, family, tuple(requested.get(family, ())))
                 await self._plan_next(state, pools, family, probe.attachment.handle_id, op,
-                                      _Txn())
+                                      TxnPlan())
             except TopoipamError as exc:
                 return exc.message
             finally:
@@ -890,7 +829,7 @@ class Ipam:
         for current in await self.source.affine_blocks():
             if not self._unwanted(state, current.value):
                 continue
-            txn = _Txn()
+            txn = TxnPlan()
             txn.delete_block(current.value, current.mod_revision)
             writes = txn.writes()
             result = await self.store.commit(writes)

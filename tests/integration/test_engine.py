@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from topoipam.daemon.admin import retire_node
+from topoipam.daemon.engine import AllocationEngine, AllocationRequest
 from topoipam.daemon.errors import (
     AddressUnavailable,
     InvalidInput,
@@ -19,7 +20,6 @@ from topoipam.daemon.errors import (
     PoolExhausted,
     UnknownPool,
 )
-from topoipam.daemon.ipam import AllocationRequest, Ipam
 from topoipam.daemon.model import Attachment, IPAMConfig, IPPool, IPReservation, Node
 from topoipam.daemon.store import EtcdStore
 from topoipam.daemon.writes import PutObject
@@ -84,7 +84,7 @@ async def test_concurrent_allocators_never_double_allocate(
         IPAMConfig(strict_affinity=strict, max_blocks_per_host=3),
         *(Node(n, {"rack": str(i % 2)}) for i, n in enumerate(nodes)),
     )
-    engines = [Ipam(store, n) for n in nodes]
+    engines = [AllocationEngine(store, n) for n in nodes]
     rng = random.Random(7)
     done = {"allocated": 0, "released": 0, "refused": 0}
 
@@ -125,7 +125,7 @@ async def test_concurrent_allocators_never_double_allocate(
 async def test_borrowing_and_strict_affinity(store: EtcdStore) -> None:
     await seed(store, IPPool("tiny", net("10.1.0.0/28"), 28), IPAMConfig(max_blocks_per_host=1),
                Node("a"), Node("b"))
-    a, b = Ipam(store, "a"), Ipam(store, "b")
+    a, b = AllocationEngine(store, "a"), AllocationEngine(store, "b")
     first = await a.allocate(request("a1"))
     # b can claim nothing (the only block is a's): it borrows from a's block.
     borrowed = await b.allocate(request("b1"))
@@ -146,12 +146,12 @@ async def test_errors_are_distinct_and_write_nothing(store: EtcdStore) -> None:
                IPPool("full", net("10.2.0.0/30"), 30, "all()", assignment_mode="Manual"),
                Node("n0", {"rack": "0"}), Node("n9", {"rack": "9"}))
     # fill the Manual pool: /30 has 1 usable address (network, gateway, broadcast never are)
-    engine = Ipam(store, "n0")
+    engine = AllocationEngine(store, "n0")
     for c in ("f1",):
         await engine.allocate(request(c, ipv4_pools=("full",)))
     before = await snapshot(store)
-    cases: list[tuple[Ipam, AllocationRequest, type[Exception], str]] = [
-        (Ipam(store, "n9"), request("x"), NoPoolForNode, "node n9"),
+    cases: list[tuple[AllocationEngine, AllocationRequest, type[Exception], str]] = [
+        (AllocationEngine(store, "n9"), request("x"), NoPoolForNode, "node n9"),
         (engine, request("x", ipv4_pools=("full",)), PoolExhausted, "pools full"),
         (engine, request("x", ipv4_pools=("missing",)), UnknownPool, "missing does not exist"),
         (engine, request("x", addresses=(ipaddress.ip_address("192.168.0.0"),)),
@@ -172,7 +172,7 @@ async def test_errors_are_distinct_and_write_nothing(store: EtcdStore) -> None:
 async def test_ipv6_and_dual_stack(store: EtcdStore) -> None:
     await seed(store, IPPool("v4", net("10.3.0.0/24"), 26), IPPool("v6", net("fd00:3::/112"), 122),
                Node("n"))
-    engine = Ipam(store, "n")
+    engine = AllocationEngine(store, "n")
     v6 = await engine.allocate(request("six", ipv4=False, ipv6=True))
     assert v6.addresses[0].ip.version == 6 and v6.addresses[0].ip in net("fd00:3::/112")
     dual = await engine.allocate(request("dual", ipv4=True, ipv6=True))
@@ -200,7 +200,7 @@ async def test_reservations_and_unwanted_blocks(store: EtcdStore) -> None:
     await seed(store, IPPool("p", net("10.4.0.0/24"), 26, 'rack == "0"'),
                IPReservation("gw", (net("10.4.0.1/32"), net("10.4.0.2/31"))),
                Node("n", {"rack": "0"}))
-    engine = Ipam(store, "n")
+    engine = AllocationEngine(store, "n")
     got = await engine.allocate(request("c"))
     assert str(got.addresses[0].ip) == "10.4.0.4"
     # Relabel: the pool no longer selects n; the address stays, the block goes when empty.
@@ -214,7 +214,7 @@ async def test_reservations_and_unwanted_blocks(store: EtcdStore) -> None:
 @pytest.mark.asyncio
 async def test_a_cancelled_caller_does_not_poison_its_batch(store: EtcdStore) -> None:
     await seed(store, IPPool("p", net("10.5.0.0/24"), 26), Node("n"))
-    engine = Ipam(store, "n")
+    engine = AllocationEngine(store, "n")
     real_commit = store.commit
 
     async def slow_commit(writes: list[object]) -> object:  # etcd under load
@@ -241,7 +241,7 @@ async def test_a_cancelled_caller_does_not_poison_its_batch(store: EtcdStore) ->
 async def test_many_transactions_in_one_batch_are_not_lost_races(store: EtcdStore) -> None:
     """A batch larger than etcd's transaction limit takes several commits, not retries."""
     await seed(store, IPPool("p", net("10.6.0.0/16"), 26), Node("n"))
-    engine = Ipam(store, "n", max_attempts=2)
+    engine = AllocationEngine(store, "n", max_attempts=2)
     results = await asyncio.gather(*(engine.allocate(request(f"m{i}")) for i in range(600)))
     assert len({r.addresses[0].ip for r in results}) == 600
     await audit(store)
@@ -251,7 +251,7 @@ async def test_many_transactions_in_one_batch_are_not_lost_races(store: EtcdStor
 async def test_pool_at_the_top_of_the_address_space(store: EtcdStore) -> None:
     await seed(store, IPPool("top", net("255.255.255.0/24"), 26), Node("n1"), Node("n2"))
     for node in ("n1", "n2"):
-        allocation = await Ipam(store, node).allocate(request(node))
+        allocation = await AllocationEngine(store, node).allocate(request(node))
         assert allocation.addresses[0].ip in net("255.255.255.0/24")
     assert len(await store.block_cidrs(net("255.255.255.0/24"))) == 2
 
@@ -263,7 +263,7 @@ async def test_claim_is_fast_when_reservations_cover_most_of_a_big_pool(
     await seed(store, IPPool("big", net("10.128.0.0/9"), 26),
                IPReservation("low", (net("10.128.0.0/10"),)), Node("n"))
     started = asyncio.get_running_loop().time()
-    allocation = await Ipam(store, "n").allocate(request("x"))
+    allocation = await AllocationEngine(store, "n").allocate(request("x"))
     assert allocation.addresses[0].ip in net("10.192.0.0/10")
     # Not a benchmark: a walk over 65,536 candidate blocks would take minutes.
     assert asyncio.get_running_loop().time() - started < 5
@@ -273,8 +273,8 @@ async def test_claim_is_fast_when_reservations_cover_most_of_a_big_pool(
 async def test_empty_unaffined_blocks_are_dropped_on_release(store: EtcdStore) -> None:
     await seed(store, IPPool("p", net("10.7.0.0/28"), 29), IPAMConfig(max_blocks_per_host=1),
                Node("gone"), Node("stay"))
-    await Ipam(store, "gone").allocate(request("g"))
-    stay = Ipam(store, "stay")
+    await AllocationEngine(store, "gone").allocate(request("g"))
+    stay = AllocationEngine(store, "stay")
     held = [await stay.allocate(request(f"s{i}")) for i in range(8)]  # 7 own + 1 borrowed
     gone_block = (await store.list_affinities("gone"))[0][1]
     assert any(a.block == gone_block for h in held for a in h.addresses)
@@ -294,7 +294,7 @@ async def test_scoped_addresses_are_refused(store: EtcdStore) -> None:
     async def no_error() -> str:
         return ""
 
-    service = IpamService(Ipam(store, "n"), StatusProvider(lambda: True, no_error,
+    service = IpamService(AllocationEngine(store, "n"), StatusProvider(lambda: True, no_error,
                                                            lambda: None, list), Metrics())
     request = JsonRequest(ipam_pb2.AllocateRequest.DESCRIPTOR, {
         "attachment": {"network": "n", "container_id": "c", "ifname": "eth0"},
