@@ -176,9 +176,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="warm-up calls (default 200)")
     parser.add_argument("--chunks", type=int, default=10,
                         help="interleaving chunks per phase (default 10)")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="py-spy the daemon during the measurement (collapsed stacks)")
-    run_main(measure, parser)
+    run_main(measure, parser, profile_during="the measurement")
 
 
 if __name__ == "__main__":

@@ -445,8 +445,15 @@ class EchoServer:
 
 
 def run_main(body: Callable[[argparse.Namespace], Awaitable[Report] | Report],
-             parser: argparse.ArgumentParser) -> None:
-    """Parse flags, run the benchmark, print its report, exit non-zero on a missed target."""
+             parser: argparse.ArgumentParser, profile_during: str = "") -> None:
+    """Parse flags, run the benchmark, print its report, exit non-zero on a missed target.
+
+    With ``profile_during``, the benchmark takes ``--profile FILE``: py-spy on the
+    daemon during that phase.
+    """
+    if profile_during:
+        parser.add_argument("--profile", metavar="FILE",
+                            help=f"py-spy the daemon during {profile_during} (collapsed stacks)")
     args = parser.parse_args()
     started = time.monotonic()
     try:

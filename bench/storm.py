@@ -348,9 +348,7 @@ def main() -> None:
                         help="grpc.aio channels the calls are spread over (default 1)")
     parser.add_argument("--no-cni-socket", dest="cni_socket", action="store_false",
                         help="skip the information-only storm over the framed-JSON CNI socket")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="py-spy the daemon during the measured rounds (collapsed stacks)")
-    run_main(measure, parser)
+    run_main(measure, parser, profile_during="the measured rounds")
 
 
 if __name__ == "__main__":

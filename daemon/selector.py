@@ -330,46 +330,50 @@ class Not(Selector):
 
 
 @dataclass(frozen=True, slots=True)
-class And(Selector):
-    """``a && b && ...``; n-ary so long chains do not make deep trees."""
+class _Chain(Selector):
+    """``a OP b OP ...``, n-ary so that long chains do not make deep trees.
+
+    Both chains explain themselves the same way: by the first operand whose
+    outcome decides the chain (a false one for &&, a true one for ||), or by
+    all of them when none does.
+    """
 
     operands: tuple[Selector, ...]
+    #: The outcome of one operand that decides the whole chain.
+    _decisive: ClassVar[bool]
 
     def __post_init__(self) -> None:
         if len(self.operands) < 2:
-            raise ValueError("And needs at least two operands")
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        return all(op.matches(labels) for op in self.operands)
+            raise ValueError(f"{type(self).__name__} needs at least two operands")
 
     def explain(self, labels: Mapping[str, str]) -> str:
         for op in self.operands:
-            if not op.matches(labels):
+            if op.matches(labels) is self._decisive:
                 return op.explain(labels)
         return _join_facts(op.explain(labels) for op in self.operands)
+
+
+@dataclass(frozen=True, slots=True)
+class And(_Chain):
+    """``a && b && ...``."""
+
+    _decisive: ClassVar[bool] = False
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(op.matches(labels) for op in self.operands)
 
     def __str__(self) -> str:
         return " && ".join(f"({op})" if isinstance(op, Or) else str(op) for op in self.operands)
 
 
 @dataclass(frozen=True, slots=True)
-class Or(Selector):
-    """``a || b || ...``; n-ary so long chains do not make deep trees."""
+class Or(_Chain):
+    """``a || b || ...``."""
 
-    operands: tuple[Selector, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.operands) < 2:
-            raise ValueError("Or needs at least two operands")
+    _decisive: ClassVar[bool] = True
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         return any(op.matches(labels) for op in self.operands)
-
-    def explain(self, labels: Mapping[str, str]) -> str:
-        for op in self.operands:
-            if op.matches(labels):
-                return op.explain(labels)
-        return _join_facts(op.explain(labels) for op in self.operands)
 
     def __str__(self) -> str:
         # && binds tighter, so no operand of || ever needs parentheses.

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import pytest
 import pytest_asyncio
@@ -32,13 +33,22 @@ def start_etcd(data_dir: str, extra: list[str] | None = None, scheme: str = "htt
         raise RuntimeError(str(exc)) from None
 
 
+@contextmanager
+def temporary_etcd(tag: str = "") -> Iterator[EtcdServer]:
+    """A real etcd in a fresh temp dir, stopped and removed afterwards."""
+    data_dir = tempfile.mkdtemp(prefix=f"topoipam-etcd-{tag}")
+    server = start_etcd(data_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def etcd() -> Iterator[EtcdServer]:
-    data_dir = tempfile.mkdtemp(prefix="topoipam-etcd-")
-    server = start_etcd(data_dir)
-    yield server
-    server.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
+    with temporary_etcd() as server:
+        yield server
 
 
 @pytest.fixture

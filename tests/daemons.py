@@ -115,3 +115,11 @@ def ctl(env: dict[str, str], *args: str, input: str | None = None
         ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([TOPOIPAMCTL, *args], env=env, capture_output=True, text=True,
                           timeout=60, input=input)
+
+
+def rack_pools_manifest(name: str = "rack-{rack}-ippool") -> str:
+    """The seed's two rack pools (192.168.R.0/24 selecting rack == "R") as a YAML manifest."""
+    return "---\n".join(
+        f"apiVersion: topoipam/v1\nkind: IPPool\nmetadata:\n  name: {name.format(rack=rack)}\n"
+        f"spec:\n  cidr: 192.168.{rack}.0/24\n  nodeSelector: rack == \"{rack}\"\n"
+        for rack in (0, 1))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import EtcdServer, start_etcd
+from tests.conftest import EtcdServer, start_etcd, temporary_etcd
 from tests.daemons import DaemonProcess, cni, ctl
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 from topoipam.proto import ipam_pb2
@@ -24,11 +22,8 @@ from topoipam.proto import ipam_pb2
 @pytest.fixture
 def private_etcd() -> Iterator[EtcdServer]:
     """An etcd of this test's own, so it can be stopped and restarted on the same ports."""
-    data_dir = tempfile.mkdtemp(prefix="topoipam-etcd-private-")
-    server = start_etcd(data_dir)
-    yield server
-    server.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
+    with temporary_etcd("private-") as server:
+        yield server
 
 
 def restart(server: EtcdServer) -> EtcdServer:

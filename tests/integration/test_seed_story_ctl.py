@@ -15,29 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemons import rack_pools_manifest
 from topoipam.daemon.engine import AllocationEngine, AllocationRequest
 from topoipam.daemon.model import Attachment
 from topoipam.daemon.store import EtcdStore
 
 TOPOIPAMCTL = str(Path(sys.executable).parent / "topoipamctl")
 
-RACK_POOLS = """\
-apiVersion: topoipam/v1
-kind: IPPool
-metadata:
-  name: rack-0
-spec:
-  cidr: 192.168.0.0/24
-  nodeSelector: rack == "0"
----
-apiVersion: topoipam/v1
-kind: IPPool
-metadata:
-  name: rack-1
-spec:
-  cidr: 192.168.1.0/24
-  nodeSelector: rack == "1"
-"""
+RACK_POOLS = rack_pools_manifest("rack-{rack}")
 
 
 @pytest.mark.asyncio

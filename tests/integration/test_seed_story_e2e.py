@@ -12,25 +12,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import EtcdServer
-from tests.daemons import DaemonProcess, cni, ctl
+from tests.daemons import DaemonProcess, cni, ctl, rack_pools_manifest
 
-RACK_POOLS = """\
-apiVersion: topoipam/v1
-kind: IPPool
-metadata:
-  name: rack-0-ippool
-spec:
-  cidr: 192.168.0.0/24
-  nodeSelector: rack == "0"
----
-apiVersion: topoipam/v1
-kind: IPPool
-metadata:
-  name: rack-1-ippool
-spec:
-  cidr: 192.168.1.0/24
-  nodeSelector: rack == "1"
-"""
+RACK_POOLS = rack_pools_manifest()
 
 RACK = {"node-0": "0", "node-1": "0", "node-2": "1", "node-3": "1"}
 POOL_OF_RACK = {"0": ipaddress.ip_network("192.168.0.0/24"),
