@@ -21,9 +21,8 @@ from typing import Any
 import netaddr
 
 from . import allocator
-from .errors import InvalidInput
 from .model import Block, Handle, IPAddress, IPAMConfig, IPNetwork, IPPool, IPReservation, Node
-from .store import EtcdStore
+from .store import EtcdStore, decode_each
 
 
 def show(value: object) -> str:
@@ -119,13 +118,9 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     )
     snap = Snapshot(revision, [], {}, [], {}, [], {})
 
-    def decoded(kvs: Iterable[Any], decode: Callable[[bytes, bytes], Any]) -> Iterator[Any]:
+    def decoded(kvs: Iterable[Any], decoder: Callable[[bytes, bytes], Any]) -> Iterator[Any]:
         """The values that decode; the others are reported by ``ipam check``."""
-        for kv in kvs:
-            try:
-                yield decode(kv.key, kv.value)
-            except (InvalidInput, ValueError) as exc:
-                snap.corrupt.append(f"corrupt value at {kv.key.decode(errors='replace')}: {exc}")
+        return (v.value for v in decode_each(kvs, decoder, snap.corrupt.append))
 
     snap.pools.extend(sorted(decoded(pool_kvs, store.decode_pool), key=lambda p: p.name))
     snap.nodes.update((n.name, n) for n in decoded(node_kvs, store.decode_node))

@@ -302,20 +302,12 @@ class NodeCache:
             return {}
 
     def _apply_pool(self, key: bytes, raw: bytes) -> None:
-        name = self.keys.name_of(key)
-        try:
-            self.pools[name] = self.store.decode_pool(key, raw)
-        except InvalidInput as exc:
-            log.warning("skipping corrupt pool %s: %s", name, exc)
-            self.pools.pop(name, None)
+        _apply_named(self.pools, "pool", self.keys.name_of(key), lambda: self.store.decode_pool(
+            key, raw))
 
     def _apply_reservation(self, key: bytes, raw: bytes) -> None:
-        name = self.keys.name_of(key)
-        try:
-            self.reservations[name] = self.store.decode_reservation(key, raw)
-        except InvalidInput as exc:
-            log.warning("skipping corrupt ipreservation %s: %s", name, exc)
-            self.reservations.pop(name, None)
+        _apply_named(self.reservations, "ipreservation", self.keys.name_of(key),
+                     lambda: self.store.decode_reservation(key, raw))
 
     def _apply_block(self, key: bytes, raw: bytes, revision: int) -> None:
         try:
@@ -391,3 +383,12 @@ class NodeCache:
         pending = self._undecoded.get(cidr)
         if pending is not None and pending[1] <= block.mod_revision:
             del self._undecoded[cidr]
+
+
+def _apply_named(table: dict[str, Any], what: str, name: str, decoded: Callable[[], Any]) -> None:
+    """Put a watched object's new value in ``table``; a corrupt one is logged and dropped."""
+    try:
+        table[name] = decoded()
+    except InvalidInput as exc:
+        log.warning("skipping corrupt %s %s: %s", what, name, exc)
+        table.pop(name, None)

@@ -88,6 +88,27 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 5.0
 
 
+def decode_each(kvs: Iterable[Any], decoder: Callable[[bytes, bytes], T],
+                on_corrupt: Callable[[str], None] | None = None) -> list[Versioned[T]]:
+    """The values of ``kvs`` that decode, with their mod_revision: the one skip-corrupt loop.
+
+    A corrupt value is never fatal: it is logged (or handed to ``on_corrupt``,
+    which ``ipam check`` reports) and skipped, so one bad key cannot stop a
+    daemon or a report.
+    """
+    decoded = []
+    for kv in kvs:
+        try:
+            decoded.append(Versioned(decoder(kv.key, kv.value), kv.mod_revision))
+        except (InvalidInput, ValueError) as exc:
+            line = f"corrupt value at {kv.key.decode(errors='replace')}: {exc}"
+            if on_corrupt is None:
+                log.warning("skipping %s", line)
+            else:
+                on_corrupt(line)
+    return decoded
+
+
 def encode(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
@@ -351,14 +372,11 @@ class EtcdStore:
 
     async def _typed_prefix(self, prefix: bytes, decoder: Any) -> list[Versioned[Any]]:
         kvs, _ = await self.prefix_raw(prefix)
-        result: list[Versioned[Any]] = []
-        for kv in kvs:
-            try:
-                result.append(Versioned(decoder(kv.key, kv.value), kv.mod_revision))
-            except InvalidInput as exc:
-                log.warning("skipping corrupt value at %s: %s", kv.key.decode(errors="replace"),
-                            exc)
-        return result
+        return decode_each(kvs, decoder)
+
+    def _typed_value(self, key: bytes, raw: tuple[bytes, int] | None,
+                     decoder: Callable[[bytes, bytes], T]) -> Versioned[T] | None:
+        return None if raw is None else Versioned(decoder(key, raw[0]), raw[1])
 
     async def get_config(self) -> Versioned[IPAMConfig]:
         raw = await self.get_raw(self.keys.config())
@@ -376,35 +394,25 @@ class EtcdStore:
     async def pools_at_revision(self) -> tuple[list[Versioned[IPPool]], int]:
         """Every pool, and the revision the read was made at (for PoolsUnchangedSince)."""
         kvs, revision = await self.prefix_raw(self.keys.pools())
-        pools: list[Versioned[IPPool]] = []
-        for kv in kvs:
-            try:
-                pools.append(Versioned(self.decode_pool(kv.key, kv.value), kv.mod_revision))
-            except InvalidInput as exc:
-                log.warning("skipping corrupt value at %s: %s", kv.key.decode(errors="replace"),
-                            exc)
-        return pools, revision
+        return decode_each(kvs, self.decode_pool), revision
 
     async def get_pool(self, name: str) -> Versioned[IPPool] | None:
-        raw = await self.get_raw(self.keys.pool(name))
-        return None if raw is None else Versioned(self.decode_pool(self.keys.pool(name), raw[0]),
-                                                  raw[1])
+        key = self.keys.pool(name)
+        return self._typed_value(key, await self.get_raw(key), self.decode_pool)
 
     async def list_nodes(self) -> list[Versioned[Node]]:
         return await self._typed_prefix(self.keys.nodes(), self.decode_node)
 
     async def get_node(self, name: str) -> Versioned[Node] | None:
-        raw = await self.get_raw(self.keys.node(name))
-        return None if raw is None else Versioned(self.decode_node(self.keys.node(name), raw[0]),
-                                                  raw[1])
+        key = self.keys.node(name)
+        return self._typed_value(key, await self.get_raw(key), self.decode_node)
 
     async def list_reservations(self) -> list[Versioned[IPReservation]]:
         return await self._typed_prefix(self.keys.reservations(), self.decode_reservation)
 
     async def get_block(self, cidr: IPNetwork) -> Versioned[Block] | None:
         key = self.keys.block(cidr)
-        raw = await self.get_raw(key)
-        return None if raw is None else Versioned(self.decode_block(key, raw[0]), raw[1])
+        return self._typed_value(key, await self.get_raw(key), self.decode_block)
 
     async def block_containing(self, address: IPAddress) -> Versioned[Block] | None:
         """The block that holds ``address``, whatever its size, in one round trip."""
@@ -426,14 +434,7 @@ class EtcdStore:
             return await self._typed_prefix(self.keys.blocks(), self.decode_block)
         start, end = self.keys.blocks_in(within)
         kvs, _ = await self.range_raw(start, end)
-        result = []
-        for kv in kvs:
-            try:
-                result.append(Versioned(self.decode_block(kv.key, kv.value), kv.mod_revision))
-            except InvalidInput as exc:
-                log.warning("skipping corrupt block at %s: %s", kv.key.decode(errors="replace"),
-                            exc)
-        return result
+        return decode_each(kvs, self.decode_block)
 
     async def block_cidrs(self, within: IPNetwork) -> set[IPNetwork]:
         """CIDRs of the blocks that exist inside ``within`` (keys only: cheap)."""
