@@ -34,10 +34,8 @@ from common import (
     block_value,
     chunks,
     metric,
-    open_store,
     pool,
     print_table,
-    put_objects,
     py_spy,
     run_main,
     sample,
@@ -51,9 +49,7 @@ PREFIX = "/topoipam-bench/latency/v1"
 async def measure(args: argparse.Namespace) -> Report:
     report = Report("allocate_latency")
     with Workspace("latency") as ws:
-        store = await open_store(ws.etcd.endpoint, PREFIX)
-        await put_objects(store, [pool("bench-pool", "10.0.0.0/16")])
-        await store.close()
+        await ws.seed(PREFIX, [pool("bench-pool", "10.0.0.0/16")])
         daemon = ws.daemon("node-0", PREFIX, metrics=True)
         echo_server = ws.echo_server()
         minimal_server = ws.minimal_server()

@@ -379,6 +379,14 @@ class Workspace(contextlib.ExitStack):
     def path(self, *parts: str) -> str:
         return os.path.join(self.dir, *parts)
 
+    async def seed(self, prefix: str, objects: Iterable[Any]) -> None:
+        """Write pools, nodes, config under ``prefix`` of this workspace's etcd."""
+        store = await open_store(self.etcd.endpoint, prefix)
+        try:
+            await put_objects(store, objects)
+        finally:
+            await store.close()
+
     def daemon(self, node: str, prefix: str, labels: dict[str, str] | None = None,
                extra: Sequence[str] = (), wait: bool = True, timeout: float = 30.0,
                metrics: bool = False, wrapper: Sequence[str] = ()) -> Daemon:

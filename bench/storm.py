@@ -46,10 +46,8 @@ from common import (
     fmt,
     metric,
     ns,
-    open_store,
     pool,
     print_table,
-    put_objects,
     py_spy,
     run_main,
 )
@@ -218,9 +216,7 @@ async def measure(args: argparse.Namespace) -> Report:
     echo_phases: list[Phase] = []
     rows: list[list[str]] = []
     with Workspace("storm") as ws:
-        store = await open_store(ws.etcd.endpoint, PREFIX)
-        await put_objects(store, [pool("bench-pool", "10.0.0.0/16")])
-        await store.close()
+        await ws.seed(PREFIX, [pool("bench-pool", "10.0.0.0/16")])
         daemon = ws.daemon("node-0", PREFIX, metrics=True)
         clients = [IpamClient(daemon.socket) for _ in range(args.channels)]
         cni = CniSocketClient(daemon.socket)

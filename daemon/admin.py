@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import allocator
-from .audit import Snapshot, load_snapshot, outside_pools, owning_pool, reserves, show
+from .audit import (
+    Snapshot,
+    load_snapshot,
+    network_order,
+    outside_pools,
+    owning_pool,
+    reserves,
+    show,
+)
 from .engine import AllocationEngine
 from .errors import AlreadyExists, Conflict, InvalidInput, NodeInUse, NotFound, PoolInUse
 from .model import (
@@ -195,7 +203,7 @@ async def plan_writes(
             else:
                 family = pool.family
                 if family not in block_cidrs:
-                    block_cidrs[family] = await existing_block_cidrs(store, family)
+                    block_cidrs[family] = sorted(await store.block_cidrs(family), key=network_order)
                 check_leftover_blocks(target, pool, block_cidrs[family])
         if isinstance(target.obj, IPReservation) and current != target.obj:
             if snapshot is None:
@@ -266,17 +274,6 @@ def check_immutable(target: Target, current: IPPool, pool: IPPool) -> None:
             f"({current.cidr} /{current.block_size} -> {pool.cidr} /{pool.block_size}); "
             "create a new pool instead"
         )
-
-
-async def existing_block_cidrs(store: EtcdStore, family: int) -> list[IPNetwork]:
-    kvs, _ = await store.prefix_raw(store.keys.blocks(family), keys_only=True)
-    cidrs = []
-    for kv in kvs:
-        try:
-            cidrs.append(store.keys.block_cidr(kv.key))
-        except (InvalidInput, ValueError):
-            continue  # reported by `ipam check`
-    return cidrs
 
 
 def check_leftover_blocks(target: Target, pool: IPPool, cidrs: Iterable[IPNetwork]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -133,26 +133,20 @@ class Has(Selector):
         return f"has({self.key})"
 
 
-@dataclass(frozen=True, slots=True)
-class _ValueTest(Selector):
-    """``key <op> "value"``; subclasses say how the present value is tested."""
+class _LabelTest(Selector):
+    """A test of one label's value: absent labels answer ``if_absent``."""
+
+    __slots__ = ()
 
     key: str
-    value: str
-
-    op: ClassVar[str]
     #: What matches() answers when the label is absent.
     if_absent: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        _check_key(self.key)
-        _check_value(self.value)
 
     @abstractmethod
     def _test(self, actual: str) -> bool: ...
 
     @abstractmethod
-    def _describe(self, actual: str, passed: bool) -> str: ...
+    def _explain_present(self, actual: str) -> str: ...
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         actual = labels.get(self.key)
@@ -162,6 +156,26 @@ class _ValueTest(Selector):
         actual = labels.get(self.key)
         if actual is None:
             return f"label {self.key} is absent"
+        return self._explain_present(actual)
+
+
+@dataclass(frozen=True, slots=True)
+class _ValueTest(_LabelTest):
+    """``key <op> "value"``; subclasses say how the present value is tested."""
+
+    key: str
+    value: str
+
+    op: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        _check_key(self.key)
+        _check_value(self.value)
+
+    @abstractmethod
+    def _describe(self, actual: str, passed: bool) -> str: ...
+
+    def _explain_present(self, actual: str) -> str:
         return self._describe(actual, self._test(actual))
 
     def __str__(self) -> str:
@@ -201,12 +215,16 @@ class NotEquals(_EqualityTest):
 class _SubstringTest(_ValueTest):
     __slots__ = ()
 
-    #: The operator as a verb phrase, e.g. "starts with".
-    verb: ClassVar[str]
+    #: What a failed test says, e.g. "does not start with" (``op`` says a passed one).
     negated_verb: ClassVar[str]
+    #: The str method that tests the label's value against the selector's string.
+    _method: ClassVar[str]
+
+    def _test(self, actual: str) -> bool:
+        return bool(getattr(actual, self._method)(self.value))
 
     def _describe(self, actual: str, passed: bool) -> str:
-        verb = self.verb if passed else self.negated_verb
+        verb = self.op if passed else self.negated_verb
         return f"{self.key} is {_quote(actual)}, which {verb} {_quote(self.value)}"
 
 
@@ -214,40 +232,25 @@ class _SubstringTest(_ValueTest):
 class Contains(_SubstringTest):
     """``key contains "s"``; false when the label is absent."""
 
-    op: ClassVar[str] = "contains"
-    verb: ClassVar[str] = "contains"
-    negated_verb: ClassVar[str] = "does not contain"
-
-    def _test(self, actual: str) -> bool:
-        return self.value in actual
+    op, negated_verb, _method = "contains", "does not contain", "__contains__"
 
 
 @dataclass(frozen=True, slots=True)
 class StartsWith(_SubstringTest):
     """``key starts with "s"``; false when the label is absent."""
 
-    op: ClassVar[str] = "starts with"
-    verb: ClassVar[str] = "starts with"
-    negated_verb: ClassVar[str] = "does not start with"
-
-    def _test(self, actual: str) -> bool:
-        return actual.startswith(self.value)
+    op, negated_verb, _method = "starts with", "does not start with", "startswith"
 
 
 @dataclass(frozen=True, slots=True)
 class EndsWith(_SubstringTest):
     """``key ends with "s"``; false when the label is absent."""
 
-    op: ClassVar[str] = "ends with"
-    verb: ClassVar[str] = "ends with"
-    negated_verb: ClassVar[str] = "does not end with"
-
-    def _test(self, actual: str) -> bool:
-        return actual.endswith(self.value)
+    op, negated_verb, _method = "ends with", "does not end with", "endswith"
 
 
 @dataclass(frozen=True, slots=True)
-class _SetTest(Selector):
+class _SetTest(_LabelTest):
     """``key [not] in {...}``; the set is kept sorted and deduplicated so
     that selectors differing only in element order compare equal."""
 
@@ -263,20 +266,10 @@ class _SetTest(Selector):
             _check_value(value)
         object.__setattr__(self, "values", tuple(sorted(set(self.values))))
 
-    @abstractmethod
-    def _test(self, actual: str) -> bool: ...
-
     def _set_text(self) -> str:
         return "{" + ", ".join(_quote(v) for v in self.values) + "}"
 
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        actual = labels.get(self.key)
-        return self.if_absent if actual is None else self._test(actual)
-
-    def explain(self, labels: Mapping[str, str]) -> str:
-        actual = labels.get(self.key)
-        if actual is None:
-            return f"label {self.key} is absent"
+    def _explain_present(self, actual: str) -> str:
         where = "in" if actual in self.values else "not in"
         return f"{self.key} is {_quote(actual)}, {where} {self._set_text()}"
 
@@ -346,6 +339,12 @@ class _Chain(Selector):
         if len(self.operands) < 2:
             raise ValueError(f"{type(self).__name__} needs at least two operands")
 
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        # && is false at its first false operand, || true at its first true one.
+        if any(op.matches(labels) is self._decisive for op in self.operands):
+            return self._decisive
+        return not self._decisive
+
     def explain(self, labels: Mapping[str, str]) -> str:
         for op in self.operands:
             if op.matches(labels) is self._decisive:
@@ -359,9 +358,6 @@ class And(_Chain):
 
     _decisive: ClassVar[bool] = False
 
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        return all(op.matches(labels) for op in self.operands)
-
     def __str__(self) -> str:
         return " && ".join(f"({op})" if isinstance(op, Or) else str(op) for op in self.operands)
 
@@ -371,9 +367,6 @@ class Or(_Chain):
     """``a || b || ...``."""
 
     _decisive: ClassVar[bool] = True
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        return any(op.matches(labels) for op in self.operands)
 
     def __str__(self) -> str:
         # && binds tighter, so no operand of || ever needs parentheses.
@@ -522,18 +515,18 @@ class _Parser:
     # Grammar rules.
 
     def _or_expr(self) -> Selector:
-        operands = [self._and_expr()]
-        while self._at("punct", "||"):
-            self._next()
-            operands.append(self._and_expr())
-        return _flatten(Or, operands)
+        return self._chain("||", Or, self._and_expr)
 
     def _and_expr(self) -> Selector:
-        operands = [self._unary()]
-        while self._at("punct", "&&"):
+        return self._chain("&&", And, self._unary)
+
+    def _chain(self, punct: str, node: type[_Chain], operand: Callable[[], Selector]
+               ) -> Selector:
+        operands = [operand()]
+        while self._at("punct", punct):
             self._next()
-            operands.append(self._unary())
-        return _flatten(And, operands)
+            operands.append(operand())
+        return _flatten(node, operands)
 
     def _unary(self) -> Selector:
         # Iterative, so a run of '!' costs no stack; it still counts as nesting
@@ -613,7 +606,7 @@ class _Parser:
         return tuple(values)
 
 
-def _flatten(kind: type[And] | type[Or], operands: list[Selector]) -> Selector:
+def _flatten(kind: type[_Chain], operands: list[Selector]) -> Selector:
     # '(a && b) && c' and 'a && b && c' mean the same; flattening here keeps
     # one canonical AST for both, so parse(str(s)) == s holds.
     if len(operands) == 1:

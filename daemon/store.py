@@ -37,6 +37,7 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
+from . import writes as ops
 from .errors import (
     AuthenticationFailed,
     Conflict,
@@ -56,20 +57,7 @@ from .model import (
     IPReservation,
     Node,
 )
-from .writes import (
-    CommitResult,
-    DeleteAffinity,
-    DeleteBlock,
-    DeleteHandle,
-    DeleteObject,
-    PoolsUnchangedSince,
-    PutAffinity,
-    PutBlock,
-    PutHandle,
-    PutObject,
-    Versioned,
-    Write,
-)
+from .writes import CommitResult, Versioned, Write
 
 log = logging.getLogger(__name__)
 
@@ -436,27 +424,18 @@ class EtcdStore:
         kvs, _ = await self.range_raw(start, end)
         return decode_each(kvs, self.decode_block)
 
-    async def block_cidrs(self, within: IPNetwork) -> set[IPNetwork]:
-        """CIDRs of the blocks that exist inside ``within`` (keys only: cheap)."""
-        start, end = self.keys.blocks_in(within)
-        kvs, _ = await self.range_raw(start, end, keys_only=True)
-        cidrs = set()
-        for kv in kvs:
-            try:
-                cidrs.add(self.keys.block_cidr(kv.key))
-            except (InvalidInput, ValueError):
-                log.warning("skipping malformed block key %s", kv.key.decode(errors="replace"))
-        return cidrs
+    async def block_cidrs(self, within: IPNetwork | int) -> set[IPNetwork]:
+        """CIDRs of the blocks that exist inside ``within``, or of a whole IP family
+        (keys only: cheap). Malformed keys are logged and skipped."""
+        if isinstance(within, int):
+            kvs, _ = await self.prefix_raw(self.keys.blocks(within), keys_only=True)
+        else:
+            kvs, _ = await self.range_raw(*self.keys.blocks_in(within), keys_only=True)
+        return {v.value for v in decode_each(kvs, lambda key, _: self.keys.block_cidr(key))}
 
     async def list_affinities(self, node: str | None = None) -> list[tuple[str, IPNetwork]]:
         kvs, _ = await self.prefix_raw(self.keys.affinities(node), keys_only=True)
-        result = []
-        for kv in kvs:
-            try:
-                result.append(self.keys.affinity_of(kv.key))
-            except (InvalidInput, ValueError):
-                log.warning("skipping malformed affinity key %s", kv.key.decode(errors="replace"))
-        return result
+        return [v.value for v in decode_each(kvs, lambda key, _: self.keys.affinity_of(key))]
 
     async def get_handle(self, handle_id: str) -> Versioned[Handle] | None:
         key = self.keys.handle(handle_id)
@@ -531,17 +510,17 @@ class EtcdStore:
     # ------------------------------------------------------------------ writes
     def _guarded_key(self, write: Write) -> tuple[bytes, int | None] | None:
         match write:
-            case PutBlock(block=block, expect_revision=rev):
+            case ops.PutBlock(block=block, expect_revision=rev):
                 return self.keys.block(block.cidr), rev
-            case DeleteBlock(cidr=cidr, expect_revision=rev):
+            case ops.DeleteBlock(cidr=cidr, expect_revision=rev):
                 return self.keys.block(cidr), rev
-            case PutHandle(handle=handle, expect_revision=rev):
+            case ops.PutHandle(handle=handle, expect_revision=rev):
                 return self.keys.handle(handle.id), rev
-            case DeleteHandle(handle_id=handle_id, expect_revision=rev):
+            case ops.DeleteHandle(handle_id=handle_id, expect_revision=rev):
                 return self.keys.handle(handle_id), rev
-            case PutObject(obj=obj, expect_revision=rev):
+            case ops.PutObject(obj=obj, expect_revision=rev):
                 return self._object_key(obj), rev
-            case DeleteObject(kind=kind, name=name, expect_revision=rev):
+            case ops.DeleteObject(kind=kind, name=name, expect_revision=rev):
                 return self._named_key(kind, name), rev
         return None
 
@@ -560,28 +539,28 @@ class EtcdStore:
 
     def _request_op(self, write: Write) -> Any:
         match write:
-            case PutBlock(block=block):
+            case ops.PutBlock(block=block):
                 return rpc.RequestOp(request_put=rpc.PutRequest(
                     key=self.keys.block(block.cidr), value=encode(block.to_dict())))
-            case DeleteBlock(cidr=cidr):
+            case ops.DeleteBlock(cidr=cidr):
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self.keys.block(cidr)))
-            case PutAffinity(node=node, cidr=cidr):
+            case ops.PutAffinity(node=node, cidr=cidr):
                 return rpc.RequestOp(request_put=rpc.PutRequest(
                     key=self.keys.affinity(node, cidr), value=b"{}"))
-            case DeleteAffinity(node=node, cidr=cidr):
+            case ops.DeleteAffinity(node=node, cidr=cidr):
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self.keys.affinity(node, cidr)))
-            case PutHandle(handle=handle):
+            case ops.PutHandle(handle=handle):
                 return rpc.RequestOp(request_put=rpc.PutRequest(
                     key=self.keys.handle(handle.id), value=encode(handle.to_dict())))
-            case DeleteHandle(handle_id=handle_id):
+            case ops.DeleteHandle(handle_id=handle_id):
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self.keys.handle(handle_id)))
-            case PutObject(obj=obj):
+            case ops.PutObject(obj=obj):
                 return rpc.RequestOp(request_put=rpc.PutRequest(
                     key=self._object_key(obj), value=encode(obj.to_dict())))
-            case DeleteObject(kind=kind, name=name):
+            case ops.DeleteObject(kind=kind, name=name):
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self._named_key(kind, name)))
         raise TypeError(f"unknown write {write!r}")
@@ -621,7 +600,7 @@ class EtcdStore:
         compares = []
         guarded: list[bytes] = []
         for write in writes:
-            if isinstance(write, PoolsUnchangedSince):
+            if isinstance(write, ops.PoolsUnchangedSince):
                 prefix = self.keys.pools()
                 compares.append(rpc.Compare(
                     key=prefix, range_end=prefix_range_end(prefix), result=rpc.Compare.LESS,
@@ -639,7 +618,7 @@ class EtcdStore:
         request = rpc.TxnRequest(
             compare=compares,
             success=[self._request_op(w) for w in writes
-                     if not isinstance(w, PoolsUnchangedSince)],
+                     if not isinstance(w, ops.PoolsUnchangedSince)],
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k)) for k in guarded],
         )
         response = await self._call("Txn", request)
