@@ -22,8 +22,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EtcdServer
-from tests.daemons import DaemonProcess, ctl
 from topoipam.client import cni
 from topoipam.daemon.cni_socket import CniSocketServer
 from topoipam.proto import cniwire as wire
@@ -830,31 +828,6 @@ def test_wire_rejects_oversized_messages() -> None:
         wire.encode_frame({"pad": "x" * wire.MAX_FRAME})
 
 
-@pytest.mark.slow
-def test_gc_of_twenty_thousand_attachments_on_a_real_daemon(
-    etcd: EtcdServer, prefix: str, ctl_env: dict[str, str], tmp_path: Path
-) -> None:
-    # ~9,000 valid attachments used to overflow the 1 MiB frame (the runtime
-    # lists every live container of the node, with 64-character IDs).
-    assert ctl(ctl_env, "create", "ippool", "gc", "--cidr", "10.88.0.0/24").returncode == 0
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(mode=0o750)
-    daemon = DaemonProcess("node-gc", str(run_dir / "topoipamd.sock"), etcd.endpoint, prefix,
-                           str(tmp_path / "topoipamd.log")).start()
-    try:
-        conf = netconf(socket_path=daemon.socket)
-        live, gone = f"{1:064x}", f"{20_001:064x}"
-        for container in (live, gone):
-            assert run_plugin("ADD", conf, container_id=container).status == 0
-        gc_conf = {**conf, "cni.dev/valid-attachments": [
-            {"containerID": f"{n:064x}", "ifname": "eth0"} for n in range(20_000)]}
-        assert len(json.dumps(gc_conf)) > 1 << 20  # the old frame limit
-        outcome = run_plugin("GC", gc_conf, container_id=None, ifname=None, timeout=60)
-        assert (outcome.status, outcome.stdout) == (0, ""), (outcome, daemon.log())
-        assert run_plugin("CHECK", conf, container_id=live).status == 0
-        run_plugin("CHECK", conf, container_id=gone).error(113)
-    finally:
-        assert daemon.stop() == 0, daemon.log()
 
 
 def test_cni_socket_path() -> None:

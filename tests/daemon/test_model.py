@@ -10,8 +10,16 @@ from hypothesis import strategies as st
 
 from topoipam.daemon import allocator
 from topoipam.daemon.allocator import AssignContext
-from topoipam.daemon.errors import AddressUnavailable, InvalidInput
-from topoipam.daemon.model import Attachment, Block, Handle, HandleAddress, IPPool
+from topoipam.daemon.errors import AddressUnavailable, InvalidInput, PoolOverlap
+from topoipam.daemon.model import (
+    Attachment,
+    Block,
+    Handle,
+    HandleAddress,
+    IPAMConfig,
+    IPPool,
+    check_pool_overlaps,
+)
 
 
 def pool(cidr: str, gateway: object = None, block: int | None = None) -> IPPool:
@@ -134,3 +142,60 @@ def test_handle_addresses_record_what_add_reported() -> None:
     old = Handle.from_dict("n.c.eth0", {"node": "node", "addresses": [
         {"ip": "10.0.0.5", "block": "10.0.0.0/26"}]})
     assert old.addresses[0].subnet is None and old.addresses[0].gateway is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"cidr": "192.168.0.1/24"}, "host bits set"),
+        ({"cidr": "not-a-cidr"}, "not a CIDR"),
+        ({"cidr": "192.168.0.0/24", "blockSize": 19}, "out of range"),
+        ({"cidr": "192.168.0.0/24", "blockSize": 33}, "out of range"),
+        ({"cidr": "fd00::/64", "blockSize": 26}, "out of range"),
+        ({"cidr": "192.168.0.0/28", "blockSize": 26}, "smaller than one /26 block"),
+        ({"cidr": "192.168.0.0/24", "nodeSelector": "rack =="}, "column"),
+        ({"cidr": "192.168.0.0/24", "assignmentMode": "Sometimes"}, "Automatic or Manual"),
+        ({"cidr": "192.168.0.0/24", "colour": "blue"}, "unknown field"),
+    ],
+)
+def test_pool_validation(kwargs: dict[str, object], fragment: str) -> None:
+    with pytest.raises(InvalidInput, match=fragment):
+        IPPool.from_dict("p", kwargs)
+
+
+def test_pool_defaults_and_overlap() -> None:
+    p4 = IPPool.from_dict("a", {"cidr": "10.0.0.0/16"})
+    p6 = IPPool.from_dict("b", {"cidr": "fd00::/64"})
+    assert (p4.block_size, p6.block_size, p4.node_selector) == (26, 122, "all()")
+    with pytest.raises(PoolOverlap, match="overlaps pool a"):
+        check_pool_overlaps(IPPool.from_dict("c", {"cidr": "10.0.1.0/24"}), [p4, p6])
+    check_pool_overlaps(IPPool.from_dict("a", {"cidr": "10.0.0.0/8"}), [p4])  # same name: update
+
+
+def test_config_validation() -> None:
+    assert IPAMConfig.from_dict({"strictAffinity": True}).strict_affinity
+    with pytest.raises(InvalidInput, match="maxBlocksPerHost"):
+        IPAMConfig.from_dict({"maxBlocksPerHost": -1})
+    with pytest.raises(InvalidInput, match="unknown field"):
+        IPAMConfig.from_dict({"strict": True})
+
+
+def test_block_round_trip_and_corruption() -> None:
+    block = Block.empty(ipaddress.ip_network("fd00::40/122"), "n")
+    block = allocator.assign_address(block, ipaddress.ip_address("fd00::41"), "h",
+                                     AssignContext(IPPool.from_dict("v6", {"cidr": "fd00::/120"})))
+    assert Block.from_dict(block.to_dict()) == block
+    broken = block.to_dict()
+    broken["unallocated"] = broken["unallocated"][1:]
+    with pytest.raises(InvalidInput, match="disagree"):
+        Block.from_dict(broken)
+
+
+@pytest.mark.parametrize("bad", ["abc\n", "abc/def", "", "a b"])
+def test_attachment_parts_are_refused_whole(bad: str) -> None:
+    from topoipam.daemon.model import Attachment, Node
+
+    with pytest.raises(InvalidInput):
+        Attachment("net", bad, "eth0")
+    with pytest.raises(InvalidInput):
+        Node(bad)

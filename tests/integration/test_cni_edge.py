@@ -252,3 +252,22 @@ def wait_status(daemon: DaemonProcess, expected: int, fragment: str = "") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"STATUS {code} {result}, expected {expected} {fragment!r}")
         time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_gc_of_twenty_thousand_attachments_on_a_real_daemon(
+        daemon: DaemonProcess, ctl_env: dict[str, str]) -> None:
+    # ~9,000 valid attachments used to overflow the 1 MiB frame (the runtime
+    # lists every live container of the node, with 64-character IDs).
+    run(ctl_env, "create", "ippool", "gc", "--cidr", "10.88.0.0/24")
+    live, gone = f"{1:064x}", f"{20_001:064x}"
+    for container in (live, gone):
+        add(daemon, container)
+    gc_conf = {**conf(daemon), "cni.dev/valid-attachments": [
+        {"containerID": f"{n:064x}", "ifname": "eth0"} for n in range(20_000)]}
+    assert len(json.dumps(gc_conf)) > 1 << 20  # the old frame limit
+    code, result, err = cni("GC", gc_conf, timeout=60)
+    assert (code, result) == (0, None), (result, err, daemon.log())
+    held = {a["container_id"] for a in json.loads(run(ctl_env, "get", "allocations", "-o",
+                                                      "json"))}
+    assert held == {live}
