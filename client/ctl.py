@@ -1,11 +1,10 @@
 """`topoipamctl`: the admin CLI. Talks to etcd directly, calicoctl-style.
 
-Every change is one compare-and-swap etcd transaction built from the domain
-writes of :mod:`topoipam.daemon.store`: the CLI reads, validates everything,
-then commits with the read revisions as guards. A guard that fails means
-someone else changed the same object in between; the CLI then re-reads and
-re-validates (bounded), so it never overwrites a change it did not see and
-never writes half of a manifest.
+This module parses arguments, calls and prints tables. What a verb does lives
+in the daemon package, usable from the library: writes in
+:mod:`topoipam.daemon.admin` (every change one compare-and-swap transaction,
+re-read and re-validated after a lost race, never half a manifest), reports
+in :mod:`topoipam.daemon.audit` (one snapshot at one revision).
 
 Exit status: 0 success; 1 an expected failure (one ``error: ...`` line on
 stderr) or, for the ``check`` reports, problems found; 2 usage errors

@@ -1,4 +1,15 @@
-"""The etcd store: the one module that knows the key schema and talks to etcd.
+"""The etcd client: connection (endpoints, TLS, auth), typed reads, commits, watches.
+
+The one module that talks to etcd. It spells keys through
+:class:`topoipam.daemon.keys.KeySchema` (the key schema lives there, both
+directions) and commits the plain transaction values of
+:mod:`topoipam.daemon.writes`: the allocator decides what must change
+together, the store turns it into one etcd transaction whose compares guard
+every value that was read. When a compare fails, the same round trip returns
+the current values of the guarded keys, so the caller re-plans without
+another read. :meth:`EtcdStore.commit_with_retry` is the one retry policy of
+every other compare-and-swap site; :func:`decode_each` the one way a corrupt
+value is skipped.
 
 Keys (prefix default ``/topoipam/v1``)::
 
@@ -7,16 +18,9 @@ Keys (prefix default ``/topoipam/v1``)::
     nodes/<name>
     blocks/<v4|v6>/<fixed-width hex network>-<prefixlen>
     affinities/<node>/<v4|v6>/<hex network>-<prefixlen>
-    handles/<handle id>
+    handles/<network>/<containerID>/<ifname>
     reservations/<name>
     daemons/<node>          (attached to the running daemon's etcd lease)
-
-Writes are compare-and-swap transactions built from domain-level ``Write``
-values (:class:`PutBlock`, :class:`PutHandle`, ...): the allocator decides what
-must change together, the store turns it into one etcd transaction whose
-compares guard every value that was read. When a compare fails, the same round
-trip returns the current values of the guarded keys, so the caller re-plans
-without another read.
 
 We speak to etcd with aetcd's generated v3 stubs on a channel we build
 ourselves: aetcd's ``Client`` has no TLS and only one endpoint.
