@@ -24,12 +24,11 @@ import pytest
 
 from tests.conftest import EtcdServer
 from tests.daemons import DaemonProcess, ctl
+from tests.installed_plugin import PLUGIN
 from topoipam.client import cni, wire
 from topoipam.daemon.cni_socket import CniSocketServer
 
 Json = dict[str, Any]
-
-PLUGIN = Path(sys.executable).parent / "topoipam"
 
 ATTACHMENT = {"network": "podnet", "container_id": "ctr1", "ifname": "eth0"}
 V4 = {"ip": "192.168.0.5", "pool": "rack-0", "pool_cidr": "192.168.0.0/24",
