@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 _WHITESPACE = " \t\n\r"
 _DIGITS = "0123456789"
+_HEX_DIGITS = "0123456789abcdefABCDEF"
 _CONSTANTS = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}
 _BACKSLASH = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
               "t": "\t"}
@@ -236,13 +237,14 @@ def _string(text: str, end: int) -> tuple[str, int]:
 
 
 def _hex4(text: str, index: int) -> int:
-    """json.decoder._decode_uXXXX: the four hex digits after the ``u`` at ``index``."""
+    """The four hex digits after the ``u`` at ``index``, as the C scanner reads them.
+
+    Stricter than json.decoder's ``int(digits, 16)``: no sign, blank or ``0x``,
+    and the string must go on after them (the closing quote at least).
+    """
     digits = text[index + 1:index + 5]
-    if len(digits) == 4 and digits[1] not in "xX":
-        try:
-            return int(digits, 16)
-        except ValueError:
-            pass
+    if index + 5 < len(text) and all(c in _HEX_DIGITS for c in digits):
+        return int(digits, 16)
     raise JSONDecodeError("Invalid \\uXXXX escape", text, index)
 
 
