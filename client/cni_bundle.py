@@ -35,6 +35,7 @@ import hashlib
 import importlib.util
 import marshal
 import os
+import subprocess
 import sys
 import tempfile
 import types
@@ -117,11 +118,9 @@ def plugin_file(interpreter: str | None = None) -> bytes:
                            f"(no whitespace, at most {_SHEBANG_LIMIT} bytes)")
     sources = [(name, module_source(name)) for name in INLINED_MODULES]
     digest = hashlib.sha256()
-    codes = []
     for name, source in sources:
         digest.update(name.encode() + b"\0" + source + b"\0")
-        codes.append((name, compile_module(name, source)))
-    encoded = marshal.dumps(tuple(codes)).hex()
+    encoded = _compile_in_fresh_interpreter(sources).hex()
     text = _TEMPLATE.format(
         interpreter=interpreter,
         version=_package_version(),
@@ -156,6 +155,32 @@ def compile_module(name: str, source: bytes) -> types.CodeType:
     code = compile(tree, filename, "exec", flags=flags, dont_inherit=True, optimize=2)
     assert isinstance(code, types.CodeType)
     return code
+
+
+# marshal marks an object as shared (FLAG_REF) when its reference count is
+# above one, and the count of an interned name depends on everything else the
+# process holds (the plugin's own modules, once the test suite imported them).
+# Compiled here, the same source could give other bytes; a fresh interpreter
+# that loads only this module always gives the same.
+_COMPILER = """
+import marshal, sys
+sys.path.insert(0, sys.argv[1])
+from cni_bundle import compile_module
+sources = marshal.loads(sys.stdin.buffer.read())
+codes = tuple((name, compile_module(name, source)) for name, source in sources)
+sys.stdout.buffer.write(marshal.dumps(codes))
+"""
+
+
+def _compile_in_fresh_interpreter(sources: list[tuple[str, bytes]]) -> bytes:
+    """marshal of ((name, code), ...) for ``sources``, compiled by ``python -I -S``."""
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _COMPILER, os.path.dirname(os.path.abspath(__file__))],
+        input=marshal.dumps(sources), capture_output=True, timeout=60, check=False)
+    if done.returncode != 0:
+        error = done.stderr.decode(errors="replace").strip().splitlines() or ["no output"]
+        raise InstallError(f"compiling the plugin failed: {error[-1]}")
+    return done.stdout
 
 
 def _packages() -> tuple[str, ...]:
