@@ -38,7 +38,7 @@ from typing import Any
 
 BIN = Path(sys.executable).parent
 TOPOIPAMD = str(BIN / "topoipamd")
-TOPOIPAM = str(BIN / "topoipam")
+TOPOIPAM = str(BIN / "topoipam")  # the console script; install_plugin() gives the real file
 TOPOIPAMCTL = str(BIN / "topoipamctl")
 HOST_LOCAL = "/usr/lib/cni/host-local"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -497,6 +497,15 @@ class Workspace(contextlib.ExitStack):
                 raise RuntimeError(f"{kind} did not start")
             time.sleep(0.01)
         return EchoServer(sock, process.pid)
+
+
+def install_plugin(workspace: Workspace) -> str:
+    """``topoipamctl install-cni`` into the workspace: the plugin file a runtime execs."""
+    dest = workspace.path("cni-bin")
+    os.makedirs(dest, exist_ok=True)
+    subprocess.run([TOPOIPAMCTL, "install-cni", "--dest", dest], check=True,
+                   stdout=subprocess.DEVNULL)
+    return os.path.join(dest, "topoipam")
 
 
 @dataclass(frozen=True)
