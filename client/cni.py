@@ -1,7 +1,7 @@
 """``topoipam``: the CNI IPAM plugin (network config ``"ipam": {"type": "topoipam"}``).
 
 The runtime execs this once per pod attachment, so its start-up is part of pod
-start-up. It therefore imports only ``os``, ``sys``, ``time``, the C ``_socket``
+start-up. It therefore imports only ``posix``, ``sys``, ``time``, the C ``_socket``
 module and :mod:`topoipam.client.cjson` (``json`` through the C ``_json``, without
 ``re``), never grpc, protobuf, asyncio or anything of the daemon, and makes
 exactly one request to the daemon's fast CNI socket ``<socket>.cni`` (framing
