@@ -41,7 +41,7 @@ from topoipam.daemon.local_etcd import LocalEtcd, free_port, start_local_etcd
 
 BIN = Path(sys.executable).parent
 TOPOIPAMD = str(BIN / "topoipamd")
-TOPOIPAM = str(BIN / "topoipam")
+TOPOIPAM = str(BIN / "topoipam")  # the console script; install_plugin() gives the real file
 TOPOIPAMCTL = str(BIN / "topoipamctl")
 HOST_LOCAL = "/usr/lib/cni/host-local"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -444,6 +444,15 @@ class Workspace(contextlib.ExitStack):
                 raise RuntimeError(f"{kind} did not start")
             time.sleep(0.01)
         return EchoServer(sock, process.pid)
+
+
+def install_plugin(workspace: Workspace) -> str:
+    """``topoipamctl install-cni`` into the workspace: the plugin file a runtime execs."""
+    dest = workspace.path("cni-bin")
+    os.makedirs(dest, exist_ok=True)
+    subprocess.run([TOPOIPAMCTL, "install-cni", "--dest", dest], check=True,
+                   stdout=subprocess.DEVNULL)
+    return os.path.join(dest, "topoipam")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """``topoipam``: the CNI IPAM plugin (network config ``"ipam": {"type": "topoipam"}``).
 
 The runtime execs this once per pod attachment, so its start-up is part of pod
-start-up. It therefore imports only ``os``, ``sys``, ``time``, ``json`` and the
-C ``_socket`` module, never grpc, protobuf, asyncio or anything of the daemon,
-and makes exactly one request to the daemon's fast CNI socket
-``<socket>.cni`` (framing in :mod:`topoipam.proto.cniwire`). Like host-local's
-``main.go`` it is wiring only: parse env and stdin, one call, print.
+start-up. It therefore imports only ``posix``, ``sys``, ``time``, the C ``_socket``
+module and :mod:`topoipam.proto.cjson` (``json`` through the C ``_json``, without
+``re``), never grpc, protobuf, asyncio or anything of the daemon, and makes
+exactly one request to the daemon's fast CNI socket ``<socket>.cni`` (framing
+in :mod:`topoipam.proto.cniwire`). Like host-local's ``main.go`` it is wiring
+only: parse env and stdin, one call, print. ``topoipamctl install-cni`` writes
+this module, wire and cjson as one file that runs under ``python -I -S``
+(:mod:`topoipam.client.cni_bundle`).
 
 Verbs: ADD (Allocate), DEL (Release; an unknown attachment is success), CHECK
 (Get; cniVersion >= 0.4.0), STATUS and GC (Status, GarbageCollect; cniVersion
@@ -134,12 +137,14 @@ from __future__ import annotations
 
 # _socket, not socket: socket.py pulls in selectors and builds IntEnums at
 # import, ~4 ms of a plugin whose whole start-up budget is a few tens of ms.
+# posix, not os: os imports _collections_abc, ~1 ms; the plugin needs only the
+# environment, which posix holds as the bytes the runtime passed.
 import _socket
-import json
-import os
+import posix
 import sys
 import time
 
+from topoipam.proto import cjson
 from topoipam.proto import cniwire as wire
 
 # typing costs ~2 ms to import and is only needed by the type checker (which
@@ -228,7 +233,7 @@ def main() -> None:
         except OSError as exc:
             status, output = 1, _error_json(LATEST_VERSION, ERR_IO, "cannot read stdin", str(exc))
         else:
-            status, output = run(os.environ, stdin)
+            status, output = run(_environ(), stdin)
     except BaseException as exc:  # e.g. interrupted while reading stdin
         status, output = 1, _unexpected(LATEST_VERSION, exc)
     if output:
@@ -299,12 +304,12 @@ def _cmd_add(environ: Mapping[str, str], config: Json, version: str) -> str:
     response = _call(socket_path, timeout, "Allocate", request)
     ips = [_result_ip(address, prefix, gateways, version) for address in _addresses(response)]
     if not ips:
-        raise CniError(ERR_INTERNAL, "the daemon allocated no address", json.dumps(response))
+        raise CniError(ERR_INTERNAL, "the daemon allocated no address", cjson.dumps(response))
     result: Json = {"cniVersion": version, "ips": ips}
     if routes:
         result["routes"] = routes
     result["dns"] = dns
-    return json.dumps(result)
+    return cjson.dumps(result)
 
 
 def _cmd_del(environ: Mapping[str, str], config: Json, version: str) -> str:
@@ -402,7 +407,7 @@ def _cmd_gc(environ: Mapping[str, str], config: Json, version: str) -> str:
                 not isinstance(entry.get("ifname"), str):
             raise _config_error(
                 "each cni.dev/valid-attachments entry needs string containerID and ifname",
-                json.dumps(entry),
+                cjson.dumps(entry),
             )
         # An ID or ifname that ADD would refuse can own no addresses, so it
         # can safely be left out instead of failing the whole GC.
@@ -424,12 +429,12 @@ def _version_info(stdin: bytes) -> str:
     # we support, possibly with a version we do not.
     requested = LATEST_VERSION
     try:
-        config = json.loads(stdin or b"{}")
+        config = cjson.loads(stdin or b"{}")
         if isinstance(config, dict) and config.get("cniVersion") in SUPPORTED_VERSIONS:
             requested = config["cniVersion"]
     except (ValueError, RecursionError):
         pass
-    return json.dumps({"cniVersion": requested, "supportedVersions": list(SUPPORTED_VERSIONS)})
+    return cjson.dumps({"cniVersion": requested, "supportedVersions": list(SUPPORTED_VERSIONS)})
 
 
 # --- the daemon call --------------------------------------------------------
@@ -496,7 +501,7 @@ def _call(socket_path: str, timeout: float, method: str, request: Json) -> Json:
         response = answer.get("response", {})
         if not isinstance(response, dict):
             raise CniError(ERR_INTERNAL, f"malformed {method} answer from topoipam daemon",
-                           json.dumps(answer))
+                           cjson.dumps(answer))
         return response
     cni_code = answer.get("cni_code")
     if not isinstance(cni_code, int) or isinstance(cni_code, bool):
@@ -529,7 +534,7 @@ def _addresses(response: Json) -> list[Json]:
         return [{**a, "ip": _canonical_ip(a.get("ip"))[1]} for a in addresses]
     except (TypeError, CniError):
         raise CniError(ERR_INTERNAL, "malformed address list from topoipam daemon",
-                       json.dumps(response)) from None
+                       cjson.dumps(response)) from None
 
 
 # --- result -----------------------------------------------------------------
@@ -565,7 +570,7 @@ def _prefix_length(cidr: object) -> int | None:
 
 def _decode_config(stdin: bytes) -> Json:
     try:
-        config = json.loads(stdin)
+        config = cjson.loads(stdin)
     except (ValueError, RecursionError) as exc:
         raise CniError(ERR_DECODE, "network config on stdin is not valid JSON", str(exc)) from None
     if not isinstance(config, dict):
@@ -627,20 +632,32 @@ def _attachment(environ: Mapping[str, str], config: Json, releasing: bool = Fals
     return {"network": _network(config), "container_id": container_id, "ifname": ifname}
 
 
+def _environ() -> dict[str, str]:
+    """``os.environ`` as a dict: decoded as os decodes it (surrogateescape)."""
+    encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    return {key.decode(encoding, errors): value.decode(encoding, errors)
+            for key, value in posix.environ.items()}
+
+
+def _fsencode(text: str) -> bytes:
+    """``os.fsencode``: the bytes the environment held."""
+    return text.encode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+
+
 def _env(environ: Mapping[str, str], name: str) -> str:
     """A CNI_* variable ('' if unset); CNI error 4 if its bytes are not UTF-8.
 
     Python decodes the environment with surrogateescape, so bytes that are not
-    UTF-8 arrive as lone surrogates; os.fsencode gives the original bytes back.
+    UTF-8 arrive as lone surrogates; _fsencode gives the original bytes back.
     """
     value = environ.get(name, "")
     try:
-        os.fsencode(value).decode("utf-8")
+        _fsencode(value).decode("utf-8")
         return value
     except UnicodeError:
         pass
     try:
-        shown = str(os.fsencode(value))[2:-1]  # the runtime's bytes: eth\xff
+        shown = str(_fsencode(value))[2:-1]  # the runtime's bytes: eth\xff
     except UnicodeError:  # not from a real environment: other surrogates
         shown = value.encode("utf-8", "backslashreplace").decode()
     raise CniError(ERR_INVALID_ENV, f"{name} is not valid UTF-8", f"{name}={shown[:100]}")
@@ -917,7 +934,7 @@ def _config_error(msg: str, details: str = "") -> CniError:
 
 def _shown(value: object, limit: int = 80) -> str:
     """A config value for an error message: as JSON, cut short if long."""
-    text = json.dumps(value, ensure_ascii=False)  # the error JSON escapes what it must
+    text = cjson.dumps(value, ensure_ascii=False)  # the error JSON escapes what it must
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -929,4 +946,4 @@ def _error_json(version: str, code: int, msg: str, details: str = "") -> str:
     error: Json = {"cniVersion": version, "code": code, "msg": msg}
     if details:
         error["details"] = details
-    return json.dumps(error)
+    return cjson.dumps(error)

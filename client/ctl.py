@@ -30,7 +30,7 @@ from typing import Any, TypeAlias
 
 import yaml
 
-from topoipam.client import manifests
+from topoipam.client import cni_bundle, manifests
 from topoipam.client.manifests import Document
 from topoipam.daemon import allocator
 from topoipam.daemon.admin import (
@@ -850,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     report_flags(placement)
     placement.add_argument("--fail-on-found", dest="fail_on_warnings", action="store_true",
                            help="the same as --fail-on-warnings (older name)")
+    cni_bundle.add_parser(verbs)
     return parser
 
 
@@ -914,6 +915,8 @@ async def run(argv: Sequence[str] | None = None) -> int:
     problem = usage_problem(args)
     if problem is not None:
         args.usage_parser.error(problem)
+    if getattr(args, "local_handler", None):  # a verb that needs no etcd (install-cni)
+        return int(args.local_handler(args))
     try:
         options = etcd_options(args)
         async with EtcdStore(options, args.prefix) as store:

@@ -16,13 +16,15 @@ from typing import Any
 
 import grpc
 
+from tests.installed_plugin import PLUGIN, PLUGIN_DIR
 from topoipam.client.rpc import health_check
 from topoipam.proto import ipam_pb2_grpc
 
 BIN = Path(sys.executable).parent
 TOPOIPAMD = str(BIN / "topoipamd")
 TOPOIPAMCTL = str(BIN / "topoipamctl")
-TOPOIPAM = str(BIN / "topoipam")
+# The installed single-file plugin (tests/installed_plugin.py), not the console script.
+TOPOIPAM = str(PLUGIN)
 
 
 @dataclass
@@ -102,7 +104,7 @@ def cni(command: str, config: dict[str, Any], container: str = "", ifname: str =
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
     env.update({
         "CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_IFNAME": ifname,
-        "CNI_NETNS": netns, "CNI_ARGS": args, "CNI_PATH": str(BIN),
+        "CNI_NETNS": netns, "CNI_ARGS": args, "CNI_PATH": str(PLUGIN_DIR),
     })
     env.update(extra_env or {})
     done = subprocess.run([TOPOIPAM], input=json.dumps(config).encode(), env=env,

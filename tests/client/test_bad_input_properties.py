@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.installed_plugin import PLUGIN
 from topoipam.client import manifests
 from topoipam.daemon.errors import TopoipamError
 
-TOPOIPAM = str(Path(sys.executable).parent / "topoipam")
+TOPOIPAM = str(PLUGIN)
 
 _json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(
     max_size=20)

@@ -22,13 +22,12 @@ from typing import Any
 
 import pytest
 
+from tests.installed_plugin import PLUGIN
 from topoipam.client import cni
 from topoipam.daemon.cni_socket import CniSocketServer
 from topoipam.proto import cniwire as wire
 
 Json = dict[str, Any]
-
-PLUGIN = Path(sys.executable).parent / "topoipam"
 
 ATTACHMENT = {"network": "podnet", "container_id": "ctr1", "ifname": "eth0"}
 V4 = {"ip": "192.168.0.5", "pool": "rack-0", "pool_cidr": "192.168.0.0/24",
@@ -846,8 +845,8 @@ def test_plugin_imports_nothing_heavy() -> None:
     assert "topoipam.client.cni" in imported
     forbidden = ("grpc", "google.protobuf", "asyncio", "yaml", "netaddr", "topoipam.daemon",
                  "topoipam.proto")
-    # The wire contract is the one module of topoipam.proto the plugin may import.
-    allowed = ("topoipam.proto", "topoipam.proto.cniwire")
+    # The wire contract (and its JSON) is all of topoipam.proto the plugin may import.
+    allowed = ("topoipam.proto", "topoipam.proto.cniwire", "topoipam.proto.cjson")
     heavy = sorted(m for m in imported if m not in allowed
                    and any(m == f or m.startswith(f + ".") for f in forbidden))
     assert heavy == []

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.daemons import BIN
+from tests.daemons import PLUGIN_DIR
 
 CNI_BIN = Path("/usr/lib/cni")
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -94,7 +94,7 @@ def exec_plugin(plugin: str, command: str, config: Json, host: str, container: s
         "CNI_ARGS": cni_args or "IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME=" +
                     container_id,
         # The main plugin finds its IPAM plugin by name on CNI_PATH.
-        "CNI_PATH": f"{CNI_BIN}:{BIN}",
+        "CNI_PATH": f"{CNI_BIN}:{PLUGIN_DIR}",
     }
     done = subprocess.run(["ip", "netns", "exec", host, str(CNI_BIN / plugin)],
                           input=json.dumps(config), env=env, capture_output=True, text=True,

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from tests.conftest import EtcdServer
-from tests.daemons import BIN, DaemonProcess, ctl
+from tests.daemons import PLUGIN_DIR, DaemonProcess, ctl
 from topoipam.proto import ipam_pb2
 
 BRIDGE = "/usr/lib/cni/bridge"
@@ -57,7 +57,7 @@ def bridge(command: str, config: dict[str, object], host: str, container: str,
         "CNI_IFNAME": "eth0",
         "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME=web-0",
         # The bridge plugin finds its IPAM plugin by name on CNI_PATH.
-        "CNI_PATH": f"/usr/lib/cni:{BIN}",
+        "CNI_PATH": f"/usr/lib/cni:{PLUGIN_DIR}",
     }
     done = subprocess.run(["ip", "netns", "exec", host, BRIDGE], input=json.dumps(config),
                           env=env, capture_output=True, text=True, timeout=60)

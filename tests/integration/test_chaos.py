@@ -61,7 +61,9 @@ MAX_BLOCKS_PER_HOST = 2
 # The small nodes claim both their blocks before the churn (see pre_claim), so
 # the big node owns 16 addresses and borrows the rest of its 20 from them.
 CAPACITY = {"node-0": 20, "node-1": 8, "node-2": 20, "node-3": 8}
-MAX_OPERATIONS = 4000  # a bound on churn operations, all workers together
+# A bound on churn operations, all workers together. High enough that every
+# fault phase still has churn: the installed plugin runs ~40 ADD/DEL a second.
+MAX_OPERATIONS = 12_000
 CNI_TIMEOUT = 8  # seconds the plugin waits for its daemon (ipam "timeout")
 SEED = int(os.environ.get("TOPOIPAM_CHAOS_SEED", "0")) or random.SystemRandom().randrange(1 << 30)
 
