@@ -47,6 +47,7 @@ from topoipam.daemon.admin import (
     read_holding,
     refuse_live,
     release_holding,
+    repair_free_index,
     retire_node,
     unlist_address,
     write_targets,
@@ -91,7 +92,7 @@ DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 # Short: an operator at a terminal wants "etcd is down" in seconds, not a hang.
 DEFAULT_TIMEOUT = 3.0
 CONFIG_FLAGS = ("strict_affinity", "max_blocks_per_host", "auto_allocate_blocks",
-                "ip_cooldown_seconds")
+                "ip_cooldown_seconds", "warm_addresses")
 
 # Resource names as calicoctl and kubectl spell them, with their short forms.
 POOL_NAMES = ("ippool", "ippools", "ipp", "ipps", "pool", "pools")
@@ -366,9 +367,10 @@ async def cmd_get(store: EtcdStore, args: argparse.Namespace) -> int:
         ])
     else:
         print_table(["NAME", "STRICTAFFINITY", "MAXBLOCKSPERHOST", "AUTOALLOCATEBLOCKS",
-                     "IPCOOLDOWNSECONDS"], [
+                     "IPCOOLDOWNSECONDS", "WARMADDRESSES"], [
             [CONFIG_NAME, str(o.strict_affinity).lower(), str(o.max_blocks_per_host),
-             str(o.auto_allocate_blocks).lower(), str(o.ip_cooldown_seconds)]
+             str(o.auto_allocate_blocks).lower(), str(o.ip_cooldown_seconds),
+             str(o.warm_addresses)]
             for o in objs if isinstance(o, IPAMConfig)
         ])
     return 0
@@ -568,6 +570,12 @@ async def cmd_ipam_release(store: EtcdStore, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+
+
+async def cmd_ipam_repair_index(store: EtcdStore, args: argparse.Namespace) -> int:
+    fixed = await repair_free_index(store)
+    print(f"free-block index: {fixed} entr{'y' if fixed == 1 else 'ies'} fixed")
+    return 0
 
 
 async def cmd_ipam_configure(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -801,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     ipam = verbs.add_parser("ipam", help="inspect and repair address allocations",
                             description="inspect and repair address allocations")
     ipam_verbs = ipam.add_subparsers(dest="ipam_verb", required=True, metavar="ACTION",
-                                     help="show, check, release or configure")
+                                     help="show, check, release, repair-index or configure")
     ipam_show = verb(ipam_verbs, "show", cmd_ipam_show,
                      "utilisation per pool (CAPACITY: addresses that can be handed out)")
     ipam_show.add_argument("--show-blocks", action="store_true",
@@ -822,6 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true",
         help="also free addresses whose attachment still exists: the pod keeps using it and "
              "the next allocation may hand it out again (a duplicate)")
+    verb(ipam_verbs, "repair-index", cmd_ipam_repair_index,
+         "rebuild the free-block index (borrowers' hints) from the blocks")
     ipam_configure = verb(ipam_verbs, "configure", cmd_ipam_configure, "change IPAMConfig")
     ipam_configure.add_argument("--strictaffinity", dest="strict_affinity", type=bool_flag,
                                 metavar="true|false",
@@ -832,6 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="let nodes claim new blocks")
     ipam_configure.add_argument("--ip-cooldown-seconds", type=whole_number, metavar="N",
                                 help="keep released addresses out of use this long")
+    ipam_configure.add_argument("--warm-addresses", type=whole_number, metavar="N",
+                                help="free addresses each node keeps ready in its own blocks, "
+                                     "claiming blocks in the background (0: off)")
 
     explain = verb(verbs, "explain", cmd_explain,
                    "which pools select a node, why, and the order addresses come from")

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import allocator
+from .allocator import free_mark_writes, has_free
 from .audit import (
     Snapshot,
+    free_index_drift,
     load_snapshot,
     network_order,
     outside_pools,
@@ -51,10 +53,12 @@ from .store import WRITE_ATTEMPTS, EtcdStore
 from .writes import (
     DeleteAffinity,
     DeleteBlock,
+    DeleteFreeMark,
     DeleteHandle,
     DeleteObject,
     PoolsUnchangedSince,
     PutBlock,
+    PutFreeMark,
     PutHandle,
     PutObject,
     Versioned,
@@ -339,7 +343,8 @@ async def drop_stray_empty_blocks(store: EtcdStore) -> int:
 
 def block_drop_writes(current: Versioned[Block]) -> list[Write]:
     block = current.value
-    writes: list[Write] = [DeleteBlock(block.cidr, current.mod_revision)]
+    writes: list[Write] = [DeleteBlock(block.cidr, current.mod_revision),
+                           DeleteFreeMark(block.cidr)]
     if block.affinity is not None:
         writes.append(DeleteAffinity(block.affinity, block.cidr))
     return writes
@@ -415,10 +420,12 @@ async def release_holding(store: EtcdStore, address: IPAddress, force: bool
         holding = await read_holding(store, address)
         if holding is None:
             return [], None
+        pools = [p.value for p in await store.list_pools()]
         if holding.live and not force:
             raise refuse_live(holding)
         block, _ = allocator.release_addresses(holding.block.value, [address], None, time.time())
-        writes: list[Write] = [PutBlock(block, holding.block.mod_revision)]
+        writes: list[Write] = [PutBlock(block, holding.block.mod_revision), *free_mark_writes(
+            block.cidr, has_free(holding.block.value, pools), block, pools)]
         handle = holding.handle
         if handle is None:
             writes.append(DeleteHandle(holding.holder, 0))  # a guard: still absent
@@ -509,6 +516,7 @@ async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple
     finally:
         await engine.close()
     deleted = kept = 0
+    pools = [p.value for p in await store.list_pools()]
     for _, cidr in await store.list_affinities(node):
 
         async def attempt(cidr: IPNetwork = cidr) -> tuple[list[Write], str]:
@@ -517,10 +525,12 @@ async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple
             if current is None or current.value.affinity != node:
                 return writes, "affinity"
             if current.value.is_empty():
-                return [*writes, DeleteBlock(cidr, current.mod_revision)], "deleted"
+                return [*writes, DeleteBlock(cidr, current.mod_revision),
+                        DeleteFreeMark(cidr)], "deleted"
             orphan = current.value.copy()
             orphan.affinity = None
-            return [*writes, PutBlock(orphan, current.mod_revision)], "kept"
+            marks: list[Write] = [PutFreeMark(cidr, None)] if has_free(orphan, pools) else []
+            return [*writes, PutBlock(orphan, current.mod_revision), *marks], "kept"
 
         outcome = await store.commit_with_retry(attempt, f"block {cidr} of node {node}")
         deleted += outcome == "deleted"
@@ -578,3 +588,20 @@ async def configure(store: EtcdStore, changes: dict[str, Any]) -> bool:
         return [PutObject(config, current.mod_revision)], True
 
     return await store.commit_with_retry(attempt, "ipamconfig")
+
+
+async def repair_free_index(store: EtcdStore) -> int:
+    """Make the free-block index agree with the blocks; returns the entries fixed.
+
+    Entries are hints (a borrower's own compare on the block guards what it
+    writes), so each fix is written unguarded: a block that changes meanwhile
+    writes its own entry in its own transaction.
+    """
+    snap = await load_snapshot(store)
+    writes: list[Write] = [
+        PutFreeMark(cidr, block.affinity)
+        if block is not None and allocator.has_free(block, snap.pools) else DeleteFreeMark(cidr)
+        for cidr, block in free_index_drift(snap)]
+    for start in range(0, len(writes), BLOCK_DROP_BATCH):
+        await store.commit(writes[start:start + BLOCK_DROP_BATCH])
+    return len(writes)

@@ -9,14 +9,24 @@ race and simply plan again from fresher values.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import netaddr
 
 from .errors import AddressUnavailable, NoPoolForNode, UnknownPool
 from .model import Block, IPAddress, IPNetwork, IPPool, IPReservation, parse_network
-from .writes import DeleteAffinity, DeleteBlock, PutAffinity, PutBlock, Versioned, Write
+from .writes import (
+    DeleteAffinity,
+    DeleteBlock,
+    DeleteFreeMark,
+    PutAffinity,
+    PutBlock,
+    PutFreeMark,
+    Versioned,
+    Write,
+)
 
 
 class Reservations:
@@ -220,10 +230,46 @@ def release_addresses(
     return new, freed
 
 
+#: Block CIDRs per claim window: what one claim reads in the common case.
+CLAIM_WINDOW_BLOCKS = 16
+
+
+def node_offset(node: str, count: int) -> int:
+    """A stable, node-specific index in ``range(count)`` (the same on every host)."""
+    return zlib.crc32(node.encode()) % count if count > 1 else 0
+
+
+def claim_windows(pool: IPPool, node: str) -> Iterator[IPNetwork]:
+    """The pool's claim windows (aligned runs of up to 16 block CIDRs) in the order
+    ``node`` tries them: from a node-specific start, wrapping round the pool.
+
+    Nodes start in different windows, so a claim reads a window's keys instead
+    of every block key of the pool, and concurrent claims rarely race.
+    """
+    prefix = max(pool.cidr.prefixlen, pool.block_size - (CLAIM_WINDOW_BLOCKS.bit_length() - 1))
+    count = 1 << (prefix - pool.cidr.prefixlen)
+    size = 1 << (pool.cidr.max_prefixlen - prefix)
+    base = int(pool.cidr.network_address)
+    start = node_offset(node, count)
+    for step in range(count):
+        yield ipaddress.ip_network(
+            (base + ((start + step) % count) * size, prefix))
+
+
+def borrow_start(pool: IPPool, node: str) -> IPNetwork:
+    """The block CIDR where ``node`` starts reading the pool's free-block index."""
+    count = 1 << (pool.block_size - pool.cidr.prefixlen)
+    size = 1 << (pool.cidr.max_prefixlen - pool.block_size)
+    return ipaddress.ip_network((int(pool.cidr.network_address)
+                                 + node_offset(node, count) * size, pool.block_size))
+
+
 def first_unclaimed_block(
-    pool: IPPool, existing: set[IPNetwork], reservations: Reservations = NO_RESERVATIONS
+    pool: IPPool, existing: set[IPNetwork], reservations: Reservations = NO_RESERVATIONS,
+    within: IPNetwork | None = None,
 ) -> IPNetwork | None:
-    """The first block CIDR of ``pool`` that no existing block overlaps.
+    """The first block CIDR of ``pool`` (inside ``within``, default all of it) that no
+    existing block overlaps.
 
     Existing blocks may have another size (left over from a deleted pool
     with another block size): a candidate that overlaps one is taken, or two
@@ -242,13 +288,13 @@ def first_unclaimed_block(
             else:
                 occupied.update(block.subnets(new_prefix=pool.block_size))
         if len(occupied) < 4096:  # beyond that, the set arithmetic below is cheaper
-            for cidr in pool.block_cidrs():
+            for cidr in (within or pool.cidr).subnets(new_prefix=pool.block_size):
                 if cidr not in occupied and (cidr.num_addresses > 2 or any(
                         pool.usable(cidr.network_address + i)
                         for i in range(cidr.num_addresses))):
                     return cidr
             return None
-    free = netaddr.IPSet([str(pool.cidr)])
+    free = netaddr.IPSet([str(within or pool.cidr)])
     for block in existing:
         if block.version == pool.family:
             free.remove(str(block.supernet(new_prefix=pool.block_size)
@@ -275,13 +321,17 @@ class TxnPlan:
     planning is rolled back without touching the others of its batch.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pools: Sequence[IPPool] = ()) -> None:
+        self.pools = pools  # to tell which free ordinals a block can really give
         # cidr -> (planned block or None for deleted, mod_revision it was read at; 0 = new)
         self.blocks: dict[IPNetwork, tuple[Block | None, int]] = {}
+        # cidr -> whether the block had an address to give when first read (its
+        # free-block index entry then), so writes() updates the index on a flip only.
+        self.free_before: dict[IPNetwork, bool] = {}
         self.affinities: dict[tuple[str, IPNetwork], bool] = {}  # True put, False delete
         self.handles: dict[str, Write] = {}
-        # Block CIDRs that exist in etcd, per pool, read once per transaction.
-        self.existing: dict[str, set[IPNetwork]] = {}
+        # Block CIDRs that exist in etcd, per claim window, read once per transaction.
+        self.existing: dict[IPNetwork, set[IPNetwork]] = {}
         self.affine_read: list[Versioned[Block]] | None = None
 
     def snapshot(self) -> tuple[dict[IPNetwork, tuple[Block | None, int]],
@@ -297,19 +347,26 @@ class TxnPlan:
         planned = self.blocks.get(versioned.value.cidr)
         return versioned.value if planned is None else planned[0]
 
-    def put_block(self, block: Block, read_revision: int) -> None:
+    def put_block(self, block: Block, read_revision: int, before: Block | None) -> None:
+        """Plan ``block``'s new value; ``before`` is the value read (None for a new block)."""
         guard = self.blocks.get(block.cidr, (None, read_revision))[1]
         self.blocks[block.cidr] = (block, guard)
+        self._first_touch(block.cidr, before)
 
-    def delete_block(self, block: Block, read_revision: int) -> None:
+    def delete_block(self, block: Block, read_revision: int, before: Block | None) -> None:
         guard = self.blocks.get(block.cidr, (None, read_revision))[1]
         self.blocks[block.cidr] = (None, guard)
+        self._first_touch(block.cidr, before)
         if block.affinity is not None:
             self.affinities[(block.affinity, block.cidr)] = False
 
     def claimed(self, node: str) -> list[Block]:
         return [b for b, rev in self.blocks.values() if rev == 0 and b is not None
                 and b.affinity == node]
+
+    def _first_touch(self, cidr: IPNetwork, before: Block | None) -> None:
+        if cidr not in self.free_before:
+            self.free_before[cidr] = before is not None and has_free(before, self.pools)
 
     def writes(self) -> list[Write]:
         writes: list[Write] = []
@@ -318,10 +375,40 @@ class TxnPlan:
                 writes.append(PutBlock(block, revision))
             elif revision:
                 writes.append(DeleteBlock(cidr, revision))
+            writes += free_mark_writes(cidr, self.free_before.get(cidr, False), block, self.pools)
         for (node, cidr), put in self.affinities.items():
             writes.append(PutAffinity(node, cidr) if put else DeleteAffinity(node, cidr))
         writes += self.handles.values()
         return writes
 
     def size(self) -> int:
-        return len(self.blocks) + len(self.affinities) + len(self.handles)
+        # A block counts twice: its free-index entry may change with it.
+        return 2 * len(self.blocks) + len(self.affinities) + len(self.handles)
+
+
+def has_free(block: Block, pools: Iterable[IPPool]) -> bool:
+    """Whether ``block`` has an address its pool may give out (reservations and cooldown
+    aside): what its free-block index entry says. A block no pool owns gives nothing."""
+    if len(block.unallocated) > 3:  # a pool keeps at most three addresses unusable
+        return True
+    if not block.unallocated:
+        return False
+    pool = pool_of_block(pools, block.cidr)
+    return pool is not None and any(pool.usable(block.address(o)) for o in block.unallocated)
+
+
+def free_mark_writes(cidr: IPNetwork, had_free: bool, after: Block | None,
+                     pools: Iterable[IPPool]) -> list[Write]:
+    """The free-block index writes that go with a write of block ``cidr`` (``after``
+    None: deleted): none unless it flips between having an address to give and not.
+
+    Written in the same transaction as the block, so the index is as current
+    as the blocks; still only a hint for borrowers (their own compare on the
+    block guards what they write).
+    """
+    has = after is not None and has_free(after, pools)
+    if has == had_free:
+        return []
+    if after is not None and has:
+        return [PutFreeMark(cidr, after.affinity)]
+    return [DeleteFreeMark(cidr)]

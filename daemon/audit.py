@@ -22,7 +22,7 @@ import netaddr
 
 from . import allocator
 from .model import Block, Handle, IPAddress, IPAMConfig, IPNetwork, IPPool, IPReservation, Node
-from .store import EtcdStore, decode_each
+from .store import EtcdStore, decode, decode_each
 
 
 def show(value: object) -> str:
@@ -93,6 +93,8 @@ class Snapshot:
     affinities: list[tuple[str, IPNetwork]]
     handles: dict[str, Handle]
     corrupt: list[str] = field(default_factory=list)
+    #: The free-block index: block -> the affinity its entry names.
+    free: dict[IPNetwork, str | None] = field(default_factory=dict)
 
     def allocations(self) -> list[AllocationRow]:
         rows = []
@@ -107,14 +109,14 @@ class Snapshot:
 async def load_snapshot(store: EtcdStore) -> Snapshot:
     keys = store.keys
     pool_kvs, revision = await store.prefix_raw(keys.pools())
-    (node_kvs, _), (reservation_kvs, _), (block_kvs, _), (affinity_kvs, _), (handle_kvs, _) = (
-        await asyncio.gather(
-            store.prefix_raw(keys.nodes(), revision=revision),
-            store.prefix_raw(keys.reservations(), revision=revision),
-            store.prefix_raw(keys.blocks(), revision=revision),
-            store.prefix_raw(keys.affinities(), keys_only=True, revision=revision),
-            store.prefix_raw(keys.handles(), revision=revision),
-        )
+    ((node_kvs, _), (reservation_kvs, _), (block_kvs, _), (affinity_kvs, _), (handle_kvs, _),
+     (free_kvs, _)) = await asyncio.gather(
+        store.prefix_raw(keys.nodes(), revision=revision),
+        store.prefix_raw(keys.reservations(), revision=revision),
+        store.prefix_raw(keys.blocks(), revision=revision),
+        store.prefix_raw(keys.affinities(), keys_only=True, revision=revision),
+        store.prefix_raw(keys.handles(), revision=revision),
+        store.prefix_raw(keys.free_blocks(), revision=revision),
     )
     snap = Snapshot(revision, [], {}, [], {}, [], {})
 
@@ -128,6 +130,8 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     snap.blocks.update((b.cidr, b) for b in decoded(block_kvs, store.decode_block))
     snap.affinities.extend(decoded(affinity_kvs, lambda key, _: keys.affinity_of(key)))
     snap.handles.update((h.id, h) for h in decoded(handle_kvs, store.decode_handle))
+    snap.free.update(decoded(free_kvs, lambda key, raw: (
+        keys.block_cidr(key, "free"), decode(raw, "free-block entry").get("node"))))
     return snap
 
 
@@ -217,6 +221,18 @@ def gateway_problems(snap: Snapshot) -> Iterator[str]:
                    "or give the pool another gateway")
 
 
+def free_index_drift(snap: Snapshot) -> list[tuple[IPNetwork, Block | None]]:
+    """Blocks whose free-block index entry disagrees with the block (block None: an
+    entry for a block that does not exist)."""
+    drift: list[tuple[IPNetwork, Block | None]] = []
+    for cidr in sorted(set(snap.blocks) | set(snap.free), key=network_order):
+        block = snap.blocks.get(cidr)
+        wanted = block is not None and allocator.has_free(block, snap.pools)
+        if wanted != (cidr in snap.free):
+            drift.append((cidr, block))
+    return drift
+
+
 def find_warnings(snap: Snapshot) -> list[str]:
     """Deliberate or harmless states an operator should know about, one line each.
 
@@ -236,6 +252,11 @@ def find_warnings(snap: Snapshot) -> list[str]:
     for reservation in sorted(snap.reservations, key=lambda r: r.name):
         lines += [f"ipreservation {reservation.name}: {cidr} is outside every pool"
                   for cidr in outside_pools(reservation, snap.pools)]
+    for cidr, block in free_index_drift(snap):
+        state = ("does not exist" if block is None else "has an address to give"
+                 if cidr not in snap.free else "has nothing to give")
+        lines.append(f"free-block index out of date: block {cidr} {state} (borrowing still "
+                     "works, by reading more; fix: topoipamctl ipam repair-index)")
     return lines
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -203,6 +204,11 @@ class _Defer(Exception):
 LINGER_TURNS = 8
 LINGER_SECONDS = 0.001
 
+# Claim windows read one by one before a nearly full pool is read whole.
+CLAIM_WINDOWS_BEFORE_FULL_READ = 4
+# Free-block index entries a borrow reads at a time.
+BORROW_WINDOW = 8
+
 # etcd refuses transactions with more than 128 operations in a branch (--max-txn-ops).
 MAX_TXN_OPS = 120
 
@@ -345,7 +351,7 @@ class AllocationEngine:
             except TopoipamError as exc:
                 _fail(pending, exc)
                 return
-            txn = TxnPlan()
+            txn = TxnPlan(state.pools)
             planned: list[_Op] = []
             deferred: list[_Op] = []
             for op in pending:
@@ -526,7 +532,8 @@ class AllocationEngine:
             planned, revision = txn.blocks[cidr]
             if planned is None:
                 raise _Defer()
-            txn.put_block(allocator.assign_address(planned, address, handle_id, ctx), revision)
+            txn.put_block(allocator.assign_address(planned, address, handle_id, ctx), revision,
+                          planned)
         else:
             # The block may have another size than the pool's (left over from a deleted pool).
             current = await self.source.block(pool.block_of(address))
@@ -535,7 +542,7 @@ class AllocationEngine:
             if current is not None:
                 cidr = current.value.cidr
                 txn.put_block(allocator.assign_address(current.value, address, handle_id, ctx),
-                              current.mod_revision)
+                              current.mod_revision, current.value)
             else:
                 cidr = pool.block_of(address)
                 if await self.store.block_cidrs(cidr):
@@ -544,7 +551,7 @@ class AllocationEngine:
                         "left over from another pool")
                 block = allocator.assign_address(Block.empty(cidr, self.node), address,
                                                  handle_id, ctx)
-                txn.put_block(block, 0)
+                txn.put_block(block, 0, None)
                 txn.affinities[(self.node, cidr)] = True
         op.addresses.append(AllocatedAddress.of(address, cidr, pool))
 
@@ -580,7 +587,7 @@ class AllocationEngine:
                 assigned = allocator.assign_next(block, handle_id, ctx)
                 if assigned is not None:
                     new, address = assigned
-                    txn.put_block(new, revision)
+                    txn.put_block(new, revision, block)
                     op.addresses.append(AllocatedAddress.of(address, new.cidr, pool))
                     return
         # 2. claim a new block for this node
@@ -592,11 +599,7 @@ class AllocationEngine:
             reason = f"node has reached maxBlocksPerHost={config.max_blocks_per_host}"
         else:
             for pool in pools:
-                existing = txn.existing.get(pool.name)
-                if existing is None:  # one read per pool and batch, not per call
-                    existing = txn.existing[pool.name] = await self.store.block_cidrs(pool.cidr)
-                existing.update(txn.blocks)
-                cidr = allocator.first_unclaimed_block(pool, existing, state.reservations)
+                cidr = await self._unclaimed_block(state, pool, txn)
                 if cidr is None:
                     continue
                 assigned = allocator.assign_next(
@@ -605,7 +608,7 @@ class AllocationEngine:
                 if assigned is None:
                     continue
                 new, address = assigned
-                txn.put_block(new, 0)
+                txn.put_block(new, 0, None)
                 txn.affinities[(self.node, cidr)] = True
                 op.addresses.append(AllocatedAddress.of(address, cidr, pool))
                 return
@@ -618,18 +621,66 @@ class AllocationEngine:
             )
         for pool in pools:
             ctx = self._context(state, pool, op.request)
-            for versioned in await self.store.list_blocks(pool.cidr):
-                block = txn.current(versioned)
-                if block is None or block.affinity == self.node:
-                    continue
-                assigned = allocator.assign_next(block, handle_id, ctx)
-                if assigned is not None:
-                    new, address = assigned
-                    txn.put_block(new, versioned.mod_revision)
-                    op.addresses.append(AllocatedAddress.of(address, new.cidr, pool))
-                    return
+            async with aclosing(self._borrow_candidates(pool)) as candidates:
+                async for versioned in candidates:
+                    block = txn.current(versioned)
+                    if block is None or block.affinity == self.node:
+                        continue
+                    assigned = allocator.assign_next(block, handle_id, ctx)
+                    if assigned is not None:
+                        new, address = assigned
+                        txn.put_block(new, versioned.mod_revision, block)
+                        op.addresses.append(AllocatedAddress.of(address, new.cidr, pool))
+                        return
         raise PoolExhausted(self.node, state.labels, family, [p.name for p in pools],
                             f"{reason}; no free address to borrow")
+
+    async def _unclaimed_block(self, state: ClusterState, pool: IPPool, txn: TxnPlan
+                               ) -> IPNetwork | None:
+        """A block CIDR of ``pool`` nobody has claimed, read a window at a time.
+
+        This node's windows first (see :func:`allocator.claim_windows`): one
+        keys-only read of up to 16 block keys in the common case, whatever the
+        size of the pool. After a few full windows (a nearly full pool) one
+        read of every block key of the pool finds the rest at once. Each
+        window is read once per transaction. The claim itself is guarded by
+        ``create_revision == 0`` of the block key, so a racing claim of the
+        same CIDR loses its compare and re-plans.
+        """
+        for tried, window in enumerate(allocator.claim_windows(pool, self.node)):
+            if tried == CLAIM_WINDOWS_BEFORE_FULL_READ:
+                window = pool.cidr
+            existing = txn.existing.get(window)
+            if existing is None:
+                existing = txn.existing[window] = await self.store.block_cidrs(window)
+            existing.update(txn.blocks)
+            cidr = allocator.first_unclaimed_block(pool, existing, state.reservations, window)
+            if cidr is not None or window == pool.cidr:
+                return cidr
+        return None
+
+    async def _borrow_candidates(self, pool: IPPool) -> AsyncGenerator[Versioned[Block], None]:
+        """Other nodes' blocks of ``pool`` that may have an address to give, best first.
+
+        First the free-block index, read from a node-specific point a few
+        entries at a time (so a borrow reads a few keys and a block or two,
+        whatever the size of the pool); then, should none of those give one
+        (an index entry is only a hint, and blocks written before the index
+        have none), every block of the pool.
+        """
+        tried: set[IPNetwork] = set()
+        start = allocator.borrow_start(pool, self.node)
+        for begin in (start, None):
+            for cidr, owner in await self.store.free_blocks(pool.cidr, begin, BORROW_WINDOW):
+                if owner == self.node or cidr in tried:
+                    continue
+                tried.add(cidr)
+                current = await self.source.block(cidr)
+                if current is not None:
+                    yield current
+        for versioned in await self.store.list_blocks(pool.cidr):
+            if versioned.value.cidr not in tried:
+                yield versioned
 
     async def _plan_release(self, state: ClusterState, op: _ReleaseOp, txn: TxnPlan) -> bool:
         handle_id = op.handle_id
@@ -660,9 +711,9 @@ class AllocationEngine:
             new, freed = allocator.release_addresses(block, addresses, handle_id, self.clock())
             op.freed += freed
             if self._unwanted(state, new):
-                txn.delete_block(new, revision)
+                txn.delete_block(new, revision, block)
             else:
-                txn.put_block(new, revision)
+                txn.put_block(new, revision, block)
         return False
 
     def _unwanted(self, state: ClusterState, block: Block) -> bool:
@@ -737,7 +788,7 @@ class AllocationEngine:
             try:
                 pools = self._pools_for(state, family, tuple(requested.get(family, ())))
                 await self._plan_next(state, pools, family, probe.attachment.handle_id, op,
-                                      TxnPlan())
+                                      TxnPlan(state.pools))
             except TopoipamError as exc:
                 return exc.message
             finally:
@@ -829,8 +880,8 @@ class AllocationEngine:
         for current in await self.source.affine_blocks():
             if not self._unwanted(state, current.value):
                 continue
-            txn = TxnPlan()
-            txn.delete_block(current.value, current.mod_revision)
+            txn = TxnPlan(state.pools)
+            txn.delete_block(current.value, current.mod_revision, current.value)
             writes = txn.writes()
             result = await self.store.commit(writes)
             if result.succeeded:

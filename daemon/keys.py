@@ -76,19 +76,37 @@ class KeySchema:
         return self._key("blocks", _family_segment(cidr.version), _hex_network(cidr))
 
     def blocks(self, family: int | None = None) -> bytes:
-        if family is None:
-            return self._key("blocks", "")
-        return self._key("blocks", _family_segment(family), "")
+        return self._family_prefix("blocks", family)
 
     def blocks_in(self, cidr: IPNetwork) -> tuple[bytes, bytes]:
         """Key range [start, end) that holds exactly the blocks inside ``cidr``."""
-        start = self.block(cidr)[: -len(f"-{cidr.prefixlen}")]
+        return self._range_in("blocks", cidr)
+
+    def free_block(self, cidr: IPNetwork) -> bytes:
+        """The free-block index entry of a block: present while it has an address to give."""
+        return self._key("free", _family_segment(cidr.version), _hex_network(cidr))
+
+    def free_blocks(self, family: int | None = None) -> bytes:
+        return self._family_prefix("free", family)
+
+    def free_blocks_in(self, cidr: IPNetwork) -> tuple[bytes, bytes]:
+        return self._range_in("free", cidr)
+
+    def _family_prefix(self, kind: str, family: int | None) -> bytes:
+        if family is None:
+            return self._key(kind, "")
+        return self._key(kind, _family_segment(family), "")
+
+    def _range_in(self, kind: str, cidr: IPNetwork) -> tuple[bytes, bytes]:
+        # Keys hold the fixed-width hex of the network address: the ones inside
+        # ``cidr`` sort between its first address and the address after it.
+        start = self._key(kind, _family_segment(cidr.version), _hex_network(cidr))[
+            : -len(f"-{cidr.prefixlen}")]
         after = int(cidr.broadcast_address) + 1
         if after >> cidr.max_prefixlen:  # the range ends at the top of the address space
-            return start, prefix_range_end(self.blocks(cidr.version))
+            return start, prefix_range_end(self._family_prefix(kind, cidr.version))
         width = 8 if cidr.version == 4 else 32
-        end = self._key("blocks", _family_segment(cidr.version), f"{after:0{width}x}")
-        return start, end
+        return start, self._key(kind, _family_segment(cidr.version), f"{after:0{width}x}")
 
     def affinity(self, node: str, cidr: IPNetwork) -> bytes:
         return self._key("affinities", node, _family_segment(cidr.version), _hex_network(cidr))
@@ -120,10 +138,11 @@ class KeySchema:
         parts = text[len(self.prefix) + 1 :].split("/")
         return parts[0], parts[1:]
 
-    def block_cidr(self, key: bytes) -> IPNetwork:
-        kind, rest = self.kind_of(key)
-        if kind != "blocks" or len(rest) != 2:
-            raise InvalidInput(f"not a block key: {key!r}")
+    def block_cidr(self, key: bytes, kind: str = "blocks") -> IPNetwork:
+        """The CIDR of a block key (or, with ``kind="free"``, of a free-index entry)."""
+        found, rest = self.kind_of(key)
+        if found != kind or len(rest) != 2:
+            raise InvalidInput(f"not a {kind} key: {key!r}")
         return _network_from_hex(rest[1], rest[0])
 
     def affinity_of(self, key: bytes) -> tuple[str, IPNetwork]:

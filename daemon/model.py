@@ -401,12 +401,17 @@ class IPAMConfig:
     max_blocks_per_host: int = 0
     auto_allocate_blocks: bool = True
     ip_cooldown_seconds: int = 0
+    #: Free addresses each daemon keeps ready in its own blocks (background claims).
+    #: Off by default: it claims blocks ahead of need, which small per-rack pools
+    #: cannot always spare.
+    warm_addresses: int = 0
 
     _FIELDS = {
         "strictAffinity": "strict_affinity",
         "maxBlocksPerHost": "max_blocks_per_host",
         "autoAllocateBlocks": "auto_allocate_blocks",
         "ipCooldownSeconds": "ip_cooldown_seconds",
+        "warmAddresses": "warm_addresses",
     }
 
     def __post_init__(self) -> None:
@@ -414,6 +419,7 @@ class IPAMConfig:
         _bool("ipamconfig: autoAllocateBlocks", self.auto_allocate_blocks)
         _int("ipamconfig: maxBlocksPerHost", self.max_blocks_per_host)
         _int("ipamconfig: ipCooldownSeconds", self.ip_cooldown_seconds)
+        _int("ipamconfig: warmAddresses", self.warm_addresses)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, attr) for key, attr in self._FIELDS.items()}

@@ -319,12 +319,14 @@ class EtcdStore:
         return kv.value, kv.mod_revision
 
     async def range_raw(
-        self, start: bytes, end: bytes, *, keys_only: bool = False, revision: int = 0
+        self, start: bytes, end: bytes, *, keys_only: bool = False, revision: int = 0,
+        limit: int = 0,
     ) -> tuple[list[Any], int]:
-        """Every key-value in [start, end) and the revision the read was made at."""
+        """The key-values in [start, end) (the first ``limit``; 0: all) and the revision."""
         response = await self._call(
             "Range",
-            rpc.RangeRequest(key=start, range_end=end, keys_only=keys_only, revision=revision),
+            rpc.RangeRequest(key=start, range_end=end, keys_only=keys_only, revision=revision,
+                             limit=limit),
             timeout=self.options.timeout,
         )
         return list(response.kvs), int(response.header.revision)
@@ -436,6 +438,20 @@ class EtcdStore:
         else:
             kvs, _ = await self.range_raw(*self.keys.blocks_in(within), keys_only=True)
         return {v.value for v in decode_each(kvs, lambda key, _: self.keys.block_cidr(key))}
+
+    async def free_blocks(self, within: IPNetwork, start: IPNetwork | None = None,
+                          limit: int = 0) -> list[tuple[IPNetwork, str | None]]:
+        """Entries of the free-block index inside ``within``: (block, its affinity).
+
+        From ``start`` on (default: the beginning), at most ``limit`` of them
+        (0: all): a borrower reads a small window, not the whole pool.
+        """
+        low, end = self.keys.free_blocks_in(within)
+        if start is not None:
+            low = max(low, self.keys.free_block(start))
+        kvs, _ = await self.range_raw(low, end, limit=limit)
+        return [v.value for v in decode_each(kvs, lambda key, raw: (
+            self.keys.block_cidr(key, "free"), decode(raw, "free-block entry").get("node")))]
 
     async def list_affinities(self, node: str | None = None) -> list[tuple[str, IPNetwork]]:
         kvs, _ = await self.prefix_raw(self.keys.affinities(node), keys_only=True)
@@ -555,6 +571,12 @@ class EtcdStore:
             case ops.DeleteAffinity(node=node, cidr=cidr):
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self.keys.affinity(node, cidr)))
+            case ops.PutFreeMark(cidr=cidr, node=node):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.free_block(cidr), value=encode({"node": node})))
+            case ops.DeleteFreeMark(cidr=cidr):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.free_block(cidr)))
             case ops.PutHandle(handle=handle):
                 return rpc.RequestOp(request_put=rpc.PutRequest(
                     key=self.keys.handle(handle.id), value=encode(handle.to_dict())))

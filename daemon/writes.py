@@ -50,6 +50,20 @@ class DeleteAffinity:
 
 
 @dataclass(frozen=True)
+class PutFreeMark:
+    """The free-block index entry of a block that has an address to give (a hint for
+    borrowers: the block's own compare still guards what they write)."""
+
+    cidr: IPNetwork
+    node: str | None  # the block's affinity, so borrowers skip their own blocks unread
+
+
+@dataclass(frozen=True)
+class DeleteFreeMark:
+    cidr: IPNetwork
+
+
+@dataclass(frozen=True)
 class PutHandle:
     handle: Handle
     expect_revision: int  # 0: the handle must not exist yet
@@ -88,7 +102,8 @@ class PoolsUnchangedSince:
 
 
 Write = (
-    PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutHandle | DeleteHandle | PutObject
+    PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutFreeMark | DeleteFreeMark
+    | PutHandle | DeleteHandle | PutObject
     | DeleteObject | PoolsUnchangedSince
 )
 
