@@ -238,6 +238,10 @@ class AllocationEngine:
         self.clock = clock
         self.max_attempts = max_attempts
         self.on_conflict: Callable[[], None] = lambda: None
+        #: Called with "request" or "background" and the number of blocks claimed.
+        self.on_claim: Callable[[str, int], None] = lambda path, count: None
+        #: Called after a transaction that allocated addresses committed.
+        self.on_allocated: Callable[[], None] = lambda: None
         # Handles this engine wrote, so a release needs no read first. Only a
         # hint: a stale entry fails its compare and is refreshed.
         self._handles: dict[str, Versioned[Handle]] = {}
@@ -393,6 +397,11 @@ class AllocationEngine:
                 self._observe_success(writes, result.revision)
                 for op in planned:
                     self._resolve(op, result.revision, txn)
+                claims = sum(1 for _, revision in txn.blocks.values() if revision == 0)
+                if claims:
+                    self.on_claim("request", claims)
+                if any(isinstance(op, _AllocateOp) for op in planned):
+                    self.on_allocated()
                 pending = deferred
                 continue
             self._observe_failure(result)
@@ -872,6 +881,87 @@ class AllocationEngine:
         if node is not None:
             await self.store.commit([DeleteObject("node", self.node, node.mod_revision)])
         return len(handles), deleted, kept
+
+    async def top_up_reserve(self) -> int:
+        """Claim blocks, off every pod's path, until this node's own blocks hold
+        ``warmAddresses`` free addresses for each IP family its pools serve.
+
+        Free means what an allocation could take now: addresses cooling down
+        or reserved are not counted. Never beyond ``maxBlocksPerHost``, never
+        with ``autoAllocateBlocks`` off; the caller runs it only in sync. Each
+        claim is its own guarded transaction (block + affinity, the block key
+        must not exist), like a claim on the request path. Returns the blocks
+        claimed.
+        """
+        claimed = conflicts = 0
+        while conflicts < self.max_attempts:
+            state = await self.source.state()
+            config = state.config
+            if not config.warm_addresses or not config.auto_allocate_blocks:
+                return claimed
+            affine = await self.source.affine_blocks()
+            if config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host:
+                return claimed
+            short = self._short_family(state, [v.value for v in affine])
+            if short is None:
+                return claimed
+            txn = TxnPlan(state.pools)
+            for pool in short:
+                cidr = await self._unclaimed_block(state, pool, txn)
+                if cidr is not None:
+                    break
+            else:
+                return claimed  # nothing left to claim: requests will borrow
+            txn.put_block(Block.empty(cidr, self.node), 0, None)
+            txn.affinities[(self.node, cidr)] = True
+            writes = txn.writes()
+            result = await self.store.commit(writes)
+            if result.succeeded:
+                self._observe_success(writes, result.revision)
+                self.on_claim("background", 1)
+                claimed += 1
+                continue
+            self._observe_failure(result)
+            self.on_conflict()
+            conflicts += 1
+            await backoff(conflicts)
+        return claimed
+
+    def _short_family(self, state: ClusterState, affine: Sequence[Block]
+                      ) -> list[IPPool] | None:
+        """The pools of the first IP family whose free addresses are below the reserve."""
+        for family in sorted({p.family for p in state.pools}):
+            try:
+                pools = self._pools_for(state, family, ())
+            except TopoipamError:
+                continue
+            free = 0
+            for pool in pools:
+                ctx = self._context(state, pool)
+                first, last = pool.bounds
+                free += sum(allocator.free_count(block, ctx) for block in affine
+                            if first <= block.first and block.last <= last)
+            if free < state.config.warm_addresses:
+                return pools
+        return None
+
+    async def reconcile_free_index(self) -> int:
+        """Make the free-block index entries of this node's own blocks agree with them.
+
+        Blocks written before the index existed have no entry; a daemon fixes
+        its own at start. Entries are hints, so the fixes go unguarded.
+        Returns the entries fixed.
+        """
+        state = await self.source.state()
+        writes: list[Write] = []
+        for versioned in await self.source.affine_blocks():
+            block = versioned.value
+            listed = {cidr for cidr, _ in await self.store.free_blocks(block.cidr)}
+            writes += allocator.free_mark_writes(block.cidr, block.cidr in listed, block,
+                                                 state.pools)
+        if writes:
+            await self.store.commit(writes)
+        return len(writes)
 
     async def release_unwanted_blocks(self) -> list[IPNetwork]:
         """Drop this node's empty affine blocks whose pool no longer selects it."""

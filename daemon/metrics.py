@@ -36,6 +36,10 @@ class Metrics:
             "topoipam_cache_in_sync", "1 when the daemon's cache is in sync with etcd",
             registry=self.registry,
         )
+        self.claims = Counter(
+            "topoipam_block_claims", "Blocks this node claimed, by path: on a pod's request "
+            "or in the background (the warm reserve)", ["path"], registry=self.registry,
+        )
         self.relists = Gauge(
             "topoipam_cache_relists", "Full relists of the cache (start, compaction, reconnect)",
             registry=self.registry,

@@ -90,6 +90,8 @@ class Daemon:
                                on_sync_change=self._on_sync_change)
         self.ipam = AllocationEngine(self.store, config.node, source=self.cache)
         self.ipam.on_conflict = self.metrics.etcd_conflicts.inc
+        self.ipam.on_claim = lambda path, count: self.metrics.claims.labels(path).inc(count)
+        self.ipam.on_allocated = self._on_allocated
         self.store.on_error = self.metrics.etcd_errors.inc
         self.service = IpamService(
             self.ipam,
@@ -107,6 +109,7 @@ class Daemon:
         self._register_task: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
         self._cleanup_wanted = False
+        self._index_reconciled = False
         self._liveness_task: asyncio.Task[None] | None = None
         self._lease: int | None = None
         self._ready_once = False
@@ -213,29 +216,49 @@ class Daemon:
         await self.health.set(SERVICE_NAME, status)
 
     def _on_cache_change(self) -> None:
-        # Pools or labels may have stopped selecting some of our empty blocks.
+        # Pools or labels may have stopped selecting some of our empty blocks,
+        # or changed what the warm reserve needs.
         self._cleanup_wanted = True
         if self._cleanup_task is None or self._cleanup_task.done():
-            self._cleanup_task = asyncio.get_running_loop().create_task(self._release_unwanted())
+            self._cleanup_task = asyncio.get_running_loop().create_task(self._maintain())
 
-    async def _release_unwanted(self) -> None:
-        """Drop unwanted empty blocks; again if the rules changed meanwhile.
+    def _on_allocated(self) -> None:
+        # The reserve shrank: top it up, off the pod's path.
+        if self.cache.snapshot().config.warm_addresses:
+            self._on_cache_change()
 
-        Runs only in sync (out of sync the rules may be stale); the return to
-        sync after a restart or relist schedules it again.
+    async def _maintain(self) -> None:
+        """Block upkeep off the pod's path; again if the rules changed meanwhile.
+
+        Fixes this node's free-block index entries once, drops unwanted empty
+        blocks, and claims blocks for the warm reserve. Runs only in sync
+        (out of sync the rules may be stale); the return to sync after a
+        restart or relist schedules it again. Empty blocks of pools that still
+        select this node are never dropped, so a pod churning at a block
+        boundary never makes the reserve claim and release a block in turn.
         """
         while self._cleanup_wanted and self.cache.in_sync.is_set():
             self._cleanup_wanted = False
             await asyncio.sleep(0)  # let the cache finish applying the batch
             try:
+                if not self._index_reconciled:
+                    fixed = await self.ipam.reconcile_free_index()
+                    self._index_reconciled = True
+                    if fixed:
+                        log.info("free-block index: %d entr%s of node %s fixed", fixed,
+                                 "y" if fixed == 1 else "ies", self.config.node)
                 dropped = await self.ipam.release_unwanted_blocks()
+                claimed = await self.ipam.top_up_reserve()
             except TopoipamError as exc:
-                log.debug("block cleanup deferred: %s", exc)
+                log.debug("block upkeep deferred: %s", exc)
                 self._cleanup_wanted = True
                 return
             if dropped:
                 log.info("released empty blocks no longer selected for %s: %s",
                          self.config.node, ", ".join(map(str, dropped)))
+            if claimed:
+                log.info("claimed %d block(s) for the warm reserve of %s", claimed,
+                         self.config.node)
 
     def _cache_state(self) -> Any:
         return self.cache.snapshot() if self.cache.in_sync.is_set() else None

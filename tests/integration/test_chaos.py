@@ -51,6 +51,8 @@ from topoipam.proto import ipam_pb2
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 NETWORK = "chaos-net"
+# Free addresses each daemon keeps ready in its own blocks (issue 13's warm reserve).
+WARM_ADDRESSES = 4
 TRY_AGAIN = 11
 RACK = {"node-0": "0", "node-1": "0", "node-2": "1", "node-3": "1"}
 POOLS = {"0": ipaddress.ip_network("10.77.0.0/26"), "1": ipaddress.ip_network("10.77.1.0/26")}
@@ -431,8 +433,9 @@ def test_churn_under_daemon_and_etcd_faults(etcd_cluster: EtcdCluster, prefix: s
     for rack, cidr in POOLS.items():
         run_ctl("create", "ippool", f"rack-{rack}", "--cidr", str(cidr), "--block-size",
                 str(BLOCK_SIZE), "--node-selector", f'rack == "{rack}"')
+    # Warm reserves on: background claims race the churn's claims and borrows.
     run_ctl("ipam", "configure", "--strictaffinity", "false", "--max-blocks-per-host",
-            str(MAX_BLOCKS_PER_HOST))
+            str(MAX_BLOCKS_PER_HOST), "--warm-addresses", str(WARM_ADDRESSES))
 
     daemons: dict[str, DaemonProcess] = {}
     metrics_port: dict[str, int] = {}
