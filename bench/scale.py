@@ -19,6 +19,13 @@ room for them). And the daemon must not read other nodes' blocks while its own
 have free space: etcd's own counters (Range RPCs, bytes sent to clients) during
 start-up and during the Allocate loop must be the same for the big and the
 small data set (a read of the big set's blocks would be megabytes).
+
+The two other paths of an allocation, measured the same way (interleaved,
+big vs 10-node, etcd's counters around each call): the first Allocate of a
+node that joins rack 2 with no blocks (it claims one: <= 1.2x, etcd bytes
+<= 2x), and, with maxBlocksPerHost=1, an Allocate of a joined node whose one
+block is full (it borrows from another node's block: <= 1.2x, etcd bytes
+<= 2x and under 20 KB).
 """
 
 from __future__ import annotations
@@ -113,6 +120,9 @@ class DataSet:
                     container += 1
                 yield emit("blocks", keys.block(cidr), encode(block.to_dict()))
                 yield emit("affinities", keys.affinity(name, cidr), b"{}")
+                # Every seeded block has room: its free-block index entry, as the
+                # daemon writes it in the claim's transaction.
+                yield emit("free", keys.free_block(cidr), encode({"node": name}))
 
 
 def node_name(index: int) -> str:
@@ -251,6 +261,9 @@ async def measure(args: argparse.Namespace) -> Report:
             for client in clients.values():
                 await client.close()
         rss_after = {name: d.rss_mib() for name, d in daemons.items()}
+        for daemon in daemons.values():
+            daemon.stop()
+        joins = await measure_joins(ws, {"big": big, "small": small}, args.joins)
 
     rows = []
     for name in ("big", "small"):
@@ -298,9 +311,57 @@ async def measure(args: argparse.Namespace) -> Report:
                  loop_traffic["big"].sent, loop_traffic["small"].sent, 1.2, unit="B")
     report.check("Allocate loop Range RPCs (big)", loop_traffic["big"].ranges,
                  None, loop_traffic["small"].ranges, unit="")
+    for path, (timings, traffic) in joins.items():
+        join_stats = {name: Stats.of_ns(values) for name, values in timings.items()}
+        print_table(f"{path}: Allocate latency and etcd bytes sent per call "
+                    f"({len(timings['big'])} joining nodes per data set)", [
+                        *STATS_HEADERS, "bytes/call"],
+                    [[*join_stats[name].row(f"{name} data set"),
+                      f"{statistics.median(traffic[name]):.0f}"] for name in ("big", "small")])
+        report.check(f"{path} Allocate p50, big vs 10-node", join_stats["big"].p50,
+                     join_stats["small"].p50, 1.2)
+        big_bytes, small_bytes = (statistics.median(traffic[n]) for n in ("big", "small"))
+        report.check(f"{path}: etcd bytes per call, big vs 10-node", big_bytes, small_bytes,
+                     2.0, unit="B")
+        if path == "borrow":
+            report.check("borrow: etcd bytes per call, big", big_bytes, None, 20_000, unit="B")
     report.notes.append(f"big data set: {fmt(seeded[BIG_PREFIX][1])} s to seed "
                         f"{seeded[BIG_PREFIX][0]} keys")
     return report
+
+
+async def measure_joins(ws: Workspace, data: dict[str, DataSet], count: int
+                        ) -> dict[str, tuple[dict[str, list[int]], dict[str, list[float]]]]:
+    """First Allocate of joining nodes (a claim), then, with maxBlocksPerHost=1 and the
+    joiner's one block full, an Allocate that must borrow: latency and etcd bytes."""
+    from topoipam.daemon.model import IPAMConfig
+
+    results: dict[str, tuple[dict[str, list[int]], dict[str, list[float]]]] = {
+        path: ({"big": [], "small": []}, {"big": [], "small": []})
+        for path in ("claim", "borrow")}
+    for d in data.values():
+        await ws.seed(d.prefix, [IPAMConfig(max_blocks_per_host=1)])
+    for r in range(count):
+        for name in (("big", "small") if r % 2 == 0 else ("small", "big")):
+            node = f"joiner-{r:02d}"
+            daemon = ws.daemon(node, data[name].prefix, labels={"rack": "2"})
+            client = IpamClient(daemon.socket)
+            try:
+                for path in ("claim", "borrow"):
+                    if path == "borrow":  # fill the one block the claim gave the joiner
+                        for i in range(63):
+                            await client.allocate(f"{node}-fill-{i}")
+                    before = EtcdTraffic.now(ws.etcd)
+                    elapsed, reply = await client.timed_allocate(f"{node}-{path}")
+                    traffic = EtcdTraffic.now(ws.etcd) - before
+                    if len(reply.addresses) != 1:
+                        raise RuntimeError(f"{path} Allocate of {node} returned {reply}")
+                    results[path][0][name].append(elapsed)
+                    results[path][1][name].append(traffic.sent)
+            finally:
+                await client.close()
+                daemon.stop()
+    return results
 
 
 def main() -> None:
@@ -315,6 +376,8 @@ def main() -> None:
                         help="interleaved Allocate rounds per data set (default 10)")
     parser.add_argument("--batch", type=int, default=100,
                         help="allocations per round, then released (default 100)")
+    parser.add_argument("--joins", type=int, default=10,
+                        help="joining nodes per data set for the claim and borrow paths")
     run_main(measure, parser)
 
 

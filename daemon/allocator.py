@@ -256,6 +256,24 @@ def claim_windows(pool: IPPool, node: str) -> Iterator[IPNetwork]:
             (base + ((start + step) % count) * size, prefix))
 
 
+#: Groups of claim windows whose blocks one survey transaction counts.
+CLAIM_SURVEY_GROUPS = 64
+
+
+def claim_groups(pool: IPPool, node: str) -> list[IPNetwork]:
+    """At most 64 aligned parts of the pool, in the order ``node`` tries them (its own
+    window's part first): what one survey transaction counts the blocks of."""
+    window = next(claim_windows(pool, node))
+    prefix = min(window.prefixlen,
+                 pool.cidr.prefixlen + (CLAIM_SURVEY_GROUPS.bit_length() - 1))
+    count = 1 << (prefix - pool.cidr.prefixlen)
+    size = 1 << (pool.cidr.max_prefixlen - prefix)
+    base = int(pool.cidr.network_address)
+    start = (int(window.network_address) - base) // size
+    return [ipaddress.ip_network((base + ((start + step) % count) * size, prefix))
+            for step in range(count)]
+
+
 def borrow_start(pool: IPPool, node: str) -> IPNetwork:
     """The block CIDR where ``node`` starts reading the pool's free-block index."""
     count = 1 << (pool.block_size - pool.cidr.prefixlen)
@@ -330,8 +348,10 @@ class TxnPlan:
         self.free_before: dict[IPNetwork, bool] = {}
         self.affinities: dict[tuple[str, IPNetwork], bool] = {}  # True put, False delete
         self.handles: dict[str, Write] = {}
-        # Block CIDRs that exist in etcd, per claim window, read once per transaction.
+        # Block CIDRs that exist in etcd, per claim window or group, read once per
+        # transaction; and per pool, the survey's block count of each group.
         self.existing: dict[IPNetwork, set[IPNetwork]] = {}
+        self.surveys: dict[str, list[tuple[IPNetwork, int]]] = {}
         self.affine_read: list[Versioned[Block]] | None = None
 
     def snapshot(self) -> tuple[dict[IPNetwork, tuple[Block | None, int]],

@@ -204,8 +204,6 @@ class _Defer(Exception):
 LINGER_TURNS = 8
 LINGER_SECONDS = 0.001
 
-# Claim windows read one by one before a nearly full pool is read whole.
-CLAIM_WINDOWS_BEFORE_FULL_READ = 4
 # Free-block index entries a borrow reads at a time.
 BORROW_WINDOW = 8
 
@@ -646,25 +644,34 @@ class AllocationEngine:
 
     async def _unclaimed_block(self, state: ClusterState, pool: IPPool, txn: TxnPlan
                                ) -> IPNetwork | None:
-        """A block CIDR of ``pool`` nobody has claimed, read a window at a time.
+        """A block CIDR of ``pool`` nobody has claimed, found without reading the pool.
 
-        This node's windows first (see :func:`allocator.claim_windows`): one
-        keys-only read of up to 16 block keys in the common case, whatever the
-        size of the pool. After a few full windows (a nearly full pool) one
-        read of every block key of the pool finds the rest at once. Each
-        window is read once per transaction. The claim itself is guarded by
-        ``create_revision == 0`` of the block key, so a racing claim of the
-        same CIDR loses its compare and re-plans.
+        One round trip reads this node's claim window (up to 16 block keys, from
+        a node-specific start: see :func:`allocator.claim_windows`) and counts
+        the block keys of at most 64 parts of the pool; a full window sends the
+        search to the first part with room, read alone. Reads do not grow with
+        the pool; only a pool whose counts all look full (it is full, or holds
+        blocks of another size) is read whole. Each read is made once per
+        transaction. The claim itself is guarded by ``create_revision == 0`` of
+        the block key, so a racing claim of the same CIDR loses and re-plans.
         """
-        for tried, window in enumerate(allocator.claim_windows(pool, self.node)):
-            if tried == CLAIM_WINDOWS_BEFORE_FULL_READ:
-                window = pool.cidr
-            existing = txn.existing.get(window)
-            if existing is None:
-                existing = txn.existing[window] = await self.store.block_cidrs(window)
-            existing.update(txn.blocks)
-            cidr = allocator.first_unclaimed_block(pool, existing, state.reservations, window)
-            if cidr is not None or window == pool.cidr:
+        window = next(allocator.claim_windows(pool, self.node))
+        survey = txn.surveys.get(pool.name)
+        if survey is None:
+            groups = allocator.claim_groups(pool, self.node)
+            in_window, counts = await self.store.survey_blocks(window, groups)
+            txn.existing[window] = in_window
+            survey = txn.surveys[pool.name] = list(zip(groups, counts, strict=True))
+        candidates = [window, *(group for group, count in survey
+                                if count < 1 << (pool.block_size - group.prefixlen)),
+                      pool.cidr]
+        for within in candidates:
+            known = txn.existing.get(within)
+            if known is None:
+                known = txn.existing[within] = await self.store.block_cidrs(within)
+            known.update(txn.blocks)
+            cidr = allocator.first_unclaimed_block(pool, known, state.reservations, within)
+            if cidr is not None:
                 return cidr
         return None
 

@@ -439,6 +439,23 @@ class EtcdStore:
             kvs, _ = await self.range_raw(*self.keys.blocks_in(within), keys_only=True)
         return {v.value for v in decode_each(kvs, lambda key, _: self.keys.block_cidr(key))}
 
+    async def survey_blocks(self, window: IPNetwork, groups: Sequence[IPNetwork]
+                            ) -> tuple[set[IPNetwork], list[int]]:
+        """In one round trip: the block CIDRs inside ``window`` (keys only) and the number
+        of block keys inside each of ``groups`` (counts only): what a claim needs to
+        find room without reading the pool."""
+        ranges = [rpc.RequestOp(request_range=rpc.RangeRequest(
+            key=start, range_end=end, keys_only=True))
+            for start, end in [self.keys.blocks_in(window)]]
+        ranges += [rpc.RequestOp(request_range=rpc.RangeRequest(
+            key=start, range_end=end, count_only=True))
+            for start, end in (self.keys.blocks_in(group) for group in groups)]
+        response = await self._call("Txn", rpc.TxnRequest(success=ranges))
+        first, *counts = response.responses
+        existing = {v.value for v in decode_each(
+            first.response_range.kvs, lambda key, _: self.keys.block_cidr(key))}
+        return existing, [int(c.response_range.count) for c in counts]
+
     async def free_blocks(self, within: IPNetwork, start: IPNetwork | None = None,
                           limit: int = 0) -> list[tuple[IPNetwork, str | None]]:
         """Entries of the free-block index inside ``within``: (block, its affinity).
