@@ -83,6 +83,7 @@ class DataSet:
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every key and value of the data set, as the daemon would write them."""
+        from topoipam.daemon import allocator
         from topoipam.daemon.keys import KeySchema
         from topoipam.daemon.model import Block, Handle, HandleAddress, Node
         from topoipam.daemon.store import encode
@@ -97,6 +98,16 @@ class DataSet:
 
         for p in pools:
             yield emit("pools", keys.pool(p.name), encode(p.to_dict()))
+        # The room index, as pool creation and claims leave it: the claim windows that
+        # still have an unclaimed block (the seeded blocks fill each rack pool from
+        # its start).
+        per_pool = (self.nodes + RACKS - 1) // RACKS * self.blocks_per_node
+        for p in pools:
+            prefix = allocator.window_prefix(p)
+            per_window = 1 << (p.block_size - prefix)
+            for index, window in enumerate(p.cidr.subnets(new_prefix=prefix)):
+                if (index + 1) * per_window > per_pool:
+                    yield emit("rooms", keys.room(window), b"{}")
         container = 0
         for i in range(self.nodes):
             name, rack = node_name(i), i % RACKS

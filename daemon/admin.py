@@ -30,6 +30,7 @@ from .audit import (
     outside_pools,
     owning_pool,
     reserves,
+    room_index_gaps,
     show,
 )
 from .engine import AllocationEngine
@@ -61,6 +62,7 @@ from .writes import (
     PutFreeMark,
     PutHandle,
     PutObject,
+    PutRoomMark,
     Versioned,
     Write,
 )
@@ -147,6 +149,7 @@ class Plan:
     lines: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     deletes_pool: bool = False
+    new_pools: list[IPPool] = field(default_factory=list)
 
 
 async def plan_writes(
@@ -221,6 +224,8 @@ async def plan_writes(
         plan.writes.append(PutObject(target.obj, revision))
         outcome = "configured" if revision else "created"
         plan.lines.append(f"{resource_id(target.obj)} {outcome}")
+        if isinstance(target.obj, IPPool) and not isinstance(current, IPPool):
+            plan.new_pools.append(target.obj)
     if any(isinstance(w, PutObject) and isinstance(w.obj, IPPool) for w in plan.writes):
         # The overlap checks above hold only if no pool appears meanwhile.
         plan.writes.append(PoolsUnchangedSince(pools_revision))
@@ -309,6 +314,8 @@ async def write_targets(
         return plan.writes, plan
 
     plan = await store.commit_with_retry(attempt, "the objects")
+    for pool in plan.new_pools:
+        await write_room_marks(store, pool)
     if plan.writes and plan.deletes_pool:
         dropped = await drop_stray_empty_blocks(store)
         if dropped:
@@ -525,8 +532,10 @@ async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple
             if current is None or current.value.affinity != node:
                 return writes, "affinity"
             if current.value.is_empty():
+                window = allocator.window_of(pools, cidr)
+                room: list[Write] = [PutRoomMark(window)] if window is not None else []
                 return [*writes, DeleteBlock(cidr, current.mod_revision),
-                        DeleteFreeMark(cidr)], "deleted"
+                        DeleteFreeMark(cidr), *room], "deleted"
             orphan = current.value.copy()
             orphan.affinity = None
             marks: list[Write] = [PutFreeMark(cidr, None)] if has_free(orphan, pools) else []
@@ -590,8 +599,28 @@ async def configure(store: EtcdStore, changes: dict[str, Any]) -> bool:
     return await store.commit_with_retry(attempt, "ipamconfig")
 
 
+async def write_room_marks(store: EtcdStore, pool: IPPool,
+                           only: Iterable[IPNetwork] | None = None) -> int:
+    """Mark the claim windows of a new pool (or just ``only``) as having room.
+
+    Hints, written unguarded after the pool itself: a window a leftover block
+    fills is unmarked by the first claimer that finds it full. Pools of more
+    than 65,536 windows get none: their claims survey instead.
+    """
+    windows: list[IPNetwork]
+    if only is not None:
+        windows = list(only)
+    elif allocator.window_prefix(pool) - pool.cidr.prefixlen <= 16:
+        windows = list(pool.cidr.subnets(new_prefix=allocator.window_prefix(pool)))
+    else:
+        windows = []
+    for start in range(0, len(windows), MAX_TXN_OPS - 8):
+        await store.commit([PutRoomMark(w) for w in windows[start:start + MAX_TXN_OPS - 8]])
+    return len(windows)
+
+
 async def repair_free_index(store: EtcdStore) -> int:
-    """Make the free-block index agree with the blocks; returns the entries fixed.
+    """Make the free-block and room indexes agree with the blocks; returns entries fixed.
 
     Entries are hints (a borrower's own compare on the block guards what it
     writes), so each fix is written unguarded: a block that changes meanwhile
@@ -604,4 +633,7 @@ async def repair_free_index(store: EtcdStore) -> int:
         for cidr, block in free_index_drift(snap)]
     for start in range(0, len(writes), BLOCK_DROP_BATCH):
         await store.commit(writes[start:start + BLOCK_DROP_BATCH])
-    return len(writes)
+    fixed = len(writes)
+    for pool, missing in room_index_gaps(snap, await store.room_windows_all()):
+        fixed += await write_room_marks(store, pool, missing)
+    return fixed

@@ -21,9 +21,11 @@ from .writes import (
     DeleteAffinity,
     DeleteBlock,
     DeleteFreeMark,
+    DeleteRoomMark,
     PutAffinity,
     PutBlock,
     PutFreeMark,
+    PutRoomMark,
     Versioned,
     Write,
 )
@@ -239,6 +241,19 @@ def node_offset(node: str, count: int) -> int:
     return zlib.crc32(node.encode()) % count if count > 1 else 0
 
 
+def window_prefix(pool: IPPool) -> int:
+    """The prefix length of the pool's claim windows (up to 16 blocks each)."""
+    return max(pool.cidr.prefixlen, pool.block_size - (CLAIM_WINDOW_BLOCKS.bit_length() - 1))
+
+
+def window_of(pools: Iterable[IPPool], cidr: IPNetwork) -> IPNetwork | None:
+    """The claim window a block CIDR lies in, or None if no pool owns it."""
+    pool = pool_of_block(pools, cidr)
+    if pool is None or pool.block_size != cidr.prefixlen:
+        return None
+    return cidr.supernet(new_prefix=window_prefix(pool))
+
+
 def claim_windows(pool: IPPool, node: str) -> Iterator[IPNetwork]:
     """The pool's claim windows (aligned runs of up to 16 block CIDRs) in the order
     ``node`` tries them: from a node-specific start, wrapping round the pool.
@@ -246,7 +261,7 @@ def claim_windows(pool: IPPool, node: str) -> Iterator[IPNetwork]:
     Nodes start in different windows, so a claim reads a window's keys instead
     of every block key of the pool, and concurrent claims rarely race.
     """
-    prefix = max(pool.cidr.prefixlen, pool.block_size - (CLAIM_WINDOW_BLOCKS.bit_length() - 1))
+    prefix = window_prefix(pool)
     count = 1 << (prefix - pool.cidr.prefixlen)
     size = 1 << (pool.cidr.max_prefixlen - prefix)
     base = int(pool.cidr.network_address)
@@ -352,6 +367,10 @@ class TxnPlan:
         # transaction; and per pool, the survey's block count of each group.
         self.existing: dict[IPNetwork, set[IPNetwork]] = {}
         self.surveys: dict[str, list[tuple[IPNetwork, int]]] = {}
+        # Per pool, the claim windows the room index lists (read once per transaction),
+        # and the room index entries this transaction puts (True) or deletes (False).
+        self.rooms: dict[str, list[IPNetwork]] = {}
+        self.room_marks: dict[IPNetwork, bool] = {}
         self.affine_read: list[Versioned[Block]] | None = None
 
     def snapshot(self) -> tuple[dict[IPNetwork, tuple[Block | None, int]],
@@ -377,6 +396,9 @@ class TxnPlan:
         guard = self.blocks.get(block.cidr, (None, read_revision))[1]
         self.blocks[block.cidr] = (None, guard)
         self._first_touch(block.cidr, before)
+        window = window_of(self.pools, block.cidr)
+        if window is not None:  # its slot can be claimed again
+            self.room_marks[window] = True
         if block.affinity is not None:
             self.affinities[(block.affinity, block.cidr)] = False
 
@@ -398,12 +420,15 @@ class TxnPlan:
             writes += free_mark_writes(cidr, self.free_before.get(cidr, False), block, self.pools)
         for (node, cidr), put in self.affinities.items():
             writes.append(PutAffinity(node, cidr) if put else DeleteAffinity(node, cidr))
+        writes += [PutRoomMark(w) if put else DeleteRoomMark(w)
+                   for w, put in self.room_marks.items()]
         writes += self.handles.values()
         return writes
 
     def size(self) -> int:
         # A block counts twice: its free-index entry may change with it.
-        return 2 * len(self.blocks) + len(self.affinities) + len(self.handles)
+        return (2 * len(self.blocks) + len(self.affinities) + len(self.handles)
+                + len(self.room_marks))
 
 
 def has_free(block: Block, pools: Iterable[IPPool]) -> bool:

@@ -95,6 +95,8 @@ class Snapshot:
     corrupt: list[str] = field(default_factory=list)
     #: The free-block index: block -> the affinity its entry names.
     free: dict[IPNetwork, str | None] = field(default_factory=dict)
+    #: The room index: claim windows listed as having an unclaimed block.
+    rooms: set[IPNetwork] = field(default_factory=set)
 
     def allocations(self) -> list[AllocationRow]:
         rows = []
@@ -110,13 +112,14 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     keys = store.keys
     pool_kvs, revision = await store.prefix_raw(keys.pools())
     ((node_kvs, _), (reservation_kvs, _), (block_kvs, _), (affinity_kvs, _), (handle_kvs, _),
-     (free_kvs, _)) = await asyncio.gather(
+     (free_kvs, _), (room_kvs, _)) = await asyncio.gather(
         store.prefix_raw(keys.nodes(), revision=revision),
         store.prefix_raw(keys.reservations(), revision=revision),
         store.prefix_raw(keys.blocks(), revision=revision),
         store.prefix_raw(keys.affinities(), keys_only=True, revision=revision),
         store.prefix_raw(keys.handles(), revision=revision),
         store.prefix_raw(keys.free_blocks(), revision=revision),
+        store.prefix_raw(keys.rooms(), keys_only=True, revision=revision),
     )
     snap = Snapshot(revision, [], {}, [], {}, [], {})
 
@@ -130,6 +133,7 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     snap.blocks.update((b.cidr, b) for b in decoded(block_kvs, store.decode_block))
     snap.affinities.extend(decoded(affinity_kvs, lambda key, _: keys.affinity_of(key)))
     snap.handles.update((h.id, h) for h in decoded(handle_kvs, store.decode_handle))
+    snap.rooms.update(decoded(room_kvs, lambda key, _: keys.block_cidr(key, "room")))
     snap.free.update(decoded(free_kvs, lambda key, raw: (
         keys.block_cidr(key, "free"), decode(raw, "free-block entry").get("node"))))
     return snap
@@ -233,6 +237,29 @@ def free_index_drift(snap: Snapshot) -> list[tuple[IPNetwork, Block | None]]:
     return drift
 
 
+def room_index_gaps(snap: Snapshot, listed: set[IPNetwork]
+                    ) -> list[tuple[IPPool, list[IPNetwork]]]:
+    """Per pool, the claim windows that have an unclaimed block but no room index
+    entry (claims there fall back to a survey). Pools too big to index are left out."""
+    reservations = allocator.Reservations(snap.reservations)
+    gaps = []
+    for pool in snap.pools:
+        prefix = allocator.window_prefix(pool)
+        if prefix - pool.cidr.prefixlen > 16:
+            continue
+        by_window: dict[IPNetwork, set[IPNetwork]] = {}
+        for cidr in snap.blocks:
+            if cidr.version == pool.family and cidr.subnet_of(pool.cidr):  # type: ignore[arg-type]
+                by_window.setdefault(cidr.supernet(new_prefix=prefix)
+                                     if cidr.prefixlen >= prefix else cidr, set()).add(cidr)
+        missing = [w for w in pool.cidr.subnets(new_prefix=prefix) if w not in listed
+                   and allocator.first_unclaimed_block(pool, by_window.get(w, set()),
+                                                       reservations, w) is not None]
+        if missing:
+            gaps.append((pool, missing))
+    return gaps
+
+
 def find_warnings(snap: Snapshot) -> list[str]:
     """Deliberate or harmless states an operator should know about, one line each.
 
@@ -257,6 +284,10 @@ def find_warnings(snap: Snapshot) -> list[str]:
                  if cidr not in snap.free else "has nothing to give")
         lines.append(f"free-block index out of date: block {cidr} {state} (borrowing still "
                      "works, by reading more; fix: topoipamctl ipam repair-index)")
+    for pool, missing in room_index_gaps(snap, snap.rooms):
+        lines.append(f"room index out of date: pool {pool.name} has {len(missing)} claim "
+                     "window(s) with room but no entry (claims there survey the pool "
+                     "instead; fix: topoipamctl ipam repair-index)")
     return lines
 
 

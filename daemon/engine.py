@@ -206,6 +206,8 @@ LINGER_SECONDS = 0.001
 
 # Free-block index entries a borrow reads at a time.
 BORROW_WINDOW = 8
+# Room index entries a claim reads at a time.
+ROOM_READ = 4
 
 # etcd refuses transactions with more than 128 operations in a branch (--max-txn-ops).
 MAX_TXN_OPS = 120
@@ -646,30 +648,64 @@ class AllocationEngine:
                                ) -> IPNetwork | None:
         """A block CIDR of ``pool`` nobody has claimed, found without reading the pool.
 
-        One round trip reads this node's claim window (up to 16 block keys, from
-        a node-specific start: see :func:`allocator.claim_windows`) and counts
-        the block keys of at most 64 parts of the pool; a full window sends the
-        search to the first part with room, read alone. Reads do not grow with
-        the pool; only a pool whose counts all look full (it is full, or holds
-        blocks of another size) is read whole. Each read is made once per
-        transaction. The claim itself is guarded by ``create_revision == 0`` of
-        the block key, so a racing claim of the same CIDR loses and re-plans.
+        The room index lists the claim windows (up to 16 blocks each) that may
+        have an unclaimed block; a claimer reads a few entries from its
+        node-specific window on (:func:`allocator.claim_windows`), then the
+        block keys of one window: a few keys and at most 16, whatever the size
+        of the pool or how full it is. A claim that fills a window deletes its
+        entry in the same transaction, and an entry found wrong (a window
+        filled by a racing claim) is deleted by whoever finds it. Pools without
+        entries (written before the index) are searched by a survey instead:
+        see :meth:`_surveyed_block`. The claim itself is guarded by
+        ``create_revision == 0`` of the block key, so a racing claim of the
+        same CIDR loses its compare and re-plans.
         """
-        window = next(allocator.claim_windows(pool, self.node))
+        own = next(allocator.claim_windows(pool, self.node))
+        rooms = txn.rooms.get(pool.name)
+        if rooms is None:
+            rooms = await self.store.room_windows(pool.cidr, own, ROOM_READ)
+            if len(rooms) < ROOM_READ:  # wrap round to the pool's first windows
+                rooms += [w for w in await self.store.room_windows(pool.cidr, None, ROOM_READ)
+                          if w not in rooms]
+            txn.rooms[pool.name] = rooms
+        for window in rooms:
+            if txn.room_marks.get(window) is False:
+                continue
+            known = await self._known_blocks(window, txn)
+            cidr = allocator.first_unclaimed_block(pool, known, state.reservations, window)
+            if cidr is None:
+                txn.room_marks[window] = False  # the entry was wrong: drop it
+                continue
+            if allocator.first_unclaimed_block(pool, known | {cidr}, state.reservations,
+                                               window) is None:
+                txn.room_marks[window] = False  # this claim fills the window
+            return cidr
+        return await self._surveyed_block(state, pool, own, txn)
+
+    async def _known_blocks(self, within: IPNetwork, txn: TxnPlan) -> set[IPNetwork]:
+        """The block CIDRs inside ``within``: read once per transaction, plus its plans."""
+        known = txn.existing.get(within)
+        if known is None:
+            known = txn.existing[within] = await self.store.block_cidrs(within)
+        known.update(txn.blocks)
+        return known
+
+    async def _surveyed_block(self, state: ClusterState, pool: IPPool, own: IPNetwork,
+                              txn: TxnPlan) -> IPNetwork | None:
+        """The search without a room index: one round trip reads this node's window and
+        counts the block keys of at most 64 parts of the pool; a full window sends the
+        search to the first part with room. Only a pool whose counts all look full (it
+        is full, or holds blocks of another size) is read whole."""
         survey = txn.surveys.get(pool.name)
         if survey is None:
             groups = allocator.claim_groups(pool, self.node)
-            in_window, counts = await self.store.survey_blocks(window, groups)
-            txn.existing[window] = in_window
+            in_window, counts = await self.store.survey_blocks(own, groups)
+            txn.existing.setdefault(own, in_window)
             survey = txn.surveys[pool.name] = list(zip(groups, counts, strict=True))
-        candidates = [window, *(group for group, count in survey
-                                if count < 1 << (pool.block_size - group.prefixlen)),
-                      pool.cidr]
+        candidates = [own, *(group for group, count in survey
+                             if count < 1 << (pool.block_size - group.prefixlen)), pool.cidr]
         for within in candidates:
-            known = txn.existing.get(within)
-            if known is None:
-                known = txn.existing[within] = await self.store.block_cidrs(within)
-            known.update(txn.blocks)
+            known = await self._known_blocks(within, txn)
             cidr = allocator.first_unclaimed_block(pool, known, state.reservations, within)
             if cidr is not None:
                 return cidr
@@ -960,10 +996,10 @@ class AllocationEngine:
         Returns the entries fixed.
         """
         state = await self.source.state()
+        blocks = [v.value for v in await self.source.affine_blocks()]
+        listed = await self.store.free_marked([block.cidr for block in blocks])
         writes: list[Write] = []
-        for versioned in await self.source.affine_blocks():
-            block = versioned.value
-            listed = {cidr for cidr, _ in await self.store.free_blocks(block.cidr)}
+        for block in blocks:
             writes += allocator.free_mark_writes(block.cidr, block.cidr in listed, block,
                                                  state.pools)
         if writes:

@@ -92,6 +92,17 @@ class KeySchema:
     def free_blocks_in(self, cidr: IPNetwork) -> tuple[bytes, bytes]:
         return self._range_in("free", cidr)
 
+    def room(self, window: IPNetwork) -> bytes:
+        """The room index entry of a claim window: present while it may have an
+        unclaimed block (a hint that saves claimers a search)."""
+        return self._key("room", _family_segment(window.version), _hex_network(window))
+
+    def rooms(self) -> bytes:
+        return self._family_prefix("room", None)
+
+    def room_in(self, cidr: IPNetwork) -> tuple[bytes, bytes]:
+        return self._range_in("room", cidr)
+
     def _family_prefix(self, kind: str, family: int | None) -> bytes:
         if family is None:
             return self._key(kind, "")

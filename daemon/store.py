@@ -456,6 +456,35 @@ class EtcdStore:
             first.response_range.kvs, lambda key, _: self.keys.block_cidr(key))}
         return existing, [int(c.response_range.count) for c in counts]
 
+    async def room_windows(self, within: IPNetwork, start: IPNetwork | None = None,
+                           limit: int = 0) -> list[IPNetwork]:
+        """Claim windows inside ``within`` whose room index entry says they may have an
+        unclaimed block: from ``start`` on, at most ``limit`` (0: all)."""
+        low, end = self.keys.room_in(within)
+        if start is not None:
+            low = max(low, self.keys.room(start))
+        kvs, _ = await self.range_raw(low, end, keys_only=True, limit=limit)
+        return [v.value for v in decode_each(kvs, lambda key, _: self.keys.block_cidr(
+            key, "room"))]
+
+    async def free_marked(self, cidrs: Sequence[IPNetwork]) -> set[IPNetwork]:
+        """Which of ``cidrs`` have a free-block index entry, in one round trip per 120."""
+        marked: set[IPNetwork] = set()
+        for start in range(0, len(cidrs), 120):
+            chunk = cidrs[start:start + 120]
+            response = await self._call("Txn", rpc.TxnRequest(success=[
+                rpc.RequestOp(request_range=rpc.RangeRequest(
+                    key=self.keys.free_block(cidr), count_only=True)) for cidr in chunk]))
+            marked.update(cidr for cidr, op in zip(chunk, response.responses, strict=True)
+                          if op.response_range.count)
+        return marked
+
+    async def room_windows_all(self) -> set[IPNetwork]:
+        """Every claim window the room index lists (for audits and repairs)."""
+        kvs, _ = await self.prefix_raw(self.keys.rooms(), keys_only=True)
+        return {v.value for v in decode_each(kvs, lambda key, _: self.keys.block_cidr(
+            key, "room"))}
+
     async def free_blocks(self, within: IPNetwork, start: IPNetwork | None = None,
                           limit: int = 0) -> list[tuple[IPNetwork, str | None]]:
         """Entries of the free-block index inside ``within``: (block, its affinity).
@@ -594,6 +623,12 @@ class EtcdStore:
             case ops.DeleteFreeMark(cidr=cidr):
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self.keys.free_block(cidr)))
+            case ops.PutRoomMark(window=window):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.room(window), value=b"{}"))
+            case ops.DeleteRoomMark(window=window):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.room(window)))
             case ops.PutHandle(handle=handle):
                 return rpc.RequestOp(request_put=rpc.PutRequest(
                     key=self.keys.handle(handle.id), value=encode(handle.to_dict())))

@@ -64,6 +64,18 @@ class DeleteFreeMark:
 
 
 @dataclass(frozen=True)
+class PutRoomMark:
+    """The room index entry of a claim window that may have an unclaimed block."""
+
+    window: IPNetwork
+
+
+@dataclass(frozen=True)
+class DeleteRoomMark:
+    window: IPNetwork
+
+
+@dataclass(frozen=True)
 class PutHandle:
     handle: Handle
     expect_revision: int  # 0: the handle must not exist yet
@@ -103,7 +115,7 @@ class PoolsUnchangedSince:
 
 Write = (
     PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutFreeMark | DeleteFreeMark
-    | PutHandle | DeleteHandle | PutObject
+    | PutRoomMark | DeleteRoomMark | PutHandle | DeleteHandle | PutObject
     | DeleteObject | PoolsUnchangedSince
 )
 

@@ -186,3 +186,28 @@ def test_warm_reserve_output_is_json_clean(ctl_env: dict[str, str]) -> None:
     assert ctl(ctl_env, "ipam", "configure", "--warm-addresses", "110").returncode == 0
     shown = json.loads(ctl(ctl_env, "get", "ipamconfig", "-o", "json").stdout)
     assert [item["spec"]["warmAddresses"] for item in shown["items"]] == [110]
+
+
+@pytest.mark.asyncio
+async def test_the_room_index_follows_claims_and_repair_fills_it(
+        store: EtcdStore, ctl_env: dict[str, str]) -> None:
+    # /24 with /30 blocks: 64 blocks in 4 claim windows of 16.
+    assert ctl(ctl_env, "create", "ippool", "rooms", "--cidr", "10.93.0.0/24", "--block-size",
+               "30").returncode == 0
+    windows = await store.room_windows(net("10.93.0.0/24"))
+    assert windows == list(net("10.93.0.0/24").subnets(new_prefix=26))
+    await seed(store, IPAMConfig(), Node("r0"))
+    engine = AllocationEngine(store, "r0")
+    for i in range(16 * 4 - 1):  # 4 usable per block but the first (network, gateway): 16 blocks
+        await engine.allocate(request(f"r{i}"))
+    # The claim that filled the node's first window removed its entry, in its transaction.
+    assert len(await store.room_windows(net("10.93.0.0/24"))) == 3
+    check = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
+    assert check.returncode == 0 and "room index" not in check.stdout, check.stdout
+    # A pool written without the index (as before it existed): reported, then repaired.
+    await seed(store, IPPool("old", net("10.94.0.0/24"), 28))
+    check = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
+    assert "room index out of date: pool old has 1 claim window(s)" in check.stdout, check.stdout
+    await asyncio.to_thread(ctl, ctl_env, "ipam", "repair-index")
+    check = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
+    assert "room index" not in check.stdout, check.stdout
