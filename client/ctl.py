@@ -53,13 +53,16 @@ from topoipam.daemon.admin import (
     write_targets,
 )
 from topoipam.daemon.audit import (
+    DEFAULT_ROUTE_LABEL,
     allocation_steps,
+    borrowed_by,
     describe_address,
     find_inconsistencies,
     find_warnings,
     load_snapshot,
     network_order,
     placement_problem,
+    route_report,
     show,
     usable_capacity,
 )
@@ -619,6 +622,15 @@ async def cmd_explain(store: EtcdStore, args: argparse.Namespace) -> int:
         print(f"{family_name(family)} allocation order:")
         for line in allocation_steps(args.name, order, snap, config):
             print(f"  {line}")
+    borrowed = borrowed_by(snap, args.name)
+    if borrowed:
+        print()
+        print(f"borrowed: {args.name} holds {len(borrowed)} address(es) in blocks it does not "
+              "own (routes that may break aggregation: see `topoipamctl check routes`):")
+        for row in borrowed:
+            owner = (f"node {row.block.affinity}" if row.block.affinity is not None
+                     else "no node")
+            print(f"  {row.ip} in block {row.block.cidr} of {owner} (pod {row.pod})")
     return 0
 
 
@@ -665,6 +677,31 @@ async def cmd_check_placement(store: EtcdStore, args: argparse.Namespace) -> int
         return 1 if args.fail_on_warnings else 0
     print(f"check placement: OK ({len(rows)} allocations)")
     return 0
+
+
+async def cmd_check_routes(store: EtcdStore, args: argparse.Namespace) -> int:
+    report = route_report(await load_snapshot(store), args.by)
+    breaking = report.breaking
+    counts = (f"{len(report.domains)} {args.by} value(s), {report.prefix_count} prefix(es) to "
+              f"route, {len(breaking)} breaking aggregation")
+    if args.output == "json":
+        print(json.dumps(report.to_json(), indent=2))
+        if breaking:
+            return 1
+        return 1 if report.warnings and args.fail_on_warnings else 0
+    rows = []
+    for domain in report.domains:
+        rows.append([show(domain.value), ",".join(domain.nodes) or "-",
+                     ",".join(domain.pools) or "-", str(len(domain.prefixes)),
+                     " ".join(map(str, domain.aggregate)) or "-",
+                     " ".join(str(e.prefix) for e in domain.exceptions) or "-"])
+    print_table([args.by.upper(), "NODES", "POOLS", "PREFIXES", "AGGREGATE", "BREAKING"], rows)
+    print()
+    problems = [f"breaks aggregation: {e.prefix} routed to {args.by}="
+                f"{show(domain.value)} (node {e.node}): {e.reason}"
+                for domain in report.domains for e in domain.exceptions]
+    return print_findings("check routes", problems, report.warnings, counts,
+                          args.fail_on_warnings)
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -854,7 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = verbs.add_parser("check", help="cluster-wide reports",
                              description="cluster-wide reports", epilog=EXIT_CODES)
     check_verbs = check.add_subparsers(dest="check_verb", required=True, metavar="REPORT",
-                                       help="coverage or placement")
+                                       help="coverage, placement or routes")
     coverage = verb(check_verbs, "coverage", cmd_check_coverage,
                     "nodes that no enabled pool selects (problems)")
     report_flags(coverage)
@@ -863,6 +900,16 @@ def build_parser() -> argparse.ArgumentParser:
     report_flags(placement)
     placement.add_argument("--fail-on-found", dest="fail_on_warnings", action="store_true",
                            help="the same as --fail-on-warnings (older name)")
+    routes = verb(check_verbs, "routes", cmd_check_routes,
+                  "per value of a node label (a rack): the prefixes a fabric must route there, "
+                  "the aggregate of its nodes' blocks plus each block or address that breaks "
+                  "aggregation (problems)")
+    report_flags(routes)
+    routes.add_argument("--by", metavar="LABEL", default=DEFAULT_ROUTE_LABEL,
+                        help="the node label whose values are the routing domains "
+                             f"(default {DEFAULT_ROUTE_LABEL})")
+    routes.add_argument("-o", "--output", choices=["json"],
+                        help="a json document instead of the table and lines")
     cni_bundle.add_parser(verbs)
     return parser
 

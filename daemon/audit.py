@@ -1,9 +1,10 @@
 """Audits of the cluster's IPAM state, read at one etcd revision: pure reports, no writes.
 
 What ``topoipamctl ipam check``, ``ipam show``, ``explain node`` and the
-``check`` verbs report, usable from the library: :func:`load_snapshot` reads
-every pool, node, reservation, block, affinity and handle at one revision (so
-the reports agree with each other), and the functions below turn a
+``check`` verbs (coverage, placement, routes) report, usable from the
+library: :func:`load_snapshot` reads every pool, node, reservation, block,
+affinity and handle at one revision (so the reports agree with each other),
+and the functions below turn a
 :class:`Snapshot` into lines. Problems (:func:`find_inconsistencies`) are
 states that can hand an address out twice or lose one; warnings
 (:func:`find_warnings`) are deliberate or harmless states an operator should
@@ -13,6 +14,7 @@ know about. The CLI only prints them.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -423,3 +425,174 @@ def placement_problem(row: AllocationRow, snap: Snapshot) -> str | None:
     _, reason = allocator.explain_pool(pool, labels)
     return reason if node is not None else f"node is not registered; {reason}"
 
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+#: The node label ``check routes`` groups nodes by when none is named (the seed's racks).
+DEFAULT_ROUTE_LABEL = "rack"
+
+
+@dataclass(frozen=True)
+class RouteException:
+    """A prefix the fabric must carry besides a domain's aggregate: it breaks aggregation.
+
+    ``kind`` is ``block`` (a node's block whose pool no longer selects that
+    node, or whose pool is gone) or ``address`` (a /32 or /128 held by a node
+    whose domain's prefixes do not contain it: borrowed from another domain's
+    block, or left in a block no node owns).
+    """
+
+    prefix: IPNetwork
+    kind: str
+    node: str
+    pool: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"prefix": str(self.prefix), "kind": self.kind, "node": self.node,
+                "pool": self.pool, "reason": self.reason}
+
+
+@dataclass
+class RouteDomain:
+    """The nodes that share one value of the route label, and what the fabric routes to them."""
+
+    value: str | None  # None: nodes without the label
+    nodes: list[str] = field(default_factory=list)
+    pools: list[str] = field(default_factory=list)
+    aggregate: list[IPNetwork] = field(default_factory=list)
+    exceptions: list[RouteException] = field(default_factory=list)
+
+    @property
+    def prefixes(self) -> list[IPNetwork]:
+        return [*self.aggregate, *(e.prefix for e in self.exceptions)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "nodes": self.nodes, "pools": self.pools,
+                "aggregate": [str(c) for c in self.aggregate],
+                "exceptions": [e.to_json() for e in self.exceptions],
+                "prefixes": len(self.prefixes)}
+
+
+@dataclass
+class RouteReport:
+    label: str
+    domains: list[RouteDomain]
+    warnings: list[str]
+
+    @property
+    def breaking(self) -> list[RouteException]:
+        return [e for d in self.domains for e in d.exceptions]
+
+    @property
+    def prefix_count(self) -> int:
+        return sum(len(d.prefixes) for d in self.domains)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "domains": [d.to_json() for d in self.domains],
+                "prefixes": self.prefix_count, "breaking": len(self.breaking),
+                "warnings": self.warnings}
+
+
+def _merged(cidrs: Iterable[IPNetwork]) -> list[IPNetwork]:
+    """The fewest prefixes that cover exactly ``cidrs`` (adjacent blocks merge)."""
+    merged = netaddr.cidr_merge([str(c) for c in cidrs])
+    return sorted((ipaddress.ip_network(str(c)) for c in merged), key=network_order)
+
+
+def block_outside_pools(pool: IPPool | None, node: Node | None) -> str | None:
+    """Why a node's block does not belong with that node's pools now, or None if it does.
+
+    Only a pool's selector places it: a Manual pool serves whoever names it,
+    and a disabled pool's blocks still sit where they were claimed.
+    """
+    if pool is None:
+        return "its pool was deleted"
+    if not pool.automatic or node is None or pool.selects(node.labels):
+        return None
+    return (f"pool {pool.name} does not select node {node.name} "
+            f"({pool.selector.explain(node.labels)})")
+
+
+def route_report(snap: Snapshot, label: str = DEFAULT_ROUTE_LABEL) -> RouteReport:
+    """Per value of the node label ``label``: the prefixes a fabric must route to its nodes.
+
+    Each domain's aggregate is the merge of the blocks its nodes own whose
+    pool selects them. What else must be routed breaks aggregation: a block
+    whose pool no longer selects its node (relabelled, or pool deleted) is
+    routed on its own to that node's domain, and an allocated address whose
+    holder's domain carries no prefix containing it (borrowed from a block of
+    another domain, or in a block no node owns) needs a /32 or /128 there.
+    Addresses without a handle are left to ``ipam check``.
+    """
+    warnings: list[str] = []
+    domain_of: dict[str, str | None] = {}
+    domains: dict[str | None, RouteDomain] = {}
+
+    def domain(node: str) -> RouteDomain:
+        if node not in domain_of:
+            known = snap.nodes.get(node)
+            if known is None:
+                warnings.append(f"node {node} owns blocks or holds addresses but is not "
+                                f"registered: it is routed as a node without label {label}")
+            domain_of[node] = known.labels.get(label) if known is not None else None
+        value = domain_of[node]
+        if value not in domains:
+            domains[value] = RouteDomain(value)
+        if node not in domains[value].nodes:
+            domains[value].nodes.append(node)
+        return domains[value]
+
+    for node in snap.nodes:
+        domain(node)
+    aggregated: dict[str | None, list[IPNetwork]] = {}
+    pools_in: dict[str | None, set[str]] = {}
+    for cidr in sorted(snap.blocks, key=network_order):
+        block = snap.blocks[cidr]
+        if block.affinity is None:
+            continue
+        pool = allocator.pool_of_block(snap.pools, cidr)
+        home = domain(block.affinity)
+        if pool is not None:
+            pools_in.setdefault(home.value, set()).add(pool.name)
+        reason = block_outside_pools(pool, snap.nodes.get(block.affinity))
+        if reason is None:
+            aggregated.setdefault(home.value, []).append(cidr)
+        else:
+            home.exceptions.append(RouteException(
+                cidr, "block", block.affinity, pool.name if pool else None,
+                f"block of node {block.affinity} outside its node's pools: {reason}"))
+    for value, cidrs in aggregated.items():
+        domains[value].aggregate = _merged(cidrs)
+    for row in snap.allocations():
+        if row.node is None:
+            continue
+        holder = domain(row.node)
+        if any(row.ip.version == p.version and row.ip in p for p in holder.prefixes):
+            continue
+        host = ipaddress.ip_network(row.ip)
+        where = (f"block {row.block.cidr} of node {row.block.affinity}"
+                 f" ({label}={show(domain_of.get(row.block.affinity))})"
+                 if row.block.affinity is not None else f"block {row.block.cidr}, which no "
+                 "node owns")
+        holder.exceptions.append(RouteException(
+            host, "address", row.node, row.pool.name if row.pool else None,
+            f"address of node {row.node} in {where}"))
+    for value, names in pools_in.items():
+        domains[value].pools = sorted(names)
+    for entry in domains.values():
+        entry.nodes.sort()
+        entry.exceptions.sort(key=lambda e: network_order(e.prefix))
+    unlabelled = domains.get(None)
+    if unlabelled is not None and unlabelled.nodes:
+        warnings.append(f"{len(unlabelled.nodes)} node(s) have no label {label}: "
+                        f"{', '.join(unlabelled.nodes)}")
+    ordered = sorted(domains.values(), key=lambda d: (d.value is None, d.value or ""))
+    return RouteReport(label, ordered, warnings)
+
+
+def borrowed_by(snap: Snapshot, node: str) -> list[AllocationRow]:
+    """Addresses ``node`` holds in blocks it does not own (borrowed, or in ownerless blocks)."""
+    return [r for r in snap.allocations() if r.node == node and r.block.affinity != node]

@@ -351,6 +351,10 @@ class NodeCache:
         self._decode_pending()
         return [b for b in self.blocks.values() if b.value.affinity == self.node]
 
+    def owns_block(self, cidr: IPNetwork) -> bool:
+        """Whether ``cidr`` is one of this node's blocks, as far as the cache knows now."""
+        return cidr in self.blocks or cidr in self._undecoded
+
     async def affine_blocks(self) -> list[Versioned[Block]]:
         return self.current_blocks()
 

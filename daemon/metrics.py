@@ -1,12 +1,30 @@
-"""Prometheus metrics of one daemon, on its own registry (several daemons may share a process)."""
+"""Prometheus metrics of one daemon, on its own registry (several daemons may share a process).
+
+The alert rules in ``deploy/prometheus/topoipam-rules.yaml`` are written
+against these names; ``tests/integration/test_metrics.py`` checks that a real
+daemon exports every series they use.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from . import allocator
+from .audit import usable_capacity
+from .engine import ClusterState
+from .errors import NoPoolForNode
+
+#: Outcomes whose series exist from the start (at 0), so that ``increase()`` sees their
+#: first occurrence: a counter series that appears at 1 looks unchanged to Prometheus.
+ALERTED_OUTCOMES = ("ok", "Conflict", "PoolExhausted", "NoPoolForNode", "DatastoreUnavailable",
+                    "NotReady", "timeout")
+ALERTED_METHODS = ("Allocate", "Release")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
                     0.512, 1.0, 2.0, 5.0)
@@ -44,6 +62,15 @@ class Metrics:
             "topoipam_cache_relists", "Full relists of the cache (start, compaction, reconnect)",
             registry=self.registry,
         )
+        self.borrowed = Counter(
+            "topoipam_allocations_borrowed",
+            "Addresses handed out from another node's block: this node had no free address "
+            "in its own blocks and could claim no new block",
+            registry=self.registry,
+        )
+        for method in ALERTED_METHODS:
+            for outcome in ALERTED_OUTCOMES:
+                self.results.labels(method, outcome)
 
     def observe_call(self, method: str, outcome: str, seconds: float) -> None:
         # labels() costs a lock and a dict lookup per call: keep the children.
@@ -60,6 +87,15 @@ class Metrics:
         ``collect`` returns (pool, affine blocks, addresses in use, free addresses).
         """
         self.registry.register(_PoolCollector(collect))
+
+    def add_topology_collector(self, node: str,
+                               state: Callable[[], ClusterState | None]) -> None:
+        """Pool capacities, the pools that select this node, and its labels, at scrape time.
+
+        ``state`` returns the cached state, or None while the cache is out of
+        sync (then these series are absent: ``topoipam_cache_in_sync`` says why).
+        """
+        self.registry.register(_TopologyCollector(node, state))
 
 
 class _PoolCollector(Collector):
@@ -83,3 +119,55 @@ class _PoolCollector(Collector):
         yield blocks
         yield in_use
         yield free
+
+
+_LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def label_metric_name(key: str) -> str:
+    """A node label key as a Prometheus label name, the way kube-state-metrics spells it."""
+    return "label_" + _LABEL_NAME.sub("_", key)
+
+
+class _TopologyCollector(Collector):
+    def __init__(self, node: str, state: Callable[[], ClusterState | None]) -> None:
+        self._node = node
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        capacity = GaugeMetricFamily(
+            "topoipam_pool_capacity_addresses",
+            "Addresses an enabled pool can hand out (less network, broadcast, gateway and "
+            "reserved addresses)", labels=["pool", "family"])
+        selected = GaugeMetricFamily(
+            "topoipam_node_pool_selected",
+            "1 for each enabled Automatic pool whose selector matches this node's labels",
+            labels=["node", "pool", "family"])
+        counts = GaugeMetricFamily(
+            "topoipam_node_selected_pools",
+            "Enabled Automatic pools that select this node, per family that has an enabled "
+            "pool (0: pods on this node get no address of that family)",
+            labels=["node", "family"])
+        labels = Metric("topoipam_node_labels", "This node's labels (label_<key>), value 1",
+                        "gauge")
+        state = self._state()
+        if state is not None:
+            node_labels = {label_metric_name(k): v for k, v in sorted(state.labels.items())}
+            labels.add_sample("topoipam_node_labels", {"node": self._node, **node_labels}, 1)
+            for family in sorted({p.family for p in state.pools if not p.disabled}):
+                try:
+                    pools = allocator.pools_for_node(state.pools, self._node, state.labels,
+                                                     family)
+                except NoPoolForNode:
+                    pools = []
+                counts.add_metric([self._node, str(family)], len(pools))
+                for pool in pools:
+                    selected.add_metric([self._node, pool.name, str(family)], 1)
+            for pool in state.pools:
+                if not pool.disabled:
+                    capacity.add_metric([pool.name, str(pool.family)],
+                                        usable_capacity(pool, state.reservations))
+        yield capacity
+        yield selected
+        yield counts
+        yield labels

@@ -96,7 +96,7 @@ class Daemon:
         self.service = IpamService(
             self.ipam,
             StatusProvider(self.cache.in_sync.is_set, self._etcd_check, self._cache_state,
-                           self._pool_usage),
+                           self._pool_usage, self.cache.owns_block),
             self.metrics,
             request_timeout=config.request_timeout,
         )
@@ -114,6 +114,7 @@ class Daemon:
         self._lease: int | None = None
         self._ready_once = False
         self.metrics.add_pool_collector(self._pool_usage)
+        self.metrics.add_topology_collector(config.node, self._cache_state)
         self.metrics.relists.set_function(lambda: self.cache.relists)
 
     # ------------------------------------------------------------------ lifecycle

@@ -25,7 +25,7 @@ from . import allocator
 from .engine import Allocation, AllocationEngine, AllocationRequest, ClusterState
 from .errors import InvalidInput, NotFound, TopoipamError
 from .metrics import Metrics
-from .model import Attachment, IPAddress, check_label
+from .model import Attachment, IPAddress, IPNetwork, check_label
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,15 @@ class StatusProvider:
         etcd_check: Callable[[], Awaitable[str]],
         state: Callable[[], ClusterState | None],
         usage: Callable[[], list[tuple[str, int, int, int]]],
+        owns_block: Callable[[IPNetwork], bool] = lambda _: True,
     ) -> None:
         self.in_sync = in_sync
         self.etcd_check = etcd_check
         self.state = state
         #: (pool, affine blocks, addresses in use, free addresses) per pool
         self.usage = usage
+        #: whether a block is this node's (an address from any other one was borrowed)
+        self.owns_block = owns_block
 
 
 class IpamService(ipam_pb2_grpc.IpamServicer):
@@ -204,7 +207,11 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             attributes=attributes,
             gateways=tuple(_address(text, "gateway") for text in request.gateways),
         )
-        return _allocation_fields(await self.ipam.allocate(domain))
+        allocation = await self.ipam.allocate(domain)
+        for address in allocation.addresses:
+            if not self.status.owns_block(address.block):
+                self.metrics.borrowed.inc()
+        return _allocation_fields(allocation)
 
     async def release(self, request: Any) -> dict[str, Any]:
         released = await self.ipam.release_attachment(_attachment(request.attachment))

@@ -1090,3 +1090,101 @@ async def test_check_verbs_share_exit_codes(
     assert (await run_ctl("check", "coverage")).code == 1
     await delete_handle(store, "k8s-pod-network/c0/eth0")
     assert (await run_ctl("ipam", "check")).code == 1
+
+
+# ---------------------------------------------------------------------------- check routes
+
+
+@pytest.mark.asyncio
+async def test_check_routes_aggregates_each_racks_blocks(
+    run_ctl: Ctl, store: EtcdStore, tmp_path: Path
+) -> None:
+    await racks(run_ctl, tmp_path)
+    for i in range(4):
+        await allocate(store, f"node-{i}", f"c{i}", f"nginx-{i}")
+    result = await run_ctl("check", "routes")
+    assert result.code == 0, result.out + result.err
+    lines = result.out.splitlines()
+    assert [line.split() for line in lines[:3]] == [
+        ["RACK", "NODES", "POOLS", "PREFIXES", "AGGREGATE", "BREAKING"],
+        ["0", "node-0,node-1", "rack-0", "1", "192.168.0.0/25", "-"],
+        ["1", "node-2,node-3", "rack-1", "1", "192.168.1.0/25", "-"],
+    ]
+    assert lines[-1] == ("check routes: OK (2 rack value(s), 2 prefix(es) to route, "
+                         "0 breaking aggregation)")
+    # Another label names other domains: one per node here.
+    by_node = await run_ctl("check", "routes", "--by", "zone")
+    assert by_node.code == 0
+    assert "warning: 4 node(s) have no label zone: node-0, node-1, node-2, node-3" in by_node.out
+    assert (await run_ctl("check", "routes", "--by", "zone", "--fail-on-warnings")).code == 1
+
+
+@pytest.mark.asyncio
+async def test_check_routes_relabelled_nodes_block_breaks_aggregation(
+    run_ctl: Ctl, store: EtcdStore, tmp_path: Path
+) -> None:
+    await racks(run_ctl, tmp_path)
+    for i in range(4):
+        await allocate(store, f"node-{i}", f"c{i}", f"nginx-{i}")
+    assert (await run_ctl("label", "nodes", "node-0", "rack=1", "--overwrite")).code == 0
+    result = await run_ctl("check", "routes")
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert [line.split() for line in lines[1:3]] == [
+        ["0", "node-1", "rack-0", "1", "192.168.0.64/26", "-"],
+        ["1", "node-0,node-2,node-3", "rack-0,rack-1", "2", "192.168.1.0/25",
+         "192.168.0.0/26"],
+    ]
+    assert lines[-2] == (
+        'breaks aggregation: 192.168.0.0/26 routed to rack=1 (node node-0): block of node '
+        'node-0 outside its node\'s pools: pool rack-0 does not select node node-0 (rack is '
+        '"1", not "0")')
+    assert lines[-1] == ("check routes: 1 problem(s) found (2 rack value(s), 3 prefix(es) to "
+                         "route, 1 breaking aggregation)")
+
+
+@pytest.mark.asyncio
+async def test_check_routes_borrowed_address_from_another_rack_is_a_host_route(
+    run_ctl: Ctl, store: EtcdStore, tmp_path: Path
+) -> None:
+    for i in range(4):
+        assert (await run_ctl("label", "nodes", f"node-{i}", f"rack={i // 2}",
+                              "--create")).code == 0
+    # One /26 pool for both racks is a single block: node-0 claims it, node-2 borrows.
+    assert (await run_ctl("create", "ippool", "shared", "--cidr", "10.0.0.0/26")).code == 0
+    assert (await run_ctl("create", "ippool", "shared-v6", "--cidr", "fd00:9::/122")).code == 0
+    own = await allocate(store, "node-0", "c0", "a")
+    same_rack = await allocate(store, "node-1", "c1", "b")
+    borrowed = await allocate(store, "node-2", "c2", "c")
+    assert len({own, same_rack, borrowed}) == 3
+
+    result = await run_ctl("check", "routes", "-o", "json")
+    assert result.code == 1
+    report = json.loads(result.out)
+    assert report["label"] == "rack" and report["prefixes"] == 2 and report["breaking"] == 1
+    rack0, rack1 = report["domains"]
+    assert rack0 == {"value": "0", "nodes": ["node-0", "node-1"], "pools": ["shared"],
+                     "aggregate": ["10.0.0.0/26"], "exceptions": [], "prefixes": 1}
+    assert rack1["value"] == "1" and rack1["aggregate"] == [] and rack1["pools"] == []
+    assert rack1["exceptions"] == [{
+        "prefix": f"{borrowed}/32", "kind": "address", "node": "node-2", "pool": "shared",
+        "reason": "address of node node-2 in block 10.0.0.0/26 of node node-0 (rack=0)"}]
+
+    explained = await run_ctl("explain", "node", "node-2")
+    assert explained.code == 0
+    assert explained.out.splitlines()[-2:] == [
+        "borrowed: node-2 holds 1 address(es) in blocks it does not own (routes that may "
+        "break aggregation: see `topoipamctl check routes`):",
+        f"  {borrowed} in block 10.0.0.0/26 of node node-0 (pod default/c)"]
+    assert "borrowed" not in (await run_ctl("explain", "node", "node-0")).out
+
+    # An IPv6 address borrowed across racks is a /128.
+    v6 = await AllocationEngine(store, "node-0").allocate(AllocationRequest(
+        Attachment("k8s-pod-network", "v6-0", "eth0"), ipv4=False, ipv6=True))
+    v6_borrowed = await AllocationEngine(store, "node-3").allocate(AllocationRequest(
+        Attachment("k8s-pod-network", "v6-3", "eth0"), ipv4=False, ipv6=True))
+    assert v6.addresses and v6_borrowed.addresses
+    result = await run_ctl("check", "routes")
+    assert result.code == 1
+    assert (f"breaks aggregation: {v6_borrowed.addresses[0].ip}/128 routed to rack=1 "
+            "(node node-3)") in result.out
