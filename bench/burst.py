@@ -28,6 +28,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ from common import (
     Workspace,
     fmt,
     install_plugin,
+    metric,
     ns,
     open_store,
     pool,
@@ -107,7 +109,9 @@ async def measure(args: argparse.Namespace) -> Report:
     n, parallel = args.pods, args.parallel
     cni_path = os.path.dirname(HOST_LOCAL)
     phases: dict[str, list[Burst]] = {"topoipam ADD": [], "topoipam DEL": [],
-                                      "host-local ADD": [], "host-local DEL": []}
+                                      "host-local ADD": [], "host-local DEL": [],
+                                      "warm reserve ADD": [], "blocks exist ADD": []}
+    request_claims: list[float] = []
     verify_errors: list[str] = []
     with Workspace("burst") as ws:
         plugin = install_plugin(ws)
@@ -145,6 +149,16 @@ async def measure(args: argparse.Namespace) -> Report:
             hl_added = burst(HOST_LOCAL, "ADD", hl_config, containers, parallel, cni_path)
             hl_deleted = burst(HOST_LOCAL, "DEL", hl_config, containers, parallel, cni_path)
             shutil.rmtree(data_dir, ignore_errors=True)
+            # The same burst on a fresh node with a warm reserve of n addresses, and on a
+            # node whose blocks already exist (claimed by an earlier, unmeasured burst).
+            warm, claims = await variant_burst(ws, plugin, cni_path, f"{prefix}-warm",
+                                               containers, parallel, warm=n)
+            existing, _ = await variant_burst(ws, plugin, cni_path, f"{prefix}-existing",
+                                              containers, parallel, warm=0)
+            if measured:
+                phases["warm reserve ADD"].append(warm)
+                phases["blocks exist ADD"].append(existing)
+                request_claims.append(claims)
             if measured:
                 for name, phase in (("topoipam ADD", added), ("topoipam DEL", deleted),
                                     ("host-local ADD", hl_added), ("host-local DEL", hl_deleted)):
@@ -180,9 +194,44 @@ async def measure(args: argparse.Namespace) -> Report:
                  float("inf"), gate=False)
     report.check(f"info: whole burst of {n} DELs, wall (median)", walls["topoipam DEL"],
                  walls["host-local DEL"], float("inf"), gate=False)
+    report.check(f"warmAddresses={n}: blocks claimed on the request path during the burst",
+                 sum(request_claims), None, 0.0, unit="")
+    report.check("warm reserve per-ADD p99 vs a node whose blocks exist",
+                 stats["warm reserve ADD"].p99, stats["blocks exist ADD"].p99, 1.2)
     report.check("errors (ADD and DEL, both plugins) and failed etcd checks",
                  float(sum(errors.values()) + len(verify_errors)), None, 0.0, unit="")
     return report
+
+
+async def variant_burst(ws: Workspace, plugin: str, cni_path: str, prefix: str,
+                        containers: list[str], parallel: int, warm: int) -> tuple[Burst, float]:
+    """A burst on a daemon of its own: with ``warm``, once its reserve is claimed; else
+    after an unmeasured burst has claimed its blocks. Returns the burst and the blocks
+    claimed on the request path during it."""
+    from topoipam.daemon.model import IPAMConfig
+
+    await ws.seed(prefix, [pool("burst-pool", "10.32.0.0/16"), IPAMConfig(warm_addresses=warm)])
+    daemon = ws.daemon("node-0", prefix, metrics=True)
+    config = json.dumps({"cniVersion": "1.0.0", "name": NETWORK, "type": "bridge",
+                         "ipam": {"type": "topoipam", "socket": daemon.socket}}).encode()
+    try:
+        if warm:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and metric(
+                    daemon.metrics(), "topoipam_block_claims_total", path="background"
+            ) * 64 < warm:
+                time.sleep(0.02)
+        else:
+            early = [f"early-{c}" for c in containers]
+            burst(plugin, "ADD", config, early, parallel, cni_path)
+            burst(plugin, "DEL", config, early, parallel, cni_path)
+        before = metric(daemon.metrics(), "topoipam_block_claims_total", path="request")
+        added = burst(plugin, "ADD", config, containers, parallel, cni_path)
+        claims = metric(daemon.metrics(), "topoipam_block_claims_total", path="request") - before
+        burst(plugin, "DEL", config, containers, parallel, cni_path)
+        return added, claims
+    finally:
+        daemon.stop()
 
 
 def main() -> None:
