@@ -74,6 +74,11 @@ host-local's range does. CNI_ARGS ``K8S_POD_NAMESPACE``, ``K8S_POD_NAME``,
 allocation as the attributes ``namespace``, ``pod``,
 ``pod_infra_container_id`` and ``pod_uid``.
 
+``"sticky": true`` keys the allocation by its owner, not the container: the
+identity is ``args.cni.identity`` if given, else
+``<network>/<K8S_POD_NAMESPACE>/<K8S_POD_NAME>/<ifname>`` (neither: config
+error 7). DEL parks the address for the identity's next ADD (see the README).
+
 An IPv4-mapped IPv6 address (``::ffff:10.77.0.78``) is read as the IPv4
 address wherever the plugin reads one (requested addresses, ``gateway``, route
 ``dst`` and ``gw``, nameservers, prevResult): Go's ``net.ParseIP(...).To4()``
@@ -182,7 +187,7 @@ ERR_INTERNAL = wire.CNI_INTERNAL_ERROR
 
 _IPAM_KEYS = frozenset({
     "type", "socket", "timeout", "assign_ipv4", "assign_ipv6", "ipv4_pools", "ipv6_pools",
-    "prefix", "gateway", "routes", "dns",
+    "prefix", "gateway", "routes", "dns", "sticky",
 })
 _PREFIX_MODES = ("pool", "block", "host")
 # CNI spec 1.1 route fields with integer values, and the largest each can take
@@ -301,6 +306,8 @@ def _cmd_add(environ: Mapping[str, str], config: Json, version: str) -> str:
         # Configured gateways are never handed out to this network.
         "gateways": list(gateways.values()) if gateways else [],
     }
+    if _flag(ipam, "sticky", False):
+        request["identity"] = _identity(attachment, cni_args, config)
     response = _call(socket_path, timeout, "Allocate", request)
     ips = [_result_ip(address, prefix, gateways, version) for address in _addresses(response)]
     if not ips:
@@ -844,6 +851,25 @@ def _cni_args(environ: Mapping[str, str]) -> dict[str, str]:
             raise CniError(ERR_INVALID_ENV, f"invalid CNI_ARGS pair {pair!r}", "expected K=V;K2=V2")
         parsed[key] = value
     return parsed
+
+
+def _identity(attachment: Json, cni_args: Mapping[str, str], config: Json) -> str:
+    """A sticky network's owner: ``args.cni.identity``, else namespace/pod/ifname."""
+    args = config.get("args")
+    cni = args.get("cni") if isinstance(args, dict) else None
+    if isinstance(cni, dict) and "identity" in cni:
+        identity = cni["identity"]
+        if not isinstance(identity, str) or not identity:
+            raise _config_error("args.cni.identity must be a non-empty string",
+                                f"got {_shown(identity)}")
+        return identity
+    namespace, pod = cni_args.get("K8S_POD_NAMESPACE"), cni_args.get("K8S_POD_NAME")
+    if not namespace or not pod:
+        raise _config_error(
+            "ipam.sticky is on, but the ADD names no owner identity",
+            "a sticky network needs CNI_ARGS K8S_POD_NAMESPACE and K8S_POD_NAME, "
+            "or args.cni.identity")
+    return f"{attachment['network']}/{namespace}/{pod}/{attachment['ifname']}"
 
 
 def _requested_ips(cni_args: Mapping[str, str], config: Json) -> list[str]:

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias
@@ -59,6 +60,7 @@ from topoipam.daemon.audit import (
     describe_address,
     find_inconsistencies,
     find_warnings,
+    identity_destinations,
     load_snapshot,
     network_order,
     placement_problem,
@@ -66,6 +68,7 @@ from topoipam.daemon.audit import (
     show,
     usable_capacity,
 )
+from topoipam.daemon.engine import AllocationEngine
 from topoipam.daemon.errors import (
     DatastoreUnavailable,
     InvalidInput,
@@ -95,7 +98,7 @@ DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 # Short: an operator at a terminal wants "etcd is down" in seconds, not a hang.
 DEFAULT_TIMEOUT = 3.0
 CONFIG_FLAGS = ("strict_affinity", "max_blocks_per_host", "auto_allocate_blocks",
-                "ip_cooldown_seconds", "warm_addresses")
+                "ip_cooldown_seconds", "warm_addresses", "sticky_hold_seconds")
 
 # Resource names as calicoctl and kubectl spell them, with their short forms.
 POOL_NAMES = ("ippool", "ippools", "ipp", "ipps", "pool", "pools")
@@ -417,11 +420,16 @@ async def get_allocations(store: EtcdStore, node: str | None, output: str | None
         print_document([r.to_json() for r in rows], output)
         return 0
     headers = ["IP", "NODE", "POOL", "POD"]
+    sticky = any(r.identity is not None for r in rows)
+    if sticky:
+        headers += ["IDENTITY", "STICKY"]
     if output == "wide":
         headers += ["BLOCK", "HANDLE", "CONTAINER-ID", "IFNAME"]
     table = []
     for row in rows:
         line = [str(row.ip), show(row.node), show(row.pool and row.pool.name), row.pod]
+        if sticky:
+            line += [show(row.identity and row.identity.id), row.sticky_state]
         if output == "wide":
             line += [str(row.block.cidr), row.handle_id, show(row.attribute("container_id")),
                      show(row.attribute("ifname"))]
@@ -545,6 +553,12 @@ async def cmd_ipam_check(store: EtcdStore, args: argparse.Namespace) -> int:
 
 
 async def cmd_ipam_release(store: EtcdStore, args: argparse.Namespace) -> int:
+    if args.identity is not None:
+        if args.ip or args.force:
+            raise InvalidInput("--identity takes neither --ip nor --force")
+        return await release_identity(store, args.identity)
+    if not args.ip:
+        raise InvalidInput("name what to free: --ip ADDRESS or --identity ID")
     addresses = [parse_address(text, "--ip") for text in args.ip]
     if not args.force:
         # All or nothing: refuse before releasing any of them.
@@ -592,7 +606,45 @@ async def cmd_ipam_configure(store: EtcdStore, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- verbs: explain, check
 
 
+async def release_identity(store: EtcdStore, identity_id: str) -> int:
+    """Free a parked sticky identity's addresses now, in one guarded transaction."""
+    engine = AllocationEngine(store, "topoipamctl")
+    try:
+        freed = await engine.release_identity(identity_id)
+    finally:
+        await engine.close()
+    print(f"sticky identity {identity_id}: "
+          + (f"released {', '.join(map(str, freed))}" if freed else "holds no parked address"))
+    return 0
+
+
+async def cmd_explain_identity(store: EtcdStore, identity_id: str) -> int:
+    snap = await load_snapshot(store)
+    identity = snap.identities.get(identity_id)
+    if identity is None:
+        raise NotFound(f"sticky identity {identity_id} does not exist (never allocated, "
+                       "released, or its hold is over)")
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(identity.parked_until or 0))
+    state = (f"parked until {until}" if identity.parked
+             else f"live under attachment {identity.handle}")
+    print(f"Identity: {identity.id}")
+    print(f"State: {state} (last node {identity.node})")
+    print(f"Addresses: {', '.join(str(a.ip) for a in identity.addresses) or '<none>'}")
+    config = (await store.get_config()).value
+    destinations = identity_destinations(snap, config, identity)
+    if not destinations:
+        print("Nodes that keep its addresses: <none> (its next ADD gets a new address)")
+        return 0
+    print("Nodes that keep its addresses"
+          + (" (strictAffinity: only the blocks' own nodes):" if config.strict_affinity
+             else ":"))
+    print_table(["NODE", "WHY"], [[node, why] for node, why in destinations])
+    return 0
+
+
 async def cmd_explain(store: EtcdStore, args: argparse.Namespace) -> int:
+    if args.resource == "identity":
+        return await cmd_explain_identity(store, args.name)
     current, _ = await read_current(store, "Node", args.name)
     pools = sorted((p.value for p in await store.list_pools()), key=lambda p: p.name)
     if isinstance(current, Node):
@@ -861,8 +913,11 @@ def build_parser() -> argparse.ArgumentParser:
         ipam_verbs, "release", cmd_ipam_release,
         "free leaked addresses (whose attachment is gone); refuses an address a live "
         "attachment holds unless --force")
-    ipam_release.add_argument("--ip", action="append", required=True,
+    ipam_release.add_argument("--ip", action="append",
                               help="address to free (repeat for several; all or nothing)")
+    ipam_release.add_argument("--identity", metavar="ID",
+                              help="free the addresses parked for this sticky identity now "
+                                   "(refused while it is live)")
     ipam_release.add_argument(
         "--force", action="store_true",
         help="also free addresses whose attachment still exists: the pod keeps using it and "
@@ -879,14 +934,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="let nodes claim new blocks")
     ipam_configure.add_argument("--ip-cooldown-seconds", type=whole_number, metavar="N",
                                 help="keep released addresses out of use this long")
+    ipam_configure.add_argument("--sticky-hold-seconds", type=whole_number, metavar="N",
+                                help="how long DEL parks a sticky identity's address "
+                                     "(default 600)")
     ipam_configure.add_argument("--warm-addresses", type=whole_number, metavar="N",
                                 help="free addresses each node keeps ready in its own blocks, "
                                      "claiming blocks in the background (0: off)")
 
     explain = verb(verbs, "explain", cmd_explain,
                    "which pools select a node, why, and the order addresses come from")
-    explain.add_argument("resource", choices=NODE_NAMES, help="node (no)")
-    explain.add_argument("name", help="the node")
+    explain.add_argument("resource", choices=(*NODE_NAMES, "identity"),
+                         help="node (no), or identity: the nodes a sticky identity can "
+                              "move to and keep its addresses")
+    explain.add_argument("name", help="the node, or the sticky identity")
 
     check = verbs.add_parser("check", help="cluster-wide reports",
                              description="cluster-wide reports", epilog=EXIT_CODES)

@@ -232,6 +232,17 @@ def release_addresses(
     return new, freed
 
 
+def hand_over(block: Block, address: IPAddress, holder: str, new_holder: str) -> Block | None:
+    """A copy of ``block`` with ``address`` moved from ``holder`` to ``new_holder``, or
+    None if ``holder`` does not hold it (a sticky address parked or taken back)."""
+    ordinal = block.ordinal(address)
+    if block.allocations.get(ordinal) != holder:
+        return None
+    new = block.copy()
+    new.allocations[ordinal] = new_holder
+    return new
+
+
 #: Block CIDRs per claim window: what one claim reads in the common case.
 CLAIM_WINDOW_BLOCKS = 16
 
@@ -363,6 +374,8 @@ class TxnPlan:
         self.free_before: dict[IPNetwork, bool] = {}
         self.affinities: dict[tuple[str, IPNetwork], bool] = {}  # True put, False delete
         self.handles: dict[str, Write] = {}
+        # Sticky identities this transaction writes (PutIdentity / DeleteIdentity).
+        self.identities: dict[str, Write] = {}
         # Block CIDRs that exist in etcd, per claim window or group, read once per
         # transaction; and per pool, the survey's block count of each group.
         self.existing: dict[IPNetwork, set[IPNetwork]] = {}
@@ -374,12 +387,15 @@ class TxnPlan:
         self.affine_read: list[Versioned[Block]] | None = None
 
     def snapshot(self) -> tuple[dict[IPNetwork, tuple[Block | None, int]],
-                                dict[tuple[str, IPNetwork], bool], dict[str, Write]]:
-        return dict(self.blocks), dict(self.affinities), dict(self.handles)
+                                dict[tuple[str, IPNetwork], bool], dict[str, Write],
+                                dict[str, Write]]:
+        return dict(self.blocks), dict(self.affinities), dict(self.handles), dict(self.identities)
 
     def restore(self, saved: tuple[dict[IPNetwork, tuple[Block | None, int]],
-                                   dict[tuple[str, IPNetwork], bool], dict[str, Write]]) -> None:
-        self.blocks, self.affinities, self.handles = (dict(x) for x in saved)  # type: ignore[assignment]
+                                   dict[tuple[str, IPNetwork], bool], dict[str, Write],
+                                   dict[str, Write]]) -> None:
+        self.blocks, self.affinities, self.handles, self.identities = (  # type: ignore[assignment]
+            dict(x) for x in saved)
 
     def current(self, versioned: Versioned[Block]) -> Block | None:
         """The planned value of a block read at ``versioned``, if this transaction touched it."""
@@ -423,12 +439,13 @@ class TxnPlan:
         writes += [PutRoomMark(w) if put else DeleteRoomMark(w)
                    for w, put in self.room_marks.items()]
         writes += self.handles.values()
+        writes += self.identities.values()
         return writes
 
     def size(self) -> int:
         # A block counts twice: its free-index entry may change with it.
         return (2 * len(self.blocks) + len(self.affinities) + len(self.handles)
-                + len(self.room_marks))
+                + len(self.identities) + len(self.room_marks))
 
 
 def has_free(block: Block, pools: Iterable[IPPool]) -> bool:

@@ -23,7 +23,19 @@ from typing import Any
 import netaddr
 
 from . import allocator
-from .model import Block, Handle, IPAddress, IPAMConfig, IPNetwork, IPPool, IPReservation, Node
+from .model import (
+    Block,
+    Handle,
+    Identity,
+    IPAddress,
+    IPAMConfig,
+    IPNetwork,
+    IPPool,
+    IPReservation,
+    Node,
+    parked_holder,
+    parked_identity,
+)
 from .store import EtcdStore, decode, decode_each
 
 
@@ -54,10 +66,17 @@ class AllocationRow:
     handle_id: str
     handle: Handle | None
     pool: IPPool | None
+    #: The sticky identity the address belongs to (live or parked), if any.
+    identity: Identity | None = None
 
     @property
     def node(self) -> str | None:
+        """The node of the attachment that uses it (None when parked: nobody does)."""
         return self.handle.node if self.handle is not None else None
+
+    @property
+    def parked(self) -> bool:
+        return parked_identity(self.handle_id) is not None
 
     def attribute(self, name: str) -> str | None:
         return self.handle.attributes.get(name) if self.handle is not None else None
@@ -80,7 +99,27 @@ class AllocationRow:
             "pod": self.attribute("pod"),
             "container_id": self.attribute("container_id"),
             "ifname": self.attribute("ifname"),
+            **({} if self.identity is None else {
+                "identity": self.identity.id,
+                "state": "parked" if self.parked else "live",
+                "last_node": self.identity.node,
+                "parked_until": (_timestamp(self.identity.parked_until)
+                                 if self.parked and self.identity.parked_until else None),
+            }),
         }
+
+    @property
+    def sticky_state(self) -> str:
+        """"-", "live", or "parked until <UTC time>", for tables."""
+        if self.identity is None:
+            return "-"
+        if not self.parked:
+            return "live"
+        return f"parked until {_timestamp(self.identity.parked_until or 0.0)}"
+
+
+def _timestamp(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 @dataclass
@@ -99,14 +138,19 @@ class Snapshot:
     free: dict[IPNetwork, str | None] = field(default_factory=dict)
     #: The room index: claim windows listed as having an unclaimed block.
     rooms: set[IPNetwork] = field(default_factory=set)
+    #: Sticky identities, live and parked.
+    identities: dict[str, Identity] = field(default_factory=dict)
 
     def allocations(self) -> list[AllocationRow]:
         rows = []
         for block in self.blocks.values():
             pool = allocator.pool_of_block(self.pools, block.cidr)
             for ordinal, handle_id in block.allocations.items():
-                rows.append(AllocationRow(block.address(ordinal), block, handle_id,
-                                          self.handles.get(handle_id), pool))
+                handle = self.handles.get(handle_id)
+                identity_id = parked_identity(handle_id) or (
+                    handle.attributes.get("identity") if handle is not None else None)
+                rows.append(AllocationRow(block.address(ordinal), block, handle_id, handle,
+                                          pool, self.identities.get(identity_id or "")))
         return sorted(rows, key=lambda r: address_order(r.ip))
 
 
@@ -114,7 +158,7 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     keys = store.keys
     pool_kvs, revision = await store.prefix_raw(keys.pools())
     ((node_kvs, _), (reservation_kvs, _), (block_kvs, _), (affinity_kvs, _), (handle_kvs, _),
-     (free_kvs, _), (room_kvs, _)) = await asyncio.gather(
+     (free_kvs, _), (room_kvs, _), (identity_kvs, _)) = await asyncio.gather(
         store.prefix_raw(keys.nodes(), revision=revision),
         store.prefix_raw(keys.reservations(), revision=revision),
         store.prefix_raw(keys.blocks(), revision=revision),
@@ -122,6 +166,7 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
         store.prefix_raw(keys.handles(), revision=revision),
         store.prefix_raw(keys.free_blocks(), revision=revision),
         store.prefix_raw(keys.rooms(), keys_only=True, revision=revision),
+        store.prefix_raw(keys.identities(), revision=revision),
     )
     snap = Snapshot(revision, [], {}, [], {}, [], {})
 
@@ -135,6 +180,7 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     snap.blocks.update((b.cidr, b) for b in decoded(block_kvs, store.decode_block))
     snap.affinities.extend(decoded(affinity_kvs, lambda key, _: keys.affinity_of(key)))
     snap.handles.update((h.id, h) for h in decoded(handle_kvs, store.decode_handle))
+    snap.identities.update((i.id, i) for i in decoded(identity_kvs, store.decode_identity))
     snap.rooms.update(decoded(room_kvs, lambda key, _: keys.block_cidr(key, "room")))
     snap.free.update(decoded(free_kvs, lambda key, raw: (
         keys.block_cidr(key, "free"), decode(raw, "free-block entry").get("node"))))
@@ -215,7 +261,42 @@ def find_inconsistencies(snap: Snapshot) -> list[str]:
         *pool_problems(snap),
         *double_allocations(snap),
         *gateway_problems(snap),
+        *identity_problems(snap),
     ]
+
+
+def identity_problems(snap: Snapshot) -> Iterator[str]:
+    """Sticky identities whose handle and blocks do not agree with them.
+
+    Live: its handle exists, names it, and lists exactly its addresses (the
+    blocks giving them to the handle is what :func:`handle_problems` checks).
+    Parked: no handle uses it, and each block gives its addresses to it.
+    """
+    for identity in sorted(snap.identities.values(), key=lambda i: i.id):
+        who = f"sticky identity {identity.id}"
+        fix = f"(fix: topoipamctl ipam release --identity {identity.id})"
+        listed = sorted(a.ip for a in identity.addresses)
+        if not identity.parked:
+            handle = snap.handles.get(identity.handle)
+            if handle is None:
+                yield f"mismatch: {who} is live under handle {identity.handle}, which is gone"
+            elif handle.attributes.get("identity") != identity.id:
+                yield (f"mismatch: {who} is live under handle {identity.handle}, which "
+                       f"belongs to {show(handle.attributes.get('identity'))}")
+            elif sorted(a.ip for a in handle.addresses) != listed:
+                yield (f"mismatch: {who} lists {', '.join(map(str, listed))}, its handle "
+                       f"{identity.handle} {', '.join(str(a.ip) for a in handle.addresses)}")
+            continue
+        holder = parked_holder(identity.id)
+        for entry in identity.addresses:
+            block = snap.blocks.get(entry.block)
+            if block is None or entry.ip not in block.cidr:
+                yield f"mismatch: {who} parks {entry.ip} in block {entry.block}, which is gone"
+                continue
+            current = block.allocations.get(block.ordinal(entry.ip))
+            if current != holder:
+                state = "has it free" if current is None else f"gives it to {current}"
+                yield f"mismatch: {who} parks {entry.ip}, but block {block.cidr} {state} {fix}"
 
 
 def gateway_problems(snap: Snapshot) -> Iterator[str]:
@@ -319,6 +400,20 @@ def block_problems(snap: Snapshot) -> Iterator[str]:
         block = snap.blocks[cidr]
         for ordinal, holder in sorted(block.allocations.items()):
             address = block.address(ordinal)
+            identity_id = parked_identity(holder)
+            if identity_id is not None:
+                identity = snap.identities.get(identity_id)
+                if identity is None:
+                    reason = f"it is parked for sticky identity {identity_id}, which is gone"
+                elif not identity.parked:
+                    reason = (f"it is parked for sticky identity {identity_id}, which is "
+                              f"live under handle {identity.handle}")
+                elif not any(a.ip == address for a in identity.addresses):
+                    reason = f"it is parked for sticky identity {identity_id}, which lacks it"
+                else:
+                    continue
+                yield f"leaked address: {address} in block {cidr}: {reason}"
+                continue
             handle = snap.handles.get(holder)
             if handle is None:
                 reason = f"handle {holder} does not exist"
@@ -591,6 +686,36 @@ def route_report(snap: Snapshot, label: str = DEFAULT_ROUTE_LABEL) -> RouteRepor
                         f"{', '.join(unlabelled.nodes)}")
     ordered = sorted(domains.values(), key=lambda d: (d.value is None, d.value or ""))
     return RouteReport(label, ordered, warnings)
+
+
+def identity_destinations(snap: Snapshot, config: IPAMConfig, identity: Identity
+                          ) -> list[tuple[str, str]]:
+    """The nodes a sticky identity can move to and keep every address, each with why.
+
+    A node qualifies when, for each address, one of the Automatic pools that
+    select it contains the address and, with strictAffinity, the block is its
+    own (without, it borrows). Pools named in a CNI config (``ipv4_pools``)
+    are not known here: a network that names pools keeps the address on every
+    node if a named pool contains it.
+    """
+    found = []
+    for node in sorted(snap.nodes.values(), key=lambda n: n.name):
+        reasons = []
+        for entry in identity.addresses:
+            pool = next((p for p in snap.pools if p.automatic and not p.disabled
+                         and p.selects(node.labels) and entry.ip.version == p.family
+                         and entry.ip in p.cidr), None)
+            block = snap.blocks.get(entry.block)
+            if pool is None or block is None:
+                break
+            if block.affinity != node.name and config.strict_affinity:
+                break
+            reasons.append(f"{entry.ip} in pool {pool.name}"
+                           + ("" if block.affinity == node.name else " (borrowed)"))
+        else:
+            if reasons:
+                found.append((node.name, ", ".join(reasons)))
+    return found
 
 
 def borrowed_by(snap: Snapshot, node: str) -> list[AllocationRow]:

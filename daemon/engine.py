@@ -24,6 +24,7 @@ from .allocator import AssignContext, Reservations, TxnPlan
 from .errors import (
     AddressUnavailable,
     Conflict,
+    IdentityInUse,
     InvalidInput,
     NodeInUse,
     PoolExhausted,
@@ -34,11 +35,15 @@ from .model import (
     Block,
     Handle,
     HandleAddress,
+    Identity,
     IPAddress,
     IPAMConfig,
     IPNetwork,
     IPPool,
+    check_identity,
     handle_prefix,
+    parked_holder,
+    parked_identity,
 )
 from .store import EtcdStore, backoff
 from .writes import (
@@ -46,9 +51,11 @@ from .writes import (
     DeleteAffinity,
     DeleteBlock,
     DeleteHandle,
+    DeleteIdentity,
     DeleteObject,
     PutBlock,
     PutHandle,
+    PutIdentity,
     Versioned,
     Write,
 )
@@ -126,8 +133,12 @@ class AllocationRequest:
     attributes: Mapping[str, str] = field(default_factory=dict)
     #: The network config's gateways: never handed out to this request.
     gateways: tuple[IPAddress, ...] = ()
+    #: The sticky identity the addresses belong to ("": not sticky).
+    identity: str = ""
 
     def __post_init__(self) -> None:
+        if self.identity:
+            check_identity(self.identity)
         families = [a.version for a in self.addresses]
         if len(set(families)) != len(families):
             raise InvalidInput("at most one specific address per IP family may be requested")
@@ -192,7 +203,18 @@ class _ReleaseOp:
     freed: list[IPAddress] = field(default_factory=list)
 
 
-_Op = _AllocateOp | _ReleaseOp
+@dataclass
+class _ReleaseIdentityOp:
+    """Free a parked sticky identity's addresses and forget it (``only_expired``: if its
+    hold is over), in one transaction with its blocks."""
+
+    future: asyncio.Future[Any]
+    identity_id: str
+    only_expired: bool
+    freed: list[IPAddress] = field(default_factory=list)
+
+
+_Op = _AllocateOp | _ReleaseOp | _ReleaseIdentityOp
 
 
 class _Defer(Exception):
@@ -251,6 +273,9 @@ class AllocationEngine:
         # Pool choices per (family, requested pools) for one ClusterState object.
         self._pool_choice: tuple[object, dict[tuple[int, tuple[str, ...]],
                                               list[IPPool] | TopoipamError]] = (None, {})
+        # Parked identities seen in this node's blocks -> the end of their hold as
+        # last read: expiry reads an identity again only once its hold may be over.
+        self._parked_until: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public calls
     async def allocate(self, request: AllocationRequest) -> Allocation:
@@ -281,6 +306,47 @@ class AllocationEngine:
 
     async def release_attachment(self, attachment: Attachment) -> list[IPAddress]:
         return await self.release(attachment.handle_id, attachment)
+
+    async def release_identity(self, identity_id: str, only_expired: bool = False
+                               ) -> list[IPAddress]:
+        """Free the addresses parked for a sticky identity and delete it, in one transaction.
+
+        Returns the addresses freed ([] for an unknown identity, or with
+        ``only_expired`` one whose hold is not over). Refuses (IdentityInUse)
+        while the identity is live: its attachment's DEL parks it first.
+        """
+        result: list[IPAddress] = await self._submit(
+            _ReleaseIdentityOp(self._future(), check_identity(identity_id), only_expired))
+        return result
+
+    async def expire_parked(self) -> list[str]:
+        """Free the sticky holds in this node's own blocks whose time is over.
+
+        Reads nothing from etcd unless a block of this node holds a parked
+        address whose hold may be over; each expiry is its own guarded
+        transaction (an ADD that takes the identity back meanwhile wins).
+        Parked addresses in blocks of no node are expired by the identity's
+        next ADD, or by ``topoipamctl ipam release --identity``.
+        """
+        now = self.clock()
+        parked: set[str] = set()
+        for versioned in await self.source.affine_blocks():
+            for holder in versioned.value.allocations.values():
+                identity_id = parked_identity(holder)
+                if identity_id is not None:
+                    parked.add(identity_id)
+        self._parked_until = {i: t for i, t in self._parked_until.items() if i in parked}
+        expired = []
+        for identity_id in sorted(parked):
+            if self._parked_until.get(identity_id, 0.0) > now:
+                continue
+            if await self.release_identity(identity_id, only_expired=True):
+                expired.append(identity_id)
+            else:
+                current = await self.store.get_identity(identity_id)
+                if current is not None and current.value.parked:
+                    self._parked_until[identity_id] = current.value.parked_until or 0.0
+        return expired
 
     @staticmethod
     def _future() -> asyncio.Future[Any]:
@@ -415,7 +481,7 @@ class AllocationEngine:
                         self._handles[handle_id] = existing
                         self._settle_existing(op, existing.value, state)
                         continue
-                elif op.handle_id in result.handles:
+                elif isinstance(op, _ReleaseOp) and op.handle_id in result.handles:
                     current = result.handles[op.handle_id]
                     if current is None:
                         self._handles.pop(op.handle_id, None)
@@ -438,8 +504,10 @@ class AllocationEngine:
             assert isinstance(write, PutHandle)
             self._handles[handle_id] = Versioned(write.handle, revision)
             _settle(op, result=Allocation(handle_id, tuple(op.addresses)))
-        else:
+        elif isinstance(op, _ReleaseOp):
             self._handles.pop(op.handle_id, None)
+            _settle(op, result=op.freed)
+        else:
             _settle(op, result=op.freed)
 
     def _settle_existing(self, op: _AllocateOp, handle: Handle, state: ClusterState) -> None:
@@ -462,17 +530,31 @@ class AllocationEngine:
         """Plan one call into ``txn``; True if it finished without needing a write."""
         if isinstance(op, _AllocateOp):
             op.addresses = []
-            await self._plan_allocation(state, op, txn)
-            return False
+            return await self._plan_allocation(state, op, txn)
         op.freed = []
+        if isinstance(op, _ReleaseIdentityOp):
+            return await self._plan_identity_release(state, op, txn)
         return await self._plan_release(state, op, txn)
 
-    async def _plan_allocation(self, state: ClusterState, op: _AllocateOp, txn: TxnPlan) -> None:
+    async def _plan_allocation(self, state: ClusterState, op: _AllocateOp, txn: TxnPlan) -> bool:
         request = op.request
         handle_id = request.attachment.handle_id
         if handle_id in txn.handles:
             raise _Defer()
+        kept: set[int] = set()
+        identity: Versioned[Identity] | None = None
+        if request.identity:  # the only extra read, and only for sticky networks
+            if request.identity in txn.identities:
+                raise _Defer()
+            identity = await self.store.get_identity(request.identity)
+            if identity is not None:
+                taken = await self._take_back(state, op, identity.value, txn)
+                if taken is None:
+                    return True  # a repeated ADD, answered with what it holds
+                kept = taken
         for family in request.families():
+            if family in kept:
+                continue
             specific = request.specific(family)
             if specific is not None:
                 await self._plan_specific(state, request, family, specific, handle_id, op, txn)
@@ -485,13 +567,87 @@ class AllocationEngine:
             addresses=tuple(HandleAddress(a.ip, a.block, a.pool, a.subnet, a.gateway)
                             for a in op.addresses),
             attributes={
-                **request.attributes,
+                **{k: v for k, v in request.attributes.items() if k != "identity"},
                 "network": request.attachment.network,
                 "container_id": request.attachment.container_id,
                 "ifname": request.attachment.ifname,
+                **({"identity": request.identity} if request.identity else {}),
             },
         )
         txn.handles[handle_id] = PutHandle(handle, 0)
+        if request.identity:
+            txn.identities[request.identity] = PutIdentity(
+                Identity(request.identity, handle.addresses, "live", handle_id, self.node),
+                identity.mod_revision if identity is not None else 0)
+        return False
+
+    async def _take_back(self, state: ClusterState, op: _AllocateOp, identity: Identity,
+                         txn: TxnPlan) -> set[int] | None:
+        """Plan a sticky ADD's return of the addresses its identity holds.
+
+        Per family the request wants, the identity's address is handed to the
+        new handle if its hold is not over, one of the pools that would serve
+        this node contains it, and the rules allow it here (reservations,
+        gateways; strictAffinity when the block is another node's). Every other
+        address of the identity is freed in the same transaction. Returns the
+        families kept, or None when the ADD repeats the live attachment's own
+        (answered from its handle). Raises IdentityInUse when another attachment
+        holds the identity live: nothing is planned.
+        """
+        request = op.request
+        handle_id = request.attachment.handle_id
+        holder = parked_holder(identity.id)
+        if not identity.parked:
+            current = await self.store.get_handle(identity.handle)
+            if identity.handle == handle_id and current is not None:
+                self._settle_existing(op, current.value, state)
+                return None
+            if current is not None:
+                raise IdentityInUse(identity.id, identity.handle, identity.node, handle_id,
+                                    self.node)
+            holder = identity.handle  # its handle was removed by hand: take over its blocks
+        now = self.clock()
+        wanted = request.families()
+        kept: set[int] = set()
+        for entry in identity.addresses:
+            family = entry.ip.version
+            cidr = entry.block
+            planned = txn.blocks.get(cidr)
+            if planned is not None:
+                block, revision = planned
+            else:
+                current_block = await self.source.block(cidr)
+                block, revision = ((current_block.value, current_block.mod_revision)
+                                   if current_block is not None else (None, 0))
+            if block is None:
+                continue  # the block is gone, and the address with it
+            pool = None
+            if (family in wanted and family not in kept and not identity.expired(now)
+                    and request.specific(family) in (None, entry.ip)):
+                pool = allocator.pool_of(
+                    self._pools_for(state, family, request.requested_pools(family)), entry.ip)
+            if pool is not None and self._may_keep(state, pool, block, entry.ip, request):
+                handed = allocator.hand_over(block, entry.ip, holder, handle_id)
+                if handed is not None:
+                    txn.put_block(handed, revision, block)
+                    op.addresses.append(AllocatedAddress.of(entry.ip, cidr, pool))
+                    kept.add(family)
+                    continue
+            new, _ = allocator.release_addresses(block, [entry.ip], holder, now)
+            if self._unwanted(state, new):
+                txn.delete_block(new, revision, block)
+            else:
+                txn.put_block(new, revision, block)
+        return kept
+
+    def _may_keep(self, state: ClusterState, pool: IPPool, block: Block, address: IPAddress,
+                  request: AllocationRequest) -> bool:
+        """Whether the rules let this node's ADD keep ``address`` of ``block``."""
+        if block.affinity != self.node and state.config.strict_affinity:
+            return False
+        if not pool.usable(address) or address in state.reservations:
+            return False
+        return address not in request.gateways
 
     def _pools_for(self, state: ClusterState, family: int,
                    requested: tuple[str, ...]) -> list[IPPool]:
@@ -748,6 +904,9 @@ class AllocationEngine:
             _settle(op, result=[])
             return True
         txn.handles[handle_id] = DeleteHandle(handle_id, handle.mod_revision)
+        identity_id = handle.value.attributes.get("identity")
+        if identity_id and await self._plan_parking(state, identity_id, handle, txn):
+            return False
         by_block: dict[IPNetwork, list[IPAddress]] = {}
         for entry in handle.value.addresses:
             by_block.setdefault(entry.block, []).append(entry.ip)
@@ -766,6 +925,79 @@ class AllocationEngine:
                 txn.delete_block(new, revision, block)
             else:
                 txn.put_block(new, revision, block)
+        return False
+
+    async def _plan_parking(self, state: ClusterState, identity_id: str,
+                            handle: Versioned[Handle], txn: TxnPlan) -> bool:
+        """Plan a sticky DEL: its blocks give the addresses to the parked identity until
+        ``stickyHoldSeconds`` from now. False when the handle is not its identity's live
+        attachment (then it is released like any other), or with no hold at all (its
+        identity is deleted and the addresses are freed as usual)."""
+        if identity_id in txn.identities:
+            raise _Defer()
+        identity = await self.store.get_identity(identity_id)
+        if identity is None or identity.value.parked or identity.value.handle != handle.value.id:
+            return False
+        hold = state.config.sticky_hold_seconds
+        if not hold:
+            txn.identities[identity_id] = DeleteIdentity(identity_id, identity.mod_revision)
+            return False
+        holder = parked_holder(identity_id)
+        parked = []
+        for entry in handle.value.addresses:
+            planned = txn.blocks.get(entry.block)
+            if planned is not None:
+                block, revision = planned
+            else:
+                current = await self.source.block(entry.block)
+                block, revision = ((current.value, current.mod_revision)
+                                   if current is not None else (None, 0))
+            if block is None:
+                continue
+            handed = allocator.hand_over(block, entry.ip, handle.value.id, holder)
+            if handed is not None:
+                txn.put_block(handed, revision, block)
+                parked.append(entry)
+        txn.identities[identity_id] = PutIdentity(
+            Identity(identity_id, tuple(parked), "parked", handle.value.id, handle.value.node,
+                     self.clock() + hold),
+            identity.mod_revision)
+        return True
+
+    async def _plan_identity_release(self, state: ClusterState, op: _ReleaseIdentityOp,
+                                     txn: TxnPlan) -> bool:
+        if op.identity_id in txn.identities:
+            raise _Defer()
+        identity = await self.store.get_identity(op.identity_id)
+        if identity is None or (op.only_expired and not identity.value.expired(self.clock())):
+            _settle(op, result=[])
+            return True
+        value = identity.value
+        if not value.parked:
+            if op.only_expired:
+                _settle(op, result=[])
+                return True
+            raise IdentityInUse(value.id, value.handle, value.node)
+        holder = parked_holder(value.id)
+        for entry in value.addresses:
+            planned = txn.blocks.get(entry.block)
+            if planned is not None:
+                block, revision = planned
+            else:
+                current = await self.source.block(entry.block)
+                block, revision = ((current.value, current.mod_revision)
+                                   if current is not None else (None, 0))
+            if block is None:
+                continue
+            new, freed = allocator.release_addresses(block, [entry.ip], holder, self.clock())
+            if not freed:
+                continue
+            op.freed += freed
+            if self._unwanted(state, new):
+                txn.delete_block(new, revision, block)
+            else:
+                txn.put_block(new, revision, block)
+        txn.identities[value.id] = DeleteIdentity(value.id, identity.mod_revision)
         return False
 
     def _unwanted(self, state: ClusterState, block: Block) -> bool:

@@ -142,6 +142,25 @@ class AddressUnavailable(TopoipamError):
     cni_code = cniwire.CNI_ADDRESS_UNAVAILABLE
 
 
+class IdentityInUse(TopoipamError):
+    """A sticky identity is live under another attachment: never two owners at once."""
+
+    code = "FAILED_PRECONDITION"
+    cni_code = cniwire.CNI_ADDRESS_UNAVAILABLE
+
+    def __init__(self, identity: str, holder: str, holder_node: str, wanted: str = "",
+                 node: str = "") -> None:
+        self.identity, self.holder, self.wanted = identity, holder, wanted
+        if wanted:
+            message = (f"sticky identity {identity} is live under attachment {holder} "
+                       f"(node {holder_node}); attachment {wanted} (node {node}) cannot "
+                       "take it too: delete the other pod first")
+        else:
+            message = (f"sticky identity {identity} is live under attachment {holder} "
+                       f"(node {holder_node}); delete that pod first (its DEL parks it)")
+        super().__init__(message)
+
+
 class UnknownPool(InvalidInput):
     def __init__(self, pool: str, reason: str = "does not exist") -> None:
         self.pool = pool

@@ -131,6 +131,13 @@ class KeySchema:
     def handles(self) -> bytes:
         return self._key("handles", "")
 
+    def identity(self, identity_id: str) -> bytes:
+        """A sticky identity's record (its id may hold '/')."""
+        return self._key("identities", identity_id)
+
+    def identities(self) -> bytes:
+        return self._key("identities", "")
+
     def reservation(self, name: str) -> bytes:
         return self._key("reservations", name)
 

@@ -405,6 +405,11 @@ class IPAMConfig:
     #: Off by default: it claims blocks ahead of need, which small per-rack pools
     #: cannot always spare.
     warm_addresses: int = 0
+    #: How long DEL of a sticky attachment parks its address for the identity's next
+    #: ADD. Ten minutes: long enough for a drained node's StatefulSet pod or a
+    #: restarted VM to be rescheduled, pull its image and come back; short enough
+    #: that a deleted workload's addresses return within one maintenance window.
+    sticky_hold_seconds: int = 600
 
     _FIELDS = {
         "strictAffinity": "strict_affinity",
@@ -412,6 +417,7 @@ class IPAMConfig:
         "autoAllocateBlocks": "auto_allocate_blocks",
         "ipCooldownSeconds": "ip_cooldown_seconds",
         "warmAddresses": "warm_addresses",
+        "stickyHoldSeconds": "sticky_hold_seconds",
     }
 
     def __post_init__(self) -> None:
@@ -420,6 +426,7 @@ class IPAMConfig:
         _int("ipamconfig: maxBlocksPerHost", self.max_blocks_per_host)
         _int("ipamconfig: ipCooldownSeconds", self.ip_cooldown_seconds)
         _int("ipamconfig: warmAddresses", self.warm_addresses)
+        _int("ipamconfig: stickyHoldSeconds", self.sticky_hold_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, attr) for key, attr in self._FIELDS.items()}
@@ -575,6 +582,88 @@ class Handle:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidInput(f"handle {handle_id}: corrupt value ({exc})") from exc
+
+
+# An identity: '/'-separated parts of printable characters without whitespace.
+_IDENTITY_PART_RE = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,253}$")
+#: Block holders that start with this are parked sticky identities, not handles
+#: (no handle id can: network names hold no ':').
+PARKED_PREFIX = "identity:"
+IDENTITY_LIVE = "live"
+IDENTITY_PARKED = "parked"
+
+
+def check_identity(identity: object) -> str:
+    """A sticky identity id: ``<network>/<namespace>/<pod>/<ifname>`` or an explicit one."""
+    if (not isinstance(identity, str) or len(identity) > 512
+            or not all(_IDENTITY_PART_RE.fullmatch(p) for p in identity.split("/"))):
+        raise InvalidInput(
+            f"invalid sticky identity {identity!r}: use '/'-separated parts of letters, "
+            "digits and _ . : @ + = - (at most 512 characters)")
+    return identity
+
+
+def parked_holder(identity: str) -> str:
+    """What a block records as the holder of an address parked for ``identity``."""
+    return PARKED_PREFIX + identity
+
+
+def parked_identity(holder: str) -> str | None:
+    """The identity a block holder parks an address for, or None for a handle."""
+    return holder[len(PARKED_PREFIX):] if holder.startswith(PARKED_PREFIX) else None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A sticky owner's addresses, kept across its attachments (``identities/<id>``).
+
+    Live: ``handle`` holds the addresses (the blocks give them to it). Parked:
+    no handle; the blocks give the addresses to :func:`parked_holder` until
+    ``parked_until``. Written in the same transaction as its handle and blocks.
+    """
+
+    id: str
+    addresses: tuple[HandleAddress, ...]
+    state: str
+    handle: str
+    node: str
+    parked_until: float | None = None
+
+    @property
+    def parked(self) -> bool:
+        return self.state == IDENTITY_PARKED
+
+    def expired(self, now: float) -> bool:
+        return self.parked and (self.parked_until or 0.0) <= now
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "addresses": [a.to_dict() for a in self.addresses],
+            "state": self.state,
+            "handle": self.handle,
+            "node": self.node,
+        }
+        if self.parked_until is not None:
+            data["parkedUntil"] = self.parked_until
+        return data
+
+    @classmethod
+    def from_dict(cls, identity_id: str, data: Mapping[str, Any]) -> Identity:
+        try:
+            state = str(data["state"])
+            if state not in (IDENTITY_LIVE, IDENTITY_PARKED):
+                raise ValueError(f"state {state!r}")
+            until = data.get("parkedUntil")
+            return cls(
+                id=identity_id,
+                addresses=tuple(HandleAddress.from_dict(a) for a in data.get("addresses", [])),
+                state=state,
+                handle=str(data.get("handle", "")),
+                node=str(data.get("node", "")),
+                parked_until=float(until) if until is not None else None,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidInput(f"identity {identity_id}: corrupt value ({exc})") from exc
 
 
 @dataclass

@@ -45,6 +45,8 @@ SERVICE_NAME = ipam_pb2.DESCRIPTOR.services_by_name["Ipam"].full_name
 # seconds, refreshed every third of it: `topoipamctl delete node` refuses while
 # the key exists. A killed daemon's key lingers at most this long.
 LIVENESS_TTL = 10
+# How often the daemon looks for sticky holds that are over in its own blocks.
+HOLD_EXPIRY_SECONDS = 1.0
 
 
 def prepare_socket_dir(path: str) -> None:
@@ -111,6 +113,7 @@ class Daemon:
         self._cleanup_wanted = False
         self._index_reconciled = False
         self._liveness_task: asyncio.Task[None] | None = None
+        self._hold_task: asyncio.Task[None] | None = None
         self._lease: int | None = None
         self._ready_once = False
         self.metrics.add_pool_collector(self._pool_usage)
@@ -163,6 +166,26 @@ class Daemon:
                 delay = min(delay * 2, 1.0)
         self.cache.start()
         self._liveness_task = asyncio.create_task(self._announce_liveness())
+        self._hold_task = asyncio.create_task(self._expire_holds())
+
+    async def _expire_holds(self) -> None:
+        """Free sticky holds that are over in this node's own blocks, every second.
+
+        The scan is of the cached blocks (no etcd read while nothing parked is
+        due); the daemon that owns a block expires its holds, each in its own
+        guarded transaction, so a racing ADD of the identity wins or re-plans.
+        """
+        while True:
+            await asyncio.sleep(HOLD_EXPIRY_SECONDS)
+            if not self.cache.in_sync.is_set():
+                continue
+            try:
+                expired = await self.ipam.expire_parked()
+            except TopoipamError as exc:
+                log.debug("sticky hold expiry deferred: %s", exc)
+                continue
+            if expired:
+                log.info("sticky holds over, addresses freed: %s", ", ".join(expired))
 
     async def _announce_liveness(self) -> None:
         """Keep ``daemons/<node>`` alive on an etcd lease for as long as we serve.
@@ -303,7 +326,8 @@ class Daemon:
             await self._server.stop(self.config.drain_seconds)
         if self._cni_server is not None:
             await self._cni_server.wait_closed()
-        for task in (self._register_task, self._cleanup_task, self._liveness_task):
+        for task in (self._register_task, self._cleanup_task, self._liveness_task,
+                     self._hold_task):
             if task is not None and not task.done():
                 task.cancel()
                 try:

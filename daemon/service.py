@@ -206,6 +206,7 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             addresses=tuple(addresses),
             attributes=attributes,
             gateways=tuple(_address(text, "gateway") for text in request.gateways),
+            identity=request.identity,
         )
         allocation = await self.ipam.allocate(domain)
         for address in allocation.addresses:

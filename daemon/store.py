@@ -54,6 +54,7 @@ from .model import (
     BLOCK_SIZE_RANGE,
     Block,
     Handle,
+    Identity,
     IPAddress,
     IPAMConfig,
     IPNetwork,
@@ -357,6 +358,10 @@ class EtcdStore:
         handle_id = self.keys.name_of(key)
         return Handle.from_dict(handle_id, decode(raw, f"handle {handle_id}"))
 
+    def decode_identity(self, key: bytes, raw: bytes) -> Identity:
+        identity_id = self.keys.name_of(key)
+        return Identity.from_dict(identity_id, decode(raw, f"identity {identity_id}"))
+
     def decode_reservation(self, key: bytes, raw: bytes) -> IPReservation:
         name = self.keys.name_of(key)
         return IPReservation.from_dict(name, decode(raw, f"ipreservation {name}"))
@@ -512,6 +517,13 @@ class EtcdStore:
         return await self._typed_prefix(self.keys.handles() + id_prefix.encode(),
                                         self.decode_handle)
 
+    async def get_identity(self, identity_id: str) -> Versioned[Identity] | None:
+        key = self.keys.identity(identity_id)
+        return self._typed_value(key, await self.get_raw(key), self.decode_identity)
+
+    async def list_identities(self) -> list[Versioned[Identity]]:
+        return await self._typed_prefix(self.keys.identities(), self.decode_identity)
+
     # ------------------------------------------------------------------ daemon liveness
     async def announce_daemon(self, node: str, info: dict[str, Any], ttl: int) -> int:
         """Write ``daemons/<node>`` on a fresh lease of ``ttl`` seconds; returns the lease id.
@@ -584,6 +596,10 @@ class EtcdStore:
                 return self.keys.handle(handle.id), rev
             case ops.DeleteHandle(handle_id=handle_id, expect_revision=rev):
                 return self.keys.handle(handle_id), rev
+            case ops.PutIdentity(identity=identity, expect_revision=rev):
+                return self.keys.identity(identity.id), rev
+            case ops.DeleteIdentity(identity_id=identity_id, expect_revision=rev):
+                return self.keys.identity(identity_id), rev
             case ops.PutObject(obj=obj, expect_revision=rev):
                 return self._object_key(obj), rev
             case ops.DeleteObject(kind=kind, name=name, expect_revision=rev):
@@ -635,6 +651,12 @@ class EtcdStore:
             case ops.DeleteHandle(handle_id=handle_id):
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self.keys.handle(handle_id)))
+            case ops.PutIdentity(identity=identity):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.identity(identity.id), value=encode(identity.to_dict())))
+            case ops.DeleteIdentity(identity_id=identity_id):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.identity(identity_id)))
             case ops.PutObject(obj=obj):
                 return rpc.RequestOp(request_put=rpc.PutRequest(
                     key=self._object_key(obj), value=encode(obj.to_dict())))

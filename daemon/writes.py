@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .model import Block, Handle, IPAMConfig, IPNetwork, IPPool, IPReservation, Node
+from .model import Block, Handle, Identity, IPAMConfig, IPNetwork, IPPool, IPReservation, Node
 
 T = TypeVar("T")
 
@@ -88,6 +88,18 @@ class DeleteHandle:
 
 
 @dataclass(frozen=True)
+class PutIdentity:
+    identity: Identity
+    expect_revision: int  # 0: the identity must not exist yet
+
+
+@dataclass(frozen=True)
+class DeleteIdentity:
+    identity_id: str
+    expect_revision: int
+
+
+@dataclass(frozen=True)
 class PutObject:
     """A pool, node, config or reservation; expect_revision None = unconditional."""
 
@@ -115,7 +127,8 @@ class PoolsUnchangedSince:
 
 Write = (
     PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutFreeMark | DeleteFreeMark
-    | PutRoomMark | DeleteRoomMark | PutHandle | DeleteHandle | PutObject
+    | PutRoomMark | DeleteRoomMark | PutHandle | DeleteHandle | PutIdentity | DeleteIdentity
+    | PutObject
     | DeleteObject | PoolsUnchangedSince
 )
 

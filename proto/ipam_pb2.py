@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16topoipam/v1/ipam.proto\x12\x0btopoipam.v1\"C\n\nAttachment\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12\x0e\n\x06ifname\x18\x03 \x01(\t\"\xa4\x02\n\x0f\x41llocateRequest\x12+\n\nattachment\x18\x01 \x01(\x0b\x32\x17.topoipam.v1.Attachment\x12\x13\n\x0b\x61ssign_ipv4\x18\x02 \x01(\x08\x12\x13\n\x0b\x61ssign_ipv6\x18\x03 \x01(\x08\x12\x12\n\nipv4_pools\x18\x04 \x03(\t\x12\x12\n\nipv6_pools\x18\x05 \x03(\t\x12\x0b\n\x03ips\x18\x06 \x03(\t\x12@\n\nattributes\x18\x07 \x03(\x0b\x32,.topoipam.v1.AllocateRequest.AttributesEntry\x12\x10\n\x08gateways\x18\x08 \x03(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\x10\x41llocatedAddress\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x11\n\tpool_cidr\x18\x03 \x01(\t\x12\r\n\x05\x62lock\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\x05\x12\x0f\n\x07gateway\x18\x06 \x01(\t\"T\n\x10\x41llocateResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x30\n\taddresses\x18\x02 \x03(\x0b\x32\x1d.topoipam.v1.AllocatedAddress\"=\n\x0eReleaseRequest\x12+\n\nattachment\x18\x01 \x01(\x0b\x32\x17.topoipam.v1.Attachment\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x03(\t\"9\n\nGetRequest\x12+\n\nattachment\x18\x01 \x01(\x0b\x32\x17.topoipam.v1.Attachment\"O\n\x0bGetResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x30\n\taddresses\x18\x02 \x03(\x0b\x32\x1d.topoipam.v1.AllocatedAddress\"\\\n\x15GarbageCollectRequest\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x32\n\x11valid_attachments\x18\x02 \x03(\x0b\x32\x17.topoipam.v1.Attachment\"2\n\x16GarbageCollectResponse\x12\x18\n\x10released_handles\x18\x01 \x03(\t\"a\n\rStatusRequest\x12\x13\n\x0b\x61ssign_ipv4\x18\x01 \x01(\x08\x12\x13\n\x0b\x61ssign_ipv6\x18\x02 \x01(\x08\x12\x12\n\nipv4_pools\x18\x03 \x03(\t\x12\x12\n\nipv6_pools\x18\x04 \x03(\t\"J\n\nPoolStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63idr\x18\x02 \x01(\t\x12\x10\n\x08selected\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xd4\x02\n\x0eStatusResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x37\n\x06labels\x18\x02 \x03(\x0b\x32\'.topoipam.v1.StatusResponse.LabelsEntry\x12&\n\x05pools\x18\x03 \x03(\x0b\x32\x17.topoipam.v1.PoolStatus\x12\x0f\n\x07in_sync\x18\x04 \x01(\x08\x12\x16\n\x0e\x65tcd_reachable\x18\x05 \x01(\x08\x12\x12\n\netcd_error\x18\x06 \x01(\t\x12\x15\n\raffine_blocks\x18\x07 \x01(\x03\x12\x16\n\x0e\x66ree_addresses\x18\x08 \x01(\x03\x12\x0f\n\x07version\x18\t \x01(\t\x12\r\n\x05ready\x18\n \x01(\x08\x12\x18\n\x10not_ready_reason\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xed\x02\n\x04Ipam\x12G\n\x08\x41llocate\x12\x1c.topoipam.v1.AllocateRequest\x1a\x1d.topoipam.v1.AllocateResponse\x12\x44\n\x07Release\x12\x1b.topoipam.v1.ReleaseRequest\x1a\x1c.topoipam.v1.ReleaseResponse\x12\x38\n\x03Get\x12\x17.topoipam.v1.GetRequest\x1a\x18.topoipam.v1.GetResponse\x12Y\n\x0eGarbageCollect\x12\".topoipam.v1.GarbageCollectRequest\x1a#.topoipam.v1.GarbageCollectResponse\x12\x41\n\x06Status\x12\x1a.topoipam.v1.StatusRequest\x1a\x1b.topoipam.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16topoipam/v1/ipam.proto\x12\x0btopoipam.v1\"C\n\nAttachment\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12\x0e\n\x06ifname\x18\x03 \x01(\t\"\xb6\x02\n\x0f\x41llocateRequest\x12+\n\nattachment\x18\x01 \x01(\x0b\x32\x17.topoipam.v1.Attachment\x12\x13\n\x0b\x61ssign_ipv4\x18\x02 \x01(\x08\x12\x13\n\x0b\x61ssign_ipv6\x18\x03 \x01(\x08\x12\x12\n\nipv4_pools\x18\x04 \x03(\t\x12\x12\n\nipv6_pools\x18\x05 \x03(\t\x12\x0b\n\x03ips\x18\x06 \x03(\t\x12@\n\nattributes\x18\x07 \x03(\x0b\x32,.topoipam.v1.AllocateRequest.AttributesEntry\x12\x10\n\x08gateways\x18\x08 \x03(\t\x12\x10\n\x08identity\x18\t \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\x10\x41llocatedAddress\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x11\n\tpool_cidr\x18\x03 \x01(\t\x12\r\n\x05\x62lock\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\x05\x12\x0f\n\x07gateway\x18\x06 \x01(\t\"T\n\x10\x41llocateResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x30\n\taddresses\x18\x02 \x03(\x0b\x32\x1d.topoipam.v1.AllocatedAddress\"=\n\x0eReleaseRequest\x12+\n\nattachment\x18\x01 \x01(\x0b\x32\x17.topoipam.v1.Attachment\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x03(\t\"9\n\nGetRequest\x12+\n\nattachment\x18\x01 \x01(\x0b\x32\x17.topoipam.v1.Attachment\"O\n\x0bGetResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x30\n\taddresses\x18\x02 \x03(\x0b\x32\x1d.topoipam.v1.AllocatedAddress\"\\\n\x15GarbageCollectRequest\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x32\n\x11valid_attachments\x18\x02 \x03(\x0b\x32\x17.topoipam.v1.Attachment\"2\n\x16GarbageCollectResponse\x12\x18\n\x10released_handles\x18\x01 \x03(\t\"a\n\rStatusRequest\x12\x13\n\x0b\x61ssign_ipv4\x18\x01 \x01(\x08\x12\x13\n\x0b\x61ssign_ipv6\x18\x02 \x01(\x08\x12\x12\n\nipv4_pools\x18\x03 \x03(\t\x12\x12\n\nipv6_pools\x18\x04 \x03(\t\"J\n\nPoolStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63idr\x18\x02 \x01(\t\x12\x10\n\x08selected\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xd4\x02\n\x0eStatusResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x37\n\x06labels\x18\x02 \x03(\x0b\x32\'.topoipam.v1.StatusResponse.LabelsEntry\x12&\n\x05pools\x18\x03 \x03(\x0b\x32\x17.topoipam.v1.PoolStatus\x12\x0f\n\x07in_sync\x18\x04 \x01(\x08\x12\x16\n\x0e\x65tcd_reachable\x18\x05 \x01(\x08\x12\x12\n\netcd_error\x18\x06 \x01(\t\x12\x15\n\raffine_blocks\x18\x07 \x01(\x03\x12\x16\n\x0e\x66ree_addresses\x18\x08 \x01(\x03\x12\x0f\n\x07version\x18\t \x01(\t\x12\r\n\x05ready\x18\n \x01(\x08\x12\x18\n\x10not_ready_reason\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xed\x02\n\x04Ipam\x12G\n\x08\x41llocate\x12\x1c.topoipam.v1.AllocateRequest\x1a\x1d.topoipam.v1.AllocateResponse\x12\x44\n\x07Release\x12\x1b.topoipam.v1.ReleaseRequest\x1a\x1c.topoipam.v1.ReleaseResponse\x12\x38\n\x03Get\x12\x17.topoipam.v1.GetRequest\x1a\x18.topoipam.v1.GetResponse\x12Y\n\x0eGarbageCollect\x12\".topoipam.v1.GarbageCollectRequest\x1a#.topoipam.v1.GarbageCollectResponse\x12\x41\n\x06Status\x12\x1a.topoipam.v1.StatusRequest\x1a\x1b.topoipam.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,33 +38,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTACHMENT']._serialized_start=39
   _globals['_ATTACHMENT']._serialized_end=106
   _globals['_ALLOCATEREQUEST']._serialized_start=109
-  _globals['_ALLOCATEREQUEST']._serialized_end=401
-  _globals['_ALLOCATEREQUEST_ATTRIBUTESENTRY']._serialized_start=352
-  _globals['_ALLOCATEREQUEST_ATTRIBUTESENTRY']._serialized_end=401
-  _globals['_ALLOCATEDADDRESS']._serialized_start=403
-  _globals['_ALLOCATEDADDRESS']._serialized_end=514
-  _globals['_ALLOCATERESPONSE']._serialized_start=516
-  _globals['_ALLOCATERESPONSE']._serialized_end=600
-  _globals['_RELEASEREQUEST']._serialized_start=602
-  _globals['_RELEASEREQUEST']._serialized_end=663
-  _globals['_RELEASERESPONSE']._serialized_start=665
-  _globals['_RELEASERESPONSE']._serialized_end=700
-  _globals['_GETREQUEST']._serialized_start=702
-  _globals['_GETREQUEST']._serialized_end=759
-  _globals['_GETRESPONSE']._serialized_start=761
-  _globals['_GETRESPONSE']._serialized_end=840
-  _globals['_GARBAGECOLLECTREQUEST']._serialized_start=842
-  _globals['_GARBAGECOLLECTREQUEST']._serialized_end=934
-  _globals['_GARBAGECOLLECTRESPONSE']._serialized_start=936
-  _globals['_GARBAGECOLLECTRESPONSE']._serialized_end=986
-  _globals['_STATUSREQUEST']._serialized_start=988
-  _globals['_STATUSREQUEST']._serialized_end=1085
-  _globals['_POOLSTATUS']._serialized_start=1087
-  _globals['_POOLSTATUS']._serialized_end=1161
-  _globals['_STATUSRESPONSE']._serialized_start=1164
-  _globals['_STATUSRESPONSE']._serialized_end=1504
-  _globals['_STATUSRESPONSE_LABELSENTRY']._serialized_start=1459
-  _globals['_STATUSRESPONSE_LABELSENTRY']._serialized_end=1504
-  _globals['_IPAM']._serialized_start=1507
-  _globals['_IPAM']._serialized_end=1872
+  _globals['_ALLOCATEREQUEST']._serialized_end=419
+  _globals['_ALLOCATEREQUEST_ATTRIBUTESENTRY']._serialized_start=370
+  _globals['_ALLOCATEREQUEST_ATTRIBUTESENTRY']._serialized_end=419
+  _globals['_ALLOCATEDADDRESS']._serialized_start=421
+  _globals['_ALLOCATEDADDRESS']._serialized_end=532
+  _globals['_ALLOCATERESPONSE']._serialized_start=534
+  _globals['_ALLOCATERESPONSE']._serialized_end=618
+  _globals['_RELEASEREQUEST']._serialized_start=620
+  _globals['_RELEASEREQUEST']._serialized_end=681
+  _globals['_RELEASERESPONSE']._serialized_start=683
+  _globals['_RELEASERESPONSE']._serialized_end=718
+  _globals['_GETREQUEST']._serialized_start=720
+  _globals['_GETREQUEST']._serialized_end=777
+  _globals['_GETRESPONSE']._serialized_start=779
+  _globals['_GETRESPONSE']._serialized_end=858
+  _globals['_GARBAGECOLLECTREQUEST']._serialized_start=860
+  _globals['_GARBAGECOLLECTREQUEST']._serialized_end=952
+  _globals['_GARBAGECOLLECTRESPONSE']._serialized_start=954
+  _globals['_GARBAGECOLLECTRESPONSE']._serialized_end=1004
+  _globals['_STATUSREQUEST']._serialized_start=1006
+  _globals['_STATUSREQUEST']._serialized_end=1103
+  _globals['_POOLSTATUS']._serialized_start=1105
+  _globals['_POOLSTATUS']._serialized_end=1179
+  _globals['_STATUSRESPONSE']._serialized_start=1182
+  _globals['_STATUSRESPONSE']._serialized_end=1522
+  _globals['_STATUSRESPONSE_LABELSENTRY']._serialized_start=1477
+  _globals['_STATUSRESPONSE_LABELSENTRY']._serialized_end=1522
+  _globals['_IPAM']._serialized_start=1525
+  _globals['_IPAM']._serialized_end=1890
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ class Attachment(_message.Message):
     def __init__(self, network: _Optional[str] = ..., container_id: _Optional[str] = ..., ifname: _Optional[str] = ...) -> None: ...
 
 class AllocateRequest(_message.Message):
-    __slots__ = ("attachment", "assign_ipv4", "assign_ipv6", "ipv4_pools", "ipv6_pools", "ips", "attributes", "gateways")
+    __slots__ = ("attachment", "assign_ipv4", "assign_ipv6", "ipv4_pools", "ipv6_pools", "ips", "attributes", "gateways", "identity")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class AllocateRequest(_message.Message):
     IPS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
     attachment: Attachment
     assign_ipv4: bool
     assign_ipv6: bool
@@ -41,7 +42,8 @@ class AllocateRequest(_message.Message):
     ips: _containers.RepeatedScalarFieldContainer[str]
     attributes: _containers.ScalarMap[str, str]
     gateways: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, attachment: _Optional[_Union[Attachment, _Mapping]] = ..., assign_ipv4: _Optional[bool] = ..., assign_ipv6: _Optional[bool] = ..., ipv4_pools: _Optional[_Iterable[str]] = ..., ipv6_pools: _Optional[_Iterable[str]] = ..., ips: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., gateways: _Optional[_Iterable[str]] = ...) -> None: ...
+    identity: str
+    def __init__(self, attachment: _Optional[_Union[Attachment, _Mapping]] = ..., assign_ipv4: _Optional[bool] = ..., assign_ipv6: _Optional[bool] = ..., ipv4_pools: _Optional[_Iterable[str]] = ..., ipv6_pools: _Optional[_Iterable[str]] = ..., ips: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., gateways: _Optional[_Iterable[str]] = ..., identity: _Optional[str] = ...) -> None: ...
 
 class AllocatedAddress(_message.Message):
     __slots__ = ("ip", "pool", "pool_cidr", "block", "family", "gateway")
