@@ -57,7 +57,7 @@ SPEC_FIELDS: dict[str, tuple[str, ...]] = {
     "IPPool": ("cidr", "blockSize", "nodeSelector", "disabled", "assignmentMode", "gateway"),
     "Node": ("labels",),
     "IPAMConfig": ("strictAffinity", "maxBlocksPerHost", "autoAllocateBlocks",
-                   "ipCooldownSeconds", "warmAddresses"),
+                   "ipCooldownSeconds", "warmAddresses", "stickyHoldSeconds"),
     "IPReservation": ("cidrs", "reservedCIDRs"),
 }
 

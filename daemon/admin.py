@@ -47,6 +47,7 @@ from .model import (
     check_kubernetes_label,
     check_pool_name,
     check_pool_overlaps,
+    parked_identity,
     reserved_range_problem,
     resource_id,
 )
@@ -56,11 +57,13 @@ from .writes import (
     DeleteBlock,
     DeleteFreeMark,
     DeleteHandle,
+    DeleteIdentity,
     DeleteObject,
     PoolsUnchangedSince,
     PutBlock,
     PutFreeMark,
     PutHandle,
+    PutIdentity,
     PutObject,
     PutRoomMark,
     Versioned,
@@ -441,9 +444,33 @@ async def release_holding(store: EtcdStore, address: IPAddress, force: bool
             writes.append(
                 PutHandle(dataclasses.replace(handle.value, addresses=rest), handle.mod_revision)
                 if rest else DeleteHandle(holding.holder, handle.mod_revision))
+        writes += await identity_release_writes(store, holding)
         return writes, holding
 
     return await store.commit_with_retry(attempt, str(address))
+
+
+async def identity_release_writes(store: EtcdStore, holding: Holding) -> list[Write]:
+    """The sticky identity's part of freeing ``holding``: the address leaves its record,
+    and the record goes with its last address (or, live, with its handle)."""
+    handle = holding.handle
+    identity_id = parked_identity(holding.holder) or (
+        handle.value.attributes.get("identity") if handle is not None else None)
+    if not identity_id:
+        return []
+    identity = await store.get_identity(identity_id)
+    if identity is None:
+        return []
+    value = identity.value
+    if value.parked != (parked_identity(holding.holder) is not None) or (
+            not value.parked and value.handle != holding.holder):
+        return []  # the record is about another attachment: ipam check reports it
+    rest = tuple(a for a in value.addresses if a.ip != holding.address)
+    handle_gone = handle is not None and not any(
+        a.ip != holding.address for a in handle.value.addresses)
+    if not rest or handle_gone:
+        return [DeleteIdentity(identity_id, identity.mod_revision)]
+    return [PutIdentity(dataclasses.replace(value, addresses=rest), identity.mod_revision)]
 
 
 async def unlist_address(store: EtcdStore, address: IPAddress) -> list[str]:

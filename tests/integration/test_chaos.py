@@ -19,6 +19,12 @@ allocation present with its address, nothing left of an acknowledged DEL.
 Then ``topoipamctl ipam check``, CNI GC per node with the live containers as
 valid attachments, DEL of everything, and no address may remain allocated.
 
+Part of the churn is on a sticky network (issue 16): one identity per rack,
+whose containers come and go on either node of the rack, never two at once.
+An ADD acknowledged within the hold of the identity's last acknowledged DEL
+must return the same address; holds are short, so they also expire under the
+faults, and after the final DELs every hold must expire by itself.
+
 The summary (printed, and written as JSON to ``$TOPOIPAM_CHAOS_REPORT`` if
 set) counts operations, faults and invariant checks.
 """
@@ -70,13 +76,35 @@ CNI_TIMEOUT = 8  # seconds the plugin waits for its daemon (ipam "timeout")
 SEED = int(os.environ.get("TOPOIPAM_CHAOS_SEED", "0")) or random.SystemRandom().randrange(1 << 30)
 
 
-def net_config(daemon: DaemonProcess, version: str = "1.0.0") -> dict[str, Any]:
-    return {"cniVersion": version, "name": NETWORK,
-            "ipam": {"type": "topoipam", "socket": daemon.socket, "timeout": CNI_TIMEOUT}}
+# The sticky network: one identity (pod name) per rack; holds of a few seconds.
+STICKY_NETWORK = "chaos-sticky"
+STICKY_PODS = {"0": "sts-r0", "1": "sts-r1"}
+STICKY_HOLD = 3
+STICKY_SHARE = 0.15  # of the churn's steps that start the rack's sticky pod
+
+
+def is_sticky(container: str) -> bool:
+    return container.startswith("sticky-")
+
+
+def net_config(daemon: DaemonProcess, version: str = "1.0.0", container: str = "",
+               network: str = "") -> dict[str, Any]:
+    sticky = network == STICKY_NETWORK or is_sticky(container)
+    return {"cniVersion": version, "name": STICKY_NETWORK if sticky else NETWORK,
+            "ipam": {"type": "topoipam", "socket": daemon.socket, "timeout": CNI_TIMEOUT,
+                     **({"sticky": True} if sticky else {})}}
+
+
+def pod_of(container: str, node: str) -> str:
+    return STICKY_PODS[RACK[node]] if is_sticky(container) else container
+
+
+def cni_args(container: str, node: str) -> str:
+    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE=chaos;K8S_POD_NAME={pod_of(container, node)}"
 
 
 def handle_id(container: str) -> str:
-    return f"{NETWORK}/{container}/eth0"
+    return f"{STICKY_NETWORK if is_sticky(container) else NETWORK}/{container}/eth0"
 
 
 # ---------------------------------------------------------------------------- bookkeeping
@@ -102,11 +130,36 @@ class Ledger:
     checks: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
     next_id: int = 0
+    # Sticky pod -> its container that is live or in doubt (at most one at a time).
+    sticky_busy: dict[str, str] = field(default_factory=dict)
+    # Sticky pod -> (address, start of the first DEL attempt) of its last container
+    # whose ADD and DEL were both acknowledged.
+    sticky_last: dict[str, tuple[str, float]] = field(default_factory=dict)
+    sticky_del_started: dict[str, float] = field(default_factory=dict)  # container -> time
 
-    def new_container(self, node: str) -> str:
+    def new_container(self, node: str, sticky: bool = False) -> str:
         with self.lock:
             self.next_id += 1
-            return f"chaos-{node}-{self.next_id:05d}"
+            return f"{'sticky' if sticky else 'chaos'}-{node}-{self.next_id:05d}"
+
+    def new_sticky_container(self, node: str) -> str | None:
+        """A container for the rack's sticky pod, unless one is live or in doubt."""
+        pod = STICKY_PODS[RACK[node]]
+        with self.lock:
+            if pod in self.sticky_busy:
+                return None
+            self.next_id += 1
+            container = self.sticky_busy[pod] = f"sticky-{node}-{self.next_id:05d}"
+            return container
+
+    def sticky_deleted(self, container: str, node: str, ip: str) -> None:
+        """A sticky container's DEL was acknowledged (``ip``: its acknowledged address)."""
+        pod = pod_of(container, node)
+        started = self.sticky_del_started.pop(container, time.time())
+        if self.sticky_busy.get(pod) == container:
+            del self.sticky_busy[pod]
+        if ip:
+            self.sticky_last[pod] = (ip, started)
 
     def held_by(self, node: str) -> int:
         """Containers of ``node`` that may hold an address (live or in doubt)."""
@@ -132,9 +185,26 @@ class Ledger:
                     self.violations.append(f"repeated ADD of {container} returned {ip}, "
                                            f"not {self.live[container][1]}")
                 return
+            if is_sticky(container):
+                self.check_sticky_address(container, node, ip)
             self.pending_add.pop(container, None)
             self.live[container] = (node, ip)
             self.holders[ip] = container
+
+    def check_sticky_address(self, container: str, node: str, ip: str) -> None:
+        """Within the hold of its last DEL, a sticky pod gets its address back (its rack's
+        pool contains it and borrowing is on, whichever node of the rack it is on)."""
+        pod = pod_of(container, node)
+        if self.sticky_busy.get(pod) != container:
+            self.violations.append(f"sticky {container} acknowledged while {pod} is "
+                                   f"{self.sticky_busy.get(pod)}'s")
+        last = self.sticky_last.get(pod)
+        if last is not None and time.time() < last[1] + STICKY_HOLD - 0.05:
+            self.checks["sticky_address_kept_within_hold"] += 1
+            if ip != last[0]:
+                self.violations.append(f"sticky pod {pod} ({container} on {node}) got {ip} "
+                                       f"within the hold of its address {last[0]}")
+        self.checks["sticky_adds_acknowledged"] += 1
 
     def start_del(self, container: str) -> tuple[str, str] | None:
         """Take a live container out of ``holders``: its address may be reused from now on."""
@@ -200,7 +270,8 @@ def check_etcd(cluster: EtcdCluster, prefix: str, ledger: Ledger) -> int:
         known = set(ledger.live) | set(ledger.pending_add) | set(ledger.pending_del) | set(
             ledger.abandoned)
         for hid, handle in handles.items():
-            if hid.startswith(f"{NETWORK}/") and hid.split("/")[1] not in known:
+            if hid.startswith((f"{NETWORK}/", f"{STICKY_NETWORK}/")) and (
+                    hid.split("/")[1] not in known):
                 problems.append(f"handle {hid} belongs to no container the runtime knows")
             node = handle["node"]
             for entry in handle["addresses"]:
@@ -300,6 +371,9 @@ class Worker(threading.Thread):
                 self.delete(container, retry=True)
         elif mine and rng.random() < 0.05:
             self.add(rng.choice(mine), retry=False)  # ADD is idempotent
+        elif room > 0 and rng.random() < STICKY_SHARE and (
+                sticky := ledger.new_sticky_container(self.node)) is not None:
+            self.add(sticky, retry=False)  # the rack's sticky pod, on this node
         elif room > 0 and (rng.random() < 0.6 or len(mine) < 2):
             self.add(ledger.new_container(self.node), retry=False)
         elif mine:
@@ -309,9 +383,8 @@ class Worker(threading.Thread):
         with self.ledger.lock:
             self.ledger.ops["attempted"] += 1
             self.ledger.ops[f"{command.lower()}_attempted"] += 1
-        code, out, err = cni(command, net_config(self.daemon_process), container=container,
-                             args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=chaos;"
-                                  f"K8S_POD_NAME={container}")
+        code, out, err = cni(command, net_config(self.daemon_process, container=container),
+                             container=container, args=cni_args(container, self.node))
         if code == 0:
             return 0, out
         if code == 1 and out is not None and out.get("code") == TRY_AGAIN \
@@ -352,6 +425,9 @@ class Worker(threading.Thread):
         started = ledger.start_del(container)
         if started is not None:
             ip = started[1]
+        if is_sticky(container):
+            with ledger.lock:
+                ledger.sticky_del_started.setdefault(container, time.time())
         code, _ = self.call("DEL", container)
         with ledger.lock:
             if code == 0:
@@ -359,6 +435,8 @@ class Worker(threading.Thread):
                 ledger.pending_del.pop(container, None)
                 ledger.pending_add.pop(container, None)
                 ledger.deleted[container] = self.node
+                if is_sticky(container):
+                    ledger.sticky_deleted(container, self.node, ip)
             elif code == TRY_AGAIN:
                 if container in ledger.pending_add:
                     return  # still in doubt as an ADD: nothing was acknowledged
@@ -406,7 +484,8 @@ def retry_until_done(ledger: Ledger, command: str, daemon: DaemonProcess, contai
             ledger.ops[f"{command.lower()}_attempted"] += 1
             if attempt:
                 ledger.ops["retried"] += 1
-        code, out, err = cni(command, config or net_config(daemon), container=container)
+        code, out, err = cni(command, config or net_config(daemon, container=container),
+                             container=container, args=cni_args(container, daemon.node))
         if code == 0:
             return out
         assert code == 1 and out is not None and out.get("code") == TRY_AGAIN, (
@@ -435,7 +514,8 @@ def test_churn_under_daemon_and_etcd_faults(etcd_cluster: EtcdCluster, prefix: s
                 str(BLOCK_SIZE), "--node-selector", f'rack == "{rack}"')
     # Warm reserves on: background claims race the churn's claims and borrows.
     run_ctl("ipam", "configure", "--strictaffinity", "false", "--max-blocks-per-host",
-            str(MAX_BLOCKS_PER_HOST), "--warm-addresses", str(WARM_ADDRESSES))
+            str(MAX_BLOCKS_PER_HOST), "--warm-addresses", str(WARM_ADDRESSES),
+            "--sticky-hold-seconds", str(STICKY_HOLD))
 
     daemons: dict[str, DaemonProcess] = {}
     metrics_port: dict[str, int] = {}
@@ -664,10 +744,13 @@ def test_churn_under_daemon_and_etcd_faults(etcd_cluster: EtcdCluster, prefix: s
             for container in sorted(c for c, (n, _) in ledger.live.items() if n == node)[:2]:
                 ledger.start_del(container)
                 ledger.abandoned[container] = node
-        for node, daemon in daemons.items():
+        for (node, daemon), network in ((d, n) for d in daemons.items()
+                                        for n in (NETWORK, STICKY_NETWORK)):
             valid = [{"containerID": c, "ifname": "eth0"}
-                     for c, (n, _) in sorted(ledger.live.items()) if n == node]
-            gc_config = {**net_config(daemon, "1.1.0"), "cni.dev/valid-attachments": valid}
+                     for c, (n, _) in sorted(ledger.live.items())
+                     if n == node and is_sticky(c) == (network == STICKY_NETWORK)]
+            gc_config = {**net_config(daemon, "1.1.0", network=network),
+                         "cni.dev/valid-attachments": valid}
             retry_until_done(ledger, "GC", daemon, "", config=gc_config)
             ledger.ops["gc_acknowledged"] += 1
         _, handles = addresses_in_etcd(cluster, prefix)
@@ -689,6 +772,12 @@ def test_churn_under_daemon_and_etcd_faults(etcd_cluster: EtcdCluster, prefix: s
             retry_until_done(ledger, "DEL", daemons[node], container)
             ledger.ops["del_acknowledged"] += 1
             ledger.deleted[container] = node
+        # The sticky pods' addresses are parked: their holds end by themselves.
+        wait_for("every sticky hold to expire", lambda: all(
+            not b["allocations"] for b in addresses_in_etcd(cluster, prefix)[0].values()),
+            timeout=STICKY_HOLD + 15)
+        assert not cluster.range_prefix(f"{prefix}/identities/")
+        ledger.checks["sticky_holds_expired_after_del_all"] += 1
         blocks, handles = addresses_in_etcd(cluster, prefix)
         assert handles == {}, handles
         assert all(not b["allocations"] for b in blocks.values()), blocks

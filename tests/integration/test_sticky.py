@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ import pytest
 
 from tests.conftest import EtcdServer
 from tests.daemons import DaemonProcess, cni, ctl, rack_pools_manifest
+from tests.etcd_cluster import etcdctl_binary
 
 NETWORK = "sticky-net"
 RACKS = {"node-0": "0", "node-1": "0", "node-2": "1"}
@@ -35,7 +37,8 @@ def daemons(etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, st
             run_dir.mkdir(mode=0o750)
             started[node] = DaemonProcess(
                 node, str(run_dir / "topoipamd.sock"), etcd.endpoint, prefix,
-                str(tmp_path / f"{node}.log"), ["--labels", f"rack={rack},host={node}"]).start(wait=False)
+                str(tmp_path / f"{node}.log"), ["--labels", f"rack={rack},host={node}"],
+            ).start(wait=False)
         for daemon in started.values():
             daemon.wait_serving(30)
         yield started
@@ -216,3 +219,35 @@ def test_gc_parks_a_sticky_attachment_and_never_frees_a_parked_one(
     row = held(ctl_env, address)
     assert row is not None and row["state"] == "parked"
     assert add(daemon, "c2", pod="gc-0") == address
+
+
+def test_ipam_release_of_a_parked_address_forgets_it_for_its_identity(
+        daemons: dict[str, DaemonProcess], ctl_env: dict[str, str]) -> None:
+    daemon = daemons["node-0"]
+    address = add(daemon, "c1", pod="web-9")
+    delete(daemon, "c1", pod="web-9")
+    done = ctl(ctl_env, "ipam", "release", "--identity", f"{NETWORK}/default/nope/eth0")
+    assert done.returncode == 0 and "holds no parked address" in done.stdout, done
+    run(ctl_env, "ipam", "release", "--ip", address)
+    assert held(ctl_env, address) is None
+    assert "OK" in run(ctl_env, "ipam", "check")
+    explained = ctl(ctl_env, "explain", "identity", f"{NETWORK}/default/web-9/eth0")
+    assert explained.returncode != 0 and "does not exist" in explained.stderr, explained
+
+
+def test_ipam_release_refuses_a_live_identity_and_check_finds_a_broken_one(
+        daemons: dict[str, DaemonProcess], ctl_env: dict[str, str], etcd: EtcdServer,
+        prefix: str) -> None:
+    daemon = daemons["node-0"]
+    add(daemon, "c1", pod="web-8")
+    identity = f"{NETWORK}/default/web-8/eth0"
+    done = ctl(ctl_env, "ipam", "release", "--identity", identity)
+    assert done.returncode != 0 and "live under attachment" in done.stderr, done
+    table = run(ctl_env, "get", "allocations")
+    assert "IDENTITY" in table and identity in table and "live" in table
+    # An identity record left pointing at a handle that is gone is a problem.
+    cluster_key = f"{prefix}/handles/{NETWORK}/c1/eth0"
+    subprocess.run([etcdctl_binary(), "--endpoints", etcd.endpoint, "del", cluster_key],
+                   check=True, capture_output=True)
+    check = ctl(ctl_env, "ipam", "check")
+    assert check.returncode != 0 and f"sticky identity {identity}" in check.stdout, check
