@@ -171,3 +171,15 @@ def test_claim_never_picks_a_block_of_only_unusable_addresses() -> None:
     assert str(allocator.first_unclaimed_block(p, set(), reserved)) == "10.0.0.2/32"
     taken = {ipaddress.ip_network("10.0.0.1/32"), ipaddress.ip_network("10.0.0.2/32")}
     assert allocator.first_unclaimed_block(p, taken) is None
+
+
+def test_hand_over_moves_an_address_only_from_its_holder() -> None:
+    block = Block.empty(ipaddress.ip_network("10.0.0.0/30"), "n0")
+    block.unallocated.remove(1)
+    block.allocations[1] = "identity:a"
+    address = ipaddress.ip_address("10.0.0.1")
+    moved = allocator.hand_over(block, address, "identity:a", "net/c/eth0")
+    assert moved is not None and moved.allocations[1] == "net/c/eth0"
+    assert block.allocations[1] == "identity:a"  # a copy: the original is untouched
+    assert allocator.hand_over(block, address, "net/other/eth0", "x") is None
+    assert allocator.hand_over(block, ipaddress.ip_address("10.0.0.2"), "identity:a", "x") is None

@@ -199,3 +199,25 @@ def test_attachment_parts_are_refused_whole(bad: str) -> None:
         Attachment("net", bad, "eth0")
     with pytest.raises(InvalidInput):
         Node(bad)
+
+
+def test_sticky_identity_round_trips_and_knows_its_hold() -> None:
+    from topoipam.daemon.model import (
+        HandleAddress,
+        Identity,
+        parked_holder,
+        parked_identity,
+    )
+
+    address = HandleAddress(ipaddress.ip_address("10.0.0.5"), ipaddress.ip_network("10.0.0.0/26"))
+    parked = Identity("net/ns/web-0/eth0", (address,), "parked", "net/c1/eth0", "n0", 100.0)
+    assert Identity.from_dict(parked.id, parked.to_dict()) == parked
+    assert parked.expired(100.0) and not parked.expired(99.9)
+    live = Identity("net/ns/web-0/eth0", (address,), "live", "net/c1/eth0", "n0")
+    assert not live.expired(1e12)
+    assert parked_identity(parked_holder(live.id)) == live.id
+    assert parked_identity("net/c1/eth0") is None
+    with pytest.raises(InvalidInput, match="corrupt"):
+        Identity.from_dict("x", {"state": "gone"})
+    assert IPAMConfig.from_dict({"stickyHoldSeconds": 5}).sticky_hold_seconds == 5
+    assert IPAMConfig().sticky_hold_seconds == 600

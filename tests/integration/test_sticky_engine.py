@@ -1,0 +1,134 @@
+"""Sticky identities in the allocation engine against a real etcd: the rules that
+decide whether an address follows its owner, and what one transaction writes."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from topoipam.daemon.audit import find_inconsistencies, load_snapshot
+from topoipam.daemon.engine import AllocationEngine, AllocationRequest
+from topoipam.daemon.errors import IdentityInUse, InvalidInput
+from topoipam.daemon.model import Attachment, IPAMConfig, IPPool, Node, parked_holder
+from topoipam.daemon.store import EtcdStore
+from topoipam.daemon.writes import PutObject
+
+IDENTITY = "net/default/web-0/eth0"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sticky(container: str, identity: str = IDENTITY, **kwargs: object) -> AllocationRequest:
+    return AllocationRequest(Attachment("net", container, "eth0"),  # type: ignore[arg-type]
+                             identity=identity, **kwargs)
+
+
+async def seed(store: EtcdStore, config: IPAMConfig) -> None:
+    objects = [
+        config,
+        IPPool("rack-0", ipaddress.ip_network("10.9.0.0/24"), 26, 'rack == "0"'),
+        IPPool("rack-1", ipaddress.ip_network("10.9.1.0/24"), 26, 'rack == "1"'),
+        Node("n0", {"rack": "0"}), Node("n1", {"rack": "0"}), Node("n2", {"rack": "1"}),
+    ]
+    assert (await store.commit([PutObject(o) for o in objects])).succeeded
+
+
+async def consistent(store: EtcdStore) -> None:
+    assert find_inconsistencies(await load_snapshot(store)) == []
+
+
+@pytest.mark.asyncio
+async def test_strict_affinity_keeps_the_address_only_on_the_blocks_own_node(
+        store: EtcdStore) -> None:
+    await seed(store, IPAMConfig(strict_affinity=True))
+    clock = Clock()
+    n0, n1 = (AllocationEngine(store, n, clock=clock) for n in ("n0", "n1"))
+    first = (await n0.allocate(sticky("c1"))).addresses[0].ip
+    await n0.release("net/c1/eth0")
+    # n1 may not borrow: a new address from its own block, the parked one freed.
+    moved = (await n1.allocate(sticky("c2"))).addresses[0].ip
+    assert moved != first
+    block = await store.block_containing(first)
+    assert block is not None and block.value.ordinal(first) in block.value.unallocated
+    await consistent(store)
+
+
+@pytest.mark.asyncio
+async def test_an_add_after_the_hold_frees_the_parked_address_itself(store: EtcdStore) -> None:
+    await seed(store, IPAMConfig(sticky_hold_seconds=30))
+    clock = Clock()
+    n0 = AllocationEngine(store, "n0", clock=clock)
+    first = (await n0.allocate(sticky("c1"))).addresses[0].ip
+    await n0.release("net/c1/eth0")
+    block = await store.block_containing(first)
+    assert block is not None
+    assert block.value.allocations[block.value.ordinal(first)] == parked_holder(IDENTITY)
+    clock.now += 31
+    second = (await n0.allocate(sticky("c2"))).addresses[0].ip
+    assert second != first  # freed at the back of the free list, not handed back
+    block = await store.block_containing(first)
+    assert block is not None and block.value.unallocated[-1] == block.value.ordinal(first)
+    await consistent(store)
+
+
+@pytest.mark.asyncio
+async def test_expiry_frees_only_holds_that_are_over(store: EtcdStore) -> None:
+    await seed(store, IPAMConfig(sticky_hold_seconds=30))
+    clock = Clock()
+    n0 = AllocationEngine(store, "n0", clock=clock)
+    await n0.allocate(sticky("c1"))
+    await n0.release("net/c1/eth0")
+    assert await n0.expire_parked() == []
+    clock.now += 31
+    assert await n0.expire_parked() == [IDENTITY]
+    assert await store.get_identity(IDENTITY) is None
+    assert await n0.expire_parked() == []
+    await consistent(store)
+
+
+@pytest.mark.asyncio
+async def test_no_hold_frees_at_del_and_a_live_identity_is_never_taken(
+        store: EtcdStore) -> None:
+    await seed(store, IPAMConfig(sticky_hold_seconds=0))
+    n0, n1 = AllocationEngine(store, "n0"), AllocationEngine(store, "n1")
+    first = (await n0.allocate(sticky("c1"))).addresses[0].ip
+    before = await load_snapshot(store)
+    with pytest.raises(IdentityInUse, match="net/c1/eth0.*net/c2/eth0"):
+        await n1.allocate(sticky("c2"))
+    after = await load_snapshot(store)
+    assert (after.blocks, after.handles, after.identities) == (
+        before.blocks, before.handles, before.identities)  # nothing changed
+    assert await n0.release("net/c1/eth0") == [first]
+    assert await store.get_identity(IDENTITY) is None
+    await consistent(store)
+
+
+@pytest.mark.asyncio
+async def test_dual_stack_identity_keeps_each_family_it_still_asks_for(
+        store: EtcdStore) -> None:
+    await seed(store, IPAMConfig())
+    v6 = IPPool("v6", ipaddress.ip_network("fd00:9::/120"), 122)
+    assert (await store.commit([PutObject(v6)])).succeeded
+    n0 = AllocationEngine(store, "n0")
+    both = await n0.allocate(sticky("c1", ipv6=True))
+    await n0.release("net/c1/eth0")
+    again = await n0.allocate(sticky("c2", ipv6=False))
+    assert [a.ip for a in again.addresses] == [both.addresses[0].ip]
+    v6_address = both.addresses[1].ip
+    block = await store.block_containing(v6_address)
+    assert block is not None and block.value.ordinal(v6_address) not in block.value.allocations
+    await consistent(store)
+
+
+def test_identities_must_be_clean_key_segments() -> None:
+    with pytest.raises(InvalidInput, match="invalid sticky identity"):
+        sticky("c1", identity="net//web-0")
+    with pytest.raises(InvalidInput, match="invalid sticky identity"):
+        sticky("c1", identity="has space")
