@@ -40,13 +40,14 @@ from common import (
     Workspace,
     fmt,
     install_plugin,
-    metric,
     ns,
     open_store,
     pool,
     print_table,
     run_main,
 )
+
+from topoipam.client.rpc import metric
 
 NETWORK = "burstnet"
 
