@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow a non-loopback --tcp-address")
     add("--dev", action="store_true", default=None,
         help="start a private single-member etcd under --state-dir and seed a default pool")
-    add("--state-dir", help="state directory for --dev (default ~/.local/state/topoipam)")
+    add("--state-dir", help="node-local state: the identity that fences this node, the record "
+                            "of its allocations (re-asserted if etcd is restored from a "
+                            "backup), and --dev's etcd (default ~/.local/state/topoipam)")
+    add("--node-lease-seconds", help="TTL of the etcd lease that fences the node identity "
+                                     "(default 10)")
     return parser
 
 
