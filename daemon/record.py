@@ -59,6 +59,8 @@ class AllocationRecord:
         self.path = path
         self.node = node
         self.handles: dict[str, Handle] = {}
+        #: When each handle was committed (wall clock), to tell a release from a loss.
+        self.since: dict[str, float] = {}
         self.revision = 0
         self.cluster_id = 0
         self._pending: list[bytes] = []
@@ -84,8 +86,10 @@ class AllocationRecord:
                 if "put" in entry:
                     handle = Handle.from_dict(entry["id"], entry["put"])
                     self.handles[handle.id] = handle
+                    self.since[handle.id] = float(entry.get("at", 0.0))
                 elif "del" in entry:
                     self.handles.pop(entry["del"], None)
+                    self.since.pop(entry["del"], None)
                 elif "rev" in entry:
                     self.revision = int(entry["rev"])
                     self.cluster_id = int(entry.get("cluster", 0))
@@ -97,18 +101,22 @@ class AllocationRecord:
     # ------------------------------------------------------------------ record
     def note(self, writes: Sequence[Write], revision: int) -> None:
         """Record what a successful commit changed for this node: cheap, no I/O."""
+        now = time.time()
         for write in writes:
             if isinstance(write, PutHandle) and write.handle.node == self.node:
                 self.handles[write.handle.id] = write.handle
-                self._pending.append(encode({"id": write.handle.id,
+                self.since[write.handle.id] = now
+                self._pending.append(encode({"id": write.handle.id, "at": now,
                                              "put": write.handle.to_dict()}))
             elif isinstance(write, DeleteHandle) and write.handle_id in self.handles:
                 del self.handles[write.handle_id]
+                self.since.pop(write.handle_id, None)
                 self._pending.append(encode({"del": write.handle_id}))
         if self._pending:
             self._wakeup.set()
 
     def forget(self, handle_id: str) -> None:
+        self.since.pop(handle_id, None)
         if self.handles.pop(handle_id, None) is not None:
             self._pending.append(encode({"del": handle_id}))
             self._wakeup.set()
@@ -158,7 +166,8 @@ class AllocationRecord:
             self._fd = None
 
     def _snapshot_lines(self) -> list[bytes]:
-        return [*(encode({"id": h.id, "put": h.to_dict()}) for h in self.handles.values()),
+        return [*(encode({"id": h.id, "at": self.since.get(h.id, 0.0), "put": h.to_dict()})
+                  for h in self.handles.values()),
                 encode({"rev": self.revision, "cluster": self.cluster_id})]
 
     def _append(self, lines: list[bytes]) -> None:
@@ -193,13 +202,16 @@ async def reassert_allocations(store: EtcdStore, record: AllocationRecord,
                                went_back: bool) -> Reassertion:
     """Make etcd hold every recorded handle again, or report why it cannot.
 
-    With ``went_back`` (etcd lost history), a recorded handle missing from
-    etcd is put back with its addresses, block and affinity in one guarded
-    transaction per handle (a block etcd lost is created again, affine to
-    this node); an address another handle holds meanwhile is written as a
-    conflict and the handle is not put back. Without it (a normal start), a
-    recorded handle missing from etcd was released by someone else (``ipam
-    release``, ``delete node --force``) and is dropped from the record.
+    A recorded handle missing from etcd was either released behind the
+    daemon's back (``topoipamctl ipam release``: its block then shows the
+    address released *after* the handle was recorded) and is dropped from
+    the record, or lost by etcd (its block is missing, or shows no such
+    release): then it is put back with its addresses, block and affinity in
+    one guarded transaction per handle (a block etcd lost is created again,
+    affine to this node, if a pool still contains it). With ``went_back``
+    (etcd's revision or cluster ID moved backwards) every missing handle
+    counts as lost. An address another handle holds meanwhile is written as
+    a conflict and the handle is not put back: it is never handed out twice.
     Commits use ``reassert=True``: they pass while ordinary writes are
     paused, but are fenced like every other write.
     """
@@ -209,7 +221,7 @@ async def reassert_allocations(store: EtcdStore, record: AllocationRecord,
         if current is not None:
             outcome.present += 1
             continue
-        if not went_back:
+        if not went_back and await _released_since(store, handle, record.since.get(handle.id, 0)):
             record.forget(handle.id)
             outcome.dropped.append(handle.id)
             continue
@@ -219,6 +231,21 @@ async def reassert_allocations(store: EtcdStore, record: AllocationRecord,
         else:
             outcome.conflicts.append(conflict)
     return outcome
+
+
+async def _released_since(store: EtcdStore, handle: Handle, since: float) -> bool:
+    """Whether some address of ``handle`` was released after ``since`` (by whoever)."""
+    for entry in handle.addresses:
+        block = await store.get_block(entry.block)
+        if block is None:
+            continue
+        try:
+            ordinal = block.value.ordinal(entry.ip)
+        except InvalidInput:
+            continue
+        if block.value.released_at.get(ordinal, 0.0) >= since:
+            return True
+    return False
 
 
 async def _reassert_one(store: EtcdStore, node: str, handle: Handle) -> str | None:
@@ -231,6 +258,10 @@ async def _reassert_one(store: EtcdStore, node: str, handle: Handle) -> str | No
             if entry.block not in blocks:
                 current = await store.get_block(entry.block)
                 if current is None:
+                    pools = [p.value for p in await store.list_pools()]
+                    if allocator.pool_of(pools, entry.ip) is None:
+                        await _report_conflict(store, node, handle, entry.ip, "no pool")
+                        return [], f"{entry.ip} of {handle.id} is in no pool any more"
                     blocks[entry.block] = (Block.empty(entry.block, node), 0)
                     writes.append(PutAffinity(node, entry.block))
                 else:

@@ -224,11 +224,12 @@ class Daemon:
             if self._went_back:  # it went back again meanwhile: once more
                 continue
             break
-        if went_back:
+        if went_back or outcome.restored or outcome.conflicts:
             self.reassertions += 1
-            log.warning("re-asserted after etcd went back: %d allocation(s) put back, %d "
-                        "still present, %d conflict(s)%s", len(outcome.restored),
-                        outcome.present, len(outcome.conflicts),
+            log.warning("re-asserted the record of node %s (etcd %s): %d allocation(s) put "
+                        "back, %d still present, %d conflict(s)%s", self.config.node,
+                        "went back" if went_back else "had lost allocations",
+                        len(outcome.restored), outcome.present, len(outcome.conflicts),
                         "".join(f"; {line}" for line in outcome.conflicts))
         elif outcome.dropped:
             log.info("dropped %d allocation(s) from the record that etcd no longer holds "
@@ -285,6 +286,11 @@ class Daemon:
         self.metrics.cache_in_sync.set(1 if in_sync else 0)
         if self._closing:
             return
+        if in_sync and not self.fence.paused:
+            # After a relist (etcd was away), check the record before writing again:
+            # a restore that others' writes hid from the revision check shows there.
+            self.fence.paused = "it is checking its record of allocations against etcd"
+            self._start_reassertion()
         self._refresh_health()
         if in_sync:
             self._on_cache_change()  # rules may have changed while we were not watching
