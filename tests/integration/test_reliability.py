@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -378,3 +380,215 @@ def operator_frees_space(endpoint: str, prefix: str) -> None:
     etcdctl(endpoint, "defrag")
     etcdctl(endpoint, "alarm", "disarm")
 
+
+
+# ---------------------------------------------------------------------- 5. hostile local client
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def plugin_add_latencies(config: dict[str, Any], tag: str, count: int) -> list[float]:
+    times = []
+    for i in range(count):
+        started = time.perf_counter()
+        code, result, stderr = cni("ADD", config, container=f"{tag}-{i}")
+        times.append(time.perf_counter() - started)
+        assert code == 0, (result, stderr)
+    return times
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+
+
+def unix(path: str) -> Any:
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(15)
+    sock.connect(path)
+    return sock
+
+
+def closed_by_peer(sock: Any, timeout: float) -> bool:
+    """Whether the daemon closes ``sock`` within ``timeout`` (reading what it answers)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+ATTACKER = """
+import json, os, socket, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+counts = dict.fromkeys(("huge header sent", "huge header closed", "random sent",
+                        "random closed"), 0)
+
+def closed(sock):
+    sock.settimeout(15)
+    try:
+        while sock.recv(65536):
+            pass
+        return 1
+    except OSError:
+        return 0
+
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    for kind, data in (("huge header", (1 << 30).to_bytes(4, "big") + b"{"),
+                       ("random", os.urandom(4096))):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+        counts[kind + " sent"] += 1
+        if kind == "huge header":
+            counts[kind + " closed"] += closed(sock)
+        else:
+            pending = getattr(sys.modules[__name__], "pending", [])
+            pending.append(sock)
+            sys.modules[__name__].pending = pending
+            continue
+        sock.close()
+    time.sleep(0.02)
+for sock in getattr(sys.modules[__name__], "pending", []):
+    counts["random closed"] += closed(sock)
+    sock.close()
+print(json.dumps(counts))
+"""
+
+
+GRPC_STREAMS = """
+import asyncio, sys
+import grpc.aio
+from grpc_reflection.v1alpha import reflection_pb2_grpc
+
+async def main():
+    channels = [grpc.aio.insecure_channel("unix:" + sys.argv[1]) for _ in range(10)]
+    calls = [reflection_pb2_grpc.ServerReflectionStub(c).ServerReflectionInfo()
+             for c in channels for _ in range(100)]  # beyond 64 streams per connection
+    await asyncio.sleep(0.5)
+    print(len(calls), flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_hostile_local_client(etcd: EtcdServer, prefix: str, tmp_path: Path,
+                              ctl_env: dict[str, str]) -> None:
+    """1,000 idle connections, a 1 GiB frame header, one byte a second, random bytes, on
+    the CNI socket; oversized messages, piles of streams and garbage on the gRPC socket:
+    the real plugin keeps its latency, memory stays bounded, bad connections are closed."""
+    import resource
+
+    counts = Counts("hostile local client")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.65.0.0/22").returncode == 0
+    daemon = new_daemon(tmp_path, "h", "node-h", etcd.endpoint, prefix).start()
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    cni_path = daemon.socket + ".cni"
+    config = {"cniVersion": "1.0.0", "name": "net",
+              "ipam": {"type": "topoipam", "socket": daemon.socket}}
+    held: list[Any] = []
+    try:
+        plugin_add_latencies(config, "warm", 5)
+        idle = plugin_add_latencies(config, "idle", 40)
+        rss_before, fds_before = rss_kib(pid), open_fds(pid)
+
+        held = [unix(cni_path) for _ in range(1000)]  # idle: they send nothing
+        counts.faults.append("1000 idle CNI connections")
+        # The attacker is a process of its own (as it would be), each loop at ~50
+        # connections a second: the test process's GIL must not slow the plugin's exec.
+        attacker = subprocess.Popen([sys.executable, "-c", ATTACKER, cni_path, "8"],
+                                    stdout=subprocess.PIPE, text=True)
+        slow = [unix(cni_path) for _ in range(20)]
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.is_set():
+                for sock in slow:
+                    try:
+                        sock.send(b"\x00")
+                    except OSError:
+                        pass
+                time.sleep(1)
+
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        counts.faults += ["1 GiB frame headers", "random bytes", "one byte a second x20"]
+        time.sleep(0.5)
+        attacked = plugin_add_latencies(config, "attacked", 40)
+        rss_during = rss_kib(pid)
+        stop.set()
+        trickler.join(5)
+        out, _ = attacker.communicate(timeout=60)
+        outcomes = json.loads(out)
+        counts.operations += 85
+        counts.figures["plugin ADD p99 idle/attacked (ms)"] = (
+            f"{p99(idle) * 1000:.0f}/{p99(attacked) * 1000:.0f}")
+        counts.check(p99(attacked) <= 2 * p99(idle), "the plugin's p99 within 2x of idle")
+        counts.figures["bad connections"] = outcomes
+        counts.check(outcomes["huge header closed"] == outcomes["huge header sent"] > 0
+                     and outcomes["random closed"] == outcomes["random sent"] > 0,
+                     f"every bad connection was closed: {outcomes}")
+        # Silent and trickling connections are closed by the idle timeout (10 s).
+        counts.check(all(closed_by_peer(s, 15) for s in slow), "slow-loris closed")
+        counts.check(all(closed_by_peer(s, 15) for s in held[:50]), "idle connections closed")
+        for sock in [*held, *slow]:
+            sock.close()
+        held = []
+        wait_for(lambda: open_fds(pid) <= fds_before + 5, 20, "connections not released")
+        counts.checks += 1
+
+        # The gRPC socket: a message over the limit, hundreds of idle streams, garbage.
+        with daemon.stub() as stub:
+            big = rpc_error(lambda: stub.Allocate(ipam_pb2.AllocateRequest(
+                attachment=attachment("big"), assign_ipv4=True,
+                attributes={"pad": "x" * (2 << 20)}), timeout=10))
+        counts.check(big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, f"2 MiB message: {big}")
+        streams = subprocess.Popen([sys.executable, "-c", GRPC_STREAMS, daemon.socket],
+                                   stdout=subprocess.PIPE, text=True)
+        assert streams.stdout is not None
+        opened = int(streams.stdout.readline())
+        garbage = [unix(daemon.socket) for _ in range(50)]
+        for sock in garbage:
+            sock.sendall(os.urandom(1024))
+        counts.faults += ["2 MiB gRPC message", f"{opened} idle gRPC streams",
+                          "random bytes on the gRPC socket x50"]
+        time.sleep(0.5)
+        counts.check(allocate(daemon, "grpc-under-attack").startswith("10.65."),
+                     "gRPC Allocate on a fresh connection still served")
+        attacked_grpc = plugin_add_latencies(config, "grpc-attacked", 20)
+        counts.check(p99(attacked_grpc) <= 2 * p99(idle), "plugin p99 with gRPC attacked")
+        counts.check(all(closed_by_peer(s, 15) for s in garbage), "gRPC garbage closed")
+        rss_after = rss_kib(pid)
+        streams.kill()
+        streams.wait()
+        counts.operations += 22
+        growth = (max(rss_during, rss_after) - rss_before) / 1024
+        counts.figures["RSS growth (MB)"] = round(growth, 1)
+        counts.check(growth <= 20, f"memory grew by {growth:.1f} MB")
+        check = ctl(ctl_env, "ipam", "check")
+        counts.check(check.returncode == 0, f"ipam check: {check.stdout}")
+    finally:
+        for sock in held:
+            sock.close()
+        daemon.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    counts.report()
