@@ -48,9 +48,11 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = ipam_pb2.DESCRIPTOR.services_by_name["Ipam"].full_name
 # gRPC socket limits against a hostile or broken local client: requests are a
-# few hundred bytes, so 1 MiB is generous; streams per connection are bounded.
+# few hundred bytes, so 1 MiB is generous. Streams per connection are bounded,
+# high enough for a storm of 256 calls on one channel (a lower limit makes gRPC
+# refuse the streams a client opens before it has seen our SETTINGS).
 GRPC_MAX_MESSAGE = 1024 * 1024
-GRPC_MAX_STREAMS = 64
+GRPC_MAX_STREAMS = 1024
 
 
 def prepare_socket_dir(path: str) -> None:

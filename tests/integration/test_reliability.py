@@ -479,7 +479,7 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc
 async def main():
     channels = [grpc.aio.insecure_channel("unix:" + sys.argv[1]) for _ in range(10)]
     calls = [reflection_pb2_grpc.ServerReflectionStub(c).ServerReflectionInfo()
-             for c in channels for _ in range(100)]  # beyond 64 streams per connection
+             for c in channels for _ in range(100)]
     await asyncio.sleep(0.5)
     print(len(calls), flush=True)
     await asyncio.sleep(3600)
