@@ -52,7 +52,10 @@ SERVICE_NAME = ipam_pb2.DESCRIPTOR.services_by_name["Ipam"].full_name
 # high enough for a storm of 256 calls on one channel (a lower limit makes gRPC
 # refuse the streams a client opens before it has seen our SETTINGS).
 GRPC_MAX_MESSAGE = 1024 * 1024
-GRPC_MAX_STREAMS = 1024
+GRPC_MAX_STREAMS = 256
+# Calls in progress across the gRPC socket (an open call costs ~20 KB): beyond it,
+# RESOURCE_EXHAUSTED. The plugin's path, the CNI socket, has its own limits.
+GRPC_MAX_CALLS = 1024
 
 
 def prepare_socket_dir(path: str) -> None:
@@ -149,7 +152,7 @@ class Daemon:
             ("grpc.max_concurrent_streams", GRPC_MAX_STREAMS),
             # A connection that never completes its HTTP/2 handshake is dropped.
             ("grpc.server_handshake_timeout_ms", 10_000),
-        ])
+        ], maximum_concurrent_rpcs=GRPC_MAX_CALLS)
         ipam_pb2_grpc.add_IpamServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

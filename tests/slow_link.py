@@ -40,13 +40,16 @@ class DelayProxy:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
         self._ready.set()
         await self._stop.wait()
         server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Close the sockets rather than cancel the tasks (the streams' callback
+        # would report each cancellation): every pipe then reads EOF and ends.
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 10)
         await server.wait_closed()
 
     async def _connection(self, reader: asyncio.StreamReader,
@@ -67,11 +70,13 @@ class DelayProxy:
         except OSError:
             writer.close()
             return
+        self._writers |= {writer, upstream_writer}
         try:
             await asyncio.gather(self._pipe(reader, upstream_writer),
                                  self._pipe(upstream_reader, writer), return_exceptions=True)
         finally:
             upstream_writer.close()
+            self._writers -= {writer, upstream_writer}
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -84,14 +89,17 @@ class DelayProxy:
                 wait = due - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                writer.write(chunk)
-                await writer.drain()
+                try:
+                    writer.write(chunk)
+                    await writer.drain()
+                except (ConnectionError, RuntimeError):
+                    break
             writer.close()
 
         sender = asyncio.create_task(deliver())
         last_due = 0.0
         try:
-            while chunk := await reader.read(65536):
+            while chunk := await _read(reader):
                 due = time.monotonic() + self.delay
                 if self.loss and random.random() < self.loss:
                     due += RTO
@@ -106,3 +114,10 @@ class DelayProxy:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
         self._loop.close()
+
+
+async def _read(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.read(65536)
+    except ConnectionError:
+        return b""
