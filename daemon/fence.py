@@ -19,7 +19,7 @@ compares that the key is still on that lease (:class:`CommitFence`), so:
   sent), and etcd refuses its transactions anyway once the key has moved.
 
 Two daemons can share an instance id only by sharing a state directory; an
-exclusive ``flock`` on ``<state-dir>/<node>.lock`` (released by the kernel
+exclusive ``flock`` on ``<state-dir>/<node>-<prefix hash>.lock`` (released by the kernel
 when a process dies, however it dies) rules that out. Copying a state
 directory to another host does not carry the identity: the host name must
 match too.
