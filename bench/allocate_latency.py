@@ -33,7 +33,6 @@ from common import (
     Workspace,
     block_value,
     chunks,
-    metric,
     pool,
     print_table,
     py_spy,
@@ -41,7 +40,7 @@ from common import (
     sample,
 )
 
-from topoipam.client.rpc import CniSocketClient, IpamClient
+from topoipam.client.rpc import CniSocketClient, IpamClient, metric
 
 PREFIX = "/topoipam-bench/latency/v1"
 

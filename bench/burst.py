@@ -40,14 +40,14 @@ from common import (
     Workspace,
     fmt,
     install_plugin,
-    metric,
     ns,
     open_store,
     pool,
     print_table,
-    put_objects,
     run_main,
 )
+
+from topoipam.client.rpc import metric
 
 NETWORK = "burstnet"
 
@@ -121,8 +121,8 @@ async def measure(args: argparse.Namespace) -> Report:
             # topoipam: a fresh prefix and a fresh daemon, so no blocks exist yet.
             prefix = f"/topoipam-bench/burst-{round_}/v1"
             store_prefixes.append(prefix)
+            await ws.seed(prefix, [pool("burst-pool", "10.32.0.0/16")])
             store = await open_store(ws.etcd.endpoint, prefix)
-            await put_objects(store, [pool("burst-pool", "10.32.0.0/16")])
             daemon = ws.daemon("node-0", prefix)
             config = json.dumps({"cniVersion": "1.0.0", "name": NETWORK, "type": "bridge",
                                  "ipam": {"type": "topoipam", "socket": daemon.socket}}).encode()

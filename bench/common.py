@@ -30,13 +30,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from topoipam.client.rpc import health_check
+from topoipam.client.rpc import health_check, scrape
 from topoipam.daemon.local_etcd import LocalEtcd, free_port, start_local_etcd
 
 BIN = Path(sys.executable).parent
@@ -254,34 +253,6 @@ class Etcd(LocalEtcd):
 
     def metrics(self) -> dict[str, float]:
         return scrape(f"{self.endpoint}/metrics")
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Prometheus text metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        try:
-            values[name] = float(value)
-        except ValueError:
-            continue
-    return values
-
-
-def metric(values: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of the series of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for series, value in values.items():
-        base, _, rest = series.partition("{")
-        if base != name:
-            continue
-        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
-            total += value
-    return total
 
 
 def start_etcd(workdir: str, extra: Sequence[str] = ()) -> Etcd:

@@ -47,13 +47,12 @@ from common import (
     Workspace,
     etcd_channel,
     fmt,
-    metric,
     print_table,
     run_main,
     timer,
 )
 
-from topoipam.client.rpc import IpamClient
+from topoipam.client.rpc import IpamClient, metric
 
 BIG_PREFIX = "/topoipam-bench/scale-big/v1"
 SMALL_PREFIX = "/topoipam-bench/scale-small/v1"

@@ -47,7 +47,6 @@ from common import (
     cpu_seconds,
     etcd_channel,
     fmt,
-    metric,
     ns,
     pool,
     print_table,
@@ -55,7 +54,7 @@ from common import (
     run_main,
 )
 
-from topoipam.client.rpc import CniSocketClient, IpamClient
+from topoipam.client.rpc import CniSocketClient, IpamClient, metric
 
 PREFIX = "/topoipam-bench/storm/v1"
 BASELINE_PREFIX = "/topoipam-bench/storm-baseline/v1"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from typing import Any
 
 from topoipam.proto import cniwire
@@ -18,6 +19,34 @@ from topoipam.proto import cniwire
 
 def ns() -> int:
     return time.perf_counter_ns()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A daemon's (or etcd's) Prometheus text metrics as {'name{labels}': value}."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            continue
+    return values
+
+
+def metric(values: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the series of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for series, value in values.items():
+        base, _, rest = series.partition("{")
+        if base != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
 
 
 def health_check(socket_path: str, timeout: float = 2.0) -> str:

@@ -474,3 +474,26 @@ def free_mark_writes(cidr: IPNetwork, had_free: bool, after: Block | None,
     if after is not None and has:
         return [PutFreeMark(cidr, after.affinity)]
     return [DeleteFreeMark(cidr)]
+
+
+def reassert_address(block: Block, address: IPAddress, handle_id: str) -> Block:
+    """A copy of ``block`` in which ``address`` is ``handle_id``'s again, whatever its state.
+
+    For re-asserting what a node knows it handed out after etcd lost it (a
+    restore): cooldown, reservations and gateways do not apply, since the
+    pod already uses the address. Raises AddressUnavailable, naming the
+    holder, if another handle holds it meanwhile: that is a conflict for the
+    operator, never something to resolve by handing the address out twice.
+    """
+    ordinal = block.ordinal(address)
+    holder = block.allocations.get(ordinal)
+    if holder == handle_id:
+        return block
+    if holder is not None:
+        raise AddressUnavailable(holder)
+    new = block.copy()
+    if ordinal in new.unallocated:
+        new.unallocated.remove(ordinal)
+    new.released_at.pop(ordinal, None)
+    new.allocations[ordinal] = handle_id
+    return new

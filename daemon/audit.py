@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -140,6 +141,8 @@ class Snapshot:
     rooms: set[IPNetwork] = field(default_factory=set)
     #: Sticky identities, live and parked.
     identities: dict[str, Identity] = field(default_factory=dict)
+    #: Conflicts daemons found re-asserting after etcd went back (key, record).
+    conflicts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def allocations(self) -> list[AllocationRow]:
         rows = []
@@ -158,7 +161,7 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     keys = store.keys
     pool_kvs, revision = await store.prefix_raw(keys.pools())
     ((node_kvs, _), (reservation_kvs, _), (block_kvs, _), (affinity_kvs, _), (handle_kvs, _),
-     (free_kvs, _), (room_kvs, _), (identity_kvs, _)) = await asyncio.gather(
+     (free_kvs, _), (room_kvs, _), (identity_kvs, _), (conflict_kvs, _)) = await asyncio.gather(
         store.prefix_raw(keys.nodes(), revision=revision),
         store.prefix_raw(keys.reservations(), revision=revision),
         store.prefix_raw(keys.blocks(), revision=revision),
@@ -167,8 +170,18 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
         store.prefix_raw(keys.free_blocks(), revision=revision),
         store.prefix_raw(keys.rooms(), keys_only=True, revision=revision),
         store.prefix_raw(keys.identities(), revision=revision),
+        store.prefix_raw(keys.conflicts(), revision=revision),
     )
     snap = Snapshot(revision, [], {}, [], {}, [], {})
+    for kv in conflict_kvs:
+        try:
+            record = json.loads(kv.value)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            snap.conflicts.append((kv.key.decode(errors="replace"), record))
+        else:
+            snap.corrupt.append(f"corrupt value at {kv.key.decode(errors='replace')}")
 
     def decoded(kvs: Iterable[Any], decoder: Callable[[bytes, bytes], Any]) -> Iterator[Any]:
         """The values that decode; the others are reported by ``ipam check``."""
@@ -262,6 +275,7 @@ def find_inconsistencies(snap: Snapshot) -> list[str]:
         *double_allocations(snap),
         *gateway_problems(snap),
         *identity_problems(snap),
+        *conflict_problems(snap),
     ]
 
 
@@ -297,6 +311,16 @@ def identity_problems(snap: Snapshot) -> Iterator[str]:
             if current != holder:
                 state = "has it free" if current is None else f"gives it to {current}"
                 yield f"mismatch: {who} parks {entry.ip}, but block {block.cidr} {state} {fix}"
+
+
+def conflict_problems(snap: Snapshot) -> Iterator[str]:
+    """Addresses two pods may use at once: a daemon re-asserting its record after etcd went
+    back (a restore) found them held by another handle, and did not hand them out twice."""
+    for key, record in snap.conflicts:
+        yield (f"conflict: {record.get('address')} is used by {record.get('handle')} on node "
+               f"{record.get('node')} (the node's record, from before etcd was restored) but "
+               f"etcd gives it to {record.get('holder')}; delete one of the two pods, then "
+               f"etcdctl del {key}")
 
 
 def gateway_problems(snap: Snapshot) -> Iterator[str]:

@@ -14,7 +14,13 @@ across all connections (the rest wait their turn), and connections beyond
 closed.
 
 Memory: a frame's header is checked as soon as its 4 bytes are in, so a
-connection buffers at most one frame of ``wire.MAX_FRAME`` (plus one read);
+connection buffers at most one request frame of ``max_request`` (default
+``wire.MAX_FRAME``, which a GC of 20,000 attachments needs; a pod's request
+is a few hundred bytes), and all connections together at most
+``max_buffered`` (64 MiB): a connection whose
+bytes would exceed that is answered UNAVAILABLE and closed. A connection
+that sends no complete request within ``idle_timeout`` (10 s, whether it
+is silent or trickles a byte a second) is closed;
 while its request is being answered, it buffers at most
 ``_PIPELINED_BYTES`` of what the peer sends next and then stops reading until
 the answer is out (the rest waits in the kernel, the peer's writes block).
@@ -82,6 +88,8 @@ class _FrameProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # A request still being answered runs to its end; its answer goes nowhere.
         self._server._connections.discard(self)
+        self._server._buffered -= len(self._buffer)
+        self._buffer.clear()
         self._disarm_timer()
 
     def _arm_timer(self) -> None:
@@ -98,6 +106,15 @@ class _FrameProtocol(asyncio.Protocol):
             self._timer = None
 
     def data_received(self, data: bytes) -> None:
+        server = self._server
+        if server._buffered + len(data) > server._max_buffered and self.transport is not None:
+            # Many connections holding partial frames: shed this one, bounded memory.
+            self.transport.write(wire.encode_frame(wire.error_response(
+                "UNAVAILABLE", "topoipam daemon is buffering too much; retry",
+                wire.CNI_TRY_AGAIN)))
+            self.transport.close()
+            return
+        server._buffered += len(data)
         self._buffer += data
         if self.task is None:
             self._next_request()
@@ -114,8 +131,12 @@ class _FrameProtocol(asyncio.Protocol):
             return
         try:
             length = wire.frame_length(bytes(buffer[:wire.HEADER_SIZE]))
+            if length > self._server._max_request:
+                raise wire.FrameError(f"request frame of {length} bytes exceeds the "
+                                      f"{self._server._max_request}-byte limit")
         except wire.FrameError as exc:
             # The length cannot be trusted, so neither can anything after it.
+            self._server._buffered -= len(buffer)
             buffer.clear()
             self.transport.write(_invalid_frame(str(exc)))
             self.transport.close()
@@ -125,6 +146,7 @@ class _FrameProtocol(asyncio.Protocol):
             return
         payload = bytes(buffer[wire.HEADER_SIZE:end])
         del buffer[:end]
+        self._server._buffered -= end
         self._disarm_timer()
         self.task = asyncio.get_running_loop().create_task(self._respond(payload))
 
@@ -161,9 +183,11 @@ class CniSocketServer:
         mode: int = 0o660,
         *,
         max_concurrent_requests: int = 64,
-        max_connections: int = 1024,
+        max_connections: int = 4096,
         drain_timeout: float = 5.0,
-        idle_timeout: float = 30.0,
+        idle_timeout: float = 10.0,
+        max_request: int = wire.MAX_FRAME,
+        max_buffered: int = 64 << 20,
     ) -> None:
         if max_concurrent_requests < 1 or max_connections < 1:
             raise ValueError("max_concurrent_requests and max_connections must be >= 1")
@@ -175,6 +199,9 @@ class CniSocketServer:
         # A plugin sends its request right after connecting; a peer that stays
         # silent (or stalls mid-frame) only holds a connection slot.
         self._idle_timeout = idle_timeout
+        self._max_request = max_request
+        self._max_buffered = max_buffered
+        self._buffered = 0  # bytes held in all connections' buffers
         self._requests = asyncio.Semaphore(max_concurrent_requests)
         self._server: asyncio.Server | None = None
         self._connections: set[_FrameProtocol] = set()

@@ -55,6 +55,8 @@ class DaemonConfig:
     allow_remote_tcp: bool = False
     drain_seconds: float = 10.0
     request_timeout: float = 20.0
+    #: TTL of the etcd lease that fences the node identity (daemons/<node>).
+    node_lease_seconds: int = 10
 
     def __post_init__(self) -> None:
         check_name("node", self.node)
@@ -80,6 +82,8 @@ class DaemonConfig:
         for name in ("etcd_timeout", "drain_seconds", "request_timeout"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"{name.replace('_', '-')} must be positive")
+        if not 2 <= self.node_lease_seconds <= 300:
+            raise InvalidInput("node-lease-seconds must be between 2 and 300")
         self.etcd_options()  # validates endpoints and TLS/auth pairing
 
     def etcd_password(self) -> str | None:
@@ -155,6 +159,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, bool):
             raise InvalidInput(f"{source}: {name.replace('_', '-')} must be true or false")
         return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise InvalidInput(
+                f"{source}: {name.replace('_', '-')} must be a whole number, got {value!r}"
+            ) from None
     if isinstance(default, float):
         try:
             return float(value)

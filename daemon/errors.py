@@ -187,3 +187,27 @@ class NotReady(TopoipamError):
     """The daemon's cache is not in sync with etcd; answering would risk stale data."""
 
     retriable = True
+
+
+class NodeFenced(DatastoreUnavailable):
+    """This daemon does not hold its node's fence (another daemon serves the node, or our
+    etcd lease lapsed): it must not write for the node. Retriable: the runtime retries
+    and reaches whichever daemon holds the fence."""
+
+    def __init__(self, node: str, reason: str) -> None:
+        self.node, self.reason = node, reason
+        super().__init__(f"topoipamd does not serve node {node}: {reason}; try again")
+
+
+class EtcdOutOfSpace(DatastoreUnavailable):
+    """etcd raised its NOSPACE alarm: it refuses every write until an operator acts."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(
+            f"etcd is out of space (NOSPACE alarm: {details}); nothing was written. "
+            "The operator must compact, defragment and disarm it "
+            "(etcdctl compact, etcdctl defrag, etcdctl alarm disarm)")
+
+
+class EtcdWentBack(DatastoreUnavailable):
+    """etcd's history moved backwards (restored from a snapshot, or another cluster)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 
 from .errors import InvalidInput
-from .model import IPNetwork
+from .model import IPAddress, IPNetwork
 
 DEFAULT_PREFIX = "/topoipam/v1"
 
@@ -146,6 +146,13 @@ class KeySchema:
 
     def daemon(self, node: str) -> bytes:
         return self._key("daemons", node)
+
+    def conflict(self, node: str, address: IPAddress) -> bytes:
+        """An address the node re-asserted after etcd went back, found held by another."""
+        return self._key("conflicts", node, str(address))
+
+    def conflicts(self) -> bytes:
+        return self._key("conflicts", "")
 
     # keys -> objects
     def kind_of(self, key: bytes) -> tuple[str, list[str]]:

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -51,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow a non-loopback --tcp-address")
     add("--dev", action="store_true", default=None,
         help="start a private single-member etcd under --state-dir and seed a default pool")
-    add("--state-dir", help="state directory for --dev (default ~/.local/state/topoipam)")
+    add("--state-dir", help="node-local state: the identity that fences this node, the record "
+                            "of its allocations (re-asserted if etcd is restored from a "
+                            "backup), and --dev's etcd (default ~/.local/state/topoipam)")
+    add("--node-lease-seconds", help="TTL of the etcd lease that fences the node identity "
+                                     "(default 10)")
     return parser
 
 
@@ -118,6 +123,14 @@ async def seed_default_pool(options: EtcdOptions, prefix: str) -> None:
                 await asyncio.sleep(0.1)
 
 
+def raise_open_files_limit() -> None:
+    """Let the CNI socket hold its ``max_connections`` (the soft limit is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 async def serve(config: DaemonConfig) -> None:
     from .server import Daemon
 
@@ -153,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"       grpcurl -plaintext -unix {config.socket} list",
                 flush=True,
             )
+        raise_open_files_limit()
         asyncio.run(serve(config))
     except TopoipamError as exc:
         print(f"topoipamd: error: {exc}", file=sys.stderr)

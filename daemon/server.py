@@ -1,9 +1,13 @@
 """The daemon object: start, serve, drain, close. Signals live in main.py.
 
 Start-up order (DESIGN §5): connect to etcd, register the node if absent,
-list and watch, and only then report ready (health SERVING, systemd
-READY=1). The sockets are bound early so clients get a clear "not ready"
-(UNAVAILABLE) rather than "connection refused" while the cache syncs.
+list and watch, take the node's fence (:mod:`topoipam.daemon.fence`),
+check the node-local record of allocations against etcd
+(:mod:`topoipam.daemon.record`), and only then report ready (health
+SERVING, systemd READY=1). The sockets are bound early so clients get a
+clear "not ready" (UNAVAILABLE) rather than "connection refused" meanwhile.
+Serving stops (NOT_SERVING, writes refused) while the fence is not held and
+while etcd went back in time and the record is being re-asserted.
 """
 
 from __future__ import annotations
@@ -32,19 +36,26 @@ from .cni_socket import CniSocketServer
 from .config import DaemonConfig, parse_host_port
 from .engine import AllocationEngine
 from .errors import AuthenticationFailed, DatastoreUnavailable, InvalidInput, TopoipamError
+from .fence import NodeFenceKeeper, state_file
 from .metrics import Metrics
 from .model import Node
+from .record import AllocationRecord, reassert_allocations
 from .service import IpamService, StatusProvider
-from .store import EtcdStore
+from .store import EtcdHistory, EtcdStore
 from .writes import PutObject
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = ipam_pb2.DESCRIPTOR.services_by_name["Ipam"].full_name
-# The daemon's liveness key (``daemons/<node>``) lives on a lease of this many
-# seconds, refreshed every third of it: `topoipamctl delete node` refuses while
-# the key exists. A killed daemon's key lingers at most this long.
-LIVENESS_TTL = 10
+# gRPC socket limits against a hostile or broken local client: requests are a
+# few hundred bytes, so 1 MiB is generous. Streams per connection are bounded,
+# high enough for a storm of 256 calls on one channel (a lower limit makes gRPC
+# refuse the streams a client opens before it has seen our SETTINGS).
+GRPC_MAX_MESSAGE = 1024 * 1024
+GRPC_MAX_STREAMS = 256
+# Calls in progress across the gRPC socket (an open call costs ~20 KB): beyond it,
+# RESOURCE_EXHAUSTED. The plugin's path, the CNI socket, has its own limits.
+GRPC_MAX_CALLS = 1024
 # How often the daemon looks for sticky holds that are over in its own blocks.
 HOLD_EXPIRY_SECONDS = 1.0
 
@@ -95,10 +106,30 @@ class Daemon:
         self.ipam.on_claim = lambda path, count: self.metrics.claims.labels(path).inc(count)
         self.ipam.on_allocated = self._on_allocated
         self.store.on_error = self.metrics.etcd_errors.inc
+        self.keeper = NodeFenceKeeper(self.store, config.node, config.state_dir, config.prefix,
+                                      config.node_lease_seconds, on_change=self._refresh_health)
+        self.fence = self.keeper.fence
+        self.fence.paused = "it is checking its record of allocations against etcd"
+        self.store.fence = self.fence
+        self.record = AllocationRecord(
+            state_file(config.state_dir, config.node, config.prefix, "allocations"),
+            config.node)
+        self.record.load()
+        self.store.history = EtcdHistory(self.record.revision, self.record.cluster_id,
+                                         on_went_back=self._etcd_went_back)
+        history = self.store.history
+        self.record.current = lambda: (history.revision, history.cluster_id)
+        self.store.on_committed = self.record.note
+        self._went_back = False
+        self._was_serving = False
+        self._reassert_task: asyncio.Task[None] | None = None
+        self._record_task: asyncio.Task[None] | None = None
+        self.reassertions = 0
         self.service = IpamService(
             self.ipam,
             StatusProvider(self.cache.in_sync.is_set, self._etcd_check, self._cache_state,
-                           self._pool_usage, self.cache.owns_block),
+                           self._pool_usage, owns_block=self.cache.owns_block,
+                           not_serving=self._not_serving),
             self.metrics,
             request_timeout=config.request_timeout,
         )
@@ -114,7 +145,6 @@ class Daemon:
         self._index_reconciled = False
         self._liveness_task: asyncio.Task[None] | None = None
         self._hold_task: asyncio.Task[None] | None = None
-        self._lease: int | None = None
         self._ready_once = False
         self.metrics.add_pool_collector(self._pool_usage)
         self.metrics.add_topology_collector(config.node, self._cache_state)
@@ -123,7 +153,14 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         prepare_socket_dir(self.config.socket)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+            ("grpc.max_send_message_length", 16 * GRPC_MAX_MESSAGE),
+            ("grpc.max_concurrent_streams", GRPC_MAX_STREAMS),
+            # A connection that never completes its HTTP/2 handshake is dropped.
+            ("grpc.server_handshake_timeout_ms", 10_000),
+        ], maximum_concurrent_rpcs=GRPC_MAX_CALLS)
         ipam_pb2_grpc.add_IpamServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -165,7 +202,9 @@ class Daemon:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         self.cache.start()
-        self._liveness_task = asyncio.create_task(self._announce_liveness())
+        self._liveness_task = asyncio.create_task(self.keeper.run())
+        self._record_task = asyncio.create_task(self.record.run())
+        self._start_reassertion()
         self._hold_task = asyncio.create_task(self._expire_holds())
 
     async def _expire_holds(self) -> None:
@@ -187,24 +226,79 @@ class Daemon:
             if expired:
                 log.info("sticky holds over, addresses freed: %s", ", ".join(expired))
 
-    async def _announce_liveness(self) -> None:
-        """Keep ``daemons/<node>`` alive on an etcd lease for as long as we serve.
+    # ------------------------------------------------------------------ etcd went back
+    def _etcd_went_back(self, reason: str) -> None:
+        """etcd lost history: stop writing until the record is re-asserted."""
+        self._went_back = True
+        self.fence.paused = (f"{reason}; it is re-asserting the {len(self.record.handles)} "
+                             f"allocation(s) of node {self.config.node} before serving again")
+        log.warning("%s: not serving until the %d allocation(s) of this node's record are "
+                    "re-asserted", reason, len(self.record.handles))
+        self._refresh_health()
+        self._start_reassertion()
 
-        Not on the allocation path: a failure is logged and retried, and an
-        expired lease (etcd was away longer than its TTL) is replaced.
-        """
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    def _start_reassertion(self) -> None:
+        if self._reassert_task is None or self._reassert_task.done():
+            self._reassert_task = asyncio.get_running_loop().create_task(self._reassert())
+
+    async def _reassert(self) -> None:
+        """Check (and after a restore, re-assert) the record, then let writes through."""
         while True:
+            while not self.fence.held():
+                await asyncio.sleep(0.05)
+            went_back, self._went_back = self._went_back, False
             try:
-                if self._lease is None:
-                    self._lease = await self.store.announce_daemon(
-                        self.config.node, info, LIVENESS_TTL)
-                elif not await self.store.keep_lease_alive(self._lease):
-                    self._lease = None
-                    continue
-            except DatastoreUnavailable as exc:
-                log.debug("liveness key of node %s not refreshed: %s", self.config.node, exc)
-            await asyncio.sleep(LIVENESS_TTL / 3)
+                outcome = await reassert_allocations(self.store, self.record, went_back)
+            except TopoipamError as exc:
+                self._went_back = self._went_back or went_back
+                log.info("record of node %s not checked yet: %s", self.config.node, exc)
+                await asyncio.sleep(0.2)
+                continue
+            if self._went_back:  # it went back again meanwhile: once more
+                continue
+            break
+        if went_back or outcome.restored or outcome.conflicts:
+            self.reassertions += 1
+            log.warning("re-asserted the record of node %s (etcd %s): %d allocation(s) put "
+                        "back, %d still present, %d conflict(s)%s", self.config.node,
+                        "went back" if went_back else "had lost allocations",
+                        len(outcome.restored), outcome.present, len(outcome.conflicts),
+                        "".join(f"; {line}" for line in outcome.conflicts))
+        elif outcome.dropped:
+            log.info("dropped %d allocation(s) from the record that etcd no longer holds "
+                     "(released elsewhere)", len(outcome.dropped))
+        self.fence.paused = ""
+        self._refresh_health()
+
+    def _serving(self) -> bool:
+        return self.cache.in_sync.is_set() and self.fence.held() and not self.fence.paused
+
+    def _refresh_health(self) -> None:
+        if self._closing:
+            return
+        serving = self._serving()
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        asyncio.get_running_loop().create_task(self._set_health(status))
+        if serving and not self._was_serving:
+            self._on_cache_change()  # writes deferred while we did not serve: run them now
+        self._was_serving = serving
+
+    async def _not_serving(self) -> str:
+        if not self.fence.held():
+            return (f"topoipamd does not serve node {self.config.node}: "
+                    f"{self.fence.reason or 'its etcd lease lapsed'}")
+        if self.fence.paused:
+            return f"topoipamd does not write yet: {self.fence.paused}"
+        try:
+            alarms = await asyncio.wait_for(self.store.alarms(), 2.0)
+        except (DatastoreUnavailable, TimeoutError):
+            return ""
+        if alarms:
+            return (f"etcd raised alarm {', '.join(alarms)}: it refuses every write until "
+                    "the operator compacts, defragments and disarms it "
+                    "(etcdctl alarm disarm)")
+        return ""
 
     async def register_node(self) -> None:
         """Create this node's record with the configured labels, only if it is absent."""
@@ -212,7 +306,8 @@ class Daemon:
         if existing is not None:
             return
         result = await self.store.commit(
-            [PutObject(Node(self.config.node, self.config.labels), expect_revision=0)])
+            [PutObject(Node(self.config.node, self.config.labels), expect_revision=0)],
+            fenced=False)
         if result.succeeded:
             log.info("registered node %s with labels %s", self.config.node,
                      dict(self.config.labels))
@@ -224,9 +319,12 @@ class Daemon:
         self.metrics.cache_in_sync.set(1 if in_sync else 0)
         if self._closing:
             return
-        status = (health_pb2.HealthCheckResponse.SERVING if in_sync
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        asyncio.get_running_loop().create_task(self._set_health(status))
+        if in_sync and not self.fence.paused:
+            # After a relist (etcd was away), check the record before writing again:
+            # a restore that others' writes hid from the revision check shows there.
+            self.fence.paused = "it is checking its record of allocations against etcd"
+            self._start_reassertion()
+        self._refresh_health()
         if in_sync:
             self._on_cache_change()  # rules may have changed while we were not watching
         if in_sync and not self._ready_once:
@@ -327,19 +425,20 @@ class Daemon:
         if self._cni_server is not None:
             await self._cni_server.wait_closed()
         for task in (self._register_task, self._cleanup_task, self._liveness_task,
-                     self._hold_task):
+                     self._reassert_task, self._record_task, self._hold_task):
             if task is not None and not task.done():
                 task.cancel()
                 try:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
-        if self._lease is not None:
-            try:  # the liveness key goes with the lease, at once
-                await asyncio.wait_for(self.store.revoke_lease(self._lease), 2.0)
-            except (DatastoreUnavailable, TimeoutError) as exc:
-                log.warning("liveness lease not revoked (it expires in %ss): %s",
-                            LIVENESS_TTL, exc)
+        try:  # the fence goes with the lease, at once: another daemon may take over
+            await asyncio.wait_for(self.keeper.release(), 2.0)
+        except (DatastoreUnavailable, TimeoutError) as exc:
+            log.warning("node lease not revoked (it expires in %ss): %s",
+                        self.config.node_lease_seconds, exc)
+        self.record.flush_sync()
+        self.keeper.close()
         await self.ipam.close()
         await self.cache.close()
         await self.store.close()

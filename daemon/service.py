@@ -151,6 +151,10 @@ class JsonRequest:
             return value
 
 
+async def _serving() -> str:
+    return ""
+
+
 class StatusProvider:
     """What Status reports beyond the engine: cache sync, etcd reachability, block usage."""
 
@@ -161,8 +165,12 @@ class StatusProvider:
         state: Callable[[], ClusterState | None],
         usage: Callable[[], list[tuple[str, int, int, int]]],
         owns_block: Callable[[IPNetwork], bool] = lambda _: True,
+        not_serving: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         self.in_sync = in_sync
+        #: Why the daemon does not serve although etcd answers ("" when it does): it
+        #: does not hold its node's fence, it re-asserts after a restore, etcd's NOSPACE.
+        self.not_serving = not_serving or _serving
         self.etcd_check = etcd_check
         self.state = state
         #: (pool, affine blocks, addresses in use, free addresses) per pool
@@ -264,6 +272,8 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
             reason = f"etcd unreachable: {etcd_error}"
         elif not response["in_sync"] or state is None:
             reason = "the cache is not in sync with etcd"
+        elif blocked := await self.status.not_serving():
+            reason = blocked
         else:
             families = [f for f, wanted in ((4, request.assign_ipv4),
                                             (6, request.assign_ipv6)) if wanted]

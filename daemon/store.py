@@ -20,7 +20,17 @@ Keys (prefix default ``/topoipam/v1``)::
     affinities/<node>/<v4|v6>/<hex network>-<prefixlen>
     handles/<network>/<containerID>/<ifname>
     reservations/<name>
-    daemons/<node>          (attached to the running daemon's etcd lease)
+    daemons/<node>          (the node's fence, on the serving daemon's etcd lease)
+    conflicts/<node>/<ip>   (an address re-asserted after a restore, held by another)
+
+A daemon's store is *fenced* (:class:`CommitFence`): every transaction it
+commits also compares that ``daemons/<node>`` is still on the daemon's own
+lease, so a daemon that lost its node identity (another took over, its lease
+lapsed while it was frozen or cut off) cannot write for the node, whatever
+it believes. It also watches etcd's history (:class:`EtcdHistory`): a
+revision below one already seen, or another cluster ID, means etcd went
+back (restored from a snapshot), and the daemon stops writing until it has
+re-asserted what it handed out.
 
 We speak to etcd with aetcd's generated v3 stubs on a channel we build
 ourselves: aetcd's ``Client`` has no TLS and only one endpoint.
@@ -33,6 +43,7 @@ import ipaddress
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,7 +57,11 @@ from .errors import (
     AuthenticationFailed,
     Conflict,
     DatastoreUnavailable,
+    EtcdOutOfSpace,
+    EtcdWentBack,
     InvalidInput,
+    NodeFenced,
+    NotReady,
     TopoipamError,
 )
 from .keys import DEFAULT_PREFIX, KeySchema, prefix_range_end
@@ -182,6 +197,77 @@ def _grpc_target(endpoints: Sequence[str]) -> tuple[str, str]:
     return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in hosts), authority
 
 
+@dataclass
+class CommitFence:
+    """The node identity a daemon's commits are fenced with (see the module docstring).
+
+    ``lease`` is the etcd lease ``daemons/<node>`` must be on for a commit to
+    apply; 0 while the daemon holds no fence. ``valid_until`` (monotonic
+    clock) is when the lease may have expired by our own reckoning, counted
+    from when the last successful keep-alive was *sent*: past it the daemon
+    refuses locally too, before etcd could let another daemon take over.
+    ``paused`` is set while writes wait for a re-assertion after etcd went
+    back; only the re-assertion's own commits pass then.
+    """
+
+    node: str
+    key: bytes
+    lease: int = 0
+    valid_until: float = 0.0
+    #: Why we do not hold the fence, for errors and Status ("" while held).
+    reason: str = "it has not acquired its node identity yet"
+    paused: str = ""
+    #: Called when a commit found the fence gone (the keeper re-acquires).
+    on_lost: Callable[[], None] = lambda: None
+
+    def held(self) -> bool:
+        return bool(self.lease) and time.monotonic() < self.valid_until
+
+    def check(self, reassert: bool = False) -> None:
+        if not self.held():
+            raise NodeFenced(self.node, self.reason or "its etcd lease lapsed")
+        if self.paused and not reassert:
+            raise NotReady(self.paused)
+
+    def lost(self, reason: str) -> None:
+        self.lease = 0
+        self.reason = reason
+        self.on_lost()
+
+
+@dataclass
+class EtcdHistory:
+    """The newest etcd revision and the cluster ID this daemon has seen.
+
+    etcd revisions only grow in one cluster, and a linearizable read or a
+    transaction sent after we saw revision R answers with a revision >= R.
+    Anything else means etcd lost history (restored from a snapshot) or is
+    another cluster; ``on_went_back`` is told why, once per occurrence.
+    """
+
+    revision: int = 0
+    cluster_id: int = 0
+    on_went_back: Callable[[str], None] = lambda reason: None
+
+    def observe(self, floor: int, header: Any) -> None:
+        revision, cluster = int(header.revision), int(header.cluster_id)
+        reason = ""
+        if self.cluster_id and cluster and cluster != self.cluster_id:
+            reason = (f"etcd cluster ID changed from {self.cluster_id:x} to {cluster:x} "
+                      "(restored from a snapshot, or another cluster)")
+        elif revision and revision < floor:
+            reason = (f"etcd revision went back to {revision} from {floor} "
+                      "(restored from a snapshot?)")
+        if cluster:
+            self.cluster_id = cluster
+        if reason:
+            self.revision = revision
+            self.on_went_back(reason)
+            raise EtcdWentBack(reason)
+        if revision > self.revision:
+            self.revision = revision
+
+
 _UNAVAILABLE_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -208,6 +294,12 @@ class EtcdStore:
         self._connect_lock = asyncio.Lock()
         #: Called on every failed etcd call (a metrics hook).
         self.on_error: Callable[[], None] = lambda: None
+        #: The daemon's node fence, compared by every commit (None: not fenced, the CLI).
+        self.fence: CommitFence | None = None
+        #: The daemon's watch on etcd's history (None: not watched).
+        self.history: EtcdHistory | None = None
+        #: Called with the writes and revision of every successful commit (the local record).
+        self.on_committed: Callable[[Sequence[Write], int], None] | None = None
 
     # ------------------------------------------------------------------ connection
     async def connect(self) -> None:
@@ -280,13 +372,18 @@ class EtcdStore:
         """One unary KV call with the error mapping and one re-auth on token expiry."""
         if self._channel is None:
             await self.connect()
+        history = self.history
         for attempt in (1, 2):
+            floor = history.revision if history is not None else 0
             try:
-                return await getattr(self._kv, method)(
+                response = await getattr(self._kv, method)(
                     request,
                     timeout=timeout or self.options.timeout,
                     metadata=self._metadata,
                 )
+                if history is not None:
+                    history.observe(floor, response.header)
+                return response
             except grpc.aio.AioRpcError as exc:
                 self.on_error()
                 details = exc.details() or ""
@@ -297,12 +394,29 @@ class EtcdStore:
                 ):
                     await self._authenticate()
                     continue
+                if "space exceeded" in details or "NOSPACE" in details:
+                    raise EtcdOutOfSpace(details) from exc
                 if exc.code() in _UNAVAILABLE_CODES:
                     raise DatastoreUnavailable(f"etcd unreachable: {details}") from exc
                 if "too many operations in txn" in details:
                     raise DatastoreUnavailable(f"etcd refused the transaction: {details}") from exc
                 raise DatastoreUnavailable(f"etcd error: {exc.code().name}: {details}") from exc
         raise AssertionError("unreachable")
+
+    async def alarms(self) -> list[str]:
+        """The alarms etcd has raised ("NOSPACE on member 8e9e05c52164694d"); [] if none."""
+        if self._channel is None:
+            await self.connect()
+        try:
+            response = await rpc.MaintenanceStub(self._channel).Alarm(
+                rpc.AlarmRequest(action=rpc.AlarmRequest.GET), timeout=self.options.timeout,
+                metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            self.on_error()
+            raise DatastoreUnavailable(f"etcd unreachable: {exc.details()}") from exc
+        names = {1: "NOSPACE", 2: "CORRUPT"}
+        return [f"{names.get(int(a.alarm), str(a.alarm))} on member {int(a.memberID):x}"
+                for a in response.alarms if int(a.alarm)]
 
     async def ping(self) -> int:
         """Current etcd revision; raises DatastoreUnavailable when etcd does not answer."""
@@ -318,6 +432,10 @@ class EtcdStore:
             return None
         kv = response.kvs[0]
         return kv.value, kv.mod_revision
+
+    async def put_raw(self, key: bytes, value: bytes) -> None:
+        """An unguarded put, for reports (a conflict record), never for IPAM state."""
+        await self._call("Put", rpc.PutRequest(key=key, value=value))
 
     async def range_raw(
         self, start: bytes, end: bytes, *, keys_only: bool = False, revision: int = 0,
@@ -525,28 +643,63 @@ class EtcdStore:
         return await self._typed_prefix(self.keys.identities(), self.decode_identity)
 
     # ------------------------------------------------------------------ daemon liveness
-    async def announce_daemon(self, node: str, info: dict[str, Any], ttl: int) -> int:
-        """Write ``daemons/<node>`` on a fresh lease of ``ttl`` seconds; returns the lease id.
-
-        The key lives exactly as long as the lease: the daemon keeps it alive
-        (:meth:`keep_lease_alive`) and revokes it on a clean stop, so a
-        stopped daemon's key goes at once and a killed one's within ``ttl``.
-        This is the "daemon seen recently" signal `topoipamctl delete node`
-        reads; it is not fencing (two daemons may both announce one node).
-        """
+    async def grant_lease(self, ttl: int) -> int:
+        """A fresh etcd lease of ``ttl`` seconds; returns its id."""
         if self._channel is None:
             await self.connect()
-        stub = rpc.LeaseStub(self._channel)
         try:
-            grant = await stub.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl),
-                                          timeout=self.options.timeout, metadata=self._metadata)
+            grant = await rpc.LeaseStub(self._channel).LeaseGrant(
+                rpc.LeaseGrantRequest(TTL=ttl), timeout=self.options.timeout,
+                metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             self.on_error()
-            raise DatastoreUnavailable(f"etcd lease grant failed: {exc.details()}") from exc
-        lease = int(grant.ID)
-        await self._call("Put", rpc.PutRequest(key=self.keys.daemon(node), value=encode(info),
-                                               lease=lease))
-        return lease
+            details = exc.details() or ""
+            if "space exceeded" in details:
+                raise EtcdOutOfSpace(details) from exc
+            raise DatastoreUnavailable(f"etcd lease grant failed: {details}") from exc
+        return int(grant.ID)
+
+    async def claim_node(self, node: str, info: dict[str, Any], lease: int
+                         ) -> tuple[bool, dict[str, Any], int]:
+        """Put ``daemons/<node>`` (the node's fence) on ``lease``, if nobody else holds it.
+
+        It is ours to take when it is absent (created with create_revision 0),
+        already on ``lease``, or names our own ``instance`` on our own host
+        (a previous incarnation of this daemon, killed before its lease
+        expired: taking it over is what lets a restart serve at once). Each
+        case is one guarded transaction, so two daemons racing for a free
+        node cannot both win. Returns (claimed, the holder's record, the
+        lease the key was on before; 0 if it was absent).
+        """
+        key = self.keys.daemon(node)
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=encode(info), lease=lease))
+        for _ in range(WRITE_ATTEMPTS):
+            response = await self._call("Txn", rpc.TxnRequest(
+                compare=[rpc.Compare(key=key, result=rpc.Compare.EQUAL,
+                                     target=rpc.Compare.CREATE, create_revision=0)],
+                success=[put], failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))]))
+            if response.succeeded:
+                return True, info, 0
+            kvs = response.responses[0].response_range.kvs
+            if not kvs:
+                continue  # it expired meanwhile: try the create again
+            kv = kvs[0]
+            try:
+                holder = decode(kv.value, f"daemon record of {node}")
+            except InvalidInput:
+                holder = {}
+            ours = int(kv.lease) == lease or (
+                holder.get("instance") == info.get("instance")
+                and holder.get("host") == info.get("host"))
+            if not ours:
+                return False, holder, int(kv.lease)
+            response = await self._call("Txn", rpc.TxnRequest(
+                compare=[rpc.Compare(key=key, result=rpc.Compare.EQUAL,
+                                     target=rpc.Compare.MOD, mod_revision=kv.mod_revision)],
+                success=[put]))
+            if response.succeeded:
+                return True, holder, int(kv.lease)
+        raise Conflict(f"the fence of node {node} changed concurrently; try again")
 
     async def keep_lease_alive(self, lease: int) -> bool:
         """Refresh ``lease`` once; False if etcd no longer knows it (expired)."""
@@ -686,7 +839,8 @@ class EtcdStore:
             await backoff(round_)
         raise Conflict(f"{what} changed concurrently {attempts} times; try again")
 
-    async def commit(self, writes: Iterable[Write]) -> CommitResult:
+    async def commit(self, writes: Iterable[Write], *, reassert: bool = False,
+                     fenced: bool = True) -> CommitResult:
         """Apply ``writes`` atomically if every guarded key is still at its expected revision.
 
         Each guarded key is compared on ``mod_revision`` (0 means "must not
@@ -695,10 +849,22 @@ class EtcdStore:
         Raises DatastoreUnavailable if etcd cannot be reached; in that case
         the transaction may or may not have been applied, which callers
         resolve by re-reading (an allocation is acknowledged only on success).
+
+        A fenced store (the daemon's) refuses with :class:`NodeFenced` before
+        sending when it does not hold its fence, and compares the fence key's
+        lease in the same transaction: if the fence is gone, nothing is
+        written and NodeFenced is raised. While writes are paused for a
+        re-assertion, only commits with ``reassert`` pass. ``fenced=False``
+        is for the node's registration, which any daemon may do (create-only).
         """
         writes = list(writes)
         compares = []
         guarded: list[bytes] = []
+        fence = self.fence if fenced else None
+        if fence is not None:
+            fence.check(reassert)
+            compares.append(rpc.Compare(key=fence.key, result=rpc.Compare.EQUAL,
+                                        target=rpc.Compare.LEASE, lease=fence.lease))
         for write in writes:
             if isinstance(write, ops.PoolsUnchangedSince):
                 prefix = self.keys.pools()
@@ -719,14 +885,24 @@ class EtcdStore:
             compare=compares,
             success=[self._request_op(w) for w in writes
                      if not isinstance(w, ops.PoolsUnchangedSince)],
-            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k)) for k in guarded],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k))
+                     for k in (*guarded, *([fence.key] if fence is not None else []))],
         )
         response = await self._call("Txn", request)
         revision = int(response.header.revision)
         if response.succeeded:
+            if self.on_committed is not None:
+                self.on_committed(writes, revision)
             return CommitResult(True, revision)
+        responses = list(response.responses)
+        if fence is not None:
+            held = responses.pop().response_range.kvs
+            if not held or int(held[0].lease) != fence.lease:
+                fence.lost(_holder_of(held[0].value) if held else "its node fence vanished "
+                           "from etcd (lease expired or deleted)")
+                raise NodeFenced(fence.node, fence.reason)
         result = CommitResult(False, revision)
-        for key, op in zip(guarded, response.responses, strict=True):
+        for key, op in zip(guarded, responses, strict=True):
             kvs = op.response_range.kvs
             kind, _ = self.keys.kind_of(key)
             try:
@@ -834,6 +1010,18 @@ class WatchCompacted(TopoipamError):
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"watch start revision was compacted (now at {compact_revision})")
         self.compact_revision = compact_revision
+
+
+def _holder_of(raw: bytes) -> str:
+    """Who a fence key's value names, for the one line an operator reads."""
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        info = {}
+    if not isinstance(info, dict):
+        info = {}
+    return (f"it is held by topoipamd pid {info.get('pid', '?')} on host "
+            f"{info.get('host', '?')} (instance {info.get('instance', '?')})")
 
 
 def _read(path: str | None) -> bytes | None:

@@ -42,10 +42,13 @@ class DaemonProcess:
         log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOPOIPAM_")}
         env.update(self.env)
+        # Each daemon keeps its node-local state beside its log, so a restart finds it.
+        state = [] if "--state-dir" in self.extra else [
+            "--state-dir", str(Path(self.log_path).with_suffix(".state"))]
         self.process = subprocess.Popen(
             [TOPOIPAMD, "--etcd-endpoints", self.endpoints, "--node", self.node,
              "--socket", self.socket, "--prefix", self.prefix, "--metrics-address", "off",
-             *self.extra],
+             *state, *self.extra],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
         log.close()

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,14 +149,6 @@ class FakeDaemon:
     def only_request(self, method: str) -> Json:
         assert [m for m, _ in self.requests] == [method], self.requests
         return self.requests[0][1]
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    fake = FakeDaemon(str(tmp_path / "d.sock"))
-    fake.start()
-    yield fake
-    fake.stop()
 
 
 # --- VERSION ----------------------------------------------------------------

@@ -13,7 +13,6 @@ import marshal
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +75,6 @@ def _run_reporting_modules(command: str, stdin: bytes, env: dict[str, str]
                                "CNI_PATH": str(PLUGIN_DIR), **env})
     report = done.stderr.decode().rpartition("\nMODULES ")[2]
     return done, ast.literal_eval(report)
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    fake = FakeDaemon(str(tmp_path / "d.sock"))
-    fake.start()
-    yield fake
-    fake.stop()
 
 
 ATTACHMENT_ENV = {"CNI_CONTAINERID": "ctr1", "CNI_IFNAME": "eth0"}

@@ -38,7 +38,6 @@ import random
 import signal
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ import pytest
 
 from tests.daemons import DaemonProcess, cni, ctl
 from tests.etcd_cluster import TCP_ESTABLISHED, EtcdCluster, process_tcp_sockets
+from topoipam.client.rpc import scrape
 from topoipam.daemon.local_etcd import free_port
 from topoipam.proto import ipam_pb2
 
@@ -459,11 +459,10 @@ def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
 
 
 def metric(daemon: DaemonProcess, port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(f"{name} "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not in the metrics of {daemon.node}")
+    values = scrape(f"http://127.0.0.1:{port}/metrics")
+    if name not in values:
+        raise AssertionError(f"{name} not in the metrics of {daemon.node}")
+    return values[name]
 
 
 def wait_for(what: str, condition: Any, timeout: float = 30) -> None:

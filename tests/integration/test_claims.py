@@ -13,7 +13,6 @@ import ipaddress
 import json
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 from tests.conftest import EtcdServer
 from tests.daemons import TOPOIPAMCTL, DaemonProcess, cni
 from tests.integration.test_engine import audit, net, request, seed
+from topoipam.client.rpc import scrape
 from topoipam.daemon import allocator
 from topoipam.daemon.engine import AllocationEngine
 from topoipam.daemon.errors import PoolExhausted
@@ -125,17 +125,6 @@ async def test_borrowing_reads_the_index_and_repair_fixes_it(
     assert check.returncode == 0 and index_warnings(check) == [], check.stdout
 
 
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
 def test_warm_reserve_claims_off_the_request_path(
         etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]) -> None:
     assert ctl(ctl_env, "create", "ippool", "warm", "--cidr", "10.92.0.0/24", "--block-size",
@@ -164,7 +153,7 @@ def test_warm_reserve_claims_off_the_request_path(
         deadline = time.monotonic() + 5
         while len(affinities(ctl_env)) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
-        metrics = scrape(port)
+        metrics = scrape(f"http://127.0.0.1:{port}/metrics")
         assert metrics.get('topoipam_block_claims_total{path="request"}', 0.0) == 0.0, metrics
         assert metrics['topoipam_block_claims_total{path="background"}'] == 5.0
         # Never beyond maxBlocksPerHost, however short the reserve is.

@@ -1,0 +1,302 @@
+"""The node-local record of this node's live allocations, and their re-assertion.
+
+etcd is the source of truth, except when it goes back in time: restored
+from a snapshot taken before the last N allocations, it no longer knows
+addresses that N running pods still use, and would hand them out again. The
+daemon therefore keeps, in ``--state-dir``, the handles it committed for its
+node and the newest etcd revision and cluster ID it saw
+(:class:`AllocationRecord`). When etcd's history moves backwards
+(:class:`topoipam.daemon.store.EtcdHistory`), it stops writing, puts back
+every recorded handle etcd lost (:func:`reassert_allocations`) and reports
+each address that meanwhile went to another handle as a conflict
+(``conflicts/<node>/<ip>``, shown by ``topoipamctl ipam check``) instead of
+handing it out twice; then it serves again.
+
+Off the pod's critical path: a commit only appends a line to an in-memory
+list (:meth:`AllocationRecord.note`); a background task writes and
+fdatasyncs the lines in a worker thread a few milliseconds later. A daemon
+killed inside that window loses the newest entries of its record (etcd
+still has them, so only a restore *and* that crash together lose them).
+
+The file is a journal of JSON lines (``put``, ``del``, ``rev``), rewritten
+compactly (write, fsync, rename) when it grows past a few times its live
+content. Handles the operator released behind the daemon's back (``ipam
+release``) stay in the record until the daemon next starts, when recorded
+handles missing from a non-restored etcd are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import allocator
+from .errors import AddressUnavailable, InvalidInput, TopoipamError
+from .model import Block, Handle, IPNetwork
+from .store import EtcdStore, encode
+from .writes import DeleteHandle, PutAffinity, PutBlock, PutHandle, Write
+
+log = logging.getLogger(__name__)
+
+FLUSH_DELAY = 0.005
+REV_INTERVAL = 1.0
+
+
+class AllocationRecord:
+    """This node's handles as last committed by this daemon, plus etcd's newest revision.
+
+    Single-threaded use from the event loop; the file writes happen in a
+    worker thread, one batch at a time.
+    """
+
+    def __init__(self, path: str, node: str) -> None:
+        self.path = path
+        self.node = node
+        self.handles: dict[str, Handle] = {}
+        #: When each handle was committed (wall clock), to tell a release from a loss.
+        self.since: dict[str, float] = {}
+        self.revision = 0
+        self.cluster_id = 0
+        self._pending: list[bytes] = []
+        self._lines = 0
+        self._written_revision = 0
+        self._wakeup = asyncio.Event()
+        self._fd: int | None = None
+        self.flushes = 0
+        #: Where the newest (revision, cluster ID) seen comes from (the store's history).
+        self.current: Callable[[], tuple[int, int]] | None = None
+
+    # ------------------------------------------------------------------ load
+    def load(self) -> None:
+        """Replay the journal (a torn last line is ignored)."""
+        try:
+            with open(self.path, "rb") as source:
+                lines = source.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                if "put" in entry:
+                    handle = Handle.from_dict(entry["id"], entry["put"])
+                    self.handles[handle.id] = handle
+                    self.since[handle.id] = float(entry.get("at", 0.0))
+                elif "del" in entry:
+                    self.handles.pop(entry["del"], None)
+                    self.since.pop(entry["del"], None)
+                elif "rev" in entry:
+                    self.revision = int(entry["rev"])
+                    self.cluster_id = int(entry.get("cluster", 0))
+            except (ValueError, KeyError, TypeError, InvalidInput):
+                log.warning("skipping an unreadable line of %s", self.path)
+        self._lines = len(lines)
+        self._written_revision = self.revision
+
+    # ------------------------------------------------------------------ record
+    def note(self, writes: Sequence[Write], revision: int) -> None:
+        """Record what a successful commit changed for this node: cheap, no I/O."""
+        now = time.time()
+        for write in writes:
+            if isinstance(write, PutHandle) and write.handle.node == self.node:
+                self.handles[write.handle.id] = write.handle
+                self.since[write.handle.id] = now
+                self._pending.append(encode({"id": write.handle.id, "at": now,
+                                             "put": write.handle.to_dict()}))
+            elif isinstance(write, DeleteHandle) and write.handle_id in self.handles:
+                del self.handles[write.handle_id]
+                self.since.pop(write.handle_id, None)
+                self._pending.append(encode({"del": write.handle_id}))
+        if self._pending:
+            self._wakeup.set()
+
+    def forget(self, handle_id: str) -> None:
+        self.since.pop(handle_id, None)
+        if self.handles.pop(handle_id, None) is not None:
+            self._pending.append(encode({"del": handle_id}))
+            self._wakeup.set()
+
+    # ------------------------------------------------------------------ writing
+    async def run(self) -> None:
+        """Write pending entries soon after they are noted, and the revision every second."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), REV_INTERVAL)
+                await asyncio.sleep(FLUSH_DELAY)  # gather what a burst commits meanwhile
+            except TimeoutError:
+                pass
+            self._wakeup.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.current is not None:
+            self.revision, self.cluster_id = self.current()
+        if self.revision != self._written_revision:
+            self._pending.append(encode({"rev": self.revision, "cluster": self.cluster_id}))
+            self._written_revision = self.revision
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        if self._lines + len(lines) > 4 * len(self.handles) + 1000:
+            snapshot = self._snapshot_lines()
+            await asyncio.to_thread(self._rewrite, snapshot)
+            self._lines = len(snapshot)
+        else:
+            await asyncio.to_thread(self._append, lines)
+            self._lines += len(lines)
+        self.flushes += 1
+
+    def flush_sync(self) -> None:
+        """The last flush, at close."""
+        if self.current is not None:
+            self.revision, self.cluster_id = self.current()
+        if self.revision != self._written_revision:
+            self._pending.append(encode({"rev": self.revision, "cluster": self.cluster_id}))
+            self._written_revision = self.revision
+        if self._pending:
+            lines, self._pending = self._pending, []
+            self._append(lines)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _snapshot_lines(self) -> list[bytes]:
+        return [*(encode({"id": h.id, "at": self.since.get(h.id, 0.0), "put": h.to_dict()})
+                  for h in self.handles.values()),
+                encode({"rev": self.revision, "cluster": self.cluster_id})]
+
+    def _append(self, lines: list[bytes]) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        os.write(self._fd, b"".join(line + b"\n" for line in lines))
+        os.fdatasync(self._fd)
+
+    def _rewrite(self, lines: list[bytes]) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as target:
+            target.write(b"".join(line + b"\n" for line in lines))
+            target.flush()
+            os.fsync(target.fileno())
+        os.replace(tmp, self.path)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class Reassertion:
+    """What a re-assertion did: handles put back, already present, dropped; conflicts."""
+
+    restored: list[str] = field(default_factory=list)
+    present: int = 0
+    dropped: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+
+
+async def reassert_allocations(store: EtcdStore, record: AllocationRecord,
+                               went_back: bool) -> Reassertion:
+    """Make etcd hold every recorded handle again, or report why it cannot.
+
+    A recorded handle missing from etcd was either released behind the
+    daemon's back (``topoipamctl ipam release``: its block then shows the
+    address released *after* the handle was recorded) and is dropped from
+    the record, or lost by etcd (its block is missing, or shows no such
+    release): then it is put back with its addresses, block and affinity in
+    one guarded transaction per handle (a block etcd lost is created again,
+    affine to this node, if a pool still contains it). With ``went_back``
+    (etcd's revision or cluster ID moved backwards) every missing handle
+    counts as lost. An address another handle holds meanwhile is written as
+    a conflict and the handle is not put back: it is never handed out twice.
+    Commits use ``reassert=True``: they pass while ordinary writes are
+    paused, but are fenced like every other write.
+    """
+    outcome = Reassertion()
+    for handle in list(record.handles.values()):
+        current = await store.get_handle(handle.id)
+        if current is not None:
+            outcome.present += 1
+            continue
+        if not went_back and await _released_since(store, handle, record.since.get(handle.id, 0)):
+            record.forget(handle.id)
+            outcome.dropped.append(handle.id)
+            continue
+        conflict = await _reassert_one(store, record.node, handle)
+        if conflict is None:
+            outcome.restored.append(handle.id)
+        else:
+            outcome.conflicts.append(conflict)
+    return outcome
+
+
+async def _released_since(store: EtcdStore, handle: Handle, since: float) -> bool:
+    """Whether some address of ``handle`` was released after ``since`` (by whoever)."""
+    for entry in handle.addresses:
+        block = await store.get_block(entry.block)
+        if block is None:
+            continue
+        try:
+            ordinal = block.value.ordinal(entry.ip)
+        except InvalidInput:
+            continue
+        if block.value.released_at.get(ordinal, 0.0) >= since:
+            return True
+    return False
+
+
+async def _reassert_one(store: EtcdStore, node: str, handle: Handle) -> str | None:
+    async def attempt() -> tuple[Sequence[Write], str | None]:
+        if await store.get_handle(handle.id) is not None:
+            return [], None
+        writes: list[Write] = []
+        blocks: dict[IPNetwork, tuple[Block, int]] = {}
+        for entry in handle.addresses:
+            if entry.block not in blocks:
+                current = await store.get_block(entry.block)
+                if current is None:
+                    pools = [p.value for p in await store.list_pools()]
+                    if allocator.pool_of(pools, entry.ip) is None:
+                        await _report_conflict(store, node, handle, entry.ip, "no pool")
+                        return [], f"{entry.ip} of {handle.id} is in no pool any more"
+                    blocks[entry.block] = (Block.empty(entry.block, node), 0)
+                    writes.append(PutAffinity(node, entry.block))
+                else:
+                    blocks[entry.block] = (current.value, current.mod_revision)
+            block, revision = blocks[entry.block]
+            try:
+                blocks[entry.block] = (allocator.reassert_address(block, entry.ip, handle.id),
+                                       revision)
+            except AddressUnavailable as exc:
+                holder = exc.message
+                await _report_conflict(store, node, handle, entry.ip, holder)
+                return [], (f"{entry.ip} of {handle.id} is held by {holder} since etcd "
+                            "went back")
+        writes += [PutBlock(block, revision) for block, revision in blocks.values()]
+        writes.append(PutHandle(handle, 0))
+        return writes, None
+
+    async def commit(writes: Sequence[Write]) -> bool:
+        return (await store.commit(writes, reassert=True)).succeeded
+
+    for round_ in range(8):
+        writes, conflict = await attempt()
+        if not writes or await commit(writes):
+            return conflict
+        await asyncio.sleep(0.01 * round_)
+    raise TopoipamError(f"re-asserting {handle.id} kept losing races; will retry")
+
+
+async def _report_conflict(store: EtcdStore, node: str, handle: Handle, ip: Any,
+                           holder: str) -> None:
+    key = store.keys.conflict(node, ip)
+    value = {"address": str(ip), "handle": handle.id, "holder": holder, "node": node,
+             "container_id": handle.attributes.get("container_id", ""),
+             "detected": time.time()}
+    await store.put_raw(key, encode(value))
+    log.error("conflict after etcd went back: %s is used by %s on node %s (this node's "
+              "record) but etcd gives it to %s; recorded under %s for `topoipamctl ipam "
+              "check`", ip, handle.id, node, holder, key.decode())
