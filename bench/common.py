@@ -374,7 +374,10 @@ class Workspace(contextlib.ExitStack):
         metrics_address = f"127.0.0.1:{free_port()}" if metrics else "off"
         args = [TOPOIPAMD, "--etcd-endpoints", self.etcd.endpoint, "--node", node,
                 "--socket", os.path.join(sock_dir, "topoipamd.sock"), "--prefix", prefix,
-                "--metrics-address", metrics_address, "--log-level", "warning"]
+                "--metrics-address", metrics_address, "--log-level", "warning",
+                # its node-local record in the workspace, not in a state dir shared
+                # with earlier runs (it would re-assert their allocations)
+                "--state-dir", self.path(f"state-{tag}")]
         if labels:
             args += ["--labels", ",".join(f"{k}={v}" for k, v in labels.items())]
         log_path = self.path(f"topoipamd-{tag}.log")

@@ -23,17 +23,14 @@ from typing import Any
 
 import netaddr
 
-from . import allocator
+from . import allocator, model
 from .model import (
     Block,
     Handle,
     Identity,
     IPAddress,
-    IPAMConfig,
     IPNetwork,
     IPPool,
-    IPReservation,
-    Node,
     parked_holder,
     parked_identity,
 )
@@ -129,8 +126,8 @@ class Snapshot:
 
     revision: int
     pools: list[IPPool]
-    nodes: dict[str, Node]
-    reservations: list[IPReservation]
+    nodes: dict[str, model.Node]
+    reservations: list[model.IPReservation]
     blocks: dict[IPNetwork, Block]
     affinities: list[tuple[str, IPNetwork]]
     handles: dict[str, Handle]
@@ -200,11 +197,11 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     return snap
 
 
-def reserves(reservation: IPReservation, address: IPAddress) -> bool:
+def reserves(reservation: model.IPReservation, address: IPAddress) -> bool:
     return any(address.version == c.version and address in c for c in reservation.cidrs)
 
 
-def outside_pools(reservation: IPReservation, pools: Iterable[IPPool]) -> list[IPNetwork]:
+def outside_pools(reservation: model.IPReservation, pools: Iterable[IPPool]) -> list[IPNetwork]:
     pools = list(pools)
     return [c for c in reservation.cidrs
             if not any(p.family == c.version and p.cidr.overlaps(c)
@@ -497,7 +494,7 @@ def double_allocations(snap: Snapshot) -> Iterator[str]:
                    f"{', '.join(sorted(in_handles[address]))}")
 
 
-def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config: IPAMConfig
+def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config: model.IPAMConfig
                      ) -> list[str]:
     """The allocator's three steps (DESIGN §4) for ``node``, as they stand now."""
     reservations = allocator.Reservations(snap.reservations)
@@ -621,7 +618,7 @@ def _merged(cidrs: Iterable[IPNetwork]) -> list[IPNetwork]:
     return sorted((ipaddress.ip_network(str(c)) for c in merged), key=network_order)
 
 
-def block_outside_pools(pool: IPPool | None, node: Node | None) -> str | None:
+def block_outside_pools(pool: IPPool | None, node: model.Node | None) -> str | None:
     """Why a node's block does not belong with that node's pools now, or None if it does.
 
     Only a pool's selector places it: a Manual pool serves whoever names it,
@@ -712,7 +709,7 @@ def route_report(snap: Snapshot, label: str = DEFAULT_ROUTE_LABEL) -> RouteRepor
     return RouteReport(label, ordered, warnings)
 
 
-def identity_destinations(snap: Snapshot, config: IPAMConfig, identity: Identity
+def identity_destinations(snap: Snapshot, config: model.IPAMConfig, identity: Identity
                           ) -> list[tuple[str, str]]:
     """The nodes a sticky identity can move to and keep every address, each with why.
 

@@ -612,13 +612,7 @@ class AllocationEngine:
         for entry in identity.addresses:
             family = entry.ip.version
             cidr = entry.block
-            planned = txn.blocks.get(cidr)
-            if planned is not None:
-                block, revision = planned
-            else:
-                current_block = await self.source.block(cidr)
-                block, revision = ((current_block.value, current_block.mod_revision)
-                                   if current_block is not None else (None, 0))
+            block, revision = await self._planned_block(cidr, txn)
             if block is None:
                 continue  # the block is gone, and the address with it
             pool = None
@@ -911,12 +905,7 @@ class AllocationEngine:
         for entry in handle.value.addresses:
             by_block.setdefault(entry.block, []).append(entry.ip)
         for cidr, addresses in by_block.items():
-            planned = txn.blocks.get(cidr)
-            if planned is not None:
-                block, revision = planned
-            else:
-                current = await self.source.block(cidr)
-                block, revision = (current.value, current.mod_revision) if current else (None, 0)
+            block, revision = await self._planned_block(cidr, txn)
             if block is None:
                 continue  # the block is gone: nothing left to free there
             new, freed = allocator.release_addresses(block, addresses, handle_id, self.clock())
@@ -945,13 +934,7 @@ class AllocationEngine:
         holder = parked_holder(identity_id)
         parked = []
         for entry in handle.value.addresses:
-            planned = txn.blocks.get(entry.block)
-            if planned is not None:
-                block, revision = planned
-            else:
-                current = await self.source.block(entry.block)
-                block, revision = ((current.value, current.mod_revision)
-                                   if current is not None else (None, 0))
+            block, revision = await self._planned_block(entry.block, txn)
             if block is None:
                 continue
             handed = allocator.hand_over(block, entry.ip, handle.value.id, holder)
@@ -980,13 +963,7 @@ class AllocationEngine:
             raise IdentityInUse(value.id, value.handle, value.node)
         holder = parked_holder(value.id)
         for entry in value.addresses:
-            planned = txn.blocks.get(entry.block)
-            if planned is not None:
-                block, revision = planned
-            else:
-                current = await self.source.block(entry.block)
-                block, revision = ((current.value, current.mod_revision)
-                                   if current is not None else (None, 0))
+            block, revision = await self._planned_block(entry.block, txn)
             if block is None:
                 continue
             new, freed = allocator.release_addresses(block, [entry.ip], holder, self.clock())
@@ -999,6 +976,16 @@ class AllocationEngine:
                 txn.put_block(new, revision, block)
         txn.identities[value.id] = DeleteIdentity(value.id, identity.mod_revision)
         return False
+
+    async def _planned_block(self, cidr: IPNetwork, txn: TxnPlan
+                             ) -> tuple[Block | None, int]:
+        """A block as this transaction has it so far, else as read: (value or None if
+        absent, the revision that guards its write)."""
+        planned = txn.blocks.get(cidr)
+        if planned is not None:
+            return planned
+        current = await self.source.block(cidr)
+        return (current.value, current.mod_revision) if current is not None else (None, 0)
 
     def _unwanted(self, state: ClusterState, block: Block) -> bool:
         """An empty block of nobody, or of this node whose pool no longer selects it."""

@@ -96,8 +96,10 @@ export TOPOIPAM_ETCD_ENDPOINTS="$endpoint"
 echo "etcd at $endpoint"
 for i in 1 2 3; do
     mkdir -m 0750 "$work/node-$i"
+    # Each daemon keeps its node-local record of allocations in a state directory
+    # of its own (a shared default would carry this run's pods into the next).
     "$bin/topoipamd" --node "node-$i" --socket "$work/node-$i/topoipamd.sock" \
-        --metrics-address off >"$work/node-$i.log" 2>&1 &
+        --state-dir "$work/node-$i" --metrics-address off >"$work/node-$i.log" 2>&1 &
     pids+=($!)
 done
 for i in 0 1 2 3; do ready "node-$i"; done

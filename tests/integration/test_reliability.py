@@ -28,6 +28,7 @@ import pytest
 from tests.conftest import EtcdServer, temporary_etcd
 from tests.daemons import DaemonProcess, cni, ctl
 from tests.etcd_cluster import etcdctl
+from tests.integration.test_faults import allocate, attachment
 from topoipam.daemon.errors import EtcdOutOfSpace
 from topoipam.daemon.local_etcd import start_local_etcd
 from topoipam.daemon.model import Handle
@@ -57,17 +58,6 @@ class Counts:
         print(f"\n{self.name}: operations {self.operations}, faults {len(self.faults)} "
               f"({', '.join(self.faults)}), invariant checks {self.checks}"
               + "".join(f", {k} {v}" for k, v in self.figures.items()))
-
-
-def attachment(container: str) -> ipam_pb2.Attachment:
-    return ipam_pb2.Attachment(network="net", container_id=container, ifname="eth0")
-
-
-def allocate(daemon: DaemonProcess, container: str, timeout: float = 10) -> str:
-    with daemon.stub() as stub:
-        reply = stub.Allocate(ipam_pb2.AllocateRequest(attachment=attachment(container),
-                                                       assign_ipv4=True), timeout=timeout)
-    return str(reply.addresses[0].ip)
 
 
 def rpc_error(call: Any) -> grpc.RpcError:

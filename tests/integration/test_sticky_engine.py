@@ -10,7 +10,14 @@ import pytest
 from topoipam.daemon.audit import find_inconsistencies, load_snapshot
 from topoipam.daemon.engine import AllocationEngine, AllocationRequest
 from topoipam.daemon.errors import IdentityInUse, InvalidInput
-from topoipam.daemon.model import Attachment, IPAMConfig, IPPool, Node, parked_holder
+from topoipam.daemon.model import (
+    Attachment,
+    IPAddress,
+    IPAMConfig,
+    IPPool,
+    Node,
+    parked_holder,
+)
 from topoipam.daemon.store import EtcdStore
 from topoipam.daemon.writes import PutObject
 
@@ -60,13 +67,18 @@ async def test_strict_affinity_keeps_the_address_only_on_the_blocks_own_node(
     await consistent(store)
 
 
-@pytest.mark.asyncio
-async def test_an_add_after_the_hold_frees_the_parked_address_itself(store: EtcdStore) -> None:
+async def parked_on_n0(store: EtcdStore) -> tuple[AllocationEngine, Clock, IPAddress]:
+    """Node n0 (with a clock the test moves) whose sticky pod c1 was deleted: held 30 s."""
     await seed(store, IPAMConfig(sticky_hold_seconds=30))
     clock = Clock()
     n0 = AllocationEngine(store, "n0", clock=clock)
     first = (await n0.allocate(sticky("c1"))).addresses[0].ip
     await n0.release("net/c1/eth0")
+    return n0, clock, first
+
+
+async def test_an_add_after_the_hold_frees_the_parked_address_itself(store: EtcdStore) -> None:
+    n0, clock, first = await parked_on_n0(store)
     block = await store.block_containing(first)
     assert block is not None
     assert block.value.allocations[block.value.ordinal(first)] == parked_holder(IDENTITY)
@@ -80,11 +92,7 @@ async def test_an_add_after_the_hold_frees_the_parked_address_itself(store: Etcd
 
 @pytest.mark.asyncio
 async def test_expiry_frees_only_holds_that_are_over(store: EtcdStore) -> None:
-    await seed(store, IPAMConfig(sticky_hold_seconds=30))
-    clock = Clock()
-    n0 = AllocationEngine(store, "n0", clock=clock)
-    await n0.allocate(sticky("c1"))
-    await n0.release("net/c1/eth0")
+    n0, clock, _ = await parked_on_n0(store)
     assert await n0.expire_parked() == []
     clock.now += 31
     assert await n0.expire_parked() == [IDENTITY]
