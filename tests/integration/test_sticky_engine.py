@@ -77,6 +77,7 @@ async def parked_on_n0(store: EtcdStore) -> tuple[AllocationEngine, Clock, IPAdd
     return n0, clock, first
 
 
+@pytest.mark.asyncio
 async def test_an_add_after_the_hold_frees_the_parked_address_itself(store: EtcdStore) -> None:
     n0, clock, first = await parked_on_n0(store)
     block = await store.block_containing(first)
