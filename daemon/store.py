@@ -602,6 +602,25 @@ class EtcdStore:
                           if op.response_range.count)
         return marked
 
+    async def claim_reads(self, pool_cidr: IPNetwork, own: IPNetwork, limit: int
+                          ) -> tuple[list[IPNetwork], set[IPNetwork]]:
+        """In one round trip: up to ``limit`` room index entries of the pool from window
+        ``own`` on, and the block CIDRs inside ``own`` (keys only)."""
+        low, end = self.keys.room_in(pool_cidr)
+        window_low, window_end = self.keys.blocks_in(own)
+        response = await self._call("Txn", rpc.TxnRequest(success=[
+            rpc.RequestOp(request_range=rpc.RangeRequest(
+                key=max(low, self.keys.room(own)), range_end=end, keys_only=True,
+                limit=limit)),
+            rpc.RequestOp(request_range=rpc.RangeRequest(
+                key=window_low, range_end=window_end, keys_only=True))]))
+        rooms_op, blocks_op = response.responses
+        rooms = [v.value for v in decode_each(rooms_op.response_range.kvs, lambda key, _: (
+            self.keys.block_cidr(key, "room")))]
+        blocks = {v.value for v in decode_each(blocks_op.response_range.kvs, lambda key, _: (
+            self.keys.block_cidr(key)))}
+        return rooms, blocks
+
     async def room_windows_all(self) -> set[IPNetwork]:
         """Every claim window the room index lists (for audits and repairs)."""
         kvs, _ = await self.prefix_raw(self.keys.rooms(), keys_only=True)
