@@ -19,7 +19,8 @@ from typing import Any
 
 from common import BENCH_DIR, fmt, print_table
 
-BENCHMARKS = ["allocate_latency", "storm", "cni_startup", "burst", "scale", "policy_change"]
+BENCHMARKS = ["allocate_latency", "storm", "cni_startup", "burst", "scale", "policy_change",
+              "record_cost"]
 
 
 def run(name: str, timeout: float) -> tuple[int, dict[str, Any] | None, float]:

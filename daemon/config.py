@@ -57,6 +57,10 @@ class DaemonConfig:
     request_timeout: float = 20.0
     #: TTL of the etcd lease that fences the node identity (daemons/<node>).
     node_lease_seconds: int = 10
+    #: Keep the node-local record of live allocations in the state dir, to re-assert
+    #: them should etcd be restored from an older snapshot. Off only to measure it,
+    #: or where losing those addresses' records to a restore is acceptable.
+    record_allocations: bool = True
 
     def __post_init__(self) -> None:
         check_name("node", self.node)

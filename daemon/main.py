@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "backup), and --dev's etcd (default ~/.local/state/topoipam)")
     add("--node-lease-seconds", help="TTL of the etcd lease that fences the node identity "
                                      "(default 10)")
+    add("--record-allocations", help="keep the node-local record of allocations in "
+                                     "--state-dir: true (default) or false")
     return parser
 
 

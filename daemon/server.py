@@ -114,12 +114,13 @@ class Daemon:
         self.record = AllocationRecord(
             state_file(config.state_dir, config.node, config.prefix, "allocations"),
             config.node)
-        self.record.load()
+        if config.record_allocations:
+            self.record.load()
         self.store.history = EtcdHistory(self.record.revision, self.record.cluster_id,
                                          on_went_back=self._etcd_went_back)
         history = self.store.history
         self.record.current = lambda: (history.revision, history.cluster_id)
-        self.store.on_committed = self.record.note
+        self.store.on_committed = self.record.note if config.record_allocations else None
         self._went_back = False
         self._was_serving = False
         self._reassert_task: asyncio.Task[None] | None = None
@@ -203,7 +204,8 @@ class Daemon:
                 delay = min(delay * 2, 1.0)
         self.cache.start()
         self._liveness_task = asyncio.create_task(self.keeper.run())
-        self._record_task = asyncio.create_task(self.record.run())
+        if self.config.record_allocations:
+            self._record_task = asyncio.create_task(self.record.run())
         self._start_reassertion()
         self._hold_task = asyncio.create_task(self._expire_holds())
 
@@ -437,7 +439,8 @@ class Daemon:
         except (DatastoreUnavailable, TimeoutError) as exc:
             log.warning("node lease not revoked (it expires in %ss): %s",
                         self.config.node_lease_seconds, exc)
-        self.record.flush_sync()
+        if self.config.record_allocations:
+            self.record.flush_sync()
         self.keeper.close()
         await self.ipam.close()
         await self.cache.close()

@@ -402,3 +402,20 @@ def test_delete_node_refuses_while_its_daemon_runs_unless_forced(
     daemon.stop()
     done = ctl(ctl_env, "delete", "node", "node-live")
     assert done.returncode == 0, done.stderr
+
+
+def test_record_allocations_false_keeps_no_record(
+    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
+    ctl_env: dict[str, str],
+) -> None:
+    # What bench/record_cost.py compares against: the same daemon without its record.
+    assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.31.0.0/24").returncode == 0
+    state = tmp_path / "norecord.state"
+    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-nr",
+                  ["--record-allocations", "false", "--state-dir", str(state)])
+    with daemon.stub() as stub:
+        stub.Allocate(ipam_pb2.AllocateRequest(attachment=attachment("nr"), assign_ipv4=True),
+                      timeout=10)
+    assert daemon.stop() == 0
+    assert not [p for p in state.iterdir() if p.name.endswith(".allocations")
+                and p.stat().st_size > 0]
