@@ -137,8 +137,9 @@ class AssignContext:
     def __post_init__(self) -> None:
         # Integers of the pool's unusable addresses (network, broadcast, gateway):
         # the hot path compares ints, not address objects.
-        unusable = {int(a) for a in self.pool.unusable()} | self.excluded
-        object.__setattr__(self, "_unusable", frozenset(unusable))
+        unusable = self.pool.unusable_ints
+        object.__setattr__(self, "_unusable",
+                           unusable | self.excluded if self.excluded else unusable)
 
     def available(self, block: Block, ordinal: int) -> bool:
         if block.first + ordinal in self._unusable:  # type: ignore[attr-defined]

@@ -156,6 +156,8 @@ class IPPool:
     selector: Selector = field(init=False, repr=False, compare=False)
     #: The address pods of this pool route through; never handed out when inside the pool.
     gateway: IPAddress | None = field(init=False, repr=False, compare=False)
+    #: :meth:`unusable` as integers, computed once: the allocator's hot path compares ints.
+    unusable_ints: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_name("pool", self.name)
@@ -183,6 +185,7 @@ class IPPool:
         object.__setattr__(self, "node_selector", str(selector))
         object.__setattr__(self, "selector", selector)
         object.__setattr__(self, "gateway", self._resolve_gateway())
+        object.__setattr__(self, "unusable_ints", frozenset(int(a) for a in self.unusable()))
 
     def _resolve_gateway(self) -> IPAddress | None:
         spec = self.gateway_spec
