@@ -205,7 +205,10 @@ def assign_address(
 def _assign(block: Block, ordinal: int, handle_id: str) -> Block:
     new = block.copy()
     new.unallocated.remove(ordinal)
-    new.released_at.pop(ordinal, None)
+    # The last release time stays while the ordinal is held: the cooldown reads it
+    # only for free ordinals, and a node re-checking its record after a restart
+    # tells "released, then given to another" (a release time after its record)
+    # from "lost by etcd, then given to another" (none) by it.
     new.allocations[ordinal] = handle_id
     return new
 

@@ -675,7 +675,9 @@ class Block:
 
     ``unallocated`` is the free list in hand-out order: released ordinals go
     to its back so an address is reused as late as possible. ``released_at``
-    keeps the release time of free ordinals, for the reuse cooldown. A Block
+    keeps each ordinal's last release time: the reuse cooldown (free ordinals),
+    and, kept while the ordinal is held again, what tells a daemon checking its
+    record that an address was released before it was reused. A Block
     is mutable only while an allocator plans a change on its own copy
     (:meth:`copy`); cached blocks are never modified in place.
     """
