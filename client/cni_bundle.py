@@ -15,8 +15,9 @@ with an empty ``__path__``, so nothing can be imported from disk by those
 names) and call ``cni.main()``. The modules run unchanged: their imports of
 each other resolve to the inlined modules, so there is no second copy of the
 plugin to keep in step, and the console script runs the same source. Bytecode
-and not source, because compiling ~1,500 lines costs about 5 ms, half of a
-bare interpreter's start-up; loading it costs ~0.1 ms. Bytecode is specific to
+and not source, because compiling ~1,500 lines costs about 5 ms, almost a bare
+interpreter's whole start-up; skipping its hex comment line, decoding and
+loading it costs ~0.6 ms (bench/cni_startup.py). Bytecode is specific to
 the interpreter's minor version, which is why the file names its interpreter
 (the shebang) and refuses, with a CNI error that says to reinstall, to run on
 one whose bytecode differs.
@@ -58,9 +59,11 @@ _TEMPLATE = '''\
 # (source sha256 {digest}). Do not edit: rerun install-cni to update.
 #
 # It runs with the bare interpreter (-I -S: no site, no site-packages) and
-# imports only built-in and C modules. Below is the modules' bytecode, for
-# this interpreter's version only: compiling their source would cost half
-# of the interpreter's own start-up, on every pod.
+# imports only built-in and C modules. The modules' bytecode, for this
+# interpreter's version only, is the one comment line at the end, which this
+# code reads back from its own file: compiling their source would cost half of
+# the interpreter's own start-up on every pod, and a string literal holding
+# the bytecode costs the compiler more than a comment.
 import marshal
 import sys
 from _frozen_importlib_external import MAGIC_NUMBER
@@ -81,14 +84,16 @@ for _package in {packages!r}:
     # Stubs: nothing else of these packages exists here, so none is looked for on disk.
     _register(_package, type(sys)(_package))
     sys.modules[_package].__path__ = []
-for _name, _code in marshal.loads(bytes.fromhex("""
-{bytecode}
-""")):
+with open(__file__, "rb") as _file:
+    _hex = _file.read().partition({marker!r})[2]
+for _name, _code in marshal.loads(bytes.fromhex(_hex[1:].decode())):
     _module = type(sys)(_name)
     _register(_name, _module)
     exec(_code, _module.__dict__)
 _module.main()
 '''
+#: The line after which the bytecode's one comment line ("#" and hex digits) starts.
+_MARKER = b"\n# bytecode:\n"
 
 
 class InstallError(Exception):
@@ -129,9 +134,16 @@ def plugin_file(interpreter: str | None = None) -> bytes:
         magic=importlib.util.MAGIC_NUMBER,
         packages=_packages(),
         mismatch=_mismatch_error(interpreter),
-        bytecode="\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76)),
+        marker=_MARKER,
     )
-    return text.encode()
+    # One line: the compiler skips a comment faster than a string literal, and a
+    # long line faster than many; ASCII hex decodes faster than any denser text.
+    return text.encode() + _MARKER[1:] + b"#" + encoded.encode() + b"\n"
+
+
+def payload(content: bytes) -> bytes:
+    """The marshalled ((name, code), ...) that a plugin file holds, read as the file reads it."""
+    return bytes.fromhex(content.partition(_MARKER)[2][1:].decode())
 
 
 def compile_module(name: str, source: bytes) -> types.CodeType:
@@ -173,9 +185,14 @@ sys.stdout.buffer.write(marshal.dumps(codes))
 
 
 def _compile_in_fresh_interpreter(sources: list[tuple[str, bytes]]) -> bytes:
-    """marshal of ((name, code), ...) for ``sources``, compiled by ``python -I -S``."""
+    """marshal of ((name, code), ...) for ``sources``, compiled by ``python -I -S``.
+
+    ``-X no_debug_ranges``: tracebacks keep their line numbers, the column
+    ranges (a tenth of the bytecode) go.
+    """
     done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _COMPILER, os.path.dirname(os.path.abspath(__file__))],
+        [sys.executable, "-I", "-S", "-X", "no_debug_ranges", "-c", _COMPILER,
+         os.path.dirname(os.path.abspath(__file__))],
         input=marshal.dumps(sources), capture_output=True, timeout=60, check=False)
     if done.returncode != 0:
         error = done.stderr.decode(errors="replace").strip().splitlines() or ["no output"]

@@ -26,11 +26,20 @@ BIN = Path(sys.executable).parent
 TOPOIPAMCTL = str(BIN / "topoipamctl")
 
 # Runs the plugin file in this same bare interpreter, then reports every
-# module in sys.modules with what kind it is. Imports nothing itself (_imp is
-# loaded at start-up).
+# module in sys.modules with what kind it is. Imports nothing itself (_imp and
+# posix are loaded at start-up).
 _REPORT_MODULES = r"""
-import sys, _imp
+import sys, _imp, posix
 path = sys.argv[1]
+
+
+def _exit(status):
+    # The plugin ends with posix._exit once its answer is flushed; here the
+    # report must still run.
+    raise SystemExit(status)
+
+
+posix._exit = _exit
 sys.argv[:] = [path]
 with open(path, "rb") as handle:
     code = compile(handle.read(), path, "exec")
@@ -178,15 +187,21 @@ def test_installed_file_is_what_the_generator_makes_from_the_current_source() ->
 
 
 def test_the_bytecode_is_the_inlined_modules_compiled_from_their_source() -> None:
-    text = PLUGIN.read_text()
-    payload = text.split('bytes.fromhex("""', 1)[1].split('""")', 1)[0]
-    modules = marshal.loads(bytes.fromhex(payload))
+    modules = marshal.loads(cni_bundle.payload(PLUGIN.read_bytes()))
     assert [name for name, _ in modules] == list(cni_bundle.INLINED_MODULES)
     for name, code in modules:
         source = cni_bundle.module_source(name)
         on_disk = Path(__import__(name, fromlist=["_"]).__file__ or "").read_bytes()
         assert source == on_disk
-        assert code == cni_bundle.compile_module(name, source)
+        # Compiled as the generator compiles: without column ranges.
+        done = subprocess.run(
+            [sys.executable, "-I", "-X", "no_debug_ranges", "-c",
+             "import marshal, sys; from topoipam.client.cni_bundle import compile_module; "
+             "sys.stdout.buffer.write(marshal.dumps(compile_module(sys.argv[1], "
+             "sys.stdin.buffer.read())))", name],
+            input=source, capture_output=True, check=True, timeout=60)
+        assert code == marshal.loads(done.stdout)
+        assert all(position[2:] == (None, None) for position in code.co_positions())
     assert "from __future__" not in repr([c.co_names for _, c in modules])
 
 
