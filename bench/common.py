@@ -567,8 +567,7 @@ def chunks(total: int, parts: int) -> list[int]:
 def block_value(cidr: str, affinity: str | None = "bench") -> bytes:
     import ipaddress
 
-    from topoipam.daemon.model import Block
-    from topoipam.daemon.store import encode
+    from topoipam.daemon.model import Block, encode
 
     return encode(Block.empty(ipaddress.ip_network(cidr), affinity).to_dict())
 

@@ -84,8 +84,7 @@ class DataSet:
         """Every key and value of the data set, as the daemon would write them."""
         from topoipam.daemon import allocator
         from topoipam.daemon.keys import KeySchema
-        from topoipam.daemon.model import Block, Handle, HandleAddress, Node
-        from topoipam.daemon.store import encode
+        from topoipam.daemon.model import Block, Handle, HandleAddress, Node, encode
 
         keys = KeySchema(self.prefix)
         pools = self.pools()

@@ -67,8 +67,7 @@ class CasBaseline:
         from aetcd import rpc
 
         from topoipam.daemon.keys import KeySchema
-        from topoipam.daemon.model import Block
-        from topoipam.daemon.store import encode
+        from topoipam.daemon.model import Block, encode
 
         self.rpc = rpc
         self.channel = etcd_channel(endpoint)

@@ -13,10 +13,19 @@ import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, TypeAlias
+
+from topoipam.proto import cjson
 
 from .errors import InvalidInput, SelectorSyntaxError
 from .selector import Selector, parse
+
+
+def encode(value: dict[str, Any]) -> bytes:
+    """A value as etcd holds it: compact JSON (``json.dumps`` with "," and ":")."""
+    return cjson.dumps(value, separators=(",", ":")).encode()
+
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -563,6 +572,11 @@ class Handle:
             "addresses": [a.to_dict() for a in self.addresses],
             "attributes": dict(self.attributes),
         }
+
+    @cached_property
+    def value(self) -> bytes:
+        """The handle as etcd holds it, encoded once: the commit and the node's record share it."""
+        return encode(self.to_dict())
 
     def belongs_to(self, attachment: Attachment) -> bool:
         """Whether this handle was written for ``attachment`` (by its recorded attributes).

@@ -36,10 +36,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from topoipam.proto import cjson
+
 from . import allocator
 from .errors import AddressUnavailable, InvalidInput, TopoipamError
-from .model import Block, Handle, IPNetwork
-from .store import EtcdStore, encode
+from .model import Block, Handle, IPNetwork, encode
+from .store import EtcdStore
 from .writes import DeleteHandle, PutAffinity, PutBlock, PutHandle, Write
 
 log = logging.getLogger(__name__)
@@ -106,8 +108,9 @@ class AllocationRecord:
             if isinstance(write, PutHandle) and write.handle.node == self.node:
                 self.handles[write.handle.id] = write.handle
                 self.since[write.handle.id] = now
-                self._pending.append(encode({"id": write.handle.id, "at": now,
-                                             "put": write.handle.to_dict()}))
+                # The value the commit sent to etcd, not encoded a second time.
+                self._pending.append(b'{"id":%b,"at":%b,"put":%b}' % (
+                    cjson.dumps(write.handle.id).encode(), repr(now).encode(), write.handle.value))
             elif isinstance(write, DeleteHandle) and write.handle_id in self.handles:
                 del self.handles[write.handle_id]
                 self.since.pop(write.handle_id, None)

@@ -87,6 +87,28 @@ _PYTHON_TYPE = {
 }
 
 
+_MAP, _LIST, _ONE = range(3)
+
+
+def _fields_of(descriptor: Any) -> dict[str, tuple[int, Any, Any]]:
+    """name -> (map / list / one, message descriptor or None, Python type or None)."""
+    fields = _FIELDS.get(descriptor.full_name)
+    if fields is None:
+        fields = _FIELDS[descriptor.full_name] = {}
+        for field in descriptor.fields:
+            message = field.message_type
+            if message is not None and message.GetOptions().map_entry:
+                kind = _MAP
+            else:
+                kind = _LIST if field.is_repeated else _ONE
+            fields[field.name] = (kind, message, _PYTHON_TYPE.get(field.type))
+    return fields
+
+
+# Read from the descriptors once: their accessors cost more than a request's whole check.
+_FIELDS: dict[str, dict[str, tuple[int, Any, Any]]] = {}
+
+
 class JsonRequest:
     """A request message read from proto3 JSON (proto field names), checked like ParseDict.
 
@@ -100,45 +122,13 @@ class JsonRequest:
     def __init__(self, descriptor: Any, payload: object, where: str = "") -> None:
         if not isinstance(payload, dict):
             raise InvalidInput(f"{where or descriptor.name} must be a JSON object")
-        self._fields = descriptor.fields_by_name
+        self._fields = fields = _fields_of(descriptor)
         for name, value in payload.items():
-            field = self._fields.get(name)
+            field = fields.get(name)
             if field is None:
                 raise InvalidInput(f"{descriptor.name} has no field {name!r}")
-            payload[name] = self._check(field, value, f"{where}{name}")
+            payload[name] = _checked(field, value, f"{where}{name}")
         self._values = payload
-
-    def _check(self, field: Any, value: Any, where: str) -> Any:
-        if value is None:
-            return self._default(field)
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            if not isinstance(value, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-                raise InvalidInput(f"{where} must be an object of strings")
-            return value
-        if field.is_repeated:
-            if not isinstance(value, list):
-                raise InvalidInput(f"{where} must be a list")
-            return [self._scalar(field, item, f"{where}[]") for item in value]
-        return self._scalar(field, value, where)
-
-    @staticmethod
-    def _scalar(field: Any, value: Any, where: str) -> Any:
-        if field.message_type is not None:
-            return JsonRequest(field.message_type, value, f"{where}.")
-        expected = _PYTHON_TYPE[field.type]
-        if type(value) is not expected:
-            raise InvalidInput(f"{where} must be a {expected.__name__}")
-        return value
-
-    @staticmethod
-    def _default(field: Any) -> Any:
-        if field.is_repeated:
-            return {} if field.message_type is not None and (
-                field.message_type.GetOptions().map_entry) else []
-        if field.message_type is not None:
-            return JsonRequest(field.message_type, {})
-        return _PYTHON_TYPE[field.type]()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -147,8 +137,43 @@ class JsonRequest:
             field = self._fields.get(name)
             if field is None:
                 raise AttributeError(name) from None
-            value = self._values[name] = self._default(field)
+            value = self._values[name] = _default(field)
             return value
+
+
+def _checked(field: tuple[int, Any, Any], value: Any, where: str) -> Any:
+    kind, message, expected = field
+    if value is None:
+        return _default(field)
+    if kind == _MAP:
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise InvalidInput(f"{where} must be an object of strings")
+        return value
+    if kind == _LIST:
+        if not isinstance(value, list):
+            raise InvalidInput(f"{where} must be a list")
+        return [_one(message, expected, item, f"{where}[]") for item in value]
+    return _one(message, expected, value, where)
+
+
+def _one(message: Any, expected: Any, value: Any, where: str) -> Any:
+    if message is not None:
+        return JsonRequest(message, value, f"{where}.")
+    if type(value) is not expected:
+        raise InvalidInput(f"{where} must be a {expected.__name__}")
+    return value
+
+
+def _default(field: tuple[int, Any, Any]) -> Any:
+    kind, message, expected = field
+    if kind == _MAP:
+        return {}
+    if kind == _LIST:
+        return []
+    if message is not None:
+        return JsonRequest(message, {})
+    return expected()
 
 
 async def _serving() -> str:

@@ -76,6 +76,7 @@ from .model import (
     IPPool,
     IPReservation,
     Node,
+    encode,
 )
 from .writes import CommitResult, Versioned, Write
 
@@ -115,10 +116,6 @@ def decode_each(kvs: Iterable[Any], decoder: Callable[[bytes, bytes], T],
             else:
                 on_corrupt(line)
     return decoded
-
-
-def encode(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def decode(raw: bytes, what: str) -> dict[str, Any]:
@@ -819,7 +816,7 @@ class EtcdStore:
                     key=self.keys.room(window)))
             case ops.PutHandle(handle=handle):
                 return rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=self.keys.handle(handle.id), value=encode(handle.to_dict())))
+                    key=self.keys.handle(handle.id), value=handle.value))
             case ops.DeleteHandle(handle_id=handle_id):
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self.keys.handle(handle_id)))

@@ -94,9 +94,21 @@ def dumps(value: Any, *, ensure_ascii: bool = True,
     if isinstance(value, str):
         return quote(value)
     item_separator, key_separator = separators or (", ", ": ")
-    encode = _json.make_encoder({}, _not_serializable, quote, None, key_separator,
-                                item_separator, False, False, True)
+    style = (ensure_ascii, item_separator, key_separator)
+    cached = _ENCODERS.get(style)
+    if cached is None:
+        markers: dict[int, Any] = {}  # json's check_circular: the containers being encoded
+        cached = _ENCODERS[style] = (markers, _json.make_encoder(
+            markers, _not_serializable, quote, None, key_separator, item_separator,
+            False, False, True))
+    markers, encode = cached
+    markers.clear()  # an encoding cut short by an error may have left some
     return "".join(encode(value, 0))
+
+
+# The daemon encodes every etcd value and CNI answer: one C encoder per style,
+# not one per call.
+_ENCODERS: dict[tuple[bool, str, str], tuple[dict[int, Any], Any]] = {}
 
 
 def _not_serializable(value: object) -> object:

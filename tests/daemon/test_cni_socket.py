@@ -469,3 +469,77 @@ async def test_lifecycle(tmp_path: Path) -> None:
     await asyncio.wait_for(asyncio.gather(*waiters), 5)
     await server.wait_closed()
     assert not os.path.exists(server.path)
+
+
+@pytest.mark.asyncio
+async def test_silent_and_stalled_connections_are_closed_by_the_idle_timeout(
+        tmp_path: Path) -> None:
+    recorder = Recorder()
+    async with CniSocketServer(sock_path(tmp_path), recorder, idle_timeout=0.3) as server:
+        silent = await Client.connect(server.path)
+        stalled = await Client.connect(server.path)
+        await stalled.send_raw(wire.encode_frame({"method": "Status"})[:6])  # half a frame
+        answered = await Client.connect(server.path)
+        assert (await answered.call("Status"))["code"] == "OK"
+        started = asyncio.get_running_loop().time()
+        for connection in (silent, stalled, answered):
+            assert await connection.at_eof()  # at_eof waits up to 5 s
+        # The sweep runs every quarter of the timeout: closed soon after it.
+        assert asyncio.get_running_loop().time() - started < 1.5
+        assert server._connections == set()
+        assert recorder.calls == [("Status", {})]
+        # A connection that keeps sending requests is not idle.
+        busy = await Client.connect(server.path)
+        for _ in range(6):
+            await asyncio.sleep(0.1)
+            assert (await busy.call("Status"))["code"] == "OK"
+        await busy.close()
+        for connection in (silent, stalled, answered):
+            await connection.close()
+
+
+@pytest.mark.asyncio
+async def test_an_answer_bigger_than_the_socket_buffer_arrives_whole(tmp_path: Path) -> None:
+    # Sent as far as the kernel takes it, the rest when the socket is writable
+    # again, in order before the next answer.
+    big = "x" * (6 << 20)
+
+    async def dispatch(method: str, request: Json) -> Json:
+        return wire.ok_response({"pad": big if request.get("big") else ""})
+
+    async with CniSocketServer(sock_path(tmp_path), dispatch) as server:
+        client = await Client.connect(server.path)
+        try:
+            await client.send_raw(wire.encode_frame({"method": "Status", "request": {"big": 1}})
+                                  + wire.encode_frame({"method": "Status"}))
+            await asyncio.sleep(0.2)  # the server is blocked on a full socket meanwhile
+            header = await asyncio.wait_for(client.reader.readexactly(4), 5)
+            payload = await asyncio.wait_for(
+                client.reader.readexactly(wire.frame_length(header)), 10)
+            assert wire.decode_payload(payload)["response"]["pad"] == big
+            assert (await client.receive())["response"]["pad"] == ""
+        finally:
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_peer_closing_before_its_answer_costs_nothing(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def slow(method: str, request: Json) -> Json:
+        await release.wait()
+        return wire.ok_response({})
+
+    async with CniSocketServer(sock_path(tmp_path), slow) as server:
+        for _ in range(20):
+            gone = await Client.connect(server.path)
+            await gone.send_raw(wire.encode_frame({"method": "Status"}))
+            await gone.close()
+        await asyncio.sleep(0.1)
+        release.set()
+        await asyncio.sleep(0.1)
+        assert server._connections == set()
+        assert server._buffered == 0
+        client = await Client.connect(server.path)
+        assert (await client.call("Status"))["code"] == "OK"
+        await client.close()
