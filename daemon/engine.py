@@ -814,9 +814,10 @@ class AllocationEngine:
         rooms = txn.rooms.get(pool.name)
         if rooms is None:
             # One round trip: the room entries from this node's window on, and that
-            # window's blocks (where the claim lands in the common case).
+            # window's blocks if it has room (where the claim lands in the common case).
             rooms, in_own = await self.store.claim_reads(pool.cidr, own, ROOM_READ)
-            txn.existing.setdefault(own, in_own)
+            if in_own is not None:
+                txn.existing.setdefault(own, in_own)
             if len(rooms) < ROOM_READ:  # wrap round to the pool's first windows
                 rooms += [w for w in await self.store.room_windows(pool.cidr, None, ROOM_READ)
                           if w not in rooms]

@@ -600,22 +600,27 @@ class EtcdStore:
         return marked
 
     async def claim_reads(self, pool_cidr: IPNetwork, own: IPNetwork, limit: int
-                          ) -> tuple[list[IPNetwork], set[IPNetwork]]:
+                          ) -> tuple[list[IPNetwork], set[IPNetwork] | None]:
         """In one round trip: up to ``limit`` room index entries of the pool from window
-        ``own`` on, and the block CIDRs inside ``own`` (keys only)."""
+        ``own`` on, and the block CIDRs inside ``own`` (keys only) if the index lists
+        ``own`` (None if not: a full window's 16 keys would be read for nothing)."""
         low, end = self.keys.room_in(pool_cidr)
         window_low, window_end = self.keys.blocks_in(own)
-        response = await self._call("Txn", rpc.TxnRequest(success=[
-            rpc.RequestOp(request_range=rpc.RangeRequest(
-                key=max(low, self.keys.room(own)), range_end=end, keys_only=True,
-                limit=limit)),
-            rpc.RequestOp(request_range=rpc.RangeRequest(
-                key=window_low, range_end=window_end, keys_only=True))]))
-        rooms_op, blocks_op = response.responses
+        rooms_read = rpc.RequestOp(request_range=rpc.RangeRequest(
+            key=max(low, self.keys.room(own)), range_end=end, keys_only=True, limit=limit))
+        response = await self._call("Txn", rpc.TxnRequest(
+            compare=[rpc.Compare(key=self.keys.room(own), result=rpc.Compare.GREATER,
+                                 target=rpc.Compare.CREATE, create_revision=0)],
+            success=[rooms_read, rpc.RequestOp(request_range=rpc.RangeRequest(
+                key=window_low, range_end=window_end, keys_only=True))],
+            failure=[rooms_read]))
+        rooms_op = response.responses[0]
         rooms = [v.value for v in decode_each(rooms_op.response_range.kvs, lambda key, _: (
             self.keys.block_cidr(key, "room")))]
-        blocks = {v.value for v in decode_each(blocks_op.response_range.kvs, lambda key, _: (
-            self.keys.block_cidr(key)))}
+        if not response.succeeded:
+            return rooms, None
+        blocks = {v.value for v in decode_each(
+            response.responses[1].response_range.kvs, lambda key, _: self.keys.block_cidr(key))}
         return rooms, blocks
 
     async def room_windows_all(self) -> set[IPNetwork]:

@@ -200,3 +200,24 @@ async def test_the_room_index_follows_claims_and_repair_fills_it(
     await asyncio.to_thread(ctl, ctl_env, "ipam", "repair-index")
     check = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
     assert "room index" not in check.stdout, check.stdout
+
+
+@pytest.mark.asyncio
+async def test_claim_reads_a_window_s_block_keys_only_if_the_index_lists_it(
+        store: EtcdStore, ctl_env: dict[str, str]) -> None:
+    # /24 with /30 blocks: 4 claim windows of 16 blocks; the node's own window first.
+    assert ctl(ctl_env, "create", "ippool", "reads", "--cidr", "10.95.0.0/24", "--block-size",
+               "30").returncode == 0
+    await seed(store, IPAMConfig(), Node("w0"))
+    pool = IPPool("reads", net("10.95.0.0/24"), 30)
+    own = next(allocator.claim_windows(pool, "w0"))
+    engine = AllocationEngine(store, "w0")
+    await engine.allocate(request("w0-first"))
+    rooms, in_own = await store.claim_reads(pool.cidr, own, 4)
+    assert own in rooms and in_own is not None and len(in_own) == 1
+    for i in range(16 * 4):  # fill the node's window: its entry goes
+        await engine.allocate(request(f"w0-{i}"))
+    rooms, in_own = await store.claim_reads(pool.cidr, own, 4)
+    # A full window's 16 keys are not read with the entries (issue 13's bytes per claim).
+    assert own not in rooms and in_own is None
+    assert rooms and all(window != own for window in rooms)
