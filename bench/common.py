@@ -471,13 +471,21 @@ async def open_store(endpoint: str, prefix: str) -> Any:
 
 
 async def put_objects(store: Any, objects: Iterable[Any]) -> None:
-    """Unconditionally write pools, nodes, config (one transaction per object)."""
+    """Unconditionally write pools, nodes, config (one transaction per object).
+
+    A pool gets its room index entries as ``topoipamctl create ippool`` writes
+    them, so claims in the benchmarks take the path they take for an operator.
+    """
+    from topoipam.daemon.admin import write_room_marks
+    from topoipam.daemon.model import IPPool
     from topoipam.daemon.writes import PutObject
 
     for obj in objects:
         result = await store.commit([PutObject(obj)])
         if not result.succeeded:
             raise RuntimeError(f"could not write {obj!r}")
+        if isinstance(obj, IPPool):
+            await write_room_marks(store, obj)
 
 
 def pool(name: str, cidr: str, selector: str = "all()", block_size: int = 26) -> Any:

@@ -14,6 +14,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -24,7 +25,7 @@ from tests.daemons import TOPOIPAMCTL, DaemonProcess, cni
 from tests.integration.test_engine import audit, net, request, seed
 from topoipam.client.rpc import scrape
 from topoipam.daemon import allocator
-from topoipam.daemon.engine import AllocationEngine
+from topoipam.daemon.engine import AllocationEngine, _ClaimHint
 from topoipam.daemon.errors import PoolExhausted
 from topoipam.daemon.local_etcd import free_port
 from topoipam.daemon.model import IPAMConfig, IPPool, Node
@@ -221,3 +222,62 @@ async def test_claim_reads_a_window_s_block_keys_only_if_the_index_lists_it(
     # A full window's 16 keys are not read with the entries (issue 13's bytes per claim).
     assert own not in rooms and in_own is None
     assert rooms and all(window != own for window in rooms)
+
+
+@pytest.mark.asyncio
+async def test_a_claim_prepared_off_the_pods_path_costs_its_transaction_alone(
+        store: EtcdStore, ctl_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # /24 pool of /28 blocks (13 usable each but the first, which holds the gateway).
+    assert ctl(ctl_env, "create", "ippool", "hints", "--cidr", "10.96.0.0/24", "--block-size",
+               "28").returncode == 0
+    await seed(store, IPAMConfig(), Node("h0"), Node("h1"))
+    engine = AllocationEngine(store, "h0")
+    first = await engine.allocate(request("h0-0"))
+    block = first.addresses[0].block
+    i = 1
+    while "hints" not in engine._claim_hints:  # below 8 free: the engine looks ahead
+        assert i < 13, "no claim was prepared while the block filled"
+        await engine.allocate(request(f"h0-{i}"))
+        i += 1
+        assert engine._prefetch is not None
+        await engine._prefetch
+    assert i >= 13 - 8  # not before the block ran low
+    hint = engine._claim_hints["hints"]
+    assert hint.cidr != block and hint.cidr.prefixlen == 28
+    calls: list[str] = []
+    original = store._call
+    rooms = store.keys.rooms()
+
+    async def counted(method: str, request: Any, timeout: float | None = None) -> object:
+        reads_rooms = method == "Range" and request.key.startswith(rooms)
+        calls.append("room read" if reads_rooms else method)
+        return await original(method, request, timeout)
+
+    monkeypatch.setattr(store, "_call", counted)
+    while True:
+        calls.clear()
+        allocation = await engine.allocate(request(f"h0-{i}"))
+        i += 1
+        if allocation.addresses[0].block != block:
+            break
+    # The claim read nothing on the pod's path: no room index, one transaction (the
+    # commit; without the hint a claim's reads are a transaction of their own). The
+    # Range calls are this engine's state, read from etcd: it has no cache.
+    assert allocation.addresses[0].block == hint.cidr
+    assert calls.count("Txn") == 1 and "room read" not in calls, calls
+    assert "hints" not in engine._claim_hints  # used once
+    monkeypatch.undo()
+
+    # A hint another node's claim made stale costs a lost compare, never a duplicate.
+    other = AllocationEngine(store, "h1")
+    theirs = (await other.allocate(request("h1-0"))).addresses[0].block
+    engine._claim_hints["hints"] = _ClaimHint(theirs, {}, engine.clock())
+    mine = {block, hint.cidr}
+    for j in range(30):  # past the end of its second block: a claim, with the stale hint
+        allocation = await engine.allocate(request(f"h0-late-{j}"))
+        mine.add(allocation.addresses[0].block)
+    assert len(mine) == 3 and theirs not in mine
+    assert "hints" not in engine._claim_hints or engine._claim_hints["hints"].cidr != theirs
+    await audit(store)
+    await engine.close()
+    await other.close()
