@@ -294,6 +294,8 @@ class AllocationEngine:
         # this node's own blocks ran low (see _prefetch_claim). Used once.
         self._claim_hints: dict[str, _ClaimHint] = {}
         self._prefetch: asyncio.Task[None] | None = None
+        # Claims that took a hint or committed: a prefetch that overlaps one keeps nothing.
+        self._hints_used = 0
 
     # ------------------------------------------------------------------ public calls
     async def allocate(self, request: AllocationRequest) -> Allocation:
@@ -485,6 +487,7 @@ class AllocationEngine:
                     self._resolve(op, result.revision, txn)
                 claims = sum(1 for _, revision in txn.blocks.values() if revision == 0)
                 if claims:
+                    self._hints_used += 1  # whatever a prefetch in flight found may be gone
                     self.on_claim("request", claims)
                 if any(isinstance(op, _AllocateOp) for op in planned):
                     self.on_allocated()
@@ -826,6 +829,8 @@ class AllocationEngine:
         the hint, which is used once).
         """
         hint = self._claim_hints.pop(pool.name, None)
+        if hint is not None:
+            self._hints_used += 1
         first, last = pool.bounds
         if hint is not None and self.clock() - hint.found_at <= CLAIM_HINT_SECONDS \
                 and hint.cidr.version == pool.cidr.version \
@@ -849,10 +854,13 @@ class AllocationEngine:
         Reads only (the room index and one window's keys): nothing is claimed,
         so it is safe where pools are too small for a warm reserve.
         """
+        used = self._hints_used
         try:
             state = await self.source.state()
             config = state.config
             affine = await self.source.affine_blocks()
+            if self._hints_used != used:
+                return  # a claim took a hint meanwhile: these reads may predate it
             if not config.auto_allocate_blocks or (
                     config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host):
                 return
@@ -865,6 +873,8 @@ class AllocationEngine:
                     return
                 txn = TxnPlan(state.pools)
                 cidr = await self._find_unclaimed_block(state, pool, txn)
+                if self._hints_used != used:
+                    return  # the block found may be the one that claim takes
                 if cidr is not None:
                     # Only the entry of the claim's own window (deleted if the claim
                     # fills it): entries found wrong on the way are left for a reader
