@@ -296,6 +296,7 @@ class AllocationEngine:
         self._prefetch: asyncio.Task[None] | None = None
         # Claims that took a hint or committed: a prefetch that overlaps one keeps nothing.
         self._hints_used = 0
+        self._closed = False
 
     # ------------------------------------------------------------------ public calls
     async def allocate(self, request: AllocationRequest) -> Allocation:
@@ -414,8 +415,13 @@ class AllocationEngine:
                     raise
 
     async def close(self) -> None:
+        self._closed = True
         if self._prefetch is not None and not self._prefetch.done():
             self._prefetch.cancel()
+            try:
+                await self._prefetch
+            except asyncio.CancelledError:
+                pass
         if self._committer is not None and not self._committer.done():
             self._committer.cancel()
             try:
@@ -491,7 +497,12 @@ class AllocationEngine:
                     self.on_claim("request", claims)
                 if any(isinstance(op, _AllocateOp) for op in planned):
                     self.on_allocated()
-                    self._prefetch_claim_soon()
+                    # Only a transaction that left one of its blocks nearly full can
+                    # have made the node short (the prefetch then counts them all, less
+                    # what is reserved or cooling down: hence the margin here).
+                    if any(block is not None and len(block.unallocated) < 2 * CLAIM_HINT_BELOW
+                           for block, _ in txn.blocks.values()):
+                        self._prefetch_claim_soon()
                 pending = deferred
                 continue
             self._observe_failure(result)
@@ -844,6 +855,8 @@ class AllocationEngine:
         return await self._find_unclaimed_block(state, pool, txn)
 
     def _prefetch_claim_soon(self) -> None:
+        if self._closed:
+            return  # nothing new in the background once the engine is closing
         if self._prefetch is None or self._prefetch.done():
             self._prefetch = asyncio.get_running_loop().create_task(self._prefetch_claim())
 

@@ -283,7 +283,10 @@ def test_sigterm_drains_in_flight_calls(daemon_factory: list[DaemonProcess], etc
             daemon.process.send_signal(signal.SIGTERM)
             results = await asyncio.gather(*calls, return_exceptions=True)
         assert daemon.process is not None
-        code = await asyncio.to_thread(daemon.process.wait, 30)
+        try:
+            code = await asyncio.to_thread(daemon.process.wait, 30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 30 s after SIGTERM; log:\n{daemon.log()}") from None
         return results, code
 
     results, code = asyncio.run(storm())
