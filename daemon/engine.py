@@ -224,12 +224,12 @@ class _Defer(Exception):
 # How often, and how long each time, the committer waits for more calls while they
 # keep arriving: at most 8 ms added to a storm's calls, which halves its p99.
 LINGER_TURNS = 8
+LINGER_SECONDS = 0.001
 # Below this many free addresses in its own blocks (per IP family), the engine
 # finds the block its next claim will take, off the pod's path; the hint is
 # used once, and only while it is this fresh.
 CLAIM_HINT_BELOW = 8
 CLAIM_HINT_SECONDS = 10.0
-LINGER_SECONDS = 0.001
 
 # Free-block index entries a borrow reads at a time.
 BORROW_WINDOW = 8
@@ -247,6 +247,15 @@ class _ClaimHint:
     cidr: IPNetwork
     room_marks: dict[IPNetwork, bool]
     found_at: float
+
+    def fits(self, pool: IPPool, now: float) -> bool:
+        """Fresh, and one of ``pool``'s blocks (the pool may have changed since)."""
+        first, last = pool.bounds
+        return (now - self.found_at <= CLAIM_HINT_SECONDS
+                and self.cidr.version == pool.cidr.version
+                and self.cidr.prefixlen == pool.block_size
+                and first <= int(self.cidr.network_address)
+                and int(self.cidr.broadcast_address) <= last)
 
 
 class AllocationEngine:
@@ -295,7 +304,7 @@ class AllocationEngine:
         self._claim_hints: dict[str, _ClaimHint] = {}
         self._prefetch: asyncio.Task[None] | None = None
         # Claims that took a hint or committed: a prefetch that overlaps one keeps nothing.
-        self._hints_used = 0
+        self._claims_seen = 0
         self._closed = False
 
     # ------------------------------------------------------------------ public calls
@@ -416,18 +425,13 @@ class AllocationEngine:
 
     async def close(self) -> None:
         self._closed = True
-        if self._prefetch is not None and not self._prefetch.done():
-            self._prefetch.cancel()
-            try:
-                await self._prefetch
-            except asyncio.CancelledError:
-                pass
-        if self._committer is not None and not self._committer.done():
-            self._committer.cancel()
-            try:
-                await self._committer
-            except asyncio.CancelledError:
-                pass
+        for task in (self._prefetch, self._committer):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
 
     # ------------------------------------------------------------------ batches
     async def _run_batch(self, batch: list[_Op]) -> None:
@@ -493,7 +497,7 @@ class AllocationEngine:
                     self._resolve(op, result.revision, txn)
                 claims = sum(1 for _, revision in txn.blocks.values() if revision == 0)
                 if claims:
-                    self._hints_used += 1  # whatever a prefetch in flight found may be gone
+                    self._claims_seen += 1  # whatever a prefetch in flight found may be gone
                     self.on_claim("request", claims)
                 if any(isinstance(op, _AllocateOp) for op in planned):
                     self.on_allocated()
@@ -841,13 +845,8 @@ class AllocationEngine:
         """
         hint = self._claim_hints.pop(pool.name, None)
         if hint is not None:
-            self._hints_used += 1
-        first, last = pool.bounds
-        if hint is not None and self.clock() - hint.found_at <= CLAIM_HINT_SECONDS \
-                and hint.cidr.version == pool.cidr.version \
-                and hint.cidr.prefixlen == pool.block_size \
-                and first <= int(hint.cidr.network_address) \
-                and int(hint.cidr.broadcast_address) <= last and hint.cidr not in txn.blocks \
+            self._claims_seen += 1
+        if hint is not None and hint.fits(pool, self.clock()) and hint.cidr not in txn.blocks \
                 and not any(v.value.cidr == hint.cidr for v in txn.affine_read or ()):
             for window, mark in hint.room_marks.items():
                 txn.room_marks.setdefault(window, mark)
@@ -867,12 +866,12 @@ class AllocationEngine:
         Reads only (the room index and one window's keys): nothing is claimed,
         so it is safe where pools are too small for a warm reserve.
         """
-        used = self._hints_used
+        seen = self._claims_seen
         try:
             state = await self.source.state()
             config = state.config
             affine = await self.source.affine_blocks()
-            if self._hints_used != used:
+            if self._claims_seen != seen:
                 return  # a claim took a hint meanwhile: these reads may predate it
             if not config.auto_allocate_blocks or (
                     config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host):
@@ -882,11 +881,11 @@ class AllocationEngine:
                 return
             for pool in short:
                 hint = self._claim_hints.get(pool.name)
-                if hint is not None and self.clock() - hint.found_at <= CLAIM_HINT_SECONDS:
+                if hint is not None and hint.fits(pool, self.clock()):
                     return
                 txn = TxnPlan(state.pools)
                 cidr = await self._find_unclaimed_block(state, pool, txn)
-                if self._hints_used != used:
+                if self._claims_seen != seen:
                     return  # the block found may be the one that claim takes
                 if cidr is not None:
                     # Only the entry of the claim's own window (deleted if the claim
