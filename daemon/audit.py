@@ -286,7 +286,7 @@ def identity_problems(snap: Snapshot) -> Iterator[str]:
     for identity in sorted(snap.identities.values(), key=lambda i: i.id):
         who = f"sticky identity {identity.id}"
         fix = f"(fix: topoipamctl ipam release --identity {identity.id})"
-        listed = sorted(a.ip for a in identity.addresses)
+        listed = sorted((a.ip for a in identity.addresses), key=address_order)
         if not identity.parked:
             handle = snap.handles.get(identity.handle)
             if handle is None:
@@ -294,7 +294,7 @@ def identity_problems(snap: Snapshot) -> Iterator[str]:
             elif handle.attributes.get("identity") != identity.id:
                 yield (f"mismatch: {who} is live under handle {identity.handle}, which "
                        f"belongs to {show(handle.attributes.get('identity'))}")
-            elif sorted(a.ip for a in handle.addresses) != listed:
+            elif sorted((a.ip for a in handle.addresses), key=address_order) != listed:
                 yield (f"mismatch: {who} lists {', '.join(map(str, listed))}, its handle "
                        f"{identity.handle} {', '.join(str(a.ip) for a in handle.addresses)}")
             continue

@@ -3,10 +3,12 @@ decide whether an address follows its owner, and what one transaction writes."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import pytest
 
+from tests.integration.test_engine import ctl
 from topoipam.daemon.audit import find_inconsistencies, load_snapshot
 from topoipam.daemon.engine import AllocationEngine, AllocationRequest
 from topoipam.daemon.errors import IdentityInUse, InvalidInput
@@ -49,6 +51,14 @@ async def seed(store: EtcdStore, config: IPAMConfig) -> None:
 
 async def consistent(store: EtcdStore) -> None:
     assert find_inconsistencies(await load_snapshot(store)) == []
+
+
+async def audited(store: EtcdStore, ctl_env: dict[str, str]) -> None:
+    """Consistent, and ``topoipamctl ipam check`` and the allocation list say so too."""
+    await consistent(store)
+    for args in (("ipam", "check"), ("get", "allocations", "-o", "wide")):
+        done = await asyncio.to_thread(ctl, ctl_env, *args)
+        assert done.returncode == 0 and not done.stderr, done.stdout + done.stderr
 
 
 @pytest.mark.asyncio
@@ -121,13 +131,15 @@ async def test_no_hold_frees_at_del_and_a_live_identity_is_never_taken(
 
 @pytest.mark.asyncio
 async def test_dual_stack_identity_keeps_each_family_it_still_asks_for(
-        store: EtcdStore) -> None:
+        store: EtcdStore, ctl_env: dict[str, str]) -> None:
     await seed(store, IPAMConfig())
     v6 = IPPool("v6", ipaddress.ip_network("fd00:9::/120"), 122)
     assert (await store.commit([PutObject(v6)])).succeeded
     n0 = AllocationEngine(store, "n0")
     both = await n0.allocate(sticky("c1", ipv6=True))
+    await audited(store, ctl_env)  # live with an address of each family
     await n0.release("net/c1/eth0")
+    await audited(store, ctl_env)  # parked with both
     again = await n0.allocate(sticky("c2", ipv6=False))
     assert [a.ip for a in again.addresses] == [both.addresses[0].ip]
     v6_address = both.addresses[1].ip
