@@ -32,6 +32,7 @@ from .audit import (
     reserves,
     room_index_gaps,
     show,
+    stray_rooms,
 )
 from .engine import AllocationEngine
 from .errors import AlreadyExists, Conflict, InvalidInput, NodeInUse, NotFound, PoolInUse
@@ -59,6 +60,8 @@ from .writes import (
     DeleteHandle,
     DeleteIdentity,
     DeleteObject,
+    DeleteRoomMark,
+    DeleteRoomMarksIn,
     PoolsUnchangedSince,
     PutBlock,
     PutFreeMark,
@@ -274,6 +277,10 @@ async def plan_delete(
             )
     plan.deletes_pool = plan.deletes_pool or target.kind == "IPPool"
     plan.writes.append(DeleteObject(STORE_KIND[target.kind], target.name, revision))
+    if isinstance(current, IPPool):
+        # Its room entries go with it (a forced delete's leftover blocks are never claimed
+        # into); a pool created over the range later writes its own.
+        plan.writes.append(DeleteRoomMarksIn(current.cidr))
     plan.lines.append(f"{target.kind.lower()}/{target.name} deleted")
 
 
@@ -647,7 +654,8 @@ async def write_room_marks(store: EtcdStore, pool: IPPool,
 
 
 async def repair_free_index(store: EtcdStore) -> int:
-    """Make the free-block and room indexes agree with the blocks; returns entries fixed.
+    """Make the free-block and room indexes agree with the blocks and pools (room
+    entries of no pool go); returns entries fixed.
 
     Entries are hints (a borrower's own compare on the block guards what it
     writes), so each fix is written unguarded: a block that changes meanwhile
@@ -658,6 +666,7 @@ async def repair_free_index(store: EtcdStore) -> int:
         PutFreeMark(cidr, block.affinity)
         if block is not None and allocator.has_free(block, snap.pools) else DeleteFreeMark(cidr)
         for cidr, block in free_index_drift(snap)]
+    writes += [DeleteRoomMark(window) for window in stray_rooms(snap)]
     for start in range(0, len(writes), BLOCK_DROP_BATCH):
         await store.commit(writes[start:start + BLOCK_DROP_BATCH])
     fixed = len(writes)

@@ -341,6 +341,14 @@ def free_index_drift(snap: Snapshot) -> list[tuple[IPNetwork, Block | None]]:
     return drift
 
 
+def stray_rooms(snap: Snapshot) -> list[IPNetwork]:
+    """Room index entries inside no pool (left by a pool deletion before deletions took
+    them along, or put back by a daemon with a stale view of the pools)."""
+    return sorted((w for w in snap.rooms if not any(
+        p.family == w.version and w.subnet_of(p.cidr) for p in snap.pools)),  # type: ignore[arg-type]
+        key=network_order)
+
+
 def room_index_gaps(snap: Snapshot, listed: set[IPNetwork]
                     ) -> list[tuple[IPPool, list[IPNetwork]]]:
     """Per pool, the claim windows that have an unclaimed block but no room index
@@ -392,6 +400,12 @@ def find_warnings(snap: Snapshot) -> list[str]:
         lines.append(f"room index out of date: pool {pool.name} has {len(missing)} claim "
                      "window(s) with room but no entry (claims there survey the pool "
                      "instead; fix: topoipamctl ipam repair-index)")
+    stray = stray_rooms(snap)
+    if stray:
+        shown = ", ".join(map(str, stray[:3])) + (", …" if len(stray) > 3 else "")
+        lines.append(f"room index out of date: {len(stray)} entr"
+                     f"{'y lies' if len(stray) == 1 else 'ies lie'} in no pool ({shown}; "
+                     "claims never read them; fix: topoipamctl ipam repair-index)")
     return lines
 
 

@@ -819,6 +819,10 @@ class EtcdStore:
             case ops.DeleteRoomMark(window=window):
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self.keys.room(window)))
+            case ops.DeleteRoomMarksIn(cidr=cidr):
+                start, end = self.keys.room_in(cidr)
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=start, range_end=end))
             case ops.PutHandle(handle=handle):
                 return rpc.RequestOp(request_put=rpc.PutRequest(
                     key=self.keys.handle(handle.id), value=handle.value))

@@ -76,6 +76,14 @@ class DeleteRoomMark:
 
 
 @dataclass(frozen=True)
+class DeleteRoomMarksIn:
+    """Every room index entry inside ``cidr``: a deleted pool's, in one range delete
+    (a big pool has more entries than a transaction has operations)."""
+
+    cidr: IPNetwork
+
+
+@dataclass(frozen=True)
 class PutHandle:
     handle: Handle
     expect_revision: int  # 0: the handle must not exist yet
@@ -127,7 +135,8 @@ class PoolsUnchangedSince:
 
 Write = (
     PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutFreeMark | DeleteFreeMark
-    | PutRoomMark | DeleteRoomMark | PutHandle | DeleteHandle | PutIdentity | DeleteIdentity
+    | PutRoomMark | DeleteRoomMark | DeleteRoomMarksIn | PutHandle | DeleteHandle | PutIdentity
+    | DeleteIdentity
     | PutObject
     | DeleteObject | PoolsUnchangedSince
 )

@@ -30,7 +30,7 @@ from topoipam.daemon.errors import PoolExhausted
 from topoipam.daemon.local_etcd import free_port
 from topoipam.daemon.model import IPAMConfig, IPPool, Node
 from topoipam.daemon.store import EtcdStore
-from topoipam.daemon.writes import DeleteFreeMark
+from topoipam.daemon.writes import DeleteFreeMark, PutRoomMark
 
 
 def ctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -199,6 +199,55 @@ async def test_the_room_index_follows_claims_and_repair_fills_it(
     check = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
     assert "room index out of date: pool old has 1 claim window(s)" in check.stdout, check.stdout
     await asyncio.to_thread(ctl, ctl_env, "ipam", "repair-index")
+    check = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
+    assert "room index" not in check.stdout, check.stdout
+
+
+async def rooms_and_pools(store: EtcdStore, revision: int = 0) -> tuple[int, int]:
+    """How many room index entries and pools etcd holds (at ``revision``, or now)."""
+    rooms, _ = await store.prefix_raw(store.keys.rooms(), keys_only=True, revision=revision)
+    pools, _ = await store.prefix_raw(store.keys.pools(), keys_only=True, revision=revision)
+    return len(rooms), len(pools)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("in_use", [False, True], ids=["empty", "forced"])
+async def test_deleting_a_pool_deletes_its_room_entries_in_the_same_transaction(
+        store: EtcdStore, ctl_env: dict[str, str], in_use: bool) -> None:
+    # /20 with /30 blocks: 1024 blocks in 64 claim windows, one room entry each.
+    assert ctl(ctl_env, "create", "ippool", "big", "--cidr", "10.97.0.0/20", "--block-size",
+               "30").returncode == 0
+    assert await rooms_and_pools(store) == (64, 1)
+    if in_use:  # a forced delete leaves the pool's allocated blocks, not its room entries
+        await seed(store, IPAMConfig(), Node("p0"))
+        await AllocationEngine(store, "p0").allocate(request("p0-first"))
+    before = await rooms_and_pools(store)
+    deleted = ctl(ctl_env, "delete", "ippool", "big", *(["--force"] if in_use else []))
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    _, now = await store.prefix_raw(store.keys.pools())
+    assert await rooms_and_pools(store) == (0, 0)
+    # One transaction: the revision before the last one still has the pool and every entry.
+    assert await rooms_and_pools(store, now - 1) == before
+    check = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
+    assert check.returncode == 0 and "room index" not in check.stdout, check.stdout
+
+
+@pytest.mark.asyncio
+async def test_room_entries_of_no_pool_are_drift_and_repair_removes_them(
+        store: EtcdStore, ctl_env: dict[str, str]) -> None:
+    # Entries a pool deletion left behind before it deleted them (or a daemon with a
+    # stale view of the pools put back): claims never read them, but they are drift.
+    assert ctl(ctl_env, "create", "ippool", "kept", "--cidr", "10.98.0.0/24", "--block-size",
+               "30").returncode == 0
+    stray = [net("10.99.0.0/26"), net("fd00:99::/124")]
+    await store.commit([PutRoomMark(w) for w in stray])
+    check = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert ("room index out of date: 2 entries lie in no pool (10.99.0.0/26, fd00:99::/124;"
+            in check.stdout), check.stdout
+    repaired = await asyncio.to_thread(ctl, ctl_env, "ipam", "repair-index")
+    assert repaired.stdout == "free-block index: 2 entries fixed\n", repaired.stdout
+    assert await rooms_and_pools(store) == (4, 1)  # the pool's own 4 windows are kept
     check = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
     assert "room index" not in check.stdout, check.stdout
 
