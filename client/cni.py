@@ -12,7 +12,7 @@ this module, wire and cjson as one file that runs under ``python -I -S``
 
 Verbs: ADD (Allocate), DEL (Release; an unknown attachment is success), CHECK
 (Get; cniVersion >= 0.4.0), STATUS and GC (Status, GarbageCollect; cniVersion
->= 1.1.0) and VERSION. Supported cniVersions: 0.3.1, 0.4.0, 1.0.0, 1.1.0; the
+>= 1.1.0) and VERSION. Supported cniVersions: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0; the
 result is printed in the version of the config (``ips[].version`` only before
 1.0.0, and never ``ips[].interface``: IPAM plugins know no interfaces).
 
@@ -161,10 +161,12 @@ if TYPE_CHECKING:
 
     Json = dict[str, Any]
 
-SUPPORTED_VERSIONS = ("0.3.1", "0.4.0", "1.0.0", "1.1.0")
+# 0.3.0 has 0.3.1's result format (0.3.1 only fixed the spec's text); runtimes and
+# Debian's host-local accept it.
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 # Results before 1.0.0 carry ips[].version.
-_LEGACY_VERSIONS = ("0.3.1", "0.4.0")
+_LEGACY_VERSIONS = ("0.3.0", "0.3.1", "0.4.0")
 
 DEFAULT_SOCKET = "/run/topoipam/topoipamd.sock"
 # ipam.gateway: each address with its own pool's gateway (the default), or none.

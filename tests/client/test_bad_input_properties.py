@@ -33,7 +33,7 @@ _ipam = st.fixed_dictionaries({"type": st.just("topoipam")}, optional={
     "timeout": _json_scalars, "ips": _json,
 })
 _config = st.fixed_dictionaries(
-    {"cniVersion": st.sampled_from(["0.3.1", "0.4.0", "1.0.0", "1.1.0", "9.9.9", ""]),
+    {"cniVersion": st.sampled_from(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "9.9.9", ""]),
      "name": st.text(max_size=12)},
     optional={"ipam": _ipam | _json, "runtimeConfig": _json, "args": _json,
               "prevResult": _json, "cni.dev/valid-attachments": _json},

@@ -157,13 +157,15 @@ class FakeDaemon:
 @pytest.mark.parametrize(
     ("stdin", "expected"),
     [('{"cniVersion": "0.4.0"}', "0.4.0"), ('{"cniVersion": "1.0.0"}', "1.0.0"),
+     ('{"cniVersion": "0.3.0"}', "0.3.0"),
      ('{"cniVersion": "0.2.0"}', "1.1.0"), ("", "1.1.0"), ("garbage", "1.1.0")],
 )
 def test_version(stdin: str, expected: str) -> None:
     outcome = run_plugin("VERSION", stdin, container_id=None, ifname=None)
     assert outcome.status == 0
     assert outcome.result == {"cniVersion": expected,
-                              "supportedVersions": ["0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
+                              "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0",
+                                                    "1.1.0"]}
 
 
 # --- errors before any daemon call ------------------------------------------
@@ -198,7 +200,7 @@ def test_undecodable_config_is_6(stdin: str) -> None:
 
 @pytest.mark.parametrize(
     ("command", "version"),
-    [("ADD", "0.2.0"), ("ADD", "2.0.0"), ("DEL", None), ("CHECK", "0.3.1"),
+    [("ADD", "0.2.0"), ("ADD", "2.0.0"), ("DEL", None), ("CHECK", "0.3.1"), ("CHECK", "0.3.0"),
      ("GC", "1.0.0"), ("STATUS", "0.4.0")],
 )
 def test_unsupported_version_is_1(command: str, version: str | None) -> None:
@@ -445,12 +447,13 @@ def test_status_with_daemon_unreachable_is_50(tmp_path: Path) -> None:
 # --- ADD --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+# 0.3.0 has 0.3.1's result format (Debian's host-local accepts it too).
+@pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
 def test_add_result_in_each_version(daemon: FakeDaemon, version: str) -> None:
     outcome = run_plugin("ADD", daemon.conf(version))
     assert outcome.status == 0, outcome
     ip: Json = {"address": "192.168.0.5/24"}
-    if version in ("0.3.1", "0.4.0"):
+    if version in ("0.3.0", "0.3.1", "0.4.0"):
         ip = {"version": "4", **ip}
     assert outcome.result == {"cniVersion": version, "ips": [ip], "dns": {}}
 
