@@ -392,7 +392,8 @@ class Daemon:
             await asyncio.wait_for(self.store.ping(), 2.0)
             return ""
         except (DatastoreUnavailable, TimeoutError) as exc:
-            return str(exc) or "etcd did not answer within 2s"
+            # The cause alone: Status and the plugin prefix it with "etcd unreachable: ".
+            return str(exc).removeprefix("etcd unreachable: ") or "no answer within 2s"
 
     def _pool_usage(self) -> list[tuple[str, int, int, int]]:
         rows: dict[str, list[int]] = {}

@@ -81,6 +81,12 @@ def test_etcd_down_then_back(private_etcd: EtcdServer, prefix: str, tmp_path: Pa
         with daemon.stub() as stub:
             status = stub.Status(ipam_pb2.StatusRequest(), timeout=10)
         assert not status.etcd_reachable and not status.in_sync and status.etcd_error
+        # The reason says "etcd unreachable" once, in Status and in CNI STATUS alike.
+        assert status.not_ready_reason.count("etcd unreachable") == 1, status.not_ready_reason
+        code, error, _ = cni("STATUS", {"cniVersion": "1.1.0", "name": "net", "ipam": {
+            "type": "topoipam", "socket": daemon.socket}})
+        assert code == 1 and error is not None and error["code"] == 50
+        assert error["msg"].count("etcd unreachable") == 1, error["msg"]
         # etcd returns: the daemon recovers by itself within 2 s and resumes its watches.
         server = restart(private_etcd)
         back = time.monotonic()
