@@ -94,7 +94,9 @@ def pools_for_node(
         if p.family == family and not p.disabled and p.automatic and p.selects(labels)
     ]
     if not chosen:
-        raise NoPoolForNode(node, labels, family, [p.name for p in pools if p.family == family])
+        raise NoPoolForNode(node, labels, family,
+                            [p.name for p in pools if p.family == family and p.automatic],
+                            [p.name for p in pools if p.family == family and not p.automatic])
     return chosen
 
 

@@ -104,14 +104,20 @@ class NoPoolForNode(TopoipamError):
     cni_code = cniwire.CNI_NO_POOL
 
     def __init__(
-        self, node: str, labels: Mapping[str, str], family: int, pools_considered: Iterable[str]
+        self, node: str, labels: Mapping[str, str], family: int, pools_considered: Iterable[str],
+        manual: Iterable[str] = (),
     ) -> None:
         self.node, self.labels, self.family = node, dict(labels), family
         self.pools_considered = list(pools_considered)
+        # Manual pools are never candidates here; named apart so nobody wonders why
+        # one that would select the node is not used.
+        self.manual = list(manual)
+        also = (f"; Manual pools, used only when named: {', '.join(self.manual)}"
+                if self.manual else "")
         super().__init__(
             f"no enabled IPv{family} pool selects node {node} "
             f"(labels {_describe_labels(self.labels)}; pools considered: "
-            f"{_describe_pools(self.pools_considered)})"
+            f"{_describe_pools(self.pools_considered)}{also})"
         )
 
 

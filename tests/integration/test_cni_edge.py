@@ -226,11 +226,13 @@ def test_status_fails_when_no_add_can_succeed_and_recovers(
     named = status(daemon, ipv4_pools=["only"])[1]
     assert named is not None and "only is disabled" in named["msg"]
 
-    # No pool selects the node.
+    # No pool selects the node. A Manual pool is no candidate, and is named as such.
+    run(ctl_env, "create", "ippool", "hand", "--cidr", "10.65.0.0/24", "--assignment-mode",
+        "Manual")
     run(ctl_env, "apply", "-f", "-", input=json.dumps({
         "apiVersion": "topoipam/v1", "kind": "IPPool", "metadata": {"name": "only"},
         "spec": {"cidr": "10.64.0.0/30", "blockSize": 30, "nodeSelector": "rack == '9'"}}))
-    wait_status(daemon, 1, "no enabled IPv4 pool selects node edge-node")
+    wait_status(daemon, 1, "pools considered: only; Manual pools, used only when named: hand)")
     run(ctl_env, "label", "nodes", "edge-node", "rack=9")
     wait_status(daemon, 0)
 

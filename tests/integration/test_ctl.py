@@ -621,12 +621,14 @@ async def test_explain_node_shows_every_pool_and_the_order(
                           "--disabled")).code == 0
     assert (await run_ctl("create", "ippool", "v6", "--cidr", "fd00::/64",
                           "--node-selector", 'rack == "1"')).code == 0
+    assert (await run_ctl("create", "ippool", "v6-manual", "--cidr", "fd00:1::/64",
+                          "--assignment-mode", "Manual")).code == 0
 
     result = await run_ctl("explain", "node", "node-0")
     assert result.code == 0
     lines = result.out.splitlines()
     assert lines[:2] == ["node: node-0", "labels: rack=0"]
-    table = {line.split()[0]: line for line in lines[3:9]}
+    table = {line.split()[0]: line for line in lines[3:10]}
     assert "MATCH" in table["POOL"]
     assert table["rack-0"].split()[2:5] == ["IPv4", "enabled", "Automatic"]
     assert table["rack-0"].endswith('yes     selector rack == "0" matches')
@@ -639,7 +641,7 @@ async def test_explain_node_shows_every_pool_and_the_order(
         "  2. claim a new block in: rack-0",
         "  3. borrow a free address from other nodes' blocks in: rack-0",
         "IPv6 allocation order: none: no enabled IPv6 pool selects node node-0 (labels "
-        "{rack=0}; pools considered: v6)",
+        "{rack=0}; pools considered: v6; Manual pools, used only when named: v6-manual)",
     ]
     result = await run_ctl("explain", "node", "ghost")
     assert result.code == 0 and "node ghost is not registered" in result.err
