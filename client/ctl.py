@@ -372,11 +372,13 @@ async def cmd_get(store: EtcdStore, args: argparse.Namespace) -> int:
             for o in objs if isinstance(o, IPReservation)
         ])
     else:
+        # Wide adds the sticky identities' settings.
+        extra = ["STICKYHOLDSECONDS"] if wide else []
         print_table(["NAME", "STRICTAFFINITY", "MAXBLOCKSPERHOST", "AUTOALLOCATEBLOCKS",
-                     "IPCOOLDOWNSECONDS", "WARMADDRESSES"], [
+                     "IPCOOLDOWNSECONDS", "WARMADDRESSES", *extra], [
             [CONFIG_NAME, str(o.strict_affinity).lower(), str(o.max_blocks_per_host),
              str(o.auto_allocate_blocks).lower(), str(o.ip_cooldown_seconds),
-             str(o.warm_addresses)]
+             str(o.warm_addresses), *([str(o.sticky_hold_seconds)] if wide else [])]
             for o in objs if isinstance(o, IPAMConfig)
         ])
     return 0

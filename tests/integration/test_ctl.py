@@ -167,7 +167,7 @@ async def test_apply_from_stdin_and_get_yaml_json_round_trip(run_ctl: Ctl) -> No
         ---
         apiVersion: topoipam/v1
         kind: IPAMConfig
-        spec: {strictAffinity: true, ipCooldownSeconds: 30}
+        spec: {strictAffinity: true, ipCooldownSeconds: 30, stickyHoldSeconds: 120}
         ---
         apiVersion: topoipam/v1
         kind: IPReservation
@@ -193,6 +193,12 @@ async def test_apply_from_stdin_and_get_yaml_json_round_trip(run_ctl: Ctl) -> No
     }
     config = await run_ctl("get", "ipamconfig")
     assert config.out.splitlines()[1].split() == ["default", "true", "0", "true", "30", "0"]
+    wide = await run_ctl("get", "ipamconfig", "-o", "wide")
+    header, row = wide.out.splitlines()
+    assert dict(zip(header.split(), row.split(), strict=True)) == {
+        "NAME": "default", "STRICTAFFINITY": "true", "MAXBLOCKSPERHOST": "0",
+        "AUTOALLOCATEBLOCKS": "true", "IPCOOLDOWNSECONDS": "30", "WARMADDRESSES": "0",
+        "STICKYHOLDSECONDS": "120"}
 
 
 @pytest.mark.asyncio
