@@ -108,12 +108,22 @@ class AllocationRow:
 
     @property
     def sticky_state(self) -> str:
-        """"-", "live", or "parked until <UTC time>", for tables."""
+        """"-", "live", "parked until <UTC time>", or, once the hold is over but the
+        address not yet freed, who frees it (for tables)."""
         if self.identity is None:
             return "-"
         if not self.parked:
             return "live"
-        return f"parked until {_timestamp(self.identity.parked_until or 0.0)}"
+        until = self.identity.parked_until or 0.0
+        if until > time.time():
+            return f"parked until {_timestamp(until)}"
+        # Only the daemon of the block's node expires holds (EngineAllocation.expire_parked,
+        # within a second while it runs): still here, that daemon is down or out of sync.
+        who = (f"node {self.block.affinity}'s daemon frees it when running"
+               if self.block.affinity is not None else
+               f"freed by its next ADD or `topoipamctl ipam release --identity "
+               f"{self.identity.id}`")
+        return f"parked, hold over since {_timestamp(until)} ({who})"
 
 
 def _timestamp(when: float) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 
 import pytest
 
@@ -21,7 +22,7 @@ from topoipam.daemon.model import (
     parked_holder,
 )
 from topoipam.daemon.store import EtcdStore
-from topoipam.daemon.writes import PutObject
+from topoipam.daemon.writes import DeleteAffinity, PutBlock, PutObject
 
 IDENTITY = "net/default/web-0/eth0"
 
@@ -99,6 +100,28 @@ async def test_an_add_after_the_hold_frees_the_parked_address_itself(store: Etcd
     block = await store.block_containing(first)
     assert block is not None and block.value.unallocated[-1] == block.value.ordinal(first)
     await consistent(store)
+
+
+@pytest.mark.asyncio
+async def test_a_hold_that_is_over_but_not_yet_freed_says_who_frees_it(
+        store: EtcdStore, ctl_env: dict[str, str]) -> None:
+    _, clock, first = await parked_on_n0(store)  # held until the test clock's 1970: over now
+    done = await asyncio.to_thread(ctl, ctl_env, "get", "allocations")
+    row = next(line for line in done.stdout.splitlines() if line.startswith(f"{first} "))
+    over = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock.now + 30))
+    assert row.endswith(f"parked, hold over since {over} (node n0's daemon frees it when "
+                        "running)"), row
+    # A block no node owns: only the identity's next ADD or an operator frees it.
+    block = await store.block_containing(first)
+    assert block is not None
+    orphan = block.value.copy()
+    orphan.affinity = None
+    assert (await store.commit([PutBlock(orphan, block.mod_revision),
+                                DeleteAffinity("n0", orphan.cidr)])).succeeded
+    done = await asyncio.to_thread(ctl, ctl_env, "get", "allocations")
+    row = next(line for line in done.stdout.splitlines() if line.startswith(f"{first} "))
+    assert row.endswith(f"parked, hold over since {over} (freed by its next ADD or "
+                        f"`topoipamctl ipam release --identity {IDENTITY}`)"), row
 
 
 @pytest.mark.asyncio
