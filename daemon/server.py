@@ -183,7 +183,8 @@ class Daemon:
             host, port = parse_host_port(self.config.metrics_address, "metrics-address")
             self._metrics_server = start_http_server(port, host, registry=self.metrics.registry)
         self._register_task = asyncio.create_task(self._register_then_sync())
-        log.info("topoipamd serving node %s on %s (CNI socket %s)", self.config.node,
+        # Listening is not serving: that waits for the node fence and the cache (logged then).
+        log.info("topoipamd for node %s listening on %s (CNI socket %s)", self.config.node,
                  self.config.socket, cni_socket_path(self.config.socket))
 
     async def _register_then_sync(self) -> None:
@@ -283,6 +284,7 @@ class Daemon:
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         asyncio.get_running_loop().create_task(self._set_health(status))
         if serving and not self._was_serving:
+            log.info("topoipamd serving node %s", self.config.node)
             self._on_cache_change()  # writes deferred while we did not serve: run them now
         self._was_serving = serving
 

@@ -123,6 +123,8 @@ def test_one_node_name_two_daemons(etcd: EtcdServer, prefix: str, tmp_path: Path
         counts.check(f"pid {first.process.pid}" in lines[0] and "node-x" in lines[0],  # type: ignore[union-attr]
                      f"the line names the node and the holder: {lines[0]}")
         counts.check(second.health() == "NOT_SERVING", "the second daemon is not serving")
+        counts.check("serving node" not in second.log() and "serving node node-x" in first.log(),
+                     f"only the daemon that serves says it does: {second.log()}")
         error = rpc_error(lambda: allocate(second, "via-second"))
         counts.operations += 1
         counts.check(error.code() == grpc.StatusCode.UNAVAILABLE
@@ -148,6 +150,7 @@ def test_one_node_name_two_daemons(etcd: EtcdServer, prefix: str, tmp_path: Path
             rpc_error(lambda: allocate(first, "queued-while-frozen", timeout=30))))
         caller.start()
         takeover = wait_for(lambda: second.health() == "SERVING", 15, "no takeover")
+        counts.check("serving node node-x" in second.log(), "the new holder says it serves")
         counts.figures["takeover after freeze (s)"] = round(takeover, 1)
         counts.check(time.monotonic() - frozen_at >= float(LEASE) - 0.5,
                      "nobody took over before the holder's lease expired")
