@@ -540,10 +540,24 @@ def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config:
         steps.append(f"2. no new blocks: node has reached maxBlocksPerHost="
                      f"{config.max_blocks_per_host}")
     else:
-        steps.append(f"2. claim a new block in: {names}")
+        steps.append(claim_step(order, snap, reservations))
     steps.append("3. no borrowing: strictAffinity is on" if config.strict_affinity
                  else f"3. borrow a free address from other nodes' blocks in: {names}")
     return steps
+
+
+def claim_step(order: Sequence[IPPool], snap: Snapshot,
+               reservations: allocator.Reservations) -> str:
+    """Step 2 of :func:`allocation_steps`: the pools with an unclaimed block (the claims'
+    own test, :func:`allocator.first_unclaimed_block`), and those with none left."""
+    full = [p.name for p in order if allocator.first_unclaimed_block(
+        p, {c for c in snap.blocks if c.version == p.family and c.overlaps(p.cidr)},
+        reservations) is None]
+    room = [p.name for p in order if p.name not in full]
+    if not room:
+        return f"2. no new blocks: no unclaimed block left in: {', '.join(full)}"
+    left = f" (no unclaimed block left in: {', '.join(full)})" if full else ""
+    return f"2. claim a new block in: {', '.join(room)}{left}"
 
 
 def placement_problem(row: AllocationRow, snap: Snapshot) -> str | None:

@@ -654,6 +654,21 @@ async def test_explain_node_shows_every_pool_and_the_order(
 
 
 @pytest.mark.asyncio
+async def test_explain_node_says_when_no_block_is_left_to_claim(
+        run_ctl: Ctl, store: EtcdStore) -> None:
+    assert (await run_ctl("create", "ippool", "tiny", "--cidr", "10.77.0.0/30", "--block-size",
+                          "30")).code == 0
+    for node in ("a", "b"):
+        assert (await run_ctl("label", "nodes", node, "x=y", "--create")).code == 0
+    await allocate(store, "a", "c1", "p1")  # node a claims tiny's only block
+    steps = (await run_ctl("explain", "node", "b")).out.splitlines()
+    assert "  2. no new blocks: no unclaimed block left in: tiny" in steps, steps
+    assert (await run_ctl("create", "ippool", "roomy", "--cidr", "10.78.0.0/24")).code == 0
+    steps = (await run_ctl("explain", "node", "b")).out.splitlines()
+    assert "  2. claim a new block in: roomy (no unclaimed block left in: tiny)" in steps, steps
+
+
+@pytest.mark.asyncio
 async def test_check_coverage_per_family(run_ctl: Ctl, tmp_path: Path) -> None:
     await racks(run_ctl, tmp_path)
     result = await run_ctl("check", "coverage")
