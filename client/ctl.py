@@ -91,6 +91,7 @@ from topoipam.daemon.model import (
     parse_gateway_spec,
     parse_network,
 )
+from topoipam.daemon.resolve import KEEP_SIDES, list_conflicts, resolve_conflict
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 from topoipam.daemon.writes import PutObject, Write
 
@@ -591,6 +592,27 @@ async def cmd_ipam_release(store: EtcdStore, args: argparse.Namespace) -> int:
 
 
 
+async def cmd_ipam_conflicts(store: EtcdStore, args: argparse.Namespace) -> int:
+    views = await list_conflicts(store)
+    if args.output == "json":
+        print(json.dumps([{
+            "node": v.conflict.node, "address": str(v.conflict.address),
+            "attachment": v.conflict.handle.id, "holder": v.holder or "",
+            "holds": v.standing.holds, "what": v.standing.what, "fix": v.standing.fix,
+            "detected": v.conflict.detected} for v in views], indent=2))
+        return 0
+    print_table(("NODE", "ADDRESS", "RECORDED", "IN ETCD", "WHAT"), [
+        (v.conflict.node, str(v.conflict.address), v.conflict.handle.id, v.holder or "-",
+         f"{v.standing.what}; {v.standing.fix}") for v in views])
+    return 0
+
+
+async def cmd_ipam_resolve_conflict(store: EtcdStore, args: argparse.Namespace) -> int:
+    address = parse_address(args.ip, "IP")
+    print(await resolve_conflict(store, args.node, address, args.keep))
+    return 0
+
+
 async def cmd_ipam_repair_index(store: EtcdStore, args: argparse.Namespace) -> int:
     fixed = await repair_free_index(store)
     print(f"free-block index: {fixed} entr{'y' if fixed == 1 else 'ies'} fixed")
@@ -900,7 +922,8 @@ def build_parser() -> argparse.ArgumentParser:
     ipam = verbs.add_parser("ipam", help="inspect and repair address allocations",
                             description="inspect and repair address allocations")
     ipam_verbs = ipam.add_subparsers(dest="ipam_verb", required=True, metavar="ACTION",
-                                     help="show, check, release, repair-index or configure")
+                                     help="show, check, release, conflicts, resolve-conflict, "
+                                          "repair-index or configure")
     ipam_show = verb(ipam_verbs, "show", cmd_ipam_show,
                      "utilisation per pool (CAPACITY: addresses that can be handed out)")
     ipam_show.add_argument("--show-blocks", action="store_true",
@@ -924,6 +947,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true",
         help="also free addresses whose attachment still exists: the pod keeps using it and "
              "the next allocation may hand it out again (a duplicate)")
+    ipam_conflicts = verb(ipam_verbs, "conflicts", cmd_ipam_conflicts,
+                          "addresses a node's record holds that etcd gave another pod, or "
+                          "no pool contains (after a restore), while that holds")
+    ipam_conflicts.add_argument("-o", "--output", choices=["json"], help="a JSON list")
+    ipam_resolve = verb(ipam_verbs, "resolve-conflict", cmd_ipam_resolve_conflict,
+                        "settle one conflict: which side keeps the address (a conflict that "
+                        "ended needs no side: its record is removed)")
+    ipam_resolve.add_argument("node", help="the node that recorded the conflict")
+    ipam_resolve.add_argument("ip", help="the address in conflict")
+    ipam_resolve.add_argument("--keep", metavar="|".join(KEEP_SIDES),
+                              help="record: the attachment the node's record names keeps it "
+                                   "(the other pod must go); datastore: the pod etcd gave it "
+                                   "to keeps it (the recorded one must go)")
     verb(ipam_verbs, "repair-index", cmd_ipam_repair_index,
          "rebuild the free-block index (borrowers' hints) from the blocks")
     ipam_configure = verb(ipam_verbs, "configure", cmd_ipam_configure, "change IPAMConfig")

@@ -223,18 +223,31 @@ def release_addresses(
     Only addresses held by ``handle_id`` are freed (any holder when None), so
     a stale release never frees an address that was handed out again since.
     Freed ordinals go to the back of the free list (delayed reuse).
+
+    A contested address (a conflict after a restore) is never freed: its
+    release hands it to the attachment the conflict names, in the same
+    write, so nothing can take it in between; and a release by that
+    attachment itself ends the conflict, leaving the address with its holder.
     """
     new = block.copy()
     freed = []
     for address in addresses:
         ordinal = block.ordinal(address)
         holder = new.allocations.get(ordinal)
+        contested = new.contested.get(ordinal)
+        if contested is not None and handle_id is not None and contested[0] == handle_id:
+            del new.contested[ordinal]  # the recorded side let go: the holder keeps it
+            continue
         if holder is None or (handle_id is not None and holder != handle_id):
+            continue
+        new.released_at[ordinal] = now
+        freed.append(address)
+        if contested is not None:
+            new.allocations[ordinal] = contested[0]
+            del new.contested[ordinal]
             continue
         del new.allocations[ordinal]
         new.unallocated.append(ordinal)
-        new.released_at[ordinal] = now
-        freed.append(address)
     return new, freed
 
 

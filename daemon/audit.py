@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from typing import Any
 import netaddr
 
 from . import allocator, model
+from .conflicts import ConflictRecord, Standing, standing
+from .errors import InvalidInput
 from .model import (
     Block,
     Handle,
@@ -148,8 +149,13 @@ class Snapshot:
     rooms: set[IPNetwork] = field(default_factory=set)
     #: Sticky identities, live and parked.
     identities: dict[str, Identity] = field(default_factory=dict)
-    #: Conflicts daemons found re-asserting after etcd went back (key, record).
-    conflicts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: Conflicts daemons recorded re-asserting after etcd went back.
+    conflicts: list[ConflictRecord] = field(default_factory=list)
+
+    def contested(self) -> dict[IPAddress, tuple[str, str]]:
+        """Addresses marked contested in their blocks: address -> (recorded handle, node)."""
+        return {block.address(ordinal): marker for block in self.blocks.values()
+                for ordinal, marker in block.contested.items()}
 
     def allocations(self) -> list[AllocationRow]:
         rows = []
@@ -182,13 +188,9 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     snap = Snapshot(revision, [], {}, [], {}, [], {})
     for kv in conflict_kvs:
         try:
-            record = json.loads(kv.value)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            snap.conflicts.append((kv.key.decode(errors="replace"), record))
-        else:
-            snap.corrupt.append(f"corrupt value at {kv.key.decode(errors='replace')}")
+            snap.conflicts.append(ConflictRecord.from_value(*keys.conflict_of(kv.key), kv.value))
+        except InvalidInput as exc:
+            snap.corrupt.append(f"corrupt value at {kv.key.decode(errors='replace')}: {exc}")
 
     def decoded(kvs: Iterable[Any], decoder: Callable[[bytes, bytes], Any]) -> Iterator[Any]:
         """The values that decode; the others are reported by ``ipam check``."""
@@ -320,14 +322,38 @@ def identity_problems(snap: Snapshot) -> Iterator[str]:
                 yield f"mismatch: {who} parks {entry.ip}, but block {block.cidr} {state} {fix}"
 
 
+def conflict_standings(snap: Snapshot) -> list[tuple[ConflictRecord, Standing]]:
+    """Every recorded conflict with what it is now, and a contested address no record
+    names (its record deleted by hand) as one that holds."""
+    found = []
+    for conflict in sorted(snap.conflicts, key=lambda c: (c.node, address_order(c.address))):
+        block = next((b for b in snap.blocks.values() if conflict.address.version == b.family
+                      and conflict.address in b.cidr), None)
+        holder = block.allocations.get(block.ordinal(conflict.address)) if block else None
+        found.append((conflict, standing(conflict, block, snap.handles.get(conflict.handle.id),
+                                         snap.handles.get(holder or ""), snap.pools)))
+    recorded = {(c.node, c.address) for c in snap.conflicts}
+    for address, (handle_id, node) in sorted(snap.contested().items(),
+                                             key=lambda item: address_order(item[0])):
+        if (node, address) in recorded:
+            continue
+        handle = snap.handles.get(handle_id) or model.Handle(handle_id, node, (), {})
+        conflict = ConflictRecord(node, address, handle, "", 0.0)
+        block = next(b for b in snap.blocks.values()
+                     if address.version == b.family and address in b.cidr)
+        holder = block.allocations.get(block.ordinal(address))
+        found.append((conflict, standing(conflict, block, snap.handles.get(handle_id),
+                                         snap.handles.get(holder or ""), snap.pools)))
+    return found
+
+
 def conflict_problems(snap: Snapshot) -> Iterator[str]:
-    """Addresses two pods may use at once: a daemon re-asserting its record after etcd went
-    back (a restore) found them held by another handle, and did not hand them out twice."""
-    for key, record in snap.conflicts:
-        yield (f"conflict: {record.get('address')} is used by {record.get('handle')} on node "
-               f"{record.get('node')} (the node's record, from before etcd was restored) but "
-               f"etcd gives it to {record.get('holder')}; delete one of the two pods, then "
-               f"etcdctl del {key}")
+    """Addresses a node's record holds that etcd gave another, or no pool contains: a
+    daemon re-asserting its record after etcd went back (a restore) found them, and did
+    not hand them out twice. Only conflicts that still hold."""
+    for _, state in conflict_standings(snap):
+        if state.holds:
+            yield state.line()
 
 
 def gateway_problems(snap: Snapshot) -> Iterator[str]:
@@ -434,6 +460,8 @@ def handle_problems(snap: Snapshot) -> Iterator[str]:
                 yield (f"mismatch: {who} lists {entry.ip} in block {entry.block}, which does "
                        "not contain it")
             elif (holder := block.allocations.get(block.ordinal(entry.ip))) != handle.id:
+                if block.contested.get(block.ordinal(entry.ip), ("",))[0] == handle.id:
+                    continue  # a conflict after a restore: conflict_problems reports it
                 state = "has it free" if holder is None else f"gives it to handle {holder}"
                 yield (f"mismatch: {who} lists {entry.ip}, but block {block.cidr} {state} "
                        f"(fix: topoipamctl ipam release --ip {entry.ip})")
@@ -505,8 +533,11 @@ def double_allocations(snap: Snapshot) -> Iterator[str]:
             in_blocks.setdefault(snap.blocks[cidr].address(ordinal), []).append(
                 f"block {cidr} (handle {holder})")
     in_handles: dict[IPAddress, list[str]] = {}
+    contested = snap.contested()
     for handle in snap.handles.values():
         for entry in handle.addresses:
+            if contested.get(entry.ip, ("",))[0] == handle.id:
+                continue  # a conflict after a restore: conflict_problems reports it
             in_handles.setdefault(entry.ip, []).append(handle.id)
     for address in sorted(in_blocks, key=address_order):
         if len(in_blocks[address]) > 1:

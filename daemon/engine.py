@@ -283,6 +283,8 @@ class AllocationEngine:
         self.clock = clock
         self.max_attempts = max_attempts
         self.on_conflict: Callable[[], None] = lambda: None
+        #: Called with the handle id after every successful release (the node's record).
+        self.on_released: Callable[[str], None] = lambda handle_id: None
         #: Called with "request" or "background" and the number of blocks claimed.
         self.on_claim: Callable[[str, int], None] = lambda path, count: None
         #: Called after a transaction that allocated addresses committed.
@@ -332,6 +334,7 @@ class AllocationEngine:
         """
         result: list[IPAddress] = await self._submit(
             _ReleaseOp(self._future(), handle_id, attachment))
+        self.on_released(handle_id)
         return result
 
     async def release_attachment(self, attachment: Attachment) -> list[IPAddress]:

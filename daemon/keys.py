@@ -151,8 +151,20 @@ class KeySchema:
         """An address the node re-asserted after etcd went back, found held by another."""
         return self._key("conflicts", node, str(address))
 
-    def conflicts(self) -> bytes:
-        return self._key("conflicts", "")
+    def conflicts(self, node: str | None = None) -> bytes:
+        return self._key("conflicts", node, "") if node else self._key("conflicts", "")
+
+    def conflict_of(self, key: bytes) -> tuple[str, str]:
+        """(node, address text) of a conflict key."""
+        kind, rest = self.kind_of(key)
+        if kind != "conflicts" or len(rest) != 2:
+            raise InvalidInput(f"not a conflict key: {key!r}")
+        return rest[0], rest[1]
+
+    def datastore(self) -> bytes:
+        """The datastore's identity: written once, before its first object (a restore
+        keeps it; a new etcd or another prefix has another one)."""
+        return self._key("datastore")
 
     # keys -> objects
     def kind_of(self, key: bytes) -> tuple[str, list[str]]:

@@ -691,7 +691,11 @@ class Block:
     to its back so an address is reused as late as possible. ``released_at``
     keeps each ordinal's last release time: the reuse cooldown (free ordinals),
     and, kept while the ordinal is held again, what tells a daemon checking its
-    record that an address was released before it was reused. A Block
+    record that an address was released before it was reused.
+    ``contested`` marks addresses in conflict after a restore: the ordinal is
+    held by one handle while a node's record says another attachment (handle,
+    node) uses it too; releasing it hands it to that attachment instead of
+    freeing it (:func:`topoipam.daemon.allocator.release_addresses`). A Block
     is mutable only while an allocator plans a change on its own copy
     (:meth:`copy`); cached blocks are never modified in place.
     """
@@ -701,6 +705,7 @@ class Block:
     allocations: dict[int, str]
     unallocated: list[int]
     released_at: dict[int, float] = field(default_factory=dict)
+    contested: dict[int, tuple[str, str]] = field(default_factory=dict)
     # First and last address as integers: cheap ordering and containment tests.
     first: int = field(init=False, repr=False, compare=False)
     last: int = field(init=False, repr=False, compare=False)
@@ -716,7 +721,7 @@ class Block:
     def copy(self) -> Block:
         return Block(
             self.cidr, self.affinity, dict(self.allocations), list(self.unallocated),
-            dict(self.released_at),
+            dict(self.released_at), dict(self.contested),
         )
 
     @property
@@ -744,13 +749,17 @@ class Block:
         return not self.allocations
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        value: dict[str, Any] = {
             "cidr": str(self.cidr),
             "affinity": self.affinity,
             "allocations": {str(k): v for k, v in self.allocations.items()},
             "unallocated": self.unallocated,
             "releasedAt": {str(k): v for k, v in self.released_at.items()},
         }
+        if self.contested:  # absent in the common case: block values stay as they were
+            value["contested"] = {str(k): {"handle": h, "node": n}
+                                  for k, (h, n) in self.contested.items()}
+        return value
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Block:
@@ -762,6 +771,8 @@ class Block:
                 allocations={int(k): str(v) for k, v in data.get("allocations", {}).items()},
                 unallocated=[int(o) for o in data.get("unallocated", [])],
                 released_at={int(k): float(v) for k, v in data.get("releasedAt", {}).items()},
+                contested={int(k): (str(v["handle"]), str(v["node"]))
+                           for k, v in data.get("contested", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidInput(f"corrupt block value ({exc})") from exc

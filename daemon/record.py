@@ -34,15 +34,24 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from topoipam.proto import cjson
 
 from . import allocator
+from .conflicts import KEEP_DATASTORE, ConflictRecord
 from .errors import AddressUnavailable, InvalidInput, TopoipamError
-from .model import Block, Handle, IPNetwork, encode
+from .model import Block, Handle, IPAddress, IPNetwork, encode
+from .resolve import read_conflicts, read_view
 from .store import EtcdStore
-from .writes import DeleteHandle, PutAffinity, PutBlock, PutHandle, Write
+from .writes import (
+    DeleteConflict,
+    DeleteHandle,
+    PutAffinity,
+    PutBlock,
+    PutConflict,
+    PutHandle,
+    Write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,9 @@ class AllocationRecord:
         self.since: dict[str, float] = {}
         self.revision = 0
         self.cluster_id = 0
+        #: The datastore identity this record belongs to ("": not known yet, or a
+        #: record written before identities); it is put back into that one only.
+        self.datastore = ""
         self._pending: list[bytes] = []
         self._lines = 0
         self._written_revision = 0
@@ -95,6 +107,8 @@ class AllocationRecord:
                 elif "rev" in entry:
                     self.revision = int(entry["rev"])
                     self.cluster_id = int(entry.get("cluster", 0))
+                elif "datastore" in entry:
+                    self.datastore = str(entry["datastore"])
             except (ValueError, KeyError, TypeError, InvalidInput):
                 log.warning("skipping an unreadable line of %s", self.path)
         self._lines = len(lines)
@@ -117,6 +131,29 @@ class AllocationRecord:
                 self._pending.append(encode({"del": write.handle_id}))
         if self._pending:
             self._wakeup.set()
+
+    def adopt(self, datastore: str) -> None:
+        """Say which datastore this record belongs to (written with the next flush)."""
+        self.datastore = datastore
+        self._pending.append(encode({"datastore": datastore}))
+        self._wakeup.set()
+
+    def set_aside(self, datastore: str) -> str:
+        """Keep the record's file aside (renamed, not deleted) and start an empty record
+        that belongs to ``datastore``. Returns the file's new name ("" if there was none)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        aside = ""
+        if os.path.exists(self.path):
+            aside = f"{self.path}.{self.datastore or 'unknown'}.{int(time.time())}.aside"
+            os.replace(self.path, aside)
+        self.handles.clear()
+        self.since.clear()
+        self.revision = self.cluster_id = self._written_revision = self._lines = 0
+        self._pending = []
+        self.adopt(datastore)
+        return aside
 
     def forget(self, handle_id: str) -> None:
         self.since.pop(handle_id, None)
@@ -169,7 +206,8 @@ class AllocationRecord:
             self._fd = None
 
     def _snapshot_lines(self) -> list[bytes]:
-        return [*(encode({"id": h.id, "at": self.since.get(h.id, 0.0), "put": h.to_dict()})
+        return [*([encode({"datastore": self.datastore})] if self.datastore else []),
+                *(encode({"id": h.id, "at": self.since.get(h.id, 0.0), "put": h.to_dict()})
                   for h in self.handles.values()),
                 encode({"rev": self.revision, "cluster": self.cluster_id})]
 
@@ -199,6 +237,8 @@ class Reassertion:
     present: int = 0
     dropped: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
+    #: Recorded conflicts of this node that still hold after the check.
+    open_conflicts: int = 0
 
 
 async def reassert_allocations(store: EtcdStore, record: AllocationRecord,
@@ -213,26 +253,38 @@ async def reassert_allocations(store: EtcdStore, record: AllocationRecord,
     one guarded transaction per handle (a block etcd lost is created again,
     affine to this node, if a pool still contains it). With ``went_back``
     (etcd's revision or cluster ID moved backwards) every missing handle
-    counts as lost. An address another handle holds meanwhile is written as
-    a conflict and the handle is not put back: it is never handed out twice.
-    Commits use ``reassert=True``: they pass while ordinary writes are
-    paused, but are fenced like every other write.
+    counts as lost, and so does one this node recorded a conflict for. An
+    address another handle holds meanwhile is never handed out twice: the
+    handle is put back all the same, the address is marked contested in its
+    block (whichever pod is deleted first, the other keeps it) and a
+    conflict is recorded in the same transaction. A handle the operator
+    resolved for etcd's side (``ipam resolve-conflict --keep datastore``)
+    is forgotten. Commits use ``reassert=True``: they pass while ordinary
+    writes are paused, but are fenced like every other write.
     """
     outcome = Reassertion()
+    recorded = await read_conflicts(store, record.node)
+    contested = {c.handle.id for c in recorded.values()}
+    for conflict in recorded.values():
+        if conflict.resolved == KEEP_DATASTORE and conflict.handle.id in record.handles:
+            record.forget(conflict.handle.id)
+            outcome.dropped.append(conflict.handle.id)
     for handle in list(record.handles.values()):
         current = await store.get_handle(handle.id)
         if current is not None:
             outcome.present += 1
             continue
-        if not went_back and await _released_since(store, handle, record.since.get(handle.id, 0)):
+        if not went_back and handle.id not in contested and await _released_since(
+                store, handle, record.since.get(handle.id, 0)):
             record.forget(handle.id)
             outcome.dropped.append(handle.id)
             continue
-        conflict = await _reassert_one(store, record.node, handle)
-        if conflict is None:
+        found = await _reassert_one(store, record.node, handle)
+        if found is None:
             outcome.restored.append(handle.id)
         else:
-            outcome.conflicts.append(conflict)
+            outcome.conflicts += found
+    outcome.open_conflicts = await settle_conflicts(store, record)
     return outcome
 
 
@@ -251,20 +303,25 @@ async def _released_since(store: EtcdStore, handle: Handle, since: float) -> boo
     return False
 
 
-async def _reassert_one(store: EtcdStore, node: str, handle: Handle) -> str | None:
-    async def attempt() -> tuple[Sequence[Write], str | None]:
+async def _reassert_one(store: EtcdStore, node: str, handle: Handle) -> list[str] | None:
+    """Put ``handle`` back; None when it went back clean, else the conflicts it met."""
+    async def attempt() -> tuple[Sequence[Write], list[str] | None]:
         if await store.get_handle(handle.id) is not None:
             return [], None
         writes: list[Write] = []
+        found: list[str] = []
         blocks: dict[IPNetwork, tuple[Block, int]] = {}
+        now = time.time()
         for entry in handle.addresses:
             if entry.block not in blocks:
                 current = await store.get_block(entry.block)
                 if current is None:
                     pools = [p.value for p in await store.list_pools()]
                     if allocator.pool_of(pools, entry.ip) is None:
-                        await _report_conflict(store, node, handle, entry.ip, "no pool")
-                        return [], f"{entry.ip} of {handle.id} is in no pool any more"
+                        # Nowhere to put it: the handle stays in the record only, until a
+                        # pool contains the address again (the daemon re-checks then).
+                        return [_conflict_write(node, entry.ip, handle, "", now)], [
+                            f"{entry.ip} of {handle.id} is in no pool any more"]
                     blocks[entry.block] = (Block.empty(entry.block, node), 0)
                     writes.append(PutAffinity(node, entry.block))
                 else:
@@ -275,31 +332,54 @@ async def _reassert_one(store: EtcdStore, node: str, handle: Handle) -> str | No
                                        revision)
             except AddressUnavailable as exc:
                 holder = exc.message
-                await _report_conflict(store, node, handle, entry.ip, holder)
-                return [], (f"{entry.ip} of {handle.id} is held by {holder} since etcd "
-                            "went back")
+                ordinal = block.ordinal(entry.ip)
+                marked = block.contested.get(ordinal)
+                if marked is not None and marked[0] != handle.id:
+                    # Contested already for a third attachment: report, put nothing back.
+                    return [_conflict_write(node, entry.ip, handle, holder, now)], [
+                        f"{entry.ip} of {handle.id} is held by {holder} and contested by "
+                        f"{marked[0]} (node {marked[1]})"]
+                contest = block.copy()
+                contest.contested[ordinal] = (handle.id, node)
+                blocks[entry.block] = (contest, revision)
+                writes.append(_conflict_write(node, entry.ip, handle, holder, now))
+                found.append(f"{entry.ip} of {handle.id} is held by {holder} since etcd "
+                             "went back")
         writes += [PutBlock(block, revision) for block, revision in blocks.values()]
         writes.append(PutHandle(handle, 0))
-        return writes, None
+        return writes, found or None
 
     async def commit(writes: Sequence[Write]) -> bool:
         return (await store.commit(writes, reassert=True)).succeeded
 
     for round_ in range(8):
-        writes, conflict = await attempt()
+        writes, found = await attempt()
         if not writes or await commit(writes):
-            return conflict
+            if found:
+                log.error("conflict after etcd went back, on node %s: %s; recorded for "
+                          "`topoipamctl ipam conflicts`", node, "; ".join(found))
+            return found
         await asyncio.sleep(0.01 * round_)
     raise TopoipamError(f"re-asserting {handle.id} kept losing races; will retry")
 
 
-async def _report_conflict(store: EtcdStore, node: str, handle: Handle, ip: Any,
-                           holder: str) -> None:
-    key = store.keys.conflict(node, ip)
-    value = {"address": str(ip), "handle": handle.id, "holder": holder, "node": node,
-             "container_id": handle.attributes.get("container_id", ""),
-             "detected": time.time()}
-    await store.put_raw(key, encode(value))
-    log.error("conflict after etcd went back: %s is used by %s on node %s (this node's "
-              "record) but etcd gives it to %s; recorded under %s for `topoipamctl ipam "
-              "check`", ip, handle.id, node, holder, key.decode())
+def _conflict_write(node: str, address: IPAddress, handle: Handle, holder: str,
+                    now: float) -> PutConflict:
+    return PutConflict(node, address,
+                       ConflictRecord(node, address, handle, holder, now).to_value())
+
+
+async def settle_conflicts(store: EtcdStore, record: AllocationRecord) -> int:
+    """Delete this node's recorded conflicts that ended; the number that still hold."""
+    still = 0
+    for conflict in (await read_conflicts(store, record.node)).values():
+        if conflict.resolved == KEEP_DATASTORE and conflict.handle.id in record.handles:
+            still += 1  # forgotten at the next re-assertion, then deleted
+            continue
+        state = (await read_view(store, conflict, conflict.handle.id in record.handles)).standing
+        if state.holds:
+            still += 1
+            continue
+        await store.commit([DeleteConflict(conflict.node, conflict.address)], reassert=True)
+        log.info("conflict over: %s", state.what)
+    return still

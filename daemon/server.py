@@ -58,6 +58,8 @@ GRPC_MAX_STREAMS = 256
 GRPC_MAX_CALLS = 1024
 # How often the daemon looks for sticky holds that are over in its own blocks.
 HOLD_EXPIRY_SECONDS = 1.0
+#: Hold-expiry ticks between re-checks of this node's recorded conflicts while any holds.
+CONFLICT_RECHECK_TICKS = 5
 
 
 def prepare_socket_dir(path: str) -> None:
@@ -126,6 +128,9 @@ class Daemon:
         self._reassert_task: asyncio.Task[None] | None = None
         self._record_task: asyncio.Task[None] | None = None
         self.reassertions = 0
+        #: This node's recorded conflicts that still held at the last check.
+        self.open_conflicts = 0
+        self.ipam.on_released = self._on_released
         self.service = IpamService(
             self.ipam,
             StatusProvider(self.cache.in_sync.is_set, self._etcd_check, self._cache_state,
@@ -192,6 +197,7 @@ class Daemon:
         delay = 0.05
         while True:
             try:
+                await self._check_datastore()
                 await self.register_node()
                 break
             except AuthenticationFailed as exc:
@@ -217,10 +223,14 @@ class Daemon:
         due); the daemon that owns a block expires its holds, each in its own
         guarded transaction, so a racing ADD of the identity wins or re-plans.
         """
+        ticks = 0
         while True:
             await asyncio.sleep(HOLD_EXPIRY_SECONDS)
             if not self.cache.in_sync.is_set():
                 continue
+            ticks += 1
+            if self.open_conflicts and ticks % CONFLICT_RECHECK_TICKS == 0:
+                self._start_reassertion()  # a holder released behind a watch we lack
             try:
                 expired = await self.ipam.expire_parked()
             except TopoipamError as exc:
@@ -228,6 +238,40 @@ class Daemon:
                 continue
             if expired:
                 log.info("sticky holds over, addresses freed: %s", ", ".join(expired))
+
+    # ------------------------------------------------------------------ datastore identity
+    async def _check_datastore(self) -> bool:
+        """Make sure the record belongs to the datastore we talk to; True if it did not.
+
+        A record is put back only into its own datastore (a restore keeps the
+        identity). Against another one (a new etcd, another prefix, a prefix
+        wiped by hand, which gets a new identity) the daemon keeps the record
+        aside and starts clean: nothing of it is written there. A record from
+        before identities adopts the datastore it finds (and gives a datastore
+        from before identities its identity).
+        """
+        if not self.config.record_allocations:
+            return False
+        record = self.record
+        identity, how = await self.store.datastore_identity(adopt=record.datastore)
+        if not record.datastore:
+            record.adopt(identity)
+            return False
+        if record.datastore == identity:
+            return False
+        count, previous = len(record.handles), record.datastore
+        aside = record.set_aside(identity)
+        history = self.store.history
+        if history is not None:
+            history.revision = history.cluster_id = 0
+        log.warning(
+            "node %s: etcd %s at prefix %s is datastore %s%s, but this node's record of %d "
+            "allocation(s) belongs to datastore %s: starting clean, nothing of that record is "
+            "written here (kept aside as %s)", self.config.node,
+            ",".join(self.config.etcd_endpoints), self.config.prefix, identity,
+            " (the prefix was empty: a new datastore, or one wiped by hand)" if how == "new"
+            else "", count, previous, aside or "-")
+        return True
 
     # ------------------------------------------------------------------ etcd went back
     def _etcd_went_back(self, reason: str) -> None:
@@ -251,6 +295,8 @@ class Daemon:
                 await asyncio.sleep(0.05)
             went_back, self._went_back = self._went_back, False
             try:
+                if went_back and await self._check_datastore():
+                    went_back = False  # another datastore: nothing of the record goes there
                 outcome = await reassert_allocations(self.store, self.record, went_back)
             except TopoipamError as exc:
                 self._went_back = self._went_back or went_back
@@ -270,6 +316,7 @@ class Daemon:
         elif outcome.dropped:
             log.info("dropped %d allocation(s) from the record that etcd no longer holds "
                      "(released elsewhere)", len(outcome.dropped))
+        self.open_conflicts = outcome.open_conflicts
         self.fence.paused = ""
         self._refresh_health()
 
@@ -345,8 +392,19 @@ class Daemon:
         # Pools or labels may have stopped selecting some of our empty blocks,
         # or changed what the warm reserve needs.
         self._cleanup_wanted = True
+        if self.open_conflicts and not self.fence.paused:
+            # A pool may contain a recorded address again, a holder may have gone.
+            self._start_reassertion()
         if self._cleanup_task is None or self._cleanup_task.done():
             self._cleanup_task = asyncio.get_running_loop().create_task(self._maintain())
+
+    def _on_released(self, handle_id: str) -> None:
+        """A DEL of an attachment etcd did not know: if the record has it (put back
+        nowhere, e.g. its pool was gone), the pod is gone: forget it, end its conflict."""
+        if handle_id in self.record.handles:
+            self.record.forget(handle_id)
+            log.info("released %s, which only this node's record knew", handle_id)
+            self._start_reassertion()
 
     def _on_allocated(self) -> None:
         # The reserve shrank: top it up, off the pod's path.

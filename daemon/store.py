@@ -21,7 +21,11 @@ Keys (prefix default ``/topoipam/v1``)::
     handles/<network>/<containerID>/<ifname>
     reservations/<name>
     daemons/<node>          (the node's fence, on the serving daemon's etcd lease)
-    conflicts/<node>/<ip>   (an address re-asserted after a restore, held by another)
+    free/<v4|v6>/<hex network>-<prefixlen>   (free-block index: blocks with room)
+    room/<v4|v6>/<hex network>-<prefixlen>   (room index: claim windows with room)
+    identities/<id>         (sticky identities, live or parked)
+    conflicts/<node>/<ip>   (an address a node's record holds that etcd gave another)
+    datastore               (the datastore's identity, written once)
 
 A daemon's store is *fenced* (:class:`CommitFence`): every transaction it
 commits also compares that ``daemons/<node>`` is still on the daemon's own
@@ -44,6 +48,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -297,6 +302,8 @@ class EtcdStore:
         self.history: EtcdHistory | None = None
         #: Called with the writes and revision of every successful commit (the local record).
         self.on_committed: Callable[[Sequence[Write], int], None] | None = None
+        #: The datastore's identity, once read or written (:meth:`datastore_identity`).
+        self.datastore_id: str | None = None
 
     # ------------------------------------------------------------------ connection
     async def connect(self) -> None:
@@ -365,11 +372,17 @@ class EtcdStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        """One unary KV call with the error mapping and one re-auth on token expiry."""
+    async def _call(self, method: str, request: Any, timeout: float | None = None,
+                    observe: bool = True) -> Any:
+        """One unary KV call with the error mapping and one re-auth on token expiry.
+
+        The answer's revision and cluster ID go to the history watch, unless
+        ``observe`` is False (the datastore identity read, which decides
+        whether that history applies at all).
+        """
         if self._channel is None:
             await self.connect()
-        history = self.history
+        history = self.history if observe else None
         for attempt in (1, 2):
             floor = history.revision if history is not None else 0
             try:
@@ -421,6 +434,48 @@ class EtcdStore:
             "Range", rpc.RangeRequest(key=self.keys.config(), count_only=True)
         )
         return int(response.header.revision)
+
+    # ------------------------------------------------------------------ datastore identity
+    async def datastore_identity(self, adopt: str = "") -> tuple[str, str]:
+        """This datastore's identity (an etcd cluster and a prefix), written if it has none.
+
+        Returns (identity, how): how is "" when it had one; "new" when the
+        prefix was empty (a new datastore, or one wiped by hand) and a fresh
+        identity was written; "adopted" when the prefix held objects written
+        before identities existed, and ``adopt`` (the one the caller's node
+        record names, else a fresh one) was written. Written with a
+        create-only compare, so concurrent callers agree on one. Read
+        without the history watch: it is what tells a restore of this
+        datastore (same identity) from another datastore.
+        """
+        key = self.keys.datastore()
+        found = await self._call("Range", rpc.RangeRequest(key=key), observe=False)
+        how = ""
+        if not found.kvs:
+            prefix = self.keys.prefix.encode() + b"/"
+            objects = await self._call("Range", rpc.RangeRequest(
+                key=prefix, range_end=prefix_range_end(prefix), keys_only=True, limit=1),
+                observe=False)
+            how = "adopted" if objects.kvs else "new"
+            candidate = adopt if how == "adopted" and adopt else uuid.uuid4().hex
+            response = await self._call("Txn", rpc.TxnRequest(
+                compare=[rpc.Compare(key=key, result=rpc.Compare.EQUAL,
+                                     target=rpc.Compare.CREATE, create_revision=0)],
+                success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=key, value=encode({"id": candidate, "created": time.time()})))],
+                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))]),
+                observe=False)
+            if response.succeeded:
+                self.datastore_id = candidate
+                return candidate, how
+            found = response.responses[0].response_range
+            how = ""
+        try:
+            identity = str(decode(found.kvs[0].value, "datastore identity")["id"])
+        except (KeyError, InvalidInput) as exc:
+            raise InvalidInput(f"corrupt datastore identity at {key.decode()}: {exc}") from exc
+        self.datastore_id = identity
+        return identity, how
 
     # ------------------------------------------------------------------ raw reads
     async def get_raw(self, key: bytes, revision: int = 0) -> tuple[bytes, int] | None:
@@ -835,6 +890,12 @@ class EtcdStore:
             case ops.DeleteIdentity(identity_id=identity_id):
                 return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=self.keys.identity(identity_id)))
+            case ops.PutConflict(node=node, address=address, value=value):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.conflict(node, address), value=value))
+            case ops.DeleteConflict(node=node, address=address):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.conflict(node, address)))
             case ops.PutObject(obj=obj):
                 return rpc.RequestOp(request_put=rpc.PutRequest(
                     key=self._object_key(obj), value=encode(obj.to_dict())))
@@ -883,6 +944,8 @@ class EtcdStore:
         is for the node's registration, which any daemon may do (create-only).
         """
         writes = list(writes)
+        if self.datastore_id is None:  # the first write of this client: identity first
+            await self.datastore_identity()
         compares = []
         guarded: list[bytes] = []
         fence = self.fence if fenced else None

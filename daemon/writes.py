@@ -11,7 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .model import Block, Handle, Identity, IPAMConfig, IPNetwork, IPPool, IPReservation, Node
+from .model import (
+    Block,
+    Handle,
+    Identity,
+    IPAddress,
+    IPAMConfig,
+    IPNetwork,
+    IPPool,
+    IPReservation,
+    Node,
+)
 
 T = TypeVar("T")
 
@@ -108,6 +118,21 @@ class DeleteIdentity:
 
 
 @dataclass(frozen=True)
+class PutConflict:
+    """A node's report of an address in conflict after a restore (``value``: its JSON)."""
+
+    node: str
+    address: IPAddress
+    value: bytes
+
+
+@dataclass(frozen=True)
+class DeleteConflict:
+    node: str
+    address: IPAddress
+
+
+@dataclass(frozen=True)
 class PutObject:
     """A pool, node, config or reservation; expect_revision None = unconditional."""
 
@@ -136,8 +161,7 @@ class PoolsUnchangedSince:
 Write = (
     PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutFreeMark | DeleteFreeMark
     | PutRoomMark | DeleteRoomMark | DeleteRoomMarksIn | PutHandle | DeleteHandle | PutIdentity
-    | DeleteIdentity
-    | PutObject
+    | DeleteIdentity | PutConflict | DeleteConflict | PutObject
     | DeleteObject | PoolsUnchangedSince
 )
 

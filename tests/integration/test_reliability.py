@@ -9,6 +9,7 @@ prints one summary line of its counts: operations, faults, invariant checks.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from tests.etcd_cluster import etcdctl
 from tests.integration.test_faults import allocate, attachment
 from topoipam.daemon.errors import EtcdOutOfSpace
 from topoipam.daemon.local_etcd import start_local_etcd
-from topoipam.daemon.model import Handle
+from topoipam.daemon.model import Block, Handle
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 from topoipam.proto import ipam_pb2
 
@@ -81,6 +82,15 @@ def handles(endpoint: str, prefix: str) -> dict[str, Handle]:
     async def read() -> dict[str, Handle]:
         async with EtcdStore(EtcdOptions(endpoints=(endpoint,)), prefix) as store:
             return {h.value.id: h.value for h in await store.list_handles()}
+    return asyncio.run(read())
+
+
+def block_of(endpoint: str, prefix: str, ip: str) -> Block:
+    async def read() -> Block:
+        async with EtcdStore(EtcdOptions(endpoints=(endpoint,)), prefix) as store:
+            found = await store.block_containing(ipaddress.ip_address(ip))
+            assert found is not None
+            return found.value
     return asyncio.run(read())
 
 
@@ -285,8 +295,15 @@ def test_conflict_after_restore_is_reported(private_etcd: EtcdServer, prefix: st
         counts.operations += 6
         found = handles(private_etcd.endpoint, prefix)
         counts.check({f"net/lost-{i}/eth0" for i in (1, 2)} <= set(found), "the others are back")
-        counts.check("net/lost-0/eth0" not in found, "the taken one is not handed out twice")
-        counts.check(len(set(addresses_of(found))) == len(addresses_of(found)), "no duplicate")
+        # Put back, but contested: its block keeps giving the address to the thief alone.
+        counts.check("net/lost-0/eth0" in found, "the taken one's handle is back")
+        block = block_of(private_etcd.endpoint, prefix, lost[0])
+        ordinal = block.ordinal(ipaddress.ip_address(lost[0]))
+        counts.check(block.allocations[ordinal] == "net/thief/eth0"
+                     and block.contested[ordinal] == ("net/lost-0/eth0", "node-o"),
+                     "the taken one is not handed out twice: held by one, contested by the other")
+        others = [a for a in addresses_of(found) if a != lost[0]]
+        counts.check(len(set(others)) == len(others), "no duplicate")
         check = ctl(env, "ipam", "check")
         counts.check(check.returncode != 0 and f"conflict: {lost[0]}" in check.stdout,
                      f"ipam check reports the conflict: {check.stdout}{check.stderr}")
