@@ -42,7 +42,7 @@ def index_warnings(check: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in check.stdout.splitlines() if "free-block index" in line]
 
 
-@settings(deadline=None)  # a /8 of /20 blocks lists 4096 windows: slow on a loaded machine
+@settings(deadline=None)  # a /8 of /20 blocks (4096 of them) is slow on a loaded machine
 @given(st.integers(8, 24), st.integers(0, 6), st.text(min_size=1, max_size=12))
 def test_claim_windows_cover_the_pool_once_from_a_node_specific_start(
         prefixlen: int, extra: int, node: str) -> None:
