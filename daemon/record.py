@@ -279,7 +279,8 @@ async def reassert_allocations(store: EtcdStore, record: AllocationRecord,
             record.forget(handle.id)
             outcome.dropped.append(handle.id)
             continue
-        found = await _reassert_one(store, record.node, handle)
+        known = {c.address for c in recorded.values() if c.handle.id == handle.id}
+        found = await _reassert_one(store, record.node, handle, known)
         if found is None:
             outcome.restored.append(handle.id)
         else:
@@ -303,8 +304,13 @@ async def _released_since(store: EtcdStore, handle: Handle, since: float) -> boo
     return False
 
 
-async def _reassert_one(store: EtcdStore, node: str, handle: Handle) -> list[str] | None:
-    """Put ``handle`` back; None when it went back clean, else the conflicts it met."""
+async def _reassert_one(store: EtcdStore, node: str, handle: Handle,
+                        known: set[IPAddress]) -> list[str] | None:
+    """Put ``handle`` back; None when it went back clean, else the conflicts it met
+    (``known``: its addresses already recorded as conflicts, not recorded nor logged again)."""
+    def report(address: IPAddress, holder: str, now: float) -> list[Write]:
+        return [] if address in known else [_conflict_write(node, address, handle, holder, now)]
+
     async def attempt() -> tuple[Sequence[Write], list[str] | None]:
         if await store.get_handle(handle.id) is not None:
             return [], None
@@ -320,7 +326,7 @@ async def _reassert_one(store: EtcdStore, node: str, handle: Handle) -> list[str
                     if allocator.pool_of(pools, entry.ip) is None:
                         # Nowhere to put it: the handle stays in the record only, until a
                         # pool contains the address again (the daemon re-checks then).
-                        return [_conflict_write(node, entry.ip, handle, "", now)], [
+                        return report(entry.ip, "", now), [
                             f"{entry.ip} of {handle.id} is in no pool any more"]
                     blocks[entry.block] = (Block.empty(entry.block, node), 0)
                     writes.append(PutAffinity(node, entry.block))
@@ -336,7 +342,7 @@ async def _reassert_one(store: EtcdStore, node: str, handle: Handle) -> list[str
                 marked = block.contested.get(ordinal)
                 if marked is not None and marked[0] != handle.id:
                     # Contested already for a third attachment: report, put nothing back.
-                    return [_conflict_write(node, entry.ip, handle, holder, now)], [
+                    return report(entry.ip, holder, now), [
                         f"{entry.ip} of {handle.id} is held by {holder} and contested by "
                         f"{marked[0]} (node {marked[1]})"]
                 contest = block.copy()
@@ -355,7 +361,7 @@ async def _reassert_one(store: EtcdStore, node: str, handle: Handle) -> list[str
     for round_ in range(8):
         writes, found = await attempt()
         if not writes or await commit(writes):
-            if found:
+            if found and any(isinstance(w, PutConflict) for w in writes):
                 log.error("conflict after etcd went back, on node %s: %s; recorded for "
                           "`topoipamctl ipam conflicts`", node, "; ".join(found))
             return found
