@@ -929,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 metavar="true|false",
                                 help="forbid borrowing addresses from other nodes' blocks")
     ipam_configure.add_argument("--max-blocks-per-host", type=whole_number, metavar="N",
-                                help="blocks a node may claim (0: no limit)")
+                                help="blocks of each IP family a node may claim (0: no limit)")
     ipam_configure.add_argument("--auto-allocate-blocks", type=bool_flag, metavar="true|false",
                                 help="let nodes claim new blocks")
     ipam_configure.add_argument("--ip-cooldown-seconds", type=whole_number, metavar="N",

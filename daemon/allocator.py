@@ -123,6 +123,17 @@ def pool_of_block(pools: Iterable[IPPool], cidr: IPNetwork) -> IPPool | None:
     return None
 
 
+def at_block_cap(max_blocks_per_host: int, blocks: Iterable[Block], family: int) -> bool:
+    """Whether a node that owns ``blocks`` may claim no more blocks of ``family``.
+
+    ``maxBlocksPerHost`` (0: no cap) counts each IP version on its own, as Calico
+    does: a node at its IPv4 cap still claims the IPv6 block a dual-stack pod needs.
+    """
+    if not max_blocks_per_host:
+        return False
+    return sum(1 for block in blocks if block.family == family) >= max_blocks_per_host
+
+
 @dataclass(frozen=True)
 class AssignContext:
     """What, besides the block itself, decides whether an ordinal may be handed out."""

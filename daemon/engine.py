@@ -793,8 +793,9 @@ class AllocationEngine:
         reason = ""
         if not config.auto_allocate_blocks:
             reason = "autoAllocateBlocks is off"
-        elif config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host:
-            reason = f"node has reached maxBlocksPerHost={config.max_blocks_per_host}"
+        elif allocator.at_block_cap(config.max_blocks_per_host, (b for b, _ in affine), family):
+            reason = (f"node has reached maxBlocksPerHost={config.max_blocks_per_host} "
+                      f"for IPv{family}")
         else:
             for pool in pools:
                 cidr = await self._unclaimed_block(state, pool, txn)
@@ -873,8 +874,7 @@ class AllocationEngine:
             affine = await self.source.affine_blocks()
             if self._claims_seen != seen:
                 return  # a claim took a hint meanwhile: these reads may predate it
-            if not config.auto_allocate_blocks or (
-                    config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host):
+            if not config.auto_allocate_blocks:
                 return
             short = self._short_family(state, [v.value for v in affine], CLAIM_HINT_BELOW)
             if short is None:
@@ -1260,7 +1260,8 @@ class AllocationEngine:
         ``warmAddresses`` free addresses for each IP family its pools serve.
 
         Free means what an allocation could take now: addresses cooling down
-        or reserved are not counted. Never beyond ``maxBlocksPerHost``, never
+        or reserved are not counted. Never beyond ``maxBlocksPerHost`` (per
+        family: a family at its cap leaves the other's reserve alone), never
         with ``autoAllocateBlocks`` off; the caller runs it only in sync. Each
         claim is its own guarded transaction (block + affinity, the block key
         must not exist), like a claim on the request path. Returns the blocks
@@ -1273,8 +1274,6 @@ class AllocationEngine:
             if not config.warm_addresses or not config.auto_allocate_blocks:
                 return claimed
             affine = await self.source.affine_blocks()
-            if config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host:
-                return claimed
             short = self._short_family(state, [v.value for v in affine],
                                        config.warm_addresses)
             if short is None:
@@ -1303,8 +1302,11 @@ class AllocationEngine:
 
     def _short_family(self, state: ClusterState, affine: Sequence[Block], wanted: int
                       ) -> list[IPPool] | None:
-        """The pools of the first IP family whose free addresses are below ``wanted``."""
+        """The pools of the first IP family whose free addresses are below ``wanted``
+        and that may still claim a block (below ``maxBlocksPerHost``)."""
         for family in sorted({p.family for p in state.pools}):
+            if allocator.at_block_cap(state.config.max_blocks_per_host, affine, family):
+                continue
             try:
                 pools = self._pools_for(state, family, ())
             except TopoipamError:
