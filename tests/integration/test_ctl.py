@@ -192,7 +192,7 @@ async def test_apply_from_stdin_and_get_yaml_json_round_trip(run_ctl: Ctl) -> No
         "spec": {"labels": {"zone": "a"}},
     }
     config = await run_ctl("get", "ipamconfig")
-    assert config.out.splitlines()[1].split() == ["default", "true", "0", "true", "30", "0"]
+    assert config.out.splitlines()[1].split() == ["default", "true", "0", "true", "30", "0", "300"]
 
 
 @pytest.mark.asyncio
