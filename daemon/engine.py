@@ -745,6 +745,15 @@ class AllocationEngine:
                                  hold=state.config.sticky_hold_seconds or 1)
         write = txn.identities[read.value.id]
         assert isinstance(write, PutIdentity)
+        # Stamped as released: when the lost node's daemon comes back, its record
+        # check then drops the handle instead of re-asserting it against the new owner.
+        now = self.clock()
+        for entry in write.identity.addresses:
+            block, revision = txn.blocks[entry.block]
+            if block is not None:
+                stamped = block.copy()
+                stamped.released_at[block.ordinal(entry.ip)] = now
+                txn.put_block(stamped, revision, block)
         return write.identity
 
     def _may_keep(self, state: ClusterState, pool: IPPool, block: Block, address: IPAddress,

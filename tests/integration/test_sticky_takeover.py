@@ -123,3 +123,14 @@ def test_a_sticky_pod_of_a_dead_node_takes_its_address_over_on_another(
     rows = run(ctl_env, "get", "allocations", "-o", "wide")
     assert "n2-web-0" in rows and "n1-web-0" not in rows, rows
     assert "OK" in run(ctl_env, "ipam", "check")
+
+    # n1 comes back (same state directory): its record of web-0 is dropped, not
+    # re-asserted against n2 (no conflict); the old pod's DEL then frees nothing.
+    n1.start()
+    assert "conflict" not in n1.log().lower(), n1.log()
+    config = {"cniVersion": "1.1.0", "name": NETWORK, "args": {"cni": {"identity": "db/web-0"}},
+              "ipam": {"type": "topoipam", "socket": n1.socket, "sticky": True}}
+    assert cni("DEL", config, container="n1-web-0")[0] == 0
+    rows = run(ctl_env, "get", "allocations", "-o", "wide")
+    assert "n2-web-0" in rows and "n2-web-1" in rows, rows
+    assert "OK" in run(ctl_env, "ipam", "check")
