@@ -596,7 +596,7 @@ class AllocationEngine:
     async def _plan_op(self, state: ClusterState, op: _Op, txn: TxnPlan) -> bool:
         """Plan one call into ``txn``; True if it finished without needing a write."""
         if isinstance(op, _AllocateOp):
-            op.addresses = []
+            op.addresses, op.took_over = [], None
             return await self._plan_allocation(state, op, txn)
         op.freed = []
         if isinstance(op, _ReleaseIdentityOp):
