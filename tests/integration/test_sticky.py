@@ -265,7 +265,8 @@ def test_park_of_a_live_identity_needs_its_node_lost_or_force(
         assert done.returncode != 0 and fragment in done.stderr, done
     done = ctl(ctl_env, "ipam", "release", "--identity", identity, "--park")
     assert done.returncode != 0 and "node-0's topoipamd is alive" in done.stderr, done
-    assert held(ctl_env, address)["state"] == "live"  # type: ignore[index]
+    row = held(ctl_env, address)
+    assert row is not None and row["state"] == "live", row
     parked = run(ctl_env, "ipam", "release", "--identity", identity, "--park", "--force")
     assert f"parked {address}" in parked, parked
     row = held(ctl_env, address)
@@ -274,4 +275,5 @@ def test_park_of_a_live_identity_needs_its_node_lost_or_force(
     assert "OK" in run(ctl_env, "ipam", "check")
     # The old pod's DEL, should its node come back, finds nothing to free.
     delete(daemons["node-0"], "c1", pod="web-7")
-    assert held(ctl_env, address)["node"] == "node-1"  # type: ignore[index]
+    row = held(ctl_env, address)
+    assert row is not None and row["node"] == "node-1", row
