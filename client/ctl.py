@@ -75,12 +75,15 @@ from topoipam.daemon.errors import (
     NoPoolForNode,
     NotFound,
     TopoipamError,
+    gone_clause,
+    park_command,
 )
 from topoipam.daemon.keys import DEFAULT_PREFIX
 from topoipam.daemon.model import (
     ASSIGNMENT_MODES,
     CONFIG_NAME,
     DEFAULT_BLOCK_SIZE,
+    Identity,
     IPAMConfig,
     IPPool,
     IPReservation,
@@ -99,7 +102,8 @@ DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 # Short: an operator at a terminal wants "etcd is down" in seconds, not a hang.
 DEFAULT_TIMEOUT = 3.0
 CONFIG_FLAGS = ("strict_affinity", "max_blocks_per_host", "auto_allocate_blocks",
-                "ip_cooldown_seconds", "warm_addresses", "sticky_hold_seconds")
+                "ip_cooldown_seconds", "warm_addresses", "sticky_hold_seconds",
+                "sticky_takeover_seconds")
 
 # Resource names as calicoctl and kubectl spell them, with their short forms.
 POOL_NAMES = ("ippool", "ippools", "ipp", "ipps", "pool", "pools")
@@ -374,12 +378,13 @@ async def cmd_get(store: EtcdStore, args: argparse.Namespace) -> int:
         ])
     else:
         # Wide adds the sticky identities' settings.
-        extra = ["STICKYHOLDSECONDS"] if wide else []
+        extra = ["STICKYHOLDSECONDS", "STICKYTAKEOVERSECONDS"] if wide else []
         print_table(["NAME", "STRICTAFFINITY", "MAXBLOCKSPERHOST", "AUTOALLOCATEBLOCKS",
                      "IPCOOLDOWNSECONDS", "WARMADDRESSES", *extra], [
             [CONFIG_NAME, str(o.strict_affinity).lower(), str(o.max_blocks_per_host),
              str(o.auto_allocate_blocks).lower(), str(o.ip_cooldown_seconds),
-             str(o.warm_addresses), *([str(o.sticky_hold_seconds)] if wide else [])]
+             str(o.warm_addresses), *([str(o.sticky_hold_seconds),
+                                       str(o.sticky_takeover_seconds)] if wide else [])]
             for o in objs if isinstance(o, IPAMConfig)
         ])
     return 0
@@ -557,9 +562,13 @@ async def cmd_ipam_check(store: EtcdStore, args: argparse.Namespace) -> int:
 
 async def cmd_ipam_release(store: EtcdStore, args: argparse.Namespace) -> int:
     if args.identity is not None:
-        if args.ip or args.force:
-            raise InvalidInput("--identity takes neither --ip nor --force")
-        return await release_identity(store, args.identity)
+        if args.ip:
+            raise InvalidInput("--identity does not take --ip")
+        if args.force and not args.park:
+            raise InvalidInput("--identity takes --force only with --park")
+        return await release_identity(store, args.identity, args.park, args.force)
+    if args.park:
+        raise InvalidInput("--park goes with --identity ID")
     if not args.ip:
         raise InvalidInput("name what to free: --ip ADDRESS or --identity ID")
     addresses = [parse_address(text, "--ip") for text in args.ip]
@@ -630,13 +639,24 @@ async def cmd_ipam_configure(store: EtcdStore, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- verbs: explain, check
 
 
-async def release_identity(store: EtcdStore, identity_id: str) -> int:
-    """Free a parked sticky identity's addresses now, in one guarded transaction."""
+async def release_identity(store: EtcdStore, identity_id: str, park: bool = False,
+                           force: bool = False) -> int:
+    """Free a parked sticky identity's addresses now, or (``park``) park a live one whose
+    node is lost; one guarded transaction either way."""
     engine = AllocationEngine(store, "topoipamctl")
     try:
-        freed = await engine.release_identity(identity_id)
+        if park:
+            parked = await engine.park_identity(identity_id, force)
+        else:
+            freed = await engine.release_identity(identity_id)
     finally:
         await engine.close()
+    if park:
+        hold = (await store.get_config()).value.sticky_hold_seconds
+        print(f"sticky identity {identity_id}: "
+              + (f"parked {', '.join(map(str, parked))} for its next ADD on any node "
+                 f"(stickyHoldSeconds {hold})" if parked else "is not live: nothing to park"))
+        return 0
     print(f"sticky identity {identity_id}: "
           + (f"released {', '.join(map(str, freed))}" if freed else "holds no parked address"))
     return 0
@@ -655,6 +675,8 @@ async def cmd_explain_identity(store: EtcdStore, identity_id: str) -> int:
     print(f"State: {state} (last node {identity.node})")
     print(f"Addresses: {', '.join(str(a.ip) for a in identity.addresses) or '<none>'}")
     config = (await store.get_config()).value
+    if not identity.parked:
+        print(f"Takeover: {await takeover_state(store, identity, config)}")
     destinations = identity_destinations(snap, config, identity)
     if not destinations:
         print("Nodes that keep its addresses: <none> (its next ADD gets a new address)")
@@ -664,6 +686,21 @@ async def cmd_explain_identity(store: EtcdStore, identity_id: str) -> int:
              else ":"))
     print_table(["NODE", "WHY"], [[node, why] for node, why in destinations])
     return 0
+
+
+async def takeover_state(store: EtcdStore, identity: Identity, config: IPAMConfig) -> str:
+    """Whether another node's ADD may take a live identity over, and when (read only)."""
+    absence = await store.daemon_absence(identity.node, note=False)
+    if absence is None:
+        return (f"no: node {identity.node}'s topoipamd is alive (delete the pod there; "
+                f"if the node is lost all the same: `{park_command(identity.id)} --force`)")
+    if absence.seconds is None:
+        return (f"node {identity.node} has no live topoipamd; the takeover clock starts at "
+                f"this identity's next ADD on another node (stickyTakeoverSeconds="
+                f"{config.sticky_takeover_seconds}); park it now with "
+                f"`{park_command(identity.id)}`")
+    return gone_clause(identity.id, identity.node, absence.seconds,
+                       config.sticky_takeover_seconds)
 
 
 async def cmd_explain(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -943,10 +980,15 @@ def build_parser() -> argparse.ArgumentParser:
     ipam_release.add_argument("--identity", metavar="ID",
                               help="free the addresses parked for this sticky identity now "
                                    "(refused while it is live)")
+    ipam_release.add_argument("--park", action="store_true",
+                              help="with --identity: park a live identity whose node is lost "
+                                   "(its pod never sends DEL), for its next ADD on any node; "
+                                   "refused while that node's topoipamd is alive, unless --force")
     ipam_release.add_argument(
         "--force", action="store_true",
         help="also free addresses whose attachment still exists: the pod keeps using it and "
-             "the next allocation may hand it out again (a duplicate)")
+             "the next allocation may hand it out again (a duplicate); with --park: park "
+             "although the identity's node has a live topoipamd")
     ipam_conflicts = verb(ipam_verbs, "conflicts", cmd_ipam_conflicts,
                           "addresses a node's record holds that etcd gave another pod, or "
                           "no pool contains (after a restore), while that holds")
@@ -967,7 +1009,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 metavar="true|false",
                                 help="forbid borrowing addresses from other nodes' blocks")
     ipam_configure.add_argument("--max-blocks-per-host", type=whole_number, metavar="N",
-                                help="blocks a node may claim (0: no limit)")
+                                help="blocks of each IP family a node may claim (0: no limit)")
     ipam_configure.add_argument("--auto-allocate-blocks", type=bool_flag, metavar="true|false",
                                 help="let nodes claim new blocks")
     ipam_configure.add_argument("--ip-cooldown-seconds", type=whole_number, metavar="N",
@@ -975,6 +1017,10 @@ def build_parser() -> argparse.ArgumentParser:
     ipam_configure.add_argument("--sticky-hold-seconds", type=whole_number, metavar="N",
                                 help="how long DEL parks a sticky identity's address "
                                      "(default 600)")
+    ipam_configure.add_argument("--sticky-takeover-seconds", type=whole_number, metavar="N",
+                                help="after how long without a live topoipamd on its node a "
+                                     "live sticky identity may be taken over by its ADD on "
+                                     "another node (default 300; 0: never)")
     ipam_configure.add_argument("--warm-addresses", type=whole_number, metavar="N",
                                 help="free addresses each node keeps ready in its own blocks, "
                                      "claiming blocks in the background (0: off)")

@@ -57,7 +57,8 @@ SPEC_FIELDS: dict[str, tuple[str, ...]] = {
     "IPPool": ("cidr", "blockSize", "nodeSelector", "disabled", "assignmentMode", "gateway"),
     "Node": ("labels",),
     "IPAMConfig": ("strictAffinity", "maxBlocksPerHost", "autoAllocateBlocks",
-                   "ipCooldownSeconds", "warmAddresses", "stickyHoldSeconds"),
+                   "ipCooldownSeconds", "warmAddresses", "stickyHoldSeconds",
+                   "stickyTakeoverSeconds"),
     "IPReservation": ("cidrs", "reservedCIDRs"),
 }
 

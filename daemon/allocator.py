@@ -125,6 +125,17 @@ def pool_of_block(pools: Iterable[IPPool], cidr: IPNetwork) -> IPPool | None:
     return None
 
 
+def at_block_cap(max_blocks_per_host: int, blocks: Iterable[Block], family: int) -> bool:
+    """Whether a node that owns ``blocks`` may claim no more blocks of ``family``.
+
+    ``maxBlocksPerHost`` (0: no cap) counts each IP version on its own, as Calico
+    does: a node at its IPv4 cap still claims the IPv6 block a dual-stack pod needs.
+    """
+    if not max_blocks_per_host:
+        return False
+    return sum(1 for block in blocks if block.family == family) >= max_blocks_per_host
+
+
 @dataclass(frozen=True)
 class AssignContext:
     """What, besides the block itself, decides whether an ordinal may be handed out."""
@@ -395,6 +406,8 @@ class TxnPlan:
         self.handles: dict[str, Write] = {}
         # Sticky identities this transaction writes (PutIdentity / DeleteIdentity).
         self.identities: dict[str, Write] = {}
+        # Guards that write nothing (DaemonAbsent of a node whose identity is taken over).
+        self.guards: dict[str, Write] = {}
         # Block CIDRs that exist in etcd, per claim window or group, read once per
         # transaction; and per pool, the survey's block count of each group.
         self.existing: dict[IPNetwork, set[IPNetwork]] = {}
@@ -407,14 +420,16 @@ class TxnPlan:
 
     def snapshot(self) -> tuple[dict[IPNetwork, tuple[Block | None, int]],
                                 dict[tuple[str, IPNetwork], bool], dict[str, Write],
-                                dict[str, Write]]:
-        return dict(self.blocks), dict(self.affinities), dict(self.handles), dict(self.identities)
+                                dict[str, Write], dict[str, Write]]:
+        return (dict(self.blocks), dict(self.affinities), dict(self.handles),
+                dict(self.identities), dict(self.guards))
 
     def restore(self, saved: tuple[dict[IPNetwork, tuple[Block | None, int]],
                                    dict[tuple[str, IPNetwork], bool], dict[str, Write],
-                                   dict[str, Write]]) -> None:
-        self.blocks, self.affinities, self.handles, self.identities = (  # type: ignore[assignment]
-            dict(x) for x in saved)
+                                   dict[str, Write], dict[str, Write]]) -> None:
+        blocks, affinities, handles, identities, guards = saved
+        self.blocks, self.affinities = dict(blocks), dict(affinities)
+        self.handles, self.identities, self.guards = dict(handles), dict(identities), dict(guards)
 
     def current(self, versioned: Versioned[Block]) -> Block | None:
         """The planned value of a block read at ``versioned``, if this transaction touched it."""
@@ -459,12 +474,13 @@ class TxnPlan:
                    for w, put in self.room_marks.items()]
         writes += self.handles.values()
         writes += self.identities.values()
+        writes += self.guards.values()
         return writes
 
     def size(self) -> int:
         # A block counts twice: its free-index entry may change with it.
         return (2 * len(self.blocks) + len(self.affinities) + len(self.handles)
-                + len(self.identities) + len(self.room_marks))
+                + len(self.identities) + len(self.room_marks) + 2 * len(self.guards))
 
 
 def has_free(block: Block, pools: Iterable[IPPool]) -> bool:

@@ -567,9 +567,9 @@ def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config:
     steps = [f"1. {node}'s blocks with free addresses: {', '.join(own) or 'none'}"]
     if not config.auto_allocate_blocks:
         steps.append("2. no new blocks: autoAllocateBlocks is off")
-    elif config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host:
+    elif order and allocator.at_block_cap(config.max_blocks_per_host, affine, order[0].family):
         steps.append(f"2. no new blocks: node has reached maxBlocksPerHost="
-                     f"{config.max_blocks_per_host}")
+                     f"{config.max_blocks_per_host} for IPv{order[0].family}")
     else:
         steps.append(claim_step(order, snap, reservations))
     steps.append("3. no borrowing: strictAffinity is on" if config.strict_affinity

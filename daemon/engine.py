@@ -26,6 +26,7 @@ from .errors import (
     Conflict,
     IdentityInUse,
     InvalidInput,
+    NodeAlive,
     NodeInUse,
     PoolExhausted,
     TopoipamError,
@@ -45,9 +46,10 @@ from .model import (
     parked_holder,
     parked_identity,
 )
-from .store import EtcdStore, backoff
+from .store import DaemonAbsence, EtcdStore, backoff
 from .writes import (
     CommitResult,
+    DaemonAbsent,
     DeleteAffinity,
     DeleteBlock,
     DeleteHandle,
@@ -190,6 +192,8 @@ class _AllocateOp:
     future: asyncio.Future[Any]
     request: AllocationRequest
     addresses: list[AllocatedAddress] = field(default_factory=list)
+    # The sticky identity this ADD takes over from a node without a live daemon.
+    took_over: tuple[str, DaemonAbsence] | None = None
 
 
 @dataclass
@@ -206,12 +210,14 @@ class _ReleaseOp:
 @dataclass
 class _ReleaseIdentityOp:
     """Free a parked sticky identity's addresses and forget it (``only_expired``: if its
-    hold is over), in one transaction with its blocks."""
+    hold is over), in one transaction with its blocks; or (``park``) park a live one."""
 
     future: asyncio.Future[Any]
     identity_id: str
     only_expired: bool
     freed: list[IPAddress] = field(default_factory=list)
+    park: bool = False
+    force: bool = False  # park although its node's daemon is alive
 
 
 _Op = _AllocateOp | _ReleaseOp | _ReleaseIdentityOp
@@ -289,6 +295,8 @@ class AllocationEngine:
         self.on_claim: Callable[[str, int], None] = lambda path, count: None
         #: Called after a transaction that allocated addresses committed.
         self.on_allocated: Callable[[], None] = lambda: None
+        #: Called when an ADD took a sticky identity over from a node without a daemon.
+        self.on_takeover: Callable[[], None] = lambda: None
         # Handles this engine wrote, so a release needs no read first. Only a
         # hint: a stale entry fails its compare and is refreshed.
         self._handles: dict[str, Versioned[Handle]] = {}
@@ -350,6 +358,20 @@ class AllocationEngine:
         """
         result: list[IPAddress] = await self._submit(
             _ReleaseIdentityOp(self._future(), check_identity(identity_id), only_expired))
+        return result
+
+    async def park_identity(self, identity_id: str, force: bool = False) -> list[IPAddress]:
+        """Park a live sticky identity now, as its attachment's DEL would (the operator's
+        ``topoipamctl ipam release --identity ID --park`` for a pod on a lost node).
+
+        One transaction: the attachment's handle is deleted and its addresses are
+        parked for ``stickyHoldSeconds``, for the identity's next ADD on any node.
+        Refused (NodeAlive) while the identity's node has a live daemon, unless
+        ``force``; the transaction compares that it still has none. Returns the
+        addresses parked ([] for an unknown identity or one parked already).
+        """
+        result: list[IPAddress] = await self._submit(_ReleaseIdentityOp(
+            self._future(), check_identity(identity_id), False, park=True, force=force))
         return result
 
     async def expire_parked(self) -> list[str]:
@@ -545,6 +567,12 @@ class AllocationEngine:
             write = txn.handles[handle_id]
             assert isinstance(write, PutHandle)
             self._handles[handle_id] = Versioned(write.handle, revision)
+            if op.took_over is not None:
+                node, absence = op.took_over
+                log.warning("sticky identity %s: attachment %s took it over from node %s, "
+                            "which has had no live topoipamd for %.0f s", op.request.identity,
+                            handle_id, node, absence.seconds or 0.0)
+                self.on_takeover()
             _settle(op, result=Allocation(handle_id, tuple(op.addresses)))
         elif isinstance(op, _ReleaseOp):
             self._handles.pop(op.handle_id, None)
@@ -571,7 +599,7 @@ class AllocationEngine:
     async def _plan_op(self, state: ClusterState, op: _Op, txn: TxnPlan) -> bool:
         """Plan one call into ``txn``; True if it finished without needing a write."""
         if isinstance(op, _AllocateOp):
-            op.addresses = []
+            op.addresses, op.took_over = [], None
             return await self._plan_allocation(state, op, txn)
         op.freed = []
         if isinstance(op, _ReleaseIdentityOp):
@@ -590,7 +618,7 @@ class AllocationEngine:
                 raise _Defer()
             identity = await self.store.get_identity(request.identity)
             if identity is not None:
-                taken = await self._take_back(state, op, identity.value, txn)
+                taken = await self._take_back(state, op, identity, txn)
                 if taken is None:
                     return True  # a repeated ADD, answered with what it holds
                 kept = taken
@@ -623,8 +651,8 @@ class AllocationEngine:
                 identity.mod_revision if identity is not None else 0)
         return False
 
-    async def _take_back(self, state: ClusterState, op: _AllocateOp, identity: Identity,
-                         txn: TxnPlan) -> set[int] | None:
+    async def _take_back(self, state: ClusterState, op: _AllocateOp,
+                         read: Versioned[Identity], txn: TxnPlan) -> set[int] | None:
         """Plan a sticky ADD's return of the addresses its identity holds.
 
         Per family the request wants, the identity's address is handed to the
@@ -634,10 +662,12 @@ class AllocationEngine:
         address of the identity is freed in the same transaction. Returns the
         families kept, or None when the ADD repeats the live attachment's own
         (answered from its handle). Raises IdentityInUse when another attachment
-        holds the identity live: nothing is planned.
+        holds the identity live (nothing is planned), unless it is taken over
+        (:meth:`_take_over`).
         """
         request = op.request
         handle_id = request.attachment.handle_id
+        identity = read.value
         holder = parked_holder(identity.id)
         if not identity.parked:
             current = await self.store.get_handle(identity.handle)
@@ -645,9 +675,9 @@ class AllocationEngine:
                 self._settle_existing(op, current.value, state)
                 return None
             if current is not None:
-                raise IdentityInUse(identity.id, identity.handle, identity.node, handle_id,
-                                    self.node)
-            holder = identity.handle  # its handle was removed by hand: take over its blocks
+                identity = await self._take_over(state, op, read, current, txn)
+            else:
+                holder = identity.handle  # its handle was removed by hand: take over its blocks
         now = self.clock()
         wanted = request.families()
         kept: set[int] = set()
@@ -675,6 +705,59 @@ class AllocationEngine:
             else:
                 txn.put_block(new, revision, block)
         return kept
+
+    async def _take_over(self, state: ClusterState, op: _AllocateOp, read: Versioned[Identity],
+                         current: Versioned[Handle], txn: TxnPlan) -> Identity:
+        """A sticky ADD of an identity another attachment holds live: refused
+        (IdentityInUse, saying how long that node has had no daemon, if so), unless
+        that node has had no live daemon for ``stickyTakeoverSeconds``. Then the
+        identity is parked as the lost attachment's DEL would have done it, in
+        this transaction, which compares that the node still has no daemon
+        (and the same absence record); the caller hands it on like any parked
+        identity. Returns the parked identity.
+        """
+        identity = read.value
+        takeover = state.config.sticky_takeover_seconds
+        absence = None  # this node's own daemon is alive: it is the one asking
+        if identity.node != self.node:
+            absence = await self.store.daemon_absence(identity.node)
+        gone = absence.seconds if absence is not None else None
+        if gone is None or not takeover or gone < takeover:
+            raise IdentityInUse(identity.id, identity.handle, identity.node,
+                                op.request.attachment.handle_id, self.node,
+                                holder_alive=absence is None, gone_seconds=gone,
+                                takeover_seconds=takeover)
+        assert absence is not None
+        op.took_over = (identity.node, absence)
+        return await self._park_live(state, read, current, txn,
+                                     DaemonAbsent(identity.node, absence.noted_revision))
+
+    async def _park_live(self, state: ClusterState, read: Versioned[Identity],
+                         handle: Versioned[Handle], txn: TxnPlan, guard: DaemonAbsent | None
+                         ) -> Identity:
+        """Plan what the DEL of a live identity's attachment does (:meth:`_plan_parking`)
+        for a node that cannot send it: delete the handle, park its addresses (for
+        ``stickyHoldSeconds``, at least a second), guarded by ``guard``."""
+        if handle.value.id in txn.handles:
+            raise _Defer()
+        if handle.mod_revision:  # 0: a stand-in for a handle removed by hand
+            txn.handles[handle.value.id] = DeleteHandle(handle.value.id, handle.mod_revision)
+        if guard is not None:
+            txn.guards[f"daemon-absent/{guard.node}"] = guard
+        await self._plan_parking(state, read.value.id, handle, txn, read=read,
+                                 hold=state.config.sticky_hold_seconds or 1)
+        write = txn.identities[read.value.id]
+        assert isinstance(write, PutIdentity)
+        # Stamped as released: when the lost node's daemon comes back, its record
+        # check then drops the handle instead of re-asserting it against the new owner.
+        now = self.clock()
+        for entry in write.identity.addresses:
+            block, revision = txn.blocks[entry.block]
+            if block is not None:
+                stamped = block.copy()
+                stamped.released_at[block.ordinal(entry.ip)] = now
+                txn.put_block(stamped, revision, block)
+        return write.identity
 
     def _may_keep(self, state: ClusterState, pool: IPPool, block: Block, address: IPAddress,
                   request: AllocationRequest) -> bool:
@@ -796,8 +879,9 @@ class AllocationEngine:
         reason = ""
         if not config.auto_allocate_blocks:
             reason = "autoAllocateBlocks is off"
-        elif config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host:
-            reason = f"node has reached maxBlocksPerHost={config.max_blocks_per_host}"
+        elif allocator.at_block_cap(config.max_blocks_per_host, (b for b, _ in affine), family):
+            reason = (f"node has reached maxBlocksPerHost={config.max_blocks_per_host} "
+                      f"for IPv{family}")
         else:
             for pool in pools:
                 cidr = await self._unclaimed_block(state, pool, txn)
@@ -876,8 +960,7 @@ class AllocationEngine:
             affine = await self.source.affine_blocks()
             if self._claims_seen != seen:
                 return  # a claim took a hint meanwhile: these reads may predate it
-            if not config.auto_allocate_blocks or (
-                    config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host):
+            if not config.auto_allocate_blocks:
                 return
             short = self._short_family(state, [v.value for v in affine], CLAIM_HINT_BELOW)
             if short is None:
@@ -1031,17 +1114,20 @@ class AllocationEngine:
         return False
 
     async def _plan_parking(self, state: ClusterState, identity_id: str,
-                            handle: Versioned[Handle], txn: TxnPlan) -> bool:
+                            handle: Versioned[Handle], txn: TxnPlan,
+                            read: Versioned[Identity] | None = None, hold: int | None = None
+                            ) -> bool:
         """Plan a sticky DEL: its blocks give the addresses to the parked identity until
-        ``stickyHoldSeconds`` from now. False when the handle is not its identity's live
-        attachment (then it is released like any other), or with no hold at all (its
-        identity is deleted and the addresses are freed as usual)."""
+        ``stickyHoldSeconds`` (or ``hold``) from now. False when the handle is not its
+        identity's live attachment (then it is released like any other), or with no
+        hold at all (its identity is deleted and the addresses are freed as usual).
+        ``read``: the identity, read already."""
         if identity_id in txn.identities:
             raise _Defer()
-        identity = await self.store.get_identity(identity_id)
+        identity = read or await self.store.get_identity(identity_id)
         if identity is None or identity.value.parked or identity.value.handle != handle.value.id:
             return False
-        hold = state.config.sticky_hold_seconds
+        hold = state.config.sticky_hold_seconds if hold is None else hold
         if not hold:
             txn.identities[identity_id] = DeleteIdentity(identity_id, identity.mod_revision)
             return False
@@ -1074,7 +1160,12 @@ class AllocationEngine:
             if op.only_expired:
                 _settle(op, result=[])
                 return True
-            raise IdentityInUse(value.id, value.handle, value.node)
+            if not op.park:
+                raise IdentityInUse(value.id, value.handle, value.node)
+            return await self._plan_park_now(state, op, identity, txn)
+        if op.park:  # parked already: nothing to do
+            _settle(op, result=[])
+            return True
         holder = parked_holder(value.id)
         for entry in value.addresses:
             block, revision = await self._planned_block(entry.block, txn)
@@ -1089,6 +1180,22 @@ class AllocationEngine:
             else:
                 txn.put_block(new, revision, block)
         txn.identities[value.id] = DeleteIdentity(value.id, identity.mod_revision)
+        return False
+
+    async def _plan_park_now(self, state: ClusterState, op: _ReleaseIdentityOp,
+                             read: Versioned[Identity], txn: TxnPlan) -> bool:
+        """``ipam release --identity ID --park``: park a live identity whose node is lost."""
+        value = read.value
+        absence = await self.store.daemon_absence(value.node)
+        if absence is None and not op.force:
+            raise NodeAlive(value.node, f"sticky identity {value.id} is live under attachment "
+                            f"{value.handle}: delete that pod (its DEL parks it), or add "
+                            "--force if that node is lost all the same")
+        handle = await self.store.get_handle(value.handle) or Versioned(
+            Handle(value.handle, value.node, value.addresses), 0)
+        parked = await self._park_live(state, read, handle, txn, None if absence is None
+                                       else DaemonAbsent(value.node, absence.noted_revision))
+        op.freed = [entry.ip for entry in parked.addresses]
         return False
 
     async def _planned_block(self, cidr: IPNetwork, txn: TxnPlan
@@ -1263,7 +1370,8 @@ class AllocationEngine:
         ``warmAddresses`` free addresses for each IP family its pools serve.
 
         Free means what an allocation could take now: addresses cooling down
-        or reserved are not counted. Never beyond ``maxBlocksPerHost``, never
+        or reserved are not counted. Never beyond ``maxBlocksPerHost`` (per
+        family: a family at its cap leaves the other's reserve alone), never
         with ``autoAllocateBlocks`` off; the caller runs it only in sync. Each
         claim is its own guarded transaction (block + affinity, the block key
         must not exist), like a claim on the request path. Returns the blocks
@@ -1276,8 +1384,6 @@ class AllocationEngine:
             if not config.warm_addresses or not config.auto_allocate_blocks:
                 return claimed
             affine = await self.source.affine_blocks()
-            if config.max_blocks_per_host and len(affine) >= config.max_blocks_per_host:
-                return claimed
             short = self._short_family(state, [v.value for v in affine],
                                        config.warm_addresses)
             if short is None:
@@ -1306,8 +1412,11 @@ class AllocationEngine:
 
     def _short_family(self, state: ClusterState, affine: Sequence[Block], wanted: int
                       ) -> list[IPPool] | None:
-        """The pools of the first IP family whose free addresses are below ``wanted``."""
+        """The pools of the first IP family whose free addresses are below ``wanted``
+        and that may still claim a block (below ``maxBlocksPerHost``)."""
         for family in sorted({p.family for p in state.pools}):
+            if allocator.at_block_cap(state.config.max_blocks_per_host, affine, family):
+                continue
             try:
                 pools = self._pools_for(state, family, ())
             except TopoipamError:

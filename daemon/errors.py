@@ -86,6 +86,14 @@ class NodeInUse(TopoipamError):
         )
 
 
+class NodeAlive(TopoipamError):
+    """Refused because the node's daemon is alive: the node is not lost."""
+
+    def __init__(self, node: str, what: str) -> None:
+        self.node = node
+        super().__init__(f"node {node}'s topoipamd is alive; {what}")
+
+
 def _describe_labels(labels: Mapping[str, str]) -> str:
     if not labels:
         return "{}"
@@ -155,16 +163,42 @@ class IdentityInUse(TopoipamError):
     cni_code = cniwire.CNI_ADDRESS_UNAVAILABLE
 
     def __init__(self, identity: str, holder: str, holder_node: str, wanted: str = "",
-                 node: str = "") -> None:
+                 node: str = "", *, holder_alive: bool = False, gone_seconds: float | None = None,
+                 takeover_seconds: int = 0) -> None:
+        """``gone_seconds``: the holder's node has had no live daemon for that long (None:
+        alive, or not known); ``takeover_seconds``: stickyTakeoverSeconds then."""
         self.identity, self.holder, self.wanted = identity, holder, wanted
+        self.gone_seconds = gone_seconds
+        message = (f"sticky identity {identity} is live under attachment {holder} "
+                   f"(node {holder_node}); ")
         if wanted:
-            message = (f"sticky identity {identity} is live under attachment {holder} "
-                       f"(node {holder_node}); attachment {wanted} (node {node}) cannot "
-                       "take it too: delete the other pod first")
+            message += f"attachment {wanted} (node {node}) cannot take it too: "
+        if gone_seconds is not None:
+            message += gone_clause(identity, holder_node, gone_seconds, takeover_seconds)
+        elif wanted:
+            message += "delete the other pod first" + (
+                f" (node {holder_node}'s topoipamd is alive)" if holder_alive else "")
         else:
-            message = (f"sticky identity {identity} is live under attachment {holder} "
-                       f"(node {holder_node}); delete that pod first (its DEL parks it)")
+            message += (f"delete that pod first (its DEL parks it), or, if node {holder_node} "
+                        f"is lost, park it with `{park_command(identity)}`")
         super().__init__(message)
+
+
+def park_command(identity: str) -> str:
+    """The operator's command that parks a live sticky identity now."""
+    return f"topoipamctl ipam release --identity {identity} --park"
+
+
+def gone_clause(identity: str, node: str, gone_seconds: float, takeover_seconds: int) -> str:
+    """What an identity held live on a node without a live daemon waits for, and the way out."""
+    gone = f"node {node} has had no live topoipamd for {gone_seconds:.0f} s"
+    if not takeover_seconds:
+        wait = "and stickyTakeoverSeconds is 0 (never taken over)"
+    else:
+        left = max(0.0, takeover_seconds - gone_seconds)
+        wait = (f"another node's ADD takes it over at stickyTakeoverSeconds={takeover_seconds} "
+                f"(in {left:.0f} s)")
+    return f"{gone}; {wait}; park it now with `{park_command(identity)}`"
 
 
 class UnknownPool(InvalidInput):

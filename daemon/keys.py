@@ -147,6 +147,10 @@ class KeySchema:
     def daemon(self, node: str) -> bytes:
         return self._key("daemons", node)
 
+    def daemon_absence(self, node: str) -> bytes:
+        """When ``node`` was first found without a live daemon (its age is its lease's)."""
+        return self._key("absent", node)
+
     def conflict(self, node: str, address: IPAddress) -> bytes:
         """An address the node re-asserted after etcd went back, found held by another."""
         return self._key("conflicts", node, str(address))

@@ -54,6 +54,10 @@ class Metrics:
             "topoipam_cache_in_sync", "1 when the daemon's cache is in sync with etcd",
             registry=self.registry,
         )
+        self.sticky_takeovers = Counter(
+            "topoipam_sticky_takeovers", "Sticky identities this node's ADDs took over from a "
+            "node that had no live daemon for stickyTakeoverSeconds", registry=self.registry,
+        )
         self.claims = Counter(
             "topoipam_block_claims", "Blocks this node claimed, by path: on a pod's request "
             "or in the background (the warm reserve)", ["path"], registry=self.registry,

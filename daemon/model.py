@@ -422,6 +422,10 @@ class IPAMConfig:
     #: restarted VM to be rescheduled, pull its image and come back; short enough
     #: that a deleted workload's addresses return within one maintenance window.
     sticky_hold_seconds: int = 600
+    #: How long the node of a live sticky identity must have had no live daemon (its
+    #: fence gone) before an ADD of that identity on another node takes the address
+    #: over (0: never). Five minutes, like Kubernetes' default eviction timeout.
+    sticky_takeover_seconds: int = 300
 
     _FIELDS = {
         "strictAffinity": "strict_affinity",
@@ -430,6 +434,7 @@ class IPAMConfig:
         "ipCooldownSeconds": "ip_cooldown_seconds",
         "warmAddresses": "warm_addresses",
         "stickyHoldSeconds": "sticky_hold_seconds",
+        "stickyTakeoverSeconds": "sticky_takeover_seconds",
     }
 
     def __post_init__(self) -> None:
@@ -439,6 +444,7 @@ class IPAMConfig:
         _int("ipamconfig: ipCooldownSeconds", self.ip_cooldown_seconds)
         _int("ipamconfig: warmAddresses", self.warm_addresses)
         _int("ipamconfig: stickyHoldSeconds", self.sticky_hold_seconds)
+        _int("ipamconfig: stickyTakeoverSeconds", self.sticky_takeover_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, attr) for key, attr in self._FIELDS.items()}

@@ -107,6 +107,7 @@ class Daemon:
         self.ipam.on_conflict = self.metrics.etcd_conflicts.inc
         self.ipam.on_claim = lambda path, count: self.metrics.claims.labels(path).inc(count)
         self.ipam.on_allocated = self._on_allocated
+        self.ipam.on_takeover = self.metrics.sticky_takeovers.inc
         self.store.on_error = self.metrics.etcd_errors.inc
         self.keeper = NodeFenceKeeper(self.store, config.node, config.state_dir, config.prefix,
                                       config.node_lease_seconds, on_change=self._refresh_health)

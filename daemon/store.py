@@ -25,6 +25,7 @@ Keys (prefix default ``/topoipam/v1``)::
     room/<v4|v6>/<hex network>-<prefixlen>   (room index: claim windows with room)
     identities/<id>         (sticky identities, live or parked)
     conflicts/<node>/<ip>   (an address a node's record holds that etcd gave another)
+    absent/<node>           (the node was found without a live daemon; on a lease of its own)
     datastore               (the datastore's identity, written once)
 
 A daemon's store is *fenced* (:class:`CommitFence`): every transaction it
@@ -100,6 +101,19 @@ async def backoff(attempt: int) -> None:
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
+# The lease of a node's absence record: its age is the lease's (see daemon_absence).
+# A month: a node gone longer is noted afresh (a later takeover, never an earlier one).
+ABSENCE_LEASE_SECONDS = 30 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class DaemonAbsence:
+    """A node without a live daemon: for how long that has been known (``seconds``,
+    None if nobody noted it yet) and the revision of its record (0: none)."""
+
+    node: str
+    seconds: float | None
+    noted_revision: int
 
 
 def decode_each(kvs: Iterable[Any], decoder: Callable[[bytes, bytes], T],
@@ -749,12 +763,17 @@ class EtcdStore:
         """
         key = self.keys.daemon(node)
         put = rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=encode(info), lease=lease))
+        # The node is alive again: its absence record goes with the same transaction.
+        forget = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+            key=self.keys.daemon_absence(node), prev_kv=True))
         for _ in range(WRITE_ATTEMPTS):
             response = await self._call("Txn", rpc.TxnRequest(
                 compare=[rpc.Compare(key=key, result=rpc.Compare.EQUAL,
                                      target=rpc.Compare.CREATE, create_revision=0)],
-                success=[put], failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))]))
+                success=[put, forget],
+                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))]))
             if response.succeeded:
+                await self._revoke_absence_lease(response)
                 return True, info, 0
             kvs = response.responses[0].response_range.kvs
             if not kvs:
@@ -772,8 +791,9 @@ class EtcdStore:
             response = await self._call("Txn", rpc.TxnRequest(
                 compare=[rpc.Compare(key=key, result=rpc.Compare.EQUAL,
                                      target=rpc.Compare.MOD, mod_revision=kv.mod_revision)],
-                success=[put]))
+                success=[put, forget]))
             if response.succeeded:
+                await self._revoke_absence_lease(response)
                 return True, holder, int(kv.lease)
         raise Conflict(f"the fence of node {node} changed concurrently; try again")
 
@@ -803,6 +823,74 @@ class EtcdStore:
         except grpc.aio.AioRpcError as exc:
             self.on_error()
             raise DatastoreUnavailable(f"etcd lease revoke failed: {exc.details()}") from exc
+
+    async def _revoke_absence_lease(self, response: Any) -> None:
+        """Revoke the lease of the absence record a fence claim deleted (else it would
+        linger, empty, for ABSENCE_LEASE_SECONDS)."""
+        for kv in response.responses[1].response_delete_range.prev_kvs:
+            if kv.lease:
+                try:
+                    await self.revoke_lease(int(kv.lease))
+                except DatastoreUnavailable:
+                    pass  # it expires by itself
+
+    async def daemon_absence(self, node: str, note: bool = True) -> DaemonAbsence | None:
+        """None while ``node`` has a live daemon (``daemons/<node>`` exists); else for
+        how long its absence has been known.
+
+        etcd does not keep the time the fence key vanished (its lease expired), so
+        the first reader that finds it absent notes it (``note``): ``absent/<node>``
+        on an etcd lease of its own, created only while the fence key is still
+        absent, and deleted by :meth:`claim_node` in the transaction that brings a
+        daemon back. Its age is the lease's granted TTL less what remains of it, as
+        etcd counts it: no host's clock is read, so clock skew between hosts does
+        not matter, and the record survives any daemon's restart. An etcd leader
+        change renews leases, which only makes the record younger (a takeover
+        later, never earlier). Age is in whole seconds, rounded down.
+        """
+        fence, record = self.keys.daemon(node), self.keys.daemon_absence(node)
+        absent = rpc.Compare(key=fence, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE,
+                             create_revision=0)
+        for _ in range(WRITE_ATTEMPTS):
+            response = await self._call("Txn", rpc.TxnRequest(
+                compare=[absent], success=[rpc.RequestOp(request_range=rpc.RangeRequest(
+                    key=record))]))
+            if not response.succeeded:
+                return None
+            kvs = response.responses[0].response_range.kvs
+            if kvs:
+                age = await self._lease_age(int(kvs[0].lease))
+                if age is not None:
+                    return DaemonAbsence(node, age, int(kvs[0].mod_revision))
+                continue  # its lease ran out just now: the key goes too
+            if not note:
+                return DaemonAbsence(node, None, 0)
+            lease = await self.grant_lease(ABSENCE_LEASE_SECONDS)
+            response = await self._call("Txn", rpc.TxnRequest(
+                compare=[absent, rpc.Compare(key=record, result=rpc.Compare.EQUAL,
+                                             target=rpc.Compare.CREATE, create_revision=0)],
+                success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=record, value=encode({"noted": time.time()}), lease=lease))]))
+            if not response.succeeded:  # noted by another meanwhile, or the daemon is back
+                await self.revoke_lease(lease)
+        raise Conflict(f"the absence record of node {node} kept changing; try again")
+
+    async def _lease_age(self, lease: int) -> float | None:
+        """Seconds since ``lease`` was granted (or last renewed), or None once it expired."""
+        if self._channel is None:
+            await self.connect()
+        try:
+            alive = await rpc.LeaseStub(self._channel).LeaseTimeToLive(
+                rpc.LeaseTimeToLiveRequest(ID=lease), timeout=self.options.timeout,
+                metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            self.on_error()
+            raise DatastoreUnavailable(f"etcd lease lookup failed: {exc.details()}") from exc
+        if int(alive.TTL) < 0:
+            return None
+        # etcd reports the remaining TTL rounded down to a whole second: take one more
+        # off, so the age is never more than it really is.
+        return float(max(0, int(alive.grantedTTL) - int(alive.TTL) - 1))
 
     async def get_daemon(self, node: str) -> dict[str, Any] | None:
         """What the running daemon of ``node`` announced, or None if none is alive."""
@@ -960,6 +1048,15 @@ class EtcdStore:
                     key=prefix, range_end=prefix_range_end(prefix), result=rpc.Compare.LESS,
                     target=rpc.Compare.MOD, mod_revision=write.revision + 1))
                 continue
+            if isinstance(write, ops.DaemonAbsent):
+                compares.append(rpc.Compare(
+                    key=self.keys.daemon(write.node), result=rpc.Compare.EQUAL,
+                    target=rpc.Compare.CREATE, create_revision=0))
+                if write.noted_revision:
+                    compares.append(rpc.Compare(
+                        key=self.keys.daemon_absence(write.node), result=rpc.Compare.EQUAL,
+                        target=rpc.Compare.MOD, mod_revision=write.noted_revision))
+                continue
             guard = self._guarded_key(write)
             if guard is None or guard[1] is None:
                 continue
@@ -972,7 +1069,7 @@ class EtcdStore:
         request = rpc.TxnRequest(
             compare=compares,
             success=[self._request_op(w) for w in writes
-                     if not isinstance(w, ops.PoolsUnchangedSince)],
+                     if not isinstance(w, ops.PoolsUnchangedSince | ops.DaemonAbsent)],
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k))
                      for k in (*guarded, *([fence.key] if fence is not None else []))],
         )

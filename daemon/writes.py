@@ -158,11 +158,23 @@ class PoolsUnchangedSince:
     revision: int
 
 
+@dataclass(frozen=True)
+class DaemonAbsent:
+    """A guard, not a write: ``node`` has no live daemon (its fence key is absent), and
+    its absence record is still the one read at ``noted_revision`` (0: not compared).
+
+    What lets another node take over a sticky identity that node holds live.
+    """
+
+    node: str
+    noted_revision: int = 0
+
+
 Write = (
     PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutFreeMark | DeleteFreeMark
     | PutRoomMark | DeleteRoomMark | DeleteRoomMarksIn | PutHandle | DeleteHandle | PutIdentity
     | DeleteIdentity | PutConflict | DeleteConflict | PutObject
-    | DeleteObject | PoolsUnchangedSince
+    | DeleteObject | PoolsUnchangedSince | DaemonAbsent
 )
 
 

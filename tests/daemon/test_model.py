@@ -176,6 +176,11 @@ def test_config_validation() -> None:
     assert IPAMConfig.from_dict({"strictAffinity": True}).strict_affinity
     with pytest.raises(InvalidInput, match="maxBlocksPerHost"):
         IPAMConfig.from_dict({"maxBlocksPerHost": -1})
+    assert IPAMConfig().sticky_takeover_seconds == 300
+    assert IPAMConfig.from_dict({"stickyTakeoverSeconds": 0}).sticky_takeover_seconds == 0
+    for bad in (-1, 1.5, "5", True):
+        with pytest.raises(InvalidInput, match="stickyTakeoverSeconds"):
+            IPAMConfig.from_dict({"stickyTakeoverSeconds": bad})
     with pytest.raises(InvalidInput, match="unknown field"):
         IPAMConfig.from_dict({"strict": True})
 

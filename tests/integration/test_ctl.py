@@ -198,7 +198,7 @@ async def test_apply_from_stdin_and_get_yaml_json_round_trip(run_ctl: Ctl) -> No
     assert dict(zip(header.split(), row.split(), strict=True)) == {
         "NAME": "default", "STRICTAFFINITY": "true", "MAXBLOCKSPERHOST": "0",
         "AUTOALLOCATEBLOCKS": "true", "IPCOOLDOWNSECONDS": "30", "WARMADDRESSES": "0",
-        "STICKYHOLDSECONDS": "120"}
+        "STICKYHOLDSECONDS": "120", "STICKYTAKEOVERSECONDS": "300"}
 
 
 @pytest.mark.asyncio

@@ -141,6 +141,31 @@ async def test_borrowing_and_strict_affinity(store: EtcdStore) -> None:
 
 
 @pytest.mark.asyncio
+async def test_max_blocks_per_host_counts_each_ip_family(
+        store: EtcdStore, ctl_env: dict[str, str]) -> None:
+    # Like Calico, the cap is per IP version: a node at its IPv4 cap still claims an
+    # IPv6 block, and one family's warm reserve never uses the other family's room.
+    await seed(store, IPPool("v4", net("10.5.0.0/24"), 29), IPPool("v6", net("fd00:5::/112"), 125),
+               IPAMConfig(strict_affinity=True, max_blocks_per_host=1), Node("a"), Node("w"))
+    engine = AllocationEngine(store, "a")
+    await engine.allocate(request("four"))
+    explained = (await asyncio.to_thread(ctl, ctl_env, "explain", "node", "a")).stdout
+    assert "reached maxBlocksPerHost=1 for IPv4" in explained, explained
+    assert "2. claim a new block in: v6" in explained, explained
+    dual = await engine.allocate(request("dual", ipv4=True, ipv6=True))
+    assert sorted(a.ip.version for a in dual.addresses) == [4, 6]
+    with pytest.raises(PoolExhausted, match="maxBlocksPerHost=1"):
+        for i in range(8):  # one /29 block: at most 6 addresses, then the IPv4 cap
+            await engine.allocate(request(f"fill{i}"))
+    assert sorted(c.version for _, c in await store.list_affinities("a")) == [4, 6]
+    # The reserve wants more than one block holds: one block of each family, no more.
+    await seed(store, IPAMConfig(strict_affinity=True, max_blocks_per_host=1, warm_addresses=20))
+    assert await AllocationEngine(store, "w").top_up_reserve() == 2
+    assert sorted(c.version for _, c in await store.list_affinities("w")) == [4, 6]
+    await audit(store)
+
+
+@pytest.mark.asyncio
 async def test_errors_are_distinct_and_write_nothing(store: EtcdStore) -> None:
     await seed(store, IPPool("rack-0", net("192.168.0.0/24"), 26, 'rack == "0"'),
                IPPool("full", net("10.2.0.0/30"), 30, "all()", assignment_mode="Manual"),

@@ -251,3 +251,29 @@ def test_ipam_release_refuses_a_live_identity_and_check_finds_a_broken_one(
                    check=True, capture_output=True)
     check = ctl(ctl_env, "ipam", "check")
     assert check.returncode != 0 and f"sticky identity {identity}" in check.stdout, check
+
+
+def test_park_of_a_live_identity_needs_its_node_lost_or_force(
+        daemons: dict[str, DaemonProcess], ctl_env: dict[str, str]) -> None:
+    address = add(daemons["node-0"], "c1", pod="web-7")
+    identity = f"{NETWORK}/default/web-7/eth0"
+    explained = run(ctl_env, "explain", "identity", identity)
+    assert "node-0's topoipamd is alive" in explained and "--park --force" in explained
+    for args, fragment in ((["--park"], "--identity ID"), (["--identity", identity, "--force"],
+                                                            "--force only with --park")):
+        done = ctl(ctl_env, "ipam", "release", *args)
+        assert done.returncode != 0 and fragment in done.stderr, done
+    done = ctl(ctl_env, "ipam", "release", "--identity", identity, "--park")
+    assert done.returncode != 0 and "node-0's topoipamd is alive" in done.stderr, done
+    row = held(ctl_env, address)
+    assert row is not None and row["state"] == "live", row
+    parked = run(ctl_env, "ipam", "release", "--identity", identity, "--park", "--force")
+    assert f"parked {address}" in parked, parked
+    row = held(ctl_env, address)
+    assert row is not None and row["state"] == "parked", row
+    assert add(daemons["node-1"], "c2", pod="web-7") == address
+    assert "OK" in run(ctl_env, "ipam", "check")
+    # The old pod's DEL, should its node come back, finds nothing to free.
+    delete(daemons["node-0"], "c1", pod="web-7")
+    row = held(ctl_env, address)
+    assert row is not None and row["node"] == "node-1", row

@@ -22,7 +22,7 @@ from topoipam.daemon.model import (
     parked_holder,
 )
 from topoipam.daemon.store import EtcdStore
-from topoipam.daemon.writes import DeleteAffinity, PutBlock, PutObject
+from topoipam.daemon.writes import DaemonAbsent, DeleteAffinity, PutBlock, PutObject
 
 IDENTITY = "net/default/web-0/eth0"
 
@@ -150,6 +150,57 @@ async def test_no_hold_frees_at_del_and_a_live_identity_is_never_taken(
     assert await n0.release("net/c1/eth0") == [first]
     assert await store.get_identity(IDENTITY) is None
     await consistent(store)
+
+
+@pytest.mark.asyncio
+async def test_a_live_identity_is_taken_over_once_its_node_has_no_daemon_long_enough(
+        store: EtcdStore) -> None:
+    # No daemon serves n0 here (no daemons/n0 fence key): its absence is noted by the
+    # first refused ADD, and timed by etcd from then on.
+    await seed(store, IPAMConfig(sticky_takeover_seconds=0))
+    n0, n1 = AllocationEngine(store, "n0"), AllocationEngine(store, "n1")
+    first = (await n0.allocate(sticky("c1"))).addresses[0].ip
+    with pytest.raises(IdentityInUse, match="stickyTakeoverSeconds is 0 .*"
+                       f"topoipamctl ipam release --identity {IDENTITY} --park"):
+        await n1.allocate(sticky("c2"))
+    await store.commit([PutObject(IPAMConfig(sticky_takeover_seconds=2))])
+    with pytest.raises(IdentityInUse, match=r"no live topoipamd for \d s; another node's ADD "
+                       r"takes it over at stickyTakeoverSeconds=2 \(in \d s\)"):
+        await n1.allocate(sticky("c2"))
+    await asyncio.sleep(3.1)  # ages are whole seconds, rounded down
+    taken = await n1.allocate(sticky("c2"))
+    assert [a.ip for a in taken.addresses] == [first]
+    assert await store.get_handle("net/c1/eth0") is None
+    identity = await store.get_identity(IDENTITY)
+    assert identity is not None and (identity.value.state, identity.value.node) == ("live", "n1")
+    await consistent(store)
+    # A daemon that serves a node again forgets its absence, in the same transaction.
+    assert await store.get_raw(store.keys.daemon_absence("n0")) is not None
+    lease = await store.grant_lease(10)
+    for node in ("n0", "n1"):
+        assert (await store.claim_node(node, {"instance": node}, lease))[0]
+    assert await store.daemon_absence("n0") is None
+    assert await store.get_raw(store.keys.daemon_absence("n0")) is None
+    with pytest.raises(IdentityInUse, match="delete the other pod first .node n1's topoipamd "
+                       "is alive.$"):
+        await n0.allocate(sticky("c3"))
+    await store.revoke_lease(lease)
+
+
+@pytest.mark.asyncio
+async def test_a_takeover_is_guarded_by_the_absence_it_read(store: EtcdStore) -> None:
+    absence = await store.daemon_absence("n0")
+    assert absence is not None and absence.seconds == 0 and absence.noted_revision
+    assert (await store.commit([DaemonAbsent("n0", absence.noted_revision)])).succeeded
+    lease = await store.grant_lease(10)
+    assert (await store.claim_node("n0", {"instance": "x"}, lease))[0]
+    # The node's daemon is back: a takeover planned before must not commit.
+    assert not (await store.commit([DaemonAbsent("n0", absence.noted_revision)])).succeeded
+    assert not (await store.commit([DaemonAbsent("n0")])).succeeded
+    await store.revoke_lease(lease)
+    renewed = await store.daemon_absence("n0")  # noted afresh, at a new revision
+    assert renewed is not None and renewed.noted_revision != absence.noted_revision
+    assert not (await store.commit([DaemonAbsent("n0", absence.noted_revision)])).succeeded
 
 
 @pytest.mark.asyncio
