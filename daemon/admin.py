@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,7 @@ from .store import WRITE_ATTEMPTS, EtcdStore
 from .writes import (
     DeleteAffinity,
     DeleteBlock,
+    DeleteConflict,
     DeleteFreeMark,
     DeleteHandle,
     DeleteIdentity,
@@ -578,6 +580,12 @@ async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple
         outcome = await store.commit_with_retry(attempt, f"block {cidr} of node {node}")
         deleted += outcome == "deleted"
         kept += outcome == "kept"
+    # The node's conflict records go with it: its handles are released (their contested
+    # addresses stay with the other pods), and no daemon of it will check them again.
+    conflicts, _ = await store.prefix_raw(store.keys.conflicts(node), keys_only=True)
+    if conflicts:
+        await store.commit([DeleteConflict(node, ipaddress.ip_address(
+            store.keys.conflict_of(kv.key)[1])) for kv in conflicts])
     record = await store.get_node(node)
     if record is not None:
         await store.commit([DeleteObject("node", node, record.mod_revision)])

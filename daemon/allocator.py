@@ -248,6 +248,7 @@ def release_addresses(
         contested = new.contested.get(ordinal)
         if contested is not None and handle_id is not None and contested[0] == handle_id:
             del new.contested[ordinal]  # the recorded side let go: the holder keeps it
+            new.released_at[ordinal] = now  # what tells its node's record it was released
             continue
         if holder is None or (handle_id is not None and holder != handle_id):
             continue

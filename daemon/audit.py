@@ -35,6 +35,7 @@ from .model import (
     parked_holder,
     parked_identity,
 )
+from .resolve import unrecorded
 from .store import EtcdStore, decode, decode_each
 
 
@@ -152,6 +153,12 @@ class Snapshot:
     #: Conflicts daemons recorded re-asserting after etcd went back.
     conflicts: list[ConflictRecord] = field(default_factory=list)
 
+    def in_conflict(self) -> set[tuple[str, IPAddress]]:
+        """(handle, address) pairs a recorded conflict or a contested mark covers: what the
+        handle lists there is reported once, as the conflict."""
+        return {(c.handle.id, c.address) for c in self.conflicts} | {
+            (handle, address) for address, (handle, _) in self.contested().items()}
+
     def contested(self) -> dict[IPAddress, tuple[str, str]]:
         """Addresses marked contested in their blocks: address -> (recorded handle, node)."""
         return {block.address(ordinal): marker for block in self.blocks.values()
@@ -188,9 +195,15 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     snap = Snapshot(revision, [], {}, [], {}, [], {})
     for kv in conflict_kvs:
         try:
-            snap.conflicts.append(ConflictRecord.from_value(*keys.conflict_of(kv.key), kv.value))
+            node, address = keys.conflict_of(kv.key)
+            snap.conflicts.append(ConflictRecord.from_value(node, address, kv.value))
         except InvalidInput as exc:
-            snap.corrupt.append(f"corrupt value at {kv.key.decode(errors='replace')}: {exc}")
+            snap.corrupt.append(f"corrupt value at {kv.key.decode(errors='replace')}: {exc} "
+                                f"(fix: topoipamctl ipam resolve-conflict NODE IP, as the key "
+                                "names them)")
+    identity = await store.read_datastore_identity()
+    if identity.problem:
+        snap.corrupt.append(f"{identity.problem} (the next topoipamd to start replaces it)")
 
     def decoded(kvs: Iterable[Any], decoder: Callable[[bytes, bytes], Any]) -> Iterator[Any]:
         """The values that decode; the others are reported by ``ipam check``."""
@@ -333,17 +346,12 @@ def conflict_standings(snap: Snapshot) -> list[tuple[ConflictRecord, Standing]]:
         found.append((conflict, standing(conflict, block, snap.handles.get(conflict.handle.id),
                                          snap.handles.get(holder or ""), snap.pools)))
     recorded = {(c.node, c.address) for c in snap.conflicts}
-    for address, (handle_id, node) in sorted(snap.contested().items(),
-                                             key=lambda item: address_order(item[0])):
-        if (node, address) in recorded:
-            continue
-        handle = snap.handles.get(handle_id) or model.Handle(handle_id, node, (), {})
-        conflict = ConflictRecord(node, address, handle, "", 0.0)
-        block = next(b for b in snap.blocks.values()
-                     if address.version == b.family and address in b.cidr)
-        holder = block.allocations.get(block.ordinal(address))
-        found.append((conflict, standing(conflict, block, snap.handles.get(handle_id),
-                                         snap.handles.get(holder or ""), snap.pools)))
+    for block in sorted(snap.blocks.values(), key=lambda b: network_order(b.cidr)):
+        for conflict in unrecorded(block, None, recorded):
+            handle = snap.handles.get(conflict.handle.id)
+            holder = block.allocations.get(block.ordinal(conflict.address))
+            found.append((conflict, standing(conflict, block, handle,
+                                             snap.handles.get(holder or ""), snap.pools)))
     return found
 
 
@@ -447,11 +455,14 @@ def find_warnings(snap: Snapshot) -> list[str]:
 
 def handle_problems(snap: Snapshot) -> Iterator[str]:
     """Handles whose addresses their blocks do not give them (orphans and mismatches)."""
+    in_conflict = snap.in_conflict()
     for handle in sorted(snap.handles.values(), key=lambda h: h.id):
         who = f"handle {handle.id} (node {handle.node})"
         if not handle.addresses:
             yield f"orphaned handle: {who} holds no address"
         for entry in handle.addresses:
+            if (handle.id, entry.ip) in in_conflict:
+                continue  # a conflict after a restore: conflict_problems reports it
             block = snap.blocks.get(entry.block)
             if block is None:
                 yield (f"orphaned handle: {who} lists {entry.ip} in block {entry.block}, "
@@ -460,8 +471,6 @@ def handle_problems(snap: Snapshot) -> Iterator[str]:
                 yield (f"mismatch: {who} lists {entry.ip} in block {entry.block}, which does "
                        "not contain it")
             elif (holder := block.allocations.get(block.ordinal(entry.ip))) != handle.id:
-                if block.contested.get(block.ordinal(entry.ip), ("",))[0] == handle.id:
-                    continue  # a conflict after a restore: conflict_problems reports it
                 state = "has it free" if holder is None else f"gives it to handle {holder}"
                 yield (f"mismatch: {who} lists {entry.ip}, but block {block.cidr} {state} "
                        f"(fix: topoipamctl ipam release --ip {entry.ip})")
@@ -533,10 +542,10 @@ def double_allocations(snap: Snapshot) -> Iterator[str]:
             in_blocks.setdefault(snap.blocks[cidr].address(ordinal), []).append(
                 f"block {cidr} (handle {holder})")
     in_handles: dict[IPAddress, list[str]] = {}
-    contested = snap.contested()
+    in_conflict = snap.in_conflict()
     for handle in snap.handles.values():
         for entry in handle.addresses:
-            if contested.get(entry.ip, ("",))[0] == handle.id:
+            if (handle.id, entry.ip) in in_conflict:
                 continue  # a conflict after a restore: conflict_problems reports it
             in_handles.setdefault(entry.ip, []).append(handle.id)
     for address in sorted(in_blocks, key=address_order):

@@ -57,8 +57,10 @@ class ConflictRecord:
             data: dict[str, Any] = json.loads(raw)
             handle_id = str(data["handle"])
             attachment = data.get("attachment")
+            container = str(data.get("container_id", ""))
             handle = (Handle.from_dict(handle_id, attachment) if isinstance(attachment, dict)
-                      else Handle(handle_id, node, (), {}))
+                      else Handle(handle_id, node, (),
+                                  {"container_id": container} if container else {}))
             return cls(node, ipaddress.ip_address(address), handle, str(data.get("holder", "")),
                        float(data.get("detected", 0.0)), str(data.get("resolved", "")))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -116,6 +118,11 @@ def standing(conflict: ConflictRecord, block: Block | None, recorded_now: Handle
         return Standing(False, f"{address}: {handle_id} no longer claims it")
     if recorded_now is None and not in_record:
         return Standing(False, f"{address}: node {node} no longer records {handle_id}")
+    if recorded_now is None and conflict.handle.addresses:
+        # A record names the attachment only once it is back in etcd: gone again, it was
+        # released (its DEL, `delete node --force`), and the address went with the holder.
+        return Standing(False, f"{address}: {handle_id} was released"
+                        + (f"; it stays with {holder}" if holder else ""))
     if holder is None:
         if block is None and allocator.pool_of(pools, address) is None:
             return Standing(
@@ -125,11 +132,6 @@ def standing(conflict: ConflictRecord, block: Block | None, recorded_now: Handle
         return Standing(
             True, f"{address} is used by {recorded}, and is free in etcd",
             f"node {node}'s daemon puts it back when it runs; now: {resolve} --keep record")
-    marker = block.contested.get(ordinal) if block is not None and ordinal is not None \
-        else None
-    if recorded_now is None and conflict.handle.addresses and marker is None:
-        # Put back and contested, then released by its own DEL: the marker went with it.
-        return Standing(False, f"{address}: {handle_id} let go of it; it stays with {holder}")
     return Standing(
         True, f"{address} is used by two pods: {recorded}, and {who(holder, holder_now)} "
               "(in etcd)",

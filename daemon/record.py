@@ -28,6 +28,7 @@ handles missing from a non-restored etcd are dropped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from topoipam.proto import cjson
 from . import allocator
 from .conflicts import KEEP_DATASTORE, ConflictRecord
 from .errors import AddressUnavailable, InvalidInput, TopoipamError
-from .model import Block, Handle, IPAddress, IPNetwork, encode
+from .model import Block, Handle, IPAddress, IPNetwork, IPPool, encode
 from .resolve import read_conflicts, read_view
 from .store import EtcdStore
 from .writes import (
@@ -242,117 +243,144 @@ class Reassertion:
 
 
 async def reassert_allocations(store: EtcdStore, record: AllocationRecord,
-                               went_back: bool) -> Reassertion:
+                               went_back: bool, settle: bool = True) -> Reassertion:
     """Make etcd hold every recorded handle again, or report why it cannot.
 
     A recorded handle missing from etcd was either released behind the
-    daemon's back (``topoipamctl ipam release``: its block then shows the
-    address released *after* the handle was recorded) and is dropped from
-    the record, or lost by etcd (its block is missing, or shows no such
-    release): then it is put back with its addresses, block and affinity in
-    one guarded transaction per handle (a block etcd lost is created again,
-    affine to this node, if a pool still contains it). With ``went_back``
-    (etcd's revision or cluster ID moved backwards) every missing handle
-    counts as lost, and so does one this node recorded a conflict for. An
-    address another handle holds meanwhile is never handed out twice: the
+    daemon's back (``topoipamctl ipam release``, ``delete node --force``: its
+    block then shows the address released *after* the handle was recorded, or
+    its conflict ended) and is dropped from the record, or lost by etcd (its
+    block is missing, or shows no such release): then it is put back with its
+    addresses, blocks and affinities in one guarded transaction per handle (a
+    block etcd lost is created again, affine to this node, as the pool that
+    contains the address carves it now). With ``went_back`` (etcd's revision
+    or cluster ID moved backwards) every missing handle counts as lost.
+
+    An address another handle holds meanwhile is never handed out twice: the
     handle is put back all the same, the address is marked contested in its
-    block (whichever pod is deleted first, the other keeps it) and a
-    conflict is recorded in the same transaction. A handle the operator
-    resolved for etcd's side (``ipam resolve-conflict --keep datastore``)
-    is forgotten. Commits use ``reassert=True``: they pass while ordinary
-    writes are paused, but are fenced like every other write.
+    block (whichever pod is deleted first, the other keeps it) and a conflict
+    is recorded in the same transaction; so is an address no pool contains
+    (the handle lists it; it is placed once a pool contains it again: a handle
+    present with a recorded conflict is completed the same way). A handle the
+    operator resolved for etcd's side (``ipam resolve-conflict --keep
+    datastore``) is forgotten. With ``settle``, recorded conflicts of this node
+    that ended are deleted. Commits use ``reassert=True``: they pass while
+    ordinary writes are paused, but are fenced like every other write.
     """
     outcome = Reassertion()
     recorded = await read_conflicts(store, record.node)
-    contested = {c.handle.id for c in recorded.values()}
     for conflict in recorded.values():
         if conflict.resolved == KEEP_DATASTORE and conflict.handle.id in record.handles:
             record.forget(conflict.handle.id)
             outcome.dropped.append(conflict.handle.id)
     for handle in list(record.handles.values()):
+        conflicts = [c for c in recorded.values() if c.handle.id == handle.id]
         current = await store.get_handle(handle.id)
         if current is not None:
             outcome.present += 1
+            if conflicts:  # an address of it may have a place now
+                await _reassert_one(store, record.node, current.value, conflicts,
+                                    current.mod_revision)
             continue
-        if not went_back and handle.id not in contested and await _released_since(
-                store, handle, record.since.get(handle.id, 0)):
-            record.forget(handle.id)
-            outcome.dropped.append(handle.id)
-            continue
-        known = {c.address for c in recorded.values() if c.handle.id == handle.id}
-        found = await _reassert_one(store, record.node, handle, known)
+        if not went_back:
+            if conflicts:
+                views = [await read_view(store, c) for c in conflicts]
+                released = not any(v.standing.holds for v in views)
+            else:
+                released = await _released_since(store, handle, record.since.get(handle.id, 0))
+            if released:
+                record.forget(handle.id)
+                outcome.dropped.append(handle.id)
+                continue
+        found = await _reassert_one(store, record.node, handle, conflicts, 0)
         if found is None:
             outcome.restored.append(handle.id)
         else:
             outcome.conflicts += found
-    outcome.open_conflicts = await settle_conflicts(store, record)
+    if settle:
+        outcome.open_conflicts = await settle_conflicts(store, record)
     return outcome
 
 
 async def _released_since(store: EtcdStore, handle: Handle, since: float) -> bool:
     """Whether some address of ``handle`` was released after ``since`` (by whoever)."""
     for entry in handle.addresses:
-        block = await store.get_block(entry.block)
+        block = await store.block_containing(entry.ip)
         if block is None:
             continue
-        try:
-            ordinal = block.value.ordinal(entry.ip)
-        except InvalidInput:
-            continue
-        if block.value.released_at.get(ordinal, 0.0) >= since:
+        if block.value.released_at.get(block.value.ordinal(entry.ip), 0.0) >= since:
             return True
     return False
 
 
 async def _reassert_one(store: EtcdStore, node: str, handle: Handle,
-                        known: set[IPAddress]) -> list[str] | None:
-    """Put ``handle`` back; None when it went back clean, else the conflicts it met
-    (``known``: its addresses already recorded as conflicts, not recorded nor logged again)."""
+                        recorded: Sequence[ConflictRecord], revision: int) -> list[str] | None:
+    """Make the blocks give ``handle`` its addresses; None when all went back clean, else
+    the conflicts it met. ``revision`` 0: the handle is missing and is put back; else it is
+    present at that revision and only its blocks change (nothing is written if none does).
+    A conflict already ``recorded`` is neither written nor logged again."""
+    known = {c.address for c in recorded}
+
     def report(address: IPAddress, holder: str, now: float) -> list[Write]:
         return [] if address in known else [_conflict_write(node, address, handle, holder, now)]
 
     async def attempt() -> tuple[Sequence[Write], list[str] | None]:
-        if await store.get_handle(handle.id) is not None:
-            return [], None
+        current = await store.get_handle(handle.id)
+        if (current is not None) != bool(revision) or (
+                current is not None and current.mod_revision != revision):
+            return [], None  # put back, or changed, meanwhile: the next check sees it
         writes: list[Write] = []
         found: list[str] = []
-        blocks: dict[IPNetwork, tuple[Block, int]] = {}
+        entries = []
+        blocks: dict[IPNetwork, tuple[Block, int, Block | None]] = {}
+        pools: list[IPPool] | None = None
         now = time.time()
         for entry in handle.addresses:
-            if entry.block not in blocks:
-                current = await store.get_block(entry.block)
-                if current is None:
-                    pools = [p.value for p in await store.list_pools()]
-                    if allocator.pool_of(pools, entry.ip) is None:
-                        # Nowhere to put it: the handle stays in the record only, until a
-                        # pool contains the address again (the daemon re-checks then).
-                        return report(entry.ip, "", now), [
-                            f"{entry.ip} of {handle.id} is in no pool any more"]
-                    blocks[entry.block] = (Block.empty(entry.block, node), 0)
-                    writes.append(PutAffinity(node, entry.block))
-                else:
-                    blocks[entry.block] = (current.value, current.mod_revision)
-            block, revision = blocks[entry.block]
+            existing = await store.block_containing(entry.ip)
+            if existing is not None:
+                cidr = existing.value.cidr
+                blocks.setdefault(cidr, (existing.value, existing.mod_revision, existing.value))
+            else:
+                pools = pools if pools is not None else [
+                    p.value for p in await store.list_pools()]
+                pool = allocator.pool_of(pools, entry.ip)
+                if pool is None:  # listed, placed nowhere, until a pool contains it again
+                    writes += report(entry.ip, "", now)
+                    found.append(f"{entry.ip} of {handle.id} is in no pool any more")
+                    entries.append(entry)
+                    continue
+                cidr = pool.block_of(entry.ip)
+                if cidr not in blocks:
+                    blocks[cidr] = (Block.empty(cidr, node), 0, None)
+                    writes.append(PutAffinity(node, cidr))
+            entries.append(dataclasses.replace(entry, block=cidr))
+            block, guard, before = blocks[cidr]
             try:
-                blocks[entry.block] = (allocator.reassert_address(block, entry.ip, handle.id),
-                                       revision)
+                blocks[cidr] = (allocator.reassert_address(block, entry.ip, handle.id), guard,
+                                before)
             except AddressUnavailable as exc:
                 holder = exc.message
                 ordinal = block.ordinal(entry.ip)
                 marked = block.contested.get(ordinal)
                 if marked is not None and marked[0] != handle.id:
-                    # Contested already for a third attachment: report, put nothing back.
-                    return report(entry.ip, holder, now), [
-                        f"{entry.ip} of {handle.id} is held by {holder} and contested by "
-                        f"{marked[0]} (node {marked[1]})"]
-                contest = block.copy()
-                contest.contested[ordinal] = (handle.id, node)
-                blocks[entry.block] = (contest, revision)
-                writes.append(_conflict_write(node, entry.ip, handle, holder, now))
-                found.append(f"{entry.ip} of {handle.id} is held by {holder} since etcd "
-                             "went back")
-        writes += [PutBlock(block, revision) for block, revision in blocks.values()]
-        writes.append(PutHandle(handle, 0))
+                    # Contested for a third attachment already: listed and reported only.
+                    writes += report(entry.ip, holder, now)
+                    found.append(f"{entry.ip} of {handle.id} is held by {holder} and "
+                                 f"contested by {marked[0]} (node {marked[1]})")
+                    continue
+                if marked is None:
+                    contest = block.copy()
+                    contest.contested[ordinal] = (handle.id, node)
+                    blocks[cidr] = (contest, guard, before)
+                    writes.append(_conflict_write(node, entry.ip, handle, holder, now))
+                    found.append(f"{entry.ip} of {handle.id} is held by {holder} since etcd "
+                                 "went back")
+        changed = [(b, g) for b, g, before in blocks.values() if b is not before]
+        put = dataclasses.replace(handle, addresses=tuple(entries))
+        if revision and not changed and put == handle:
+            return [], found or None
+        writes += [PutBlock(b, g) for b, g in changed]
+        writes.append(PutHandle(put, revision))
         return writes, found or None
 
     async def commit(writes: Sequence[Write]) -> bool:

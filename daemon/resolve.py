@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from . import allocator
 from .conflicts import KEEP_DATASTORE, ConflictRecord, Standing, standing
 from .errors import AddressUnavailable, InvalidInput
-from .model import Block, Handle, IPAddress, parked_identity
+from .model import Block, Handle, HandleAddress, IPAddress, parked_identity
 from .store import EtcdStore
 from .writes import (
     DeleteConflict,
@@ -81,9 +81,32 @@ async def read_view(store: EtcdStore, conflict: ConflictRecord, in_record: bool 
     return ConflictView(conflict, block, recorded, holder, holder_handle, state)
 
 
+def unrecorded(block: Block, handle: Handle | None, recorded: set[tuple[str, IPAddress]]
+               ) -> list[ConflictRecord]:
+    """The contested addresses of ``block`` whose conflict record is gone (deleted by hand),
+    as records, so that they can be listed and resolved like the others."""
+    found = []
+    for ordinal, (handle_id, node) in block.contested.items():
+        address = block.address(ordinal)
+        if (node, address) not in recorded:
+            found.append(ConflictRecord(
+                node, address, handle if handle is not None and handle.id == handle_id
+                else Handle(handle_id, node, (HandleAddress(address, block.cidr),), {}),
+                block.allocations.get(ordinal, ""), 0.0))
+    return found
+
+
 async def list_conflicts(store: EtcdStore) -> list[ConflictView]:
-    """The recorded conflicts that still hold, by node and address."""
-    views = [await read_view(store, c) for c in (await read_conflicts(store)).values()]
+    """The recorded conflicts that still hold (and contested addresses whose record is
+    gone), by node and address."""
+    conflicts = list((await read_conflicts(store)).values())
+    recorded = {(c.node, c.address) for c in conflicts}
+    for block in await store.list_blocks():
+        for conflict in unrecorded(block.value, None, recorded):
+            handle = await store.get_handle(conflict.handle.id)
+            conflicts.append(dataclasses.replace(conflict, handle=handle.value)
+                             if handle is not None else conflict)
+    views = [await read_view(store, c) for c in conflicts]
     return sorted((v for v in views if v.standing.holds),
                   key=lambda v: (v.conflict.node, v.conflict.address.version,
                                  int(v.conflict.address)))
@@ -102,13 +125,13 @@ async def resolve_conflict(store: EtcdStore, node: str, address: IPAddress,
         raise InvalidInput(f"--keep {keep!r}: say record or datastore")
 
     async def attempt() -> tuple[Sequence[Write], str]:
-        conflicts = await read_conflicts(store, node)
-        conflict = conflicts.get((node, address))
+        conflict = await _read_one(store, node, address)
         if conflict is None:
-            if not conflicts and await store.get_node(node) is None:
-                raise InvalidInput(f"unknown node {node!r}")
-            raise InvalidInput(f"node {node} recorded no conflict for {address} "
-                               "(see `topoipamctl ipam conflicts`)")
+            return [DeleteConflict(node, address)], \
+                f"removed the unreadable conflict record of {address} on node {node}"
+        if conflict.resolved:
+            return [], (f"already resolved for etcd's side: node {node}'s daemon forgets "
+                        f"{conflict.handle.id} at its next check")
         view = await read_view(store, conflict)
         if not view.standing.holds:
             return [DeleteConflict(node, address)], f"conflict over ({view.standing.what}): " \
@@ -124,6 +147,32 @@ async def resolve_conflict(store: EtcdStore, node: str, address: IPAddress,
             f"for {conflict.handle.id}"
 
     return await store.commit_with_retry(attempt, f"the conflict of {address} on node {node}")
+
+
+async def _read_one(store: EtcdStore, node: str, address: IPAddress
+                    ) -> ConflictRecord | None:
+    """The conflict ``node`` recorded for ``address`` (or a contested address whose record
+    is gone); None for a record that cannot be read. Raises InvalidInput naming what is
+    missing: an unknown node, no conflict there."""
+    raw = await store.get_raw(store.keys.conflict(node, address))
+    if raw is not None:
+        try:
+            return ConflictRecord.from_value(node, str(address), raw[0])
+        except InvalidInput:
+            return None
+    block = await store.block_containing(address)
+    if block is not None:
+        handle_id = block.value.contested.get(block.value.ordinal(address), ("", ""))[0]
+        handle = await store.get_handle(handle_id) if handle_id else None
+        found = unrecorded(block.value, handle.value if handle is not None else None, set())
+        for conflict in found:
+            if conflict.node == node and conflict.address == address:
+                return conflict
+    if await store.get_node(node) is None and not (
+            await store.prefix_raw(store.keys.conflicts(node), keys_only=True))[0]:
+        raise InvalidInput(f"unknown node {node!r}")
+    raise InvalidInput(f"node {node} recorded no conflict for {address} "
+                       "(see `topoipamctl ipam conflicts`)")
 
 
 async def _keep_record(store: EtcdStore, view: ConflictView) -> list[Write]:
@@ -156,7 +205,11 @@ async def _keep_record(store: EtcdStore, view: ConflictView) -> list[Write]:
     if view.holder_handle is not None:
         writes.append(_without(view.holder_handle, address))
     if view.recorded is None:
-        # Only the node's record had it: its other addresses go back too, where free.
+        # Only the node's record had it: its other addresses go back too, where free. A
+        # record from before records named their attachment's addresses names only this.
+        if not conflict.handle.addresses:
+            conflict = dataclasses.replace(conflict, handle=dataclasses.replace(
+                conflict.handle, addresses=(HandleAddress(address, taken.cidr),)))
         blocks = {taken.cidr: (taken, revision)}
         for entry in conflict.handle.addresses:
             if entry.ip == address:
@@ -181,12 +234,13 @@ async def _keep_record(store: EtcdStore, view: ConflictView) -> list[Write]:
 def _keep_datastore(view: ConflictView) -> list[Write]:
     """The pod etcd gave the address to keeps it; the recorded attachment loses it."""
     conflict, address = view.conflict, view.conflict.address
+    # The record stays, resolved, until the node's daemon has forgotten the attachment
+    # (it deletes it then): where no block can say "released", only the record can.
+    writes: list[Write] = [PutConflict(conflict.node, address, dataclasses.replace(
+        conflict, resolved=KEEP_DATASTORE).to_value())]
     if view.recorded is None:
-        # Only the node's record has the attachment: its daemon forgets it at its next check.
-        return [PutConflict(conflict.node, address,
-                            dataclasses.replace(conflict, resolved=KEEP_DATASTORE).to_value())]
-    writes: list[Write] = [DeleteConflict(conflict.node, address), _without(view.recorded,
-                                                                             address)]
+        return writes
+    writes.append(_without(view.recorded, address))
     if view.block is not None:
         block = view.block.value.copy()
         ordinal = block.ordinal(address)

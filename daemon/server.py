@@ -18,6 +18,7 @@ import os
 import socket
 import stat
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -246,23 +247,39 @@ class Daemon:
 
         A record is put back only into its own datastore (a restore keeps the
         identity). Against another one (a new etcd, another prefix, a prefix
-        wiped by hand, which gets a new identity) the daemon keeps the record
-        aside and starts clean: nothing of it is written there. A record from
-        before identities adopts the datastore it finds (and gives a datastore
-        from before identities its identity).
+        wiped by hand: an empty prefix is a new datastore) the daemon keeps the
+        record aside and starts clean: nothing of it is written there. A
+        datastore from before identities (objects, no identity) is given the
+        record's identity when it is the record's etcd cluster (the same
+        cluster ID: an upgrade, or a restore of an older snapshot), else a new
+        one; an unreadable identity is replaced the same way. A record from
+        before identities adopts the datastore it finds only in its own etcd
+        cluster, and never an empty prefix.
         """
         if not self.config.record_allocations:
             return False
-        record = self.record
-        identity, how = await self.store.datastore_identity(adopt=record.datastore)
-        if not record.datastore:
-            record.adopt(identity)
+        record, store = self.record, self.store
+        found = await store.read_datastore_identity()
+        how = ""
+        same_cluster = record.cluster_id in (0, found.cluster_id)
+        if found.id:
+            identity = found.id
+            store.datastore_id = identity
+        else:
+            ours = bool(record.datastore) and not found.empty and same_cluster
+            how = "new" if found.empty else "adopted"
+            identity = await store.write_datastore_identity(
+                record.datastore if ours else uuid.uuid4().hex, found.revision)
+            if found.problem:
+                log.warning("%s: replaced by datastore identity %s", found.problem, identity)
+        if record.datastore == identity or not record.datastore and (
+                not record.handles or (how != "new" and same_cluster)):
+            if not record.datastore:
+                record.adopt(identity)  # a record from before identities, or a first start
             return False
-        if record.datastore == identity:
-            return False
-        count, previous = len(record.handles), record.datastore
+        count, previous = len(record.handles), record.datastore or "unknown (an older record)"
         aside = record.set_aside(identity)
-        history = self.store.history
+        history = store.history
         if history is not None:
             history.revision = history.cluster_id = 0
         log.warning(
@@ -298,7 +315,8 @@ class Daemon:
             try:
                 if went_back and await self._check_datastore():
                     went_back = False  # another datastore: nothing of the record goes there
-                outcome = await reassert_allocations(self.store, self.record, went_back)
+                outcome = await reassert_allocations(
+                    self.store, self.record, went_back, settle=self.config.record_allocations)
             except TopoipamError as exc:
                 self._went_back = self._went_back or went_back
                 log.info("record of node %s not checked yet: %s", self.config.node, exc)

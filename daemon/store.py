@@ -284,6 +284,19 @@ class EtcdHistory:
             self.revision = revision
 
 
+@dataclass(frozen=True)
+class DatastoreIdentity:
+    """The datastore identity as read: ``id`` ("" when there is none, or it is unreadable:
+    ``problem`` says why), whether the prefix holds no object at all, etcd's cluster ID,
+    and the key's mod_revision (0: absent), which guards replacing it."""
+
+    id: str
+    empty: bool
+    cluster_id: int
+    revision: int
+    problem: str = ""
+
+
 _UNAVAILABLE_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -450,46 +463,67 @@ class EtcdStore:
         return int(response.header.revision)
 
     # ------------------------------------------------------------------ datastore identity
-    async def datastore_identity(self, adopt: str = "") -> tuple[str, str]:
-        """This datastore's identity (an etcd cluster and a prefix), written if it has none.
+    async def read_datastore_identity(self) -> DatastoreIdentity:
+        """This datastore's identity as stored (an etcd cluster and a prefix), no write.
 
-        Returns (identity, how): how is "" when it had one; "new" when the
-        prefix was empty (a new datastore, or one wiped by hand) and a fresh
-        identity was written; "adopted" when the prefix held objects written
-        before identities existed, and ``adopt`` (the one the caller's node
-        record names, else a fresh one) was written. Written with a
-        create-only compare, so concurrent callers agree on one. Read
-        without the history watch: it is what tells a restore of this
+        Read without the history watch: it is what tells a restore of this
         datastore (same identity) from another datastore.
         """
         key = self.keys.datastore()
         found = await self._call("Range", rpc.RangeRequest(key=key), observe=False)
-        how = ""
-        if not found.kvs:
-            prefix = self.keys.prefix.encode() + b"/"
-            objects = await self._call("Range", rpc.RangeRequest(
-                key=prefix, range_end=prefix_range_end(prefix), keys_only=True, limit=1),
-                observe=False)
-            how = "adopted" if objects.kvs else "new"
-            candidate = adopt if how == "adopted" and adopt else uuid.uuid4().hex
-            response = await self._call("Txn", rpc.TxnRequest(
-                compare=[rpc.Compare(key=key, result=rpc.Compare.EQUAL,
-                                     target=rpc.Compare.CREATE, create_revision=0)],
-                success=[rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=key, value=encode({"id": candidate, "created": time.time()})))],
-                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))]),
-                observe=False)
-            if response.succeeded:
-                self.datastore_id = candidate
-                return candidate, how
-            found = response.responses[0].response_range
-            how = ""
-        try:
-            identity = str(decode(found.kvs[0].value, "datastore identity")["id"])
-        except (KeyError, InvalidInput) as exc:
-            raise InvalidInput(f"corrupt datastore identity at {key.decode()}: {exc}") from exc
-        self.datastore_id = identity
-        return identity, how
+        cluster = int(found.header.cluster_id)
+        if found.kvs:
+            kv = found.kvs[0]
+            try:
+                identity = decode(kv.value, "datastore identity").get("id")
+                if isinstance(identity, str) and identity:
+                    return DatastoreIdentity(identity, False, cluster, kv.mod_revision)
+                problem = "no id"
+            except InvalidInput as exc:
+                problem = str(exc)
+            return DatastoreIdentity("", False, cluster, kv.mod_revision,
+                                     f"unreadable datastore identity at {key.decode()}: "
+                                     f"{problem}")
+        prefix = self.keys.prefix.encode() + b"/"
+        objects = await self._call("Range", rpc.RangeRequest(
+            key=prefix, range_end=prefix_range_end(prefix), keys_only=True, limit=1),
+            observe=False)
+        return DatastoreIdentity("", not objects.kvs, cluster, 0)
+
+    async def write_datastore_identity(self, candidate: str, expect_revision: int) -> str:
+        """Write ``candidate`` where the identity key is still at ``expect_revision`` (0:
+        absent); the identity stored afterwards (another writer's, if it won the race)."""
+        key = self.keys.datastore()
+        target = (rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE,
+                              create_revision=0) if not expect_revision else
+                  rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
+                              mod_revision=expect_revision))
+        response = await self._call("Txn", rpc.TxnRequest(
+            compare=[target],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                key=key, value=encode({"id": candidate, "created": time.time()})))]),
+            observe=False)
+        if response.succeeded:
+            self.datastore_id = candidate
+            return candidate
+        stored = await self.read_datastore_identity()
+        if not stored.id:
+            raise DatastoreUnavailable(f"the datastore identity at {key.decode()} changed "
+                                       "concurrently; will retry")
+        self.datastore_id = stored.id
+        return stored.id
+
+    async def ensure_datastore_identity(self) -> None:
+        """A client's first write: an empty prefix gets an identity first. A prefix with
+        objects but no readable identity (written before identities, or hand-edited) is left
+        for a daemon, which can tell its own datastore by its node's record."""
+        found = await self.read_datastore_identity()
+        if found.id:
+            self.datastore_id = found.id
+        elif found.empty:
+            await self.write_datastore_identity(uuid.uuid4().hex, 0)
+        else:
+            self.datastore_id = ""
 
     # ------------------------------------------------------------------ raw reads
     async def get_raw(self, key: bytes, revision: int = 0) -> tuple[bytes, int] | None:
@@ -1033,7 +1067,7 @@ class EtcdStore:
         """
         writes = list(writes)
         if self.datastore_id is None:  # the first write of this client: identity first
-            await self.datastore_identity()
+            await self.ensure_datastore_identity()
         compares = []
         guarded: list[bytes] = []
         fence = self.fence if fenced else None
