@@ -1,4 +1,4 @@
-"""A hostile operator after a restore: conflicts after a restore that end wrongly, come back, or hide a duplicate.
+"""Conflicts after a restore that could end wrongly, come back, or hide a duplicate.
 
 Real etcd, real ``etcdutl snapshot restore``, real daemons, the real CLI. Each
 test is one hostile operator's sequence; each assertion states what should

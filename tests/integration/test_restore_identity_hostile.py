@@ -1,4 +1,4 @@
-"""A hostile operator after a restore: the datastore identity, attacked as a hostile operator would.
+"""The datastore identity, attacked as a hostile operator would.
 
 Real etcd processes, real ``etcdutl snapshot restore``, real daemons, the real
 CLI. A datastore "from before identities" is made the way an upgrade meets
