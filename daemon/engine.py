@@ -313,6 +313,9 @@ class AllocationEngine:
         # ("claim" | "borrow", pool name) -> the pool as it was read whole and found
         # with nothing to give, and when: see WHOLE_POOL_RECHECK_SECONDS.
         self._found_full: dict[tuple[str, str], tuple[IPPool, float]] = {}
+        # pool name -> the pool, its survey's counts and the reservations when it was
+        # last read whole and found full: the same again needs no whole read.
+        self._full_survey: dict[str, tuple[IPPool, list[int], object]] = {}
         # Claims that took a hint or committed: a prefetch that overlaps one keeps nothing.
         self._claims_seen = 0
         self._closed = False
@@ -966,7 +969,9 @@ class AllocationEngine:
         """The search without a room index: one round trip reads this node's window and
         counts the block keys of at most 64 parts of the pool; a full window sends the
         search to the first part with room. Only a pool whose counts all look full (it
-        is full, or holds blocks of another size) is read whole."""
+        is full, or holds blocks of another size) is read whole, and not again while
+        its counts and the reservations stay as they were when that found nothing
+        (room made since then shows in the room index: see WHOLE_POOL_RECHECK_SECONDS)."""
         if self._seen_full("claim", pool):
             return None
         survey = txn.surveys.get(pool.name)
@@ -976,12 +981,16 @@ class AllocationEngine:
             txn.existing.setdefault(own, in_window)
             survey = txn.surveys[pool.name] = list(zip(groups, counts, strict=True))
         candidates = [own, *(group for group, count in survey
-                             if count < 1 << (pool.block_size - group.prefixlen)), pool.cidr]
+                             if count < 1 << (pool.block_size - group.prefixlen))]
+        unchanged = (pool, [count for _, count in survey], state.reservations.ip_set)
+        if self._full_survey.get(pool.name) != unchanged:
+            candidates.append(pool.cidr)
         for within in candidates:
             known = await self._known_blocks(within, txn)
             cidr = allocator.first_unclaimed_block(pool, known, state.reservations, within)
             if cidr is not None:
                 return cidr
+        self._full_survey[pool.name] = unchanged
         self._found_full[("claim", pool.name)] = (pool, self.clock())
         return None
 

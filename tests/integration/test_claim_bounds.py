@@ -66,10 +66,12 @@ async def test_a_node_whose_blocks_lie_outside_its_full_unindexed_pool_reads_a_b
     writes += [PutBlock(Block.empty(outside, "n"), 0), PutAffinity("n", outside)]
     await commit_all(store, writes)
 
-    engine = AllocationEngine(store, "n")
+    now = [1000.0]
+    engine = AllocationEngine(store, "n", clock=lambda: now[0])
     reads = EtcdReads(store, monkeypatch)
     per_call: list[tuple[int, int]] = []
     for i in range(8):
+        now[0] += 20  # past the recheck time every other call: the survey's counts tell
         keys, sent = reads.keys, reads.bytes
         allocation = await engine.allocate(request(f"n-{i}"))
         await engine.top_up_reserve()  # what the daemon runs after a change, off the path
@@ -78,8 +80,9 @@ async def test_a_node_whose_blocks_lie_outside_its_full_unindexed_pool_reads_a_b
         per_call.append((reads.keys - keys, reads.bytes - sent))
         [address] = allocation.addresses
         assert address.pool == "rack-0" and address.block != outside  # borrowed
-    # The pool is read whole at most once (it may be full, or hold blocks of another
-    # size): every other Allocate reads a few keys, whatever the pool's size.
+    # The pool is read whole once (it may be full, or hold blocks of another size):
+    # every other Allocate reads a few keys, whatever the pool's size, also after the
+    # recheck time (the survey counts what it read whole: nothing changed).
     assert sum(1 for keys, _ in per_call if keys > 64) <= 1, per_call
     assert sorted(sent for _, sent in per_call)[-2] < 16_000, per_call
     monkeypatch.undo()
