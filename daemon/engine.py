@@ -236,10 +236,11 @@ BORROW_WINDOW = 8
 # Room index entries a claim reads at a time.
 ROOM_READ = 4
 # A pool read whole and found without an unclaimed block (or, for borrowing,
-# without a free address) is not read whole again for this long: a pool that
-# is full looks to its room index like one written before the index, and each
-# claim would read all of it. Room made meanwhile still shows: a deleted block
-# puts its window's room entry, a block with an address to lend its free-block
+# without a free address) is not searched again for this long, and a claim's
+# pool is then read whole again only if its survey counts changed: a full pool
+# looks to its room index like one written before the index, and each claim
+# would read all of it. Room made meanwhile still shows: a deleted block puts
+# its window's room entry, a block with an address to lend its free-block
 # entry, in the transaction that makes the room.
 WHOLE_POOL_RECHECK_SECONDS = 30.0
 
