@@ -6,9 +6,12 @@ racks, 20,000 /26 blocks (4 per node, each affine to its node, with its
 affinity key) in 5 rack pools (/14 each, selector ``rack == "r"``), 200,000
 allocations (10 per block: handles and block allocations consistent with
 each other) — and a 10-node data set of the same shape under another prefix.
+More nodes get more racks (at least 5; a /14 holds 4,096 blocks, less room
+for the joining nodes' claims), up to the 64 /14s of 10.0.0.0/8: every block
+lies in the pool that selects its node. Both data sets have the same racks.
 Values are built with ``topoipam.daemon.model`` (Block, Handle, Node, IPPool)
 and written with the store's KeySchema and encode: byte for byte what the
-daemon writes. The measured node (``node-00007``, rack 2) has the same blocks
+daemon writes. The measured node (``node-00007``) has the same blocks
 and allocations in both data sets, so the only difference is everything else.
 
 Targets (big data set): start to ready (sd_notify READY=1, then health
@@ -56,8 +59,11 @@ from topoipam.client.rpc import IpamClient, metric
 
 BIG_PREFIX = "/topoipam-bench/scale-big/v1"
 SMALL_PREFIX = "/topoipam-bench/scale-small/v1"
-RACKS = 5
-MEASURED_NODE = 7  # rack 2 in both data sets
+RACKS = 5  # at least: more when the nodes' blocks would not fit (racks_for)
+MAX_RACKS = 64  # the /14 pools 10.0.0.0/8 holds
+BLOCKS_PER_POOL = 1 << (26 - 14)
+MEASURED_NODE = 7  # the same rack and blocks in both data sets
+JOIN_RACK = 2
 NETWORK = "k8s-pod-network"
 
 
@@ -67,6 +73,7 @@ class DataSet:
     nodes: int
     blocks_per_node: int
     allocations_per_block: int
+    racks: int
     counts: dict[str, int] = field(default_factory=dict)
     value_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -78,7 +85,7 @@ class DataSet:
         from topoipam.daemon.model import IPPool
 
         return [IPPool(f"rack-{r}", ipaddress.ip_network(f"10.{4 * r}.0.0/14"), 26,
-                       f'rack == "{r}"') for r in range(RACKS)]
+                       f'rack == "{r}"') for r in range(self.racks)]
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every key and value of the data set, as the daemon would write them."""
@@ -99,8 +106,8 @@ class DataSet:
         # The room index, as pool creation and claims leave it: the claim windows that
         # still have an unclaimed block (the seeded blocks fill each rack pool from
         # its start).
-        per_pool = (self.nodes + RACKS - 1) // RACKS * self.blocks_per_node
-        for p in pools:
+        for rack, p in enumerate(pools):
+            per_pool = len(range(rack, self.nodes, self.racks)) * self.blocks_per_node
             prefix = allocator.window_prefix(p)
             per_window = 1 << (p.block_size - prefix)
             for index, window in enumerate(p.cidr.subnets(new_prefix=prefix)):
@@ -108,12 +115,12 @@ class DataSet:
                     yield emit("rooms", keys.room(window), b"{}")
         container = 0
         for i in range(self.nodes):
-            name, rack = node_name(i), i % RACKS
+            name, rack = node_name(i), i % self.racks
             yield emit("nodes", keys.node(name), encode(Node(name, {"rack": str(rack)})
                                                         .to_dict()))
             base = pools[rack].cidr.network_address
             for k in range(self.blocks_per_node):
-                index = (i // RACKS) * self.blocks_per_node + k
+                index = (i // self.racks) * self.blocks_per_node + k
                 cidr = ipaddress.ip_network(f"{base + 64 * index}/26")
                 block = Block.empty(cidr, name)
                 for ordinal in range(1, self.allocations_per_block + 1):
@@ -136,6 +143,21 @@ class DataSet:
 
 def node_name(index: int) -> str:
     return f"node-{index:05d}"
+
+
+def racks_for(nodes: int, blocks_per_node: int, spare: int) -> int:
+    """The fewest racks (at least RACKS) whose /14 pools hold every node's blocks and
+    ``spare`` more (the joining nodes' claims); one line and exit 1 if none do."""
+    if nodes <= MEASURED_NODE or blocks_per_node < 1:
+        raise SystemExit(f"scale: --nodes must be more than {MEASURED_NODE} and "
+                         "--blocks-per-node at least 1")
+    for racks in range(RACKS, MAX_RACKS + 1):
+        if -(-nodes // racks) * blocks_per_node + spare <= BLOCKS_PER_POOL:
+            return racks
+    most = MAX_RACKS * ((BLOCKS_PER_POOL - spare) // blocks_per_node)
+    raise SystemExit(f"scale: --nodes {nodes} with --blocks-per-node {blocks_per_node} does "
+                     f"not fit {MAX_RACKS} racks of /14 pools (10.0.0.0/8): at most {most} "
+                     "nodes")
 
 
 async def seed(endpoint: str, items: Iterator[tuple[bytes, bytes]], per_txn: int,
@@ -222,8 +244,10 @@ async def allocate_round(client: IpamClient, tag: str, batch: int) -> list[int]:
 
 async def measure(args: argparse.Namespace) -> Report:
     report = Report("scale")
-    big = DataSet(BIG_PREFIX, args.nodes, args.blocks_per_node, args.allocations_per_block)
-    small = DataSet(SMALL_PREFIX, 10, args.blocks_per_node, args.allocations_per_block)
+    racks = racks_for(args.nodes, args.blocks_per_node, args.joins)
+    big = DataSet(BIG_PREFIX, args.nodes, args.blocks_per_node, args.allocations_per_block,
+                  racks)
+    small = DataSet(SMALL_PREFIX, 10, args.blocks_per_node, args.allocations_per_block, racks)
     with Workspace("scale") as ws:
         etcd = ws.etcd
         seeded = {}
@@ -353,7 +377,7 @@ async def measure_joins(ws: Workspace, data: dict[str, DataSet], count: int
     for r in range(count):
         for name in (("big", "small") if r % 2 == 0 else ("small", "big")):
             node = f"joiner-{r:02d}"
-            daemon = ws.daemon(node, data[name].prefix, labels={"rack": "2"})
+            daemon = ws.daemon(node, data[name].prefix, labels={"rack": str(JOIN_RACK)})
             client = IpamClient(daemon.socket)
             try:
                 for path in ("claim", "borrow"):

@@ -350,39 +350,57 @@ def first_unclaimed_block(
     with another block size): a candidate that overlaps one is taken, or two
     blocks would hand out the same addresses. A block whose every address is
     reserved or unusable is skipped: claiming it would give the node nothing.
-    The search works on address sets, not candidate by candidate, so a pool
-    that is mostly reserved or claimed costs no more than an empty one.
+    The claimed slots are sorted once and walked for the first gap (the
+    pool's size or fullness costs one sort, never a pass per block), and
+    reservations are subtracted as one address set, so a pool that is mostly
+    reserved or claimed costs no more than a sort of its blocks.
     """
-    if not reservations:  # the common case: the first candidate no block overlaps
-        occupied: set[IPNetwork] = set()
-        for block in existing:
-            if block.version != pool.family:
-                continue
-            if block.prefixlen >= pool.block_size:
-                occupied.add(block.supernet(new_prefix=pool.block_size))
-            else:
-                occupied.update(block.subnets(new_prefix=pool.block_size))
-        if len(occupied) < 4096:  # beyond that, the set arithmetic below is cheaper
-            for cidr in (within or pool.cidr).subnets(new_prefix=pool.block_size):
-                if cidr not in occupied and (cidr.num_addresses > 2 or any(
-                        pool.usable(cidr.network_address + i)
-                        for i in range(cidr.num_addresses))):
-                    return cidr
-            return None
-    free = netaddr.IPSet([str(within or pool.cidr)])
+    area = within or pool.cidr
+    first, last = int(area.network_address), int(area.broadcast_address)
+    size = 1 << (pool.cidr.max_prefixlen - pool.block_size)
+    # Per existing block, the first and last slot start it covers (in the area).
+    taken: list[tuple[int, int]] = []
+    claimed: list[IPNetwork] = []
     for block in existing:
-        if block.version == pool.family:
-            free.remove(str(block.supernet(new_prefix=pool.block_size)
-                            if block.prefixlen >= pool.block_size else block))
-    if reservations:
-        free = free - reservations.ip_set
+        if block.version != pool.family:
+            continue
+        if block.prefixlen >= pool.block_size:
+            block = block.supernet(new_prefix=pool.block_size)  # the slot it sits in
+        low, high = int(block.network_address), int(block.broadcast_address) - size + 1
+        if high >= first and low <= last:
+            taken.append((max(low, first), min(high, last)))
+            claimed.append(block)
+    if not reservations:  # the common case: the first free slot with a usable address
+        for slot in _free_slots(first, last, size, sorted(taken)):
+            cidr = ipaddress.ip_network((slot, pool.block_size))
+            if cidr.num_addresses > 2 or any(pool.usable(cidr.network_address + i)
+                                             for i in range(cidr.num_addresses)):
+                return cidr
+        return None
+    free = netaddr.IPSet([str(area)]) - netaddr.IPSet(str(block) for block in claimed)
+    free = free - reservations.ip_set
     for address in pool.unusable():
         free.remove(str(address))
     for free_range in free.iter_cidrs():  # in address order; the first one will do
-        first = (ipaddress.IPv4Address if pool.family == 4 else ipaddress.IPv6Address)(
+        first_free = (ipaddress.IPv4Address if pool.family == 4 else ipaddress.IPv6Address)(
             int(free_range.first))
-        return pool.block_of(first)
+        return pool.block_of(first_free)
     return None
+
+
+def _free_slots(first: int, last: int, size: int, taken: Sequence[tuple[int, int]]
+                ) -> Iterator[int]:
+    """The slot starts from ``first`` to ``last`` (step ``size``) outside the sorted
+    ``taken`` runs (first and last slot start of each)."""
+    slot = first
+    for low, high in taken:
+        while slot < low:
+            yield slot
+            slot += size
+        slot = max(slot, high + size)
+    while slot <= last:
+        yield slot
+        slot += size
 
 
 class TxnPlan:

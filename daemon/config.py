@@ -23,6 +23,8 @@ from .store import EtcdOptions
 
 DEFAULT_SOCKET = "/run/topoipam/topoipamd.sock"
 DEFAULT_METRICS = "127.0.0.1:9092"
+#: The node ``--dev`` serves unless told otherwise: README's walkthrough labels it.
+DEV_NODE = "node-0"
 
 
 def default_state_dir() -> str:
@@ -215,4 +217,7 @@ def load_config(
     if values.get("dev") and "socket" not in values:
         state_dir = values.get("state_dir") or default_state_dir()
         values["socket"] = os.path.join(state_dir, "topoipamd.sock")
+    if values.get("dev") and "node" not in values:
+        # The dev cluster is the walkthrough's, not this host's: its first node is node-0.
+        values["node"] = DEV_NODE
     return DaemonConfig(**values)

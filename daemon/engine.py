@@ -241,6 +241,14 @@ CLAIM_HINT_SECONDS = 10.0
 BORROW_WINDOW = 8
 # Room index entries a claim reads at a time.
 ROOM_READ = 4
+# A pool read whole and found without an unclaimed block (or, for borrowing,
+# without a free address) is not searched again for this long, and a claim's
+# pool is then read whole again only if its survey counts changed: a full pool
+# looks to its room index like one written before the index, and each claim
+# would read all of it. Room made meanwhile still shows: a deleted block puts
+# its window's room entry, a block with an address to lend its free-block
+# entry, in the transaction that makes the room.
+WHOLE_POOL_RECHECK_SECONDS = 30.0
 
 # etcd refuses transactions with more than 128 operations in a branch (--max-txn-ops).
 MAX_TXN_OPS = 120
@@ -313,6 +321,12 @@ class AllocationEngine:
         # this node's own blocks ran low (see _prefetch_claim). Used once.
         self._claim_hints: dict[str, _ClaimHint] = {}
         self._prefetch: asyncio.Task[None] | None = None
+        # ("claim" | "borrow", pool name) -> the pool as it was read whole and found
+        # with nothing to give, and when: see WHOLE_POOL_RECHECK_SECONDS.
+        self._found_full: dict[tuple[str, str], tuple[IPPool, float]] = {}
+        # pool name -> the pool, its survey's counts and the reservations when it was
+        # last read whole and found full: the same again needs no whole read.
+        self._full_survey: dict[str, tuple[IPPool, list[int], object]] = {}
         # Claims that took a hint or committed: a prefetch that overlaps one keeps nothing.
         self._claims_seen = 0
         self._closed = False
@@ -1042,7 +1056,11 @@ class AllocationEngine:
         """The search without a room index: one round trip reads this node's window and
         counts the block keys of at most 64 parts of the pool; a full window sends the
         search to the first part with room. Only a pool whose counts all look full (it
-        is full, or holds blocks of another size) is read whole."""
+        is full, or holds blocks of another size) is read whole, and not again while
+        its counts and the reservations stay as they were when that found nothing
+        (room made since then shows in the room index: see WHOLE_POOL_RECHECK_SECONDS)."""
+        if self._seen_full("claim", pool):
+            return None
         survey = txn.surveys.get(pool.name)
         if survey is None:
             groups = allocator.claim_groups(pool, self.node)
@@ -1050,13 +1068,29 @@ class AllocationEngine:
             txn.existing.setdefault(own, in_window)
             survey = txn.surveys[pool.name] = list(zip(groups, counts, strict=True))
         candidates = [own, *(group for group, count in survey
-                             if count < 1 << (pool.block_size - group.prefixlen)), pool.cidr]
+                             if count < 1 << (pool.block_size - group.prefixlen))]
+        unchanged = (pool, [count for _, count in survey], state.reservations.ip_set)
+        if self._full_survey.get(pool.name) != unchanged:
+            candidates.append(pool.cidr)
         for within in candidates:
             known = await self._known_blocks(within, txn)
             cidr = allocator.first_unclaimed_block(pool, known, state.reservations, within)
             if cidr is not None:
                 return cidr
+        self._full_survey[pool.name] = unchanged
+        self._found_full[("claim", pool.name)] = (pool, self.clock())
         return None
+
+    def _seen_full(self, search: str, pool: IPPool) -> bool:
+        """Whether ``pool`` (as it is now) was read whole for ``search`` lately and
+        found with nothing to give: then the index alone is trusted for a while."""
+        seen = self._found_full.get((search, pool.name))
+        if seen is None:
+            return False
+        if seen[0] != pool or not 0 <= self.clock() - seen[1] < WHOLE_POOL_RECHECK_SECONDS:
+            del self._found_full[(search, pool.name)]
+            return False
+        return True
 
     async def _borrow_candidates(self, pool: IPPool) -> AsyncGenerator[Versioned[Block], None]:
         """Other nodes' blocks of ``pool`` that may have an address to give, best first.
@@ -1065,7 +1099,7 @@ class AllocationEngine:
         entries at a time (so a borrow reads a few keys and a block or two,
         whatever the size of the pool); then, should none of those give one
         (an index entry is only a hint, and blocks written before the index
-        have none), every block of the pool.
+        have none), every block of the pool, unless that found nothing lately.
         """
         tried: set[IPNetwork] = set()
         start = allocator.borrow_start(pool, self.node)
@@ -1077,9 +1111,13 @@ class AllocationEngine:
                 current = await self.source.block(cidr)
                 if current is not None:
                     yield current
+        if self._seen_full("borrow", pool):
+            return
         for versioned in await self.store.list_blocks(pool.cidr):
             if versioned.value.cidr not in tried:
                 yield versioned
+        # Reached only if the caller took nothing from the whole pool.
+        self._found_full[("borrow", pool.name)] = (pool, self.clock())
 
     async def _plan_release(self, state: ClusterState, op: _ReleaseOp, txn: TxnPlan) -> bool:
         handle_id = op.handle_id

@@ -34,6 +34,9 @@ def etcd_binary() -> str:
 def free_port(preferred: int = 0) -> int:
     """A loopback TCP port nothing listens on: ``preferred`` if it is free."""
     with socket.socket() as sock:
+        # As etcd (Go) binds its listeners: a port whose last connections linger in
+        # TIME_WAIT after a restart is free to listen on again.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", preferred))
         except OSError:

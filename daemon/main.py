@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--config", help="TOML config file")
     add("--etcd-endpoints", help="comma-separated etcd URLs (default http://127.0.0.1:2379)")
-    add("--node", help="this node's name (default: the host name)")
+    add("--node", help="this node's name (default: the host name; node-0 with --dev)")
     add("--socket", help="gRPC unix socket (default /run/topoipam/topoipamd.sock)")
     add("--prefix", help="etcd key prefix (default /topoipam/v1)")
     add("--metrics-address", help="HOST:PORT for Prometheus metrics, or off "
@@ -96,13 +96,29 @@ class DevEtcd:
 
     def start(self) -> str:
         os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
-        # The well-known ports when they are free, so `topoipamctl` finds it by default.
+        # The ports of the last start when they are free, so the endpoint a reader
+        # exported keeps working across restarts; else the well-known ones when free,
+        # so `topoipamctl` finds it by default.
+        client, peer = self._last_ports()
         self.server = start_local_etcd(
             self.state_dir, store_dir=os.path.join(self.state_dir, "etcd"), name="topoipam-dev",
-            client_port=free_port(2379), peer_port=free_port(2380), own_session=True,
+            client_port=free_port(client), peer_port=free_port(peer), own_session=True,
             timeout=15)
+        with open(self._ports_path(), "w") as handle:
+            json.dump({"client": self.server.client_port, "peer": self.server.peer_port}, handle)
         self.endpoint = self.server.endpoint
         return self.endpoint
+
+    def _ports_path(self) -> str:
+        return os.path.join(self.state_dir, "etcd-ports.json")
+
+    def _last_ports(self) -> tuple[int, int]:
+        try:
+            with open(self._ports_path()) as handle:
+                ports = json.load(handle)
+            return int(ports["client"]), int(ports["peer"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 2379, 2380  # first start, or a file no start of ours wrote
 
     def stop(self) -> None:
         if self.server is not None:
@@ -163,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(seed_default_pool(config.etcd_options(), config.prefix))
             print(
                 f"topoipamd --dev: etcd at {endpoint} (data in {config.state_dir}/etcd)\n"
+                f"  node: {config.node}\n"
                 f"  gRPC socket: {config.socket}\n"
                 f"  try: TOPOIPAM_ETCD_ENDPOINTS={endpoint} topoipamctl get ippool -o wide\n"
                 f"       grpcurl -plaintext -unix {config.socket} list",

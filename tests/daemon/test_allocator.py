@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -159,6 +160,37 @@ def test_claim_skips_candidates_overlapping_leftover_blocks_of_another_size() ->
     assert str(allocator.first_unclaimed_block(p, leftovers)) == "10.0.0.64/26"
 
 
+
+
+def test_a_full_pool_of_many_blocks_is_searched_in_one_pass() -> None:
+    """16,384 claimed /26 blocks: the search sorts them once (it removed them from an
+    address set one by one, quadratic: seconds for a /14 pool, minutes for a /12)."""
+    p = pool("big", "10.0.0.0/12")
+    blocks = list(p.block_cidrs())
+    missing = blocks[12345]
+    started = time.monotonic()
+    assert allocator.first_unclaimed_block(p, set(blocks)) is None
+    assert allocator.first_unclaimed_block(p, set(blocks) - {missing}) == missing
+    reserved = Reservations([IPReservation("r", (missing,))])
+    assert allocator.first_unclaimed_block(p, set(blocks) - {missing}, reserved) is None
+    assert time.monotonic() - started < 10
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.integers(26, 32)), max_size=40),
+       st.sampled_from([None, "10.0.0.64/26", "10.0.0.128/25"]), st.booleans())
+def test_first_unclaimed_block_is_the_first_free_slot_with_a_usable_address(
+        claimed: list[tuple[int, int]], within: str | None, reserve: bool) -> None:
+    p = pool("p", "10.0.0.0/24", block=30)
+    existing = {ipaddress.ip_network(f"10.0.0.{n}/{length}", strict=False)
+                for n, length in claimed}
+    area = ipaddress.ip_network(within) if within else None
+    reserved = Reservations([IPReservation("r", (ipaddress.ip_network("10.0.0.64/28"),))]
+                            if reserve else [])
+    expected = next((cidr for cidr in (area or p.cidr).subnets(new_prefix=30)
+                     if not any(cidr.overlaps(e) for e in existing)
+                     and any(p.usable(a) and a not in reserved for a in cidr)), None)
+    assert allocator.first_unclaimed_block(p, existing, reserved, area) == expected
 
 
 def test_claim_never_picks_a_block_of_only_unusable_addresses() -> None:

@@ -43,3 +43,10 @@ def test_unknown_keys_and_bad_files_are_one_line_errors(
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="cannot read config file"):
         load_config({}, str(tmp_path / "absent.toml"), environ={})
+
+
+def test_dev_serves_node_0_unless_a_node_is_named(tmp_path: Path) -> None:
+    """README's walkthrough labels node-0, the node `topoipamd --dev` serves."""
+    assert load_config({"dev": True, "state_dir": str(tmp_path)}, environ={}).node == "node-0"
+    assert load_config({"dev": True, "node": "n7"}, environ={}).node == "n7"
+    assert load_config({"dev": True}, environ={"TOPOIPAM_NODE": "n8"}).node == "n8"

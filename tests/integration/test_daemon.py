@@ -253,6 +253,29 @@ def test_dev_mode_starts_etcd_and_seeds_default_pool(tmp_path: Path) -> None:
         pass
 
 
+def test_dev_etcd_keeps_its_port_across_restarts_while_it_is_free(tmp_path: Path) -> None:
+    """The endpoint a reader exported after the first start still works after a restart,
+    even when the well-known port was busy then and is free now."""
+    from topoipam.daemon.main import DevEtcd
+
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as etcd binds
+        try:
+            busy.bind(("127.0.0.1", 2379))  # else something else holds it: the same case
+            busy.listen()
+        except OSError:
+            pass
+        first = DevEtcd(str(tmp_path / "state"))
+        endpoint = first.start()
+        first.stop()
+    assert endpoint != "http://127.0.0.1:2379"
+    again = DevEtcd(str(tmp_path / "state"))
+    try:
+        assert again.start() == endpoint
+    finally:
+        again.stop()
+
+
 def test_generated_protobuf_modules_are_fresh() -> None:
     done = subprocess.run([sys.executable, "-m", "topoipam.proto.generate", "--check"],
                           capture_output=True, text=True, timeout=60)
