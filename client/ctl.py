@@ -582,7 +582,12 @@ async def cmd_ipam_release(store: EtcdStore, args: argparse.Namespace) -> int:
     for address in addresses:
         released = await release_holding(store, address, args.force)
         holder = released.holder if released is not None else None
-        if released is not None:
+        contested = released.block.value.contested.get(
+            released.block.value.ordinal(address)) if released is not None else None
+        if released is not None and contested is not None:
+            print(f"released {address} (handle {released.holder}); it now belongs to "
+                  f"{contested[0]} (node {contested[1]}), which used it too since a restore")
+        elif released is not None:
             print(f"released {address} (handle {released.holder})")
             if released.live:
                 warn(f"released {address} although attachment {released.attachment} still uses "
@@ -669,8 +674,14 @@ async def cmd_explain_identity(store: EtcdStore, identity_id: str) -> int:
         raise NotFound(f"sticky identity {identity_id} does not exist (never allocated, "
                        "released, or its hold is over)")
     until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(identity.parked_until or 0))
-    state = (f"parked until {until}" if identity.parked
-             else f"live under attachment {identity.handle}")
+    if not identity.parked:
+        state = f"live under attachment {identity.handle}"
+    elif (identity.parked_until or 0) > time.time():
+        state = f"parked until {until}"
+    else:  # only the daemon of each block's node expires holds, while it runs
+        state = (f"parked, hold over since {until} (freed by the daemon of the node whose "
+                 f"block holds it when it runs, by its next ADD, or by `topoipamctl ipam "
+                 f"release --identity {identity.id}`)")
     print(f"Identity: {identity.id}")
     print(f"State: {state} (last node {identity.node})")
     print(f"Addresses: {', '.join(str(a.ip) for a in identity.addresses) or '<none>'}")

@@ -82,6 +82,8 @@ class AllocationRecord:
         self._lines = 0
         self._written_revision = 0
         self._wakeup = asyncio.Event()
+        #: Held while a batch is written in a worker thread (and while the file is set aside).
+        self._writing = asyncio.Lock()
         self._fd: int | None = None
         self.flushes = 0
         #: Where the newest (revision, cluster ID) seen comes from (the store's history).
@@ -139,9 +141,14 @@ class AllocationRecord:
         self._pending.append(encode({"datastore": datastore}))
         self._wakeup.set()
 
-    def set_aside(self, datastore: str) -> str:
+    async def set_aside(self, datastore: str) -> str:
         """Keep the record's file aside (renamed, not deleted) and start an empty record
-        that belongs to ``datastore``. Returns the file's new name ("" if there was none)."""
+        that belongs to ``datastore``. Returns the file's new name ("" if there was none).
+        Waits for a write in progress (the worker thread holds the file meanwhile)."""
+        async with self._writing:
+            return self._set_aside(datastore)
+
+    def _set_aside(self, datastore: str) -> str:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -182,15 +189,16 @@ class AllocationRecord:
             self._written_revision = self.revision
         if not self._pending:
             return
-        lines, self._pending = self._pending, []
-        if self._lines + len(lines) > 4 * len(self.handles) + 1000:
-            snapshot = self._snapshot_lines()
-            await asyncio.to_thread(self._rewrite, snapshot)
-            self._lines = len(snapshot)
-        else:
-            await asyncio.to_thread(self._append, lines)
-            self._lines += len(lines)
-        self.flushes += 1
+        async with self._writing:
+            lines, self._pending = self._pending, []
+            if self._lines + len(lines) > 4 * len(self.handles) + 1000:
+                snapshot = self._snapshot_lines()
+                await asyncio.to_thread(self._rewrite, snapshot)
+                self._lines = len(snapshot)
+            else:
+                await asyncio.to_thread(self._append, lines)
+                self._lines += len(lines)
+            self.flushes += 1
 
     def flush_sync(self) -> None:
         """The last flush, at close."""

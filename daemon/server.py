@@ -278,7 +278,7 @@ class Daemon:
                 record.adopt(identity)  # a record from before identities, or a first start
             return False
         count, previous = len(record.handles), record.datastore or "unknown (an older record)"
-        aside = record.set_aside(identity)
+        aside = await record.set_aside(identity)
         history = store.history
         if history is not None:
             history.revision = history.cluster_id = 0

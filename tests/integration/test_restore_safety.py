@@ -319,3 +319,12 @@ def test_conflict_of_a_pool_the_snapshot_lacked_ends_when_the_pool_is_back(
         assert ctl(env, "ipam", "check").returncode == 0
     finally:
         m1.stop()
+
+
+def test_forced_release_of_a_contested_address_says_where_it_went(scene: Scene) -> None:
+    done = ctl(scene.env, "ipam", "release", "--ip", scene.x, "--force")
+    assert done.returncode == 0, done.stderr
+    assert "now belongs to net/p1/eth0 (node m1)" in done.stdout, done.stdout
+    assert "duplicate" not in done.stderr, done.stderr
+    assert holder_of(scene.handles(), scene.x) == ["net/p1/eth0"]
+    assert scene.check().returncode == 0, scene.check().stdout
