@@ -264,6 +264,10 @@ def describe_address(snap: Snapshot, address: IPAddress) -> str:
         reserved = reserved_by(snap, address)
         also = (f"; it is also reserved by ipreservation {', '.join(reserved)}"
                 if reserved else "")
+        contested = block.contested.get(block.ordinal(address))
+        if contested is not None:
+            also += (f"; contested: node {contested[1]}'s record says {contested[0]} uses it "
+                     "too since a restore (see `topoipamctl ipam conflicts`)")
         return (f"{address} is allocated to handle {holder} on node {handle.node} "
                 f"(pod {row.pod}) in {where}{also}")
     pool = allocator.pool_of(snap.pools, address)

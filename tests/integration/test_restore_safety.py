@@ -229,6 +229,8 @@ def test_a_holding_conflict_is_reported_with_what_is_really_there(scene: Scene) 
     line = next(x for x in check.stdout.splitlines() if scene.x in x and "conflict" in x)
     assert "net/p1/eth0" in line and "net/p2/eth0" in line and "m1" in line and "m2" in line
     assert "etcdctl" not in check.stdout and "resolve-conflict" in line
+    shown = ctl(scene.env, "ipam", "show", "--ip", scene.x)
+    assert "contested" in shown.stdout and "net/p1/eth0" in shown.stdout, shown.stdout
 
 
 @pytest.mark.parametrize("deleted", ["p2", "p1"])
