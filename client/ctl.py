@@ -89,6 +89,7 @@ from topoipam.daemon.model import (
     IPReservation,
     Node,
     Resource,
+    check_identity,
     name_of,
     parse_address,
     parse_gateway_spec,
@@ -648,6 +649,9 @@ async def release_identity(store: EtcdStore, identity_id: str, park: bool = Fals
                            force: bool = False) -> int:
     """Free a parked sticky identity's addresses now, or (``park``) park a live one whose
     node is lost; one guarded transaction either way."""
+    if park and await store.get_identity(check_identity(identity_id)) is None:
+        raise NotFound(f"sticky identity {identity_id} does not exist (never allocated, "
+                       "released, or its hold is over)")
     engine = AllocationEngine(store, "topoipamctl")
     try:
         if park:
@@ -660,7 +664,7 @@ async def release_identity(store: EtcdStore, identity_id: str, park: bool = Fals
         hold = (await store.get_config()).value.sticky_hold_seconds
         print(f"sticky identity {identity_id}: "
               + (f"parked {', '.join(map(str, parked))} for its next ADD on any node "
-                 f"(stickyHoldSeconds {hold})" if parked else "is not live: nothing to park"))
+                 f"(stickyHoldSeconds {hold})" if parked else "is parked already: nothing to park"))
         return 0
     print(f"sticky identity {identity_id}: "
           + (f"released {', '.join(map(str, freed))}" if freed else "holds no parked address"))

@@ -979,7 +979,7 @@ class AllocationEngine:
             short = self._short_family(state, [v.value for v in affine], CLAIM_HINT_BELOW)
             if short is None:
                 return
-            for pool in short:
+            for pool in short[1]:
                 hint = self._claim_hints.get(pool.name)
                 if hint is not None and hint.fits(pool, self.clock()):
                     return
@@ -1416,6 +1416,7 @@ class AllocationEngine:
         claimed.
         """
         claimed = conflicts = 0
+        spent: set[int] = set()  # families whose pools have no block left to claim
         while conflicts < self.max_attempts:
             state = await self.source.state()
             config = state.config
@@ -1423,16 +1424,18 @@ class AllocationEngine:
                 return claimed
             affine = await self.source.affine_blocks()
             short = self._short_family(state, [v.value for v in affine],
-                                       config.warm_addresses)
+                                       config.warm_addresses, spent)
             if short is None:
                 return claimed
+            family, pools = short
             txn = TxnPlan(state.pools)
-            for pool in short:
+            for pool in pools:
                 cidr = await self._unclaimed_block(state, pool, txn)
                 if cidr is not None:
                     break
             else:
-                return claimed  # nothing left to claim: requests will borrow
+                spent.add(family)  # nothing left to claim there: its requests will borrow
+                continue
             txn.put_block(Block.empty(cidr, self.node), 0, None)
             txn.affinities[(self.node, cidr)] = True
             writes = txn.writes()
@@ -1448,11 +1451,12 @@ class AllocationEngine:
             await backoff(conflicts)
         return claimed
 
-    def _short_family(self, state: ClusterState, affine: Sequence[Block], wanted: int
-                      ) -> list[IPPool] | None:
-        """The pools of the first IP family whose free addresses are below ``wanted``
-        and that may still claim a block (below ``maxBlocksPerHost``)."""
-        for family in sorted({p.family for p in state.pools}):
+    def _short_family(self, state: ClusterState, affine: Sequence[Block], wanted: int,
+                      skip: set[int] | frozenset[int] = frozenset()
+                      ) -> tuple[int, list[IPPool]] | None:
+        """The first IP family (not in ``skip``) whose free addresses are below ``wanted``
+        and that may still claim a block (below ``maxBlocksPerHost``), with its pools."""
+        for family in sorted({p.family for p in state.pools} - set(skip)):
             if allocator.at_block_cap(state.config.max_blocks_per_host, affine, family):
                 continue
             try:
@@ -1466,7 +1470,7 @@ class AllocationEngine:
                 free += sum(allocator.free_count(block, ctx) for block in affine
                             if first <= block.first and block.last <= last)
             if free < wanted:
-                return pools
+                return family, pools
         return None
 
     async def reconcile_free_index(self) -> int:

@@ -165,7 +165,14 @@ async def serve(config: DaemonConfig) -> None:
         await daemon.close()
 
 
+def _stop_before_serving(signum: int, frame: object) -> None:
+    raise SystemExit(0)  # the finally below still stops --dev's etcd
+
+
 def main(argv: list[str] | None = None) -> None:
+    # A SIGTERM before serve() installs its handlers (while --dev starts etcd and prints
+    # its banner) stops cleanly too, instead of killing us with etcd left running.
+    signal.signal(signal.SIGTERM, _stop_before_serving)
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config") or os.environ.get("TOPOIPAM_CONFIG")
     dev_etcd: DevEtcd | None = None

@@ -407,6 +407,11 @@ def check_kubernetes_label(key: object, value: object, what: str) -> None:
         )
 
 
+#: How long a node's absence (no live daemon) is remembered, and so the longest
+#: stickyTakeoverSeconds that can ever elapse.
+MAX_STICKY_TAKEOVER_SECONDS = 30 * 24 * 3600
+
+
 @dataclass(frozen=True)
 class IPAMConfig:
     strict_affinity: bool = False
@@ -445,6 +450,11 @@ class IPAMConfig:
         _int("ipamconfig: warmAddresses", self.warm_addresses)
         _int("ipamconfig: stickyHoldSeconds", self.sticky_hold_seconds)
         _int("ipamconfig: stickyTakeoverSeconds", self.sticky_takeover_seconds)
+        if self.sticky_takeover_seconds > MAX_STICKY_TAKEOVER_SECONDS:
+            raise InvalidInput(
+                f"ipamconfig: stickyTakeoverSeconds: at most {MAX_STICKY_TAKEOVER_SECONDS} "
+                f"(30 days, as long as a node's absence is remembered), got "
+                f"{self.sticky_takeover_seconds}")
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, attr) for key, attr in self._FIELDS.items()}

@@ -295,7 +295,8 @@ async def reassert_allocations(store: EtcdStore, record: AllocationRecord,
                 views = [await read_view(store, c) for c in conflicts]
                 released = not any(v.standing.holds for v in views)
             else:
-                released = await _released_since(store, handle, record.since.get(handle.id, 0))
+                released = await _moved_on(store, handle) or await _released_since(
+                    store, handle, record.since.get(handle.id, 0))
             if released:
                 record.forget(handle.id)
                 outcome.dropped.append(handle.id)
@@ -308,6 +309,17 @@ async def reassert_allocations(store: EtcdStore, record: AllocationRecord,
     if settle:
         outcome.open_conflicts = await settle_conflicts(store, record)
     return outcome
+
+
+async def _moved_on(store: EtcdStore, handle: Handle) -> bool:
+    """Whether ``handle``'s sticky identity was parked from it or taken over since: its
+    record says so, whatever the clocks of the hosts that did it."""
+    identity_id = handle.attributes.get("identity")
+    if not identity_id:
+        return False
+    identity = await store.get_identity(identity_id)
+    return identity is not None and (identity.value.parked
+                                     or identity.value.handle != handle.id)
 
 
 async def _released_since(store: EtcdStore, handle: Handle, since: float) -> bool:

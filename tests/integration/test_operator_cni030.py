@@ -1,0 +1,48 @@
+"""Hostile checks of cniVersion 0.3.0: the installed plugin, a real daemon."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import EtcdServer
+from tests.daemons import DaemonProcess, cni, ctl, rack_pools_manifest
+
+
+@pytest.fixture
+def n1(etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]
+       ) -> Iterator[DaemonProcess]:
+    assert ctl(ctl_env, "apply", "-f", "-", input=rack_pools_manifest()).returncode == 0
+    daemon = DaemonProcess("n1", str(tmp_path / "n1.sock"), etcd.endpoint, prefix,
+                           str(tmp_path / "n1.log"), ["--labels", "rack=0"]).start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def conf(daemon: DaemonProcess, version: str) -> dict[str, Any]:
+    return {"cniVersion": version, "name": "net",
+            "ipam": {"type": "topoipam", "socket": daemon.socket, "assign_ipv6": False}}
+
+
+def test_cni_030_add_del_version(n1: DaemonProcess, ctl_env: dict[str, str]) -> None:
+    code, out, err = cni("VERSION", {"cniVersion": "0.3.0"})
+    assert code == 0 and out is not None and "0.3.0" in out["supportedVersions"], (out, err)
+    code, out, err = cni("ADD", conf(n1, "0.3.0"), container="c0")
+    assert code == 0 and out is not None, (out, err)
+    assert out["cniVersion"] == "0.3.0", out
+    # 0.3.x result: ips carry "version" ("4"/"6").
+    assert out["ips"][0].get("version") == "4", out
+    # CHECK does not exist before 0.4.0: a one-line error, not a traceback or a pass.
+    code, out2, err2 = cni("CHECK", conf(n1, "0.3.0") | {"prevResult": out}, container="c0")
+    assert code != 0 and out2 is not None and "Traceback" not in err2, (out2, err2)
+    code, out, err = cni("DEL", conf(n1, "0.3.0"), container="c0")
+    assert code == 0, (out, err)
+    code, out, err = cni("ADD", conf(n1, "0.2.0"), container="c1")
+    assert code != 0 and out is not None and "Traceback" not in err, (out, err)
+    print(json.dumps(out))
