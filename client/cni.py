@@ -168,7 +168,6 @@ LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 # Results before 1.0.0 carry ips[].version.
 _LEGACY_VERSIONS = ("0.3.0", "0.3.1", "0.4.0")
 
-DEFAULT_SOCKET = "/run/topoipam/topoipamd.sock"
 # ipam.gateway: each address with its own pool's gateway (the default), or none.
 GATEWAY_POOL = "pool"
 GATEWAY_NONE = "none"
@@ -732,7 +731,7 @@ def _ipam(config: Json) -> Json:
 
 
 def _connection(ipam: Json) -> tuple[str, float]:
-    socket_path = ipam.get("socket", DEFAULT_SOCKET)
+    socket_path = ipam.get("socket", wire.DEFAULT_SOCKET)
     if not isinstance(socket_path, str) or not socket_path:
         raise _config_error(f"ipam.socket must be a non-empty path, not {socket_path!r}")
     timeout = ipam.get("timeout", DEFAULT_TIMEOUT)

@@ -42,7 +42,6 @@ import tempfile
 import types
 from dataclasses import dataclass
 from importlib.machinery import PathFinder
-from importlib.metadata import PackageNotFoundError, version
 
 #: The modules inlined into the plugin file, in the order they run: each may
 #: import the ones before it. The last one is the plugin; its ``main()`` runs.
@@ -273,10 +272,10 @@ def _is_installed(path: str, content: bytes) -> bool:
 
 
 def _package_version() -> str:
-    try:
-        return version("topoipam")
-    except PackageNotFoundError:
-        return "(not installed)"
+    # Imported here: the fresh compiler process imports this module without topoipam.
+    from topoipam import package_version
+
+    return package_version()
 
 
 def _mismatch_error(interpreter: str) -> str:
