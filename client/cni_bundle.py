@@ -45,7 +45,11 @@ from importlib.machinery import PathFinder
 
 #: The modules inlined into the plugin file, in the order they run: each may
 #: import the ones before it. The last one is the plugin; its ``main()`` runs.
-INLINED_MODULES = ("topoipam.proto.cjson", "topoipam.proto.cniwire", "topoipam.client.cni")
+INLINED_MODULES = (
+    "topoipam.proto.cjson", "topoipam.proto.cniwire",
+    "topoipam.client.cni_errors", "topoipam.client.cni_addresses", "topoipam.client.cni_env",
+    "topoipam.client.cni_config", "topoipam.client.cni_call", "topoipam.client.cni",
+)
 PLUGIN_NAME = "topoipam"
 DEFAULT_DEST = "/opt/cni/bin"
 # Linux reads at most this many bytes of a "#!" line (BINPRM_BUF_SIZE, since 5.1).
