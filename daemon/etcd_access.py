@@ -14,8 +14,9 @@ DEFAULT_ETCD_ENDPOINT = "http://127.0.0.1:2379"
 def read_password_file(path: str, flag: str = "etcd-password-file") -> str:
     """The password in ``path``: its UTF-8 text without the trailing line end(s).
 
-    Only trailing "\\r" and "\\n" go (``echo`` and editors add one, Windows
-    editors "\\r\\n"); other whitespace may be part of the password.
+    Only trailing line ends go (``echo`` and editors add one; text mode reads a
+    Windows "\\r\\n" as "\\n"); other whitespace may be part of the password.
+    Undecodable bytes are a one-line error, as a missing file is.
     """
     try:
         with open(path, encoding="utf-8") as handle:
