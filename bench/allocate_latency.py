@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 
+from clients import CniSocketClient, IpamClient, metric
 from common import (
     STATS_HEADERS,
     EchoFloor,
@@ -39,8 +40,6 @@ from common import (
     run_main,
     sample,
 )
-
-from topoipam.client.rpc import CniSocketClient, IpamClient, metric
 
 PREFIX = "/topoipam-bench/latency/v1"
 

@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from clients import metric
 from common import (
     HOST_LOCAL,
     STATS_HEADERS,
@@ -46,8 +47,6 @@ from common import (
     print_table,
     run_main,
 )
-
-from topoipam.client.rpc import metric
 
 NETWORK = "burstnet"
 

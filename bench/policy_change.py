@@ -23,6 +23,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from clients import IpamClient
 from common import (
     STATS_HEADERS,
     Report,
@@ -36,8 +37,6 @@ from common import (
     put_objects,
     run_main,
 )
-
-from topoipam.client.rpc import IpamClient
 
 PREFIX = "/topoipam-bench/policy/v1"
 NODE = "node-0"

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from clients import CniSocketClient
 from common import STATS_HEADERS, Report, Stats, Workspace, pool, print_table, run_main
-
-from topoipam.client.rpc import CniSocketClient
 
 PREFIX = "/topoipam-bench/record-cost/v1"
 

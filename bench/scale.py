@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from clients import IpamClient, metric
 from common import (
     STATS_HEADERS,
     Daemon,
@@ -54,8 +55,6 @@ from common import (
     run_main,
     timer,
 )
-
-from topoipam.client.rpc import IpamClient, metric
 
 BIG_PREFIX = "/topoipam-bench/scale-big/v1"
 SMALL_PREFIX = "/topoipam-bench/scale-small/v1"

@@ -35,6 +35,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from clients import CniSocketClient, IpamClient, metric
 from common import (
     STATS_HEADERS,
     Daemon,
@@ -53,8 +54,6 @@ from common import (
     py_spy,
     run_main,
 )
-
-from topoipam.client.rpc import CniSocketClient, IpamClient, metric
 
 PREFIX = "/topoipam-bench/storm/v1"
 BASELINE_PREFIX = "/topoipam-bench/storm-baseline/v1"

@@ -42,11 +42,14 @@ import tempfile
 import types
 from dataclasses import dataclass
 from importlib.machinery import PathFinder
-from importlib.metadata import PackageNotFoundError, version
 
 #: The modules inlined into the plugin file, in the order they run: each may
 #: import the ones before it. The last one is the plugin; its ``main()`` runs.
-INLINED_MODULES = ("topoipam.proto.cjson", "topoipam.proto.cniwire", "topoipam.client.cni")
+INLINED_MODULES = (
+    "topoipam.proto.cjson", "topoipam.proto.cniwire",
+    "topoipam.client.cni_errors", "topoipam.client.cni_addresses", "topoipam.client.cni_env",
+    "topoipam.client.cni_config", "topoipam.client.cni_call", "topoipam.client.cni",
+)
 PLUGIN_NAME = "topoipam"
 DEFAULT_DEST = "/opt/cni/bin"
 # Linux reads at most this many bytes of a "#!" line (BINPRM_BUF_SIZE, since 5.1).
@@ -273,10 +276,10 @@ def _is_installed(path: str, content: bytes) -> bool:
 
 
 def _package_version() -> str:
-    try:
-        return version("topoipam")
-    except PackageNotFoundError:
-        return "(not installed)"
+    # Imported here: the fresh compiler process imports this module without topoipam.
+    from topoipam import package_version
+
+    return package_version()
 
 
 def _mismatch_error(interpreter: str) -> str:

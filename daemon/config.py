@@ -13,15 +13,16 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
+from topoipam.proto.cniwire import DEFAULT_SOCKET
+
 from .errors import InvalidInput
+from .etcd_access import DEFAULT_ETCD_ENDPOINT, read_password_file
 from .keys import DEFAULT_PREFIX, KeySchema
 from .model import check_kubernetes_label, check_name
 from .store import EtcdOptions
 
-DEFAULT_SOCKET = "/run/topoipam/topoipamd.sock"
 DEFAULT_METRICS = "127.0.0.1:9092"
 #: The node ``--dev`` serves unless told otherwise: README's walkthrough labels it.
 DEV_NODE = "node-0"
@@ -35,7 +36,7 @@ def default_state_dir() -> str:
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    etcd_endpoints: tuple[str, ...] = (DEFAULT_ETCD_ENDPOINT,)
     node: str = field(default_factory=socket.gethostname)
     socket: str = DEFAULT_SOCKET
     prefix: str = DEFAULT_PREFIX
@@ -95,12 +96,7 @@ class DaemonConfig:
     def etcd_password(self) -> str | None:
         if self.etcd_password_file is None:
             return None
-        try:
-            return Path(self.etcd_password_file).read_text().rstrip("\n")
-        except OSError as exc:
-            raise InvalidInput(
-                f"cannot read etcd-password-file {self.etcd_password_file}: {exc.strerror}"
-            ) from exc
+        return read_password_file(self.etcd_password_file)
 
     def etcd_options(self) -> EtcdOptions:
         return EtcdOptions(

@@ -13,8 +13,11 @@ import signal
 import sys
 import time
 
+from topoipam.proto.cniwire import DEFAULT_SOCKET
+
 from .config import DaemonConfig, load_config
 from .errors import TopoipamError
+from .etcd_access import DEFAULT_ETCD_ENDPOINT
 from .local_etcd import LocalEtcd, free_port, start_local_etcd
 from .model import IPPool
 from .store import EtcdOptions, EtcdStore
@@ -33,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--config", help="TOML config file")
-    add("--etcd-endpoints", help="comma-separated etcd URLs (default http://127.0.0.1:2379)")
+    add("--etcd-endpoints",
+        help=f"comma-separated etcd URLs (default {DEFAULT_ETCD_ENDPOINT})")
     add("--node", help="this node's name (default: the host name; node-0 with --dev)")
-    add("--socket", help="gRPC unix socket (default /run/topoipam/topoipamd.sock)")
+    add("--socket", help=f"gRPC unix socket (default {DEFAULT_SOCKET})")
     add("--prefix", help="etcd key prefix (default /topoipam/v1)")
     add("--metrics-address", help="HOST:PORT for Prometheus metrics, or off "
                                   "(default 127.0.0.1:9092)")

@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 from google.protobuf.descriptor import FieldDescriptor
 
+from topoipam import package_version
 from topoipam.proto import cniwire, ipam_pb2, ipam_pb2_grpc
 
 from . import allocator
@@ -29,7 +30,8 @@ from .model import Attachment, IPAddress, IPNetwork, check_label
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+# Read once: the metadata lookup reads files, which a Status call should not.
+VERSION = package_version()
 
 # The one table from domain errors to gRPC status codes.
 STATUS_OF = {name: getattr(grpc.StatusCode, name) for name in (

@@ -65,6 +65,11 @@ CNI_CHECK_FAILED = 113  # CHECK: the attachment does not hold what prevResult sa
 CNI_INTERNAL_ERROR = 999  # anything unexpected (libcni's "internal error")
 
 
+#: The daemon's gRPC socket unless configured otherwise (topoipamd --socket, the
+#: plugin's ipam.socket); defined here, the one module both of them import.
+DEFAULT_SOCKET = "/run/topoipam/topoipamd.sock"
+
+
 class FrameError(ValueError):
     """A frame that cannot be encoded or decoded; the message is one line."""
 

@@ -14,7 +14,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")
-                                          if p.name not in ("common.py", "helper_servers.py")))
+                                          if p.name not in ("common.py", "clients.py",
+                                                            "helper_servers.py")))
 def test_benchmark_starts(script: str) -> None:
     done = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                           text=True, timeout=60)
