@@ -5,9 +5,9 @@ Every change is one compare-and-swap etcd transaction built from the domain
 writes of :mod:`topoipam.daemon.store`: read, validate everything, then commit
 with the read revisions as guards. A guard that fails means someone else
 changed the same object in between; the write is then re-read and
-re-validated (bounded, :data:`WRITE_ATTEMPTS`), so it never overwrites a
-change it did not see and never writes half of a manifest. Nothing here
-prints: lines for the operator come back in :class:`Plan` (or as values).
+re-validated (bounded: the one retry policy, :mod:`topoipam.daemon.store.retry`),
+so it never overwrites a change it did not see and never writes half of a
+manifest. Nothing here prints: lines for the operator come back in :class:`Plan` (or as values).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .audit import (
     stray_rooms,
 )
 from .engine import AllocationEngine
-from .errors import AlreadyExists, Conflict, InvalidInput, NodeInUse, NotFound, PoolInUse
+from .errors import AlreadyExists, InvalidInput, NodeInUse, NotFound, PoolInUse
 from .model import (
     Block,
     Handle,
@@ -53,7 +53,7 @@ from .model import (
     reserved_range_problem,
     resource_id,
 )
-from .store import WRITE_ATTEMPTS, EtcdStore
+from .store import LOST_RACE, EtcdStore, LostRace, retry_cas
 from .writes import (
     DeleteAffinity,
     DeleteBlock,
@@ -490,8 +490,10 @@ async def unlist_address(store: EtcdStore, address: IPAddress) -> list[str]:
     back unchanged in the same transaction so that the fix is guarded by its
     revision too: if it was handed to the handle meanwhile, nothing changes.
     """
-    fixed = []
-    for _ in range(WRITE_ATTEMPTS):  # each handle is its own guarded commit: no shared helper
+    fixed: list[str] = []
+
+    async def round_() -> list[str] | LostRace:
+        # Each handle is its own guarded commit: a round that lost any of them runs again.
         pending = False
         for current in await store.list_handles():
             handle = current.value
@@ -515,10 +517,9 @@ async def unlist_address(store: EtcdStore, address: IPAddress) -> list[str]:
                 fixed.append(handle.id)
             else:
                 pending = True
-        if not pending:
-            return fixed
-    raise Conflict(f"handles of {address} changed concurrently {WRITE_ATTEMPTS} times; "
-                   "try again")
+        return LOST_RACE if pending else fixed
+
+    return await retry_cas(round_, f"handles of {address}")
 
 
 def parse_label_changes(items: Sequence[str]) -> dict[str, str | None]:

@@ -12,6 +12,7 @@ retriable :class:`Conflict`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
@@ -46,7 +47,7 @@ from .model import (
     parked_holder,
     parked_identity,
 )
-from .store import DaemonAbsence, EtcdStore, backoff
+from .store import CAS_ATTEMPTS, LOST_RACE, DaemonAbsence, EtcdStore, LostRace, backoff, retry_cas
 from .writes import (
     CommitResult,
     DaemonAbsent,
@@ -64,7 +65,8 @@ from .writes import (
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 32
+# The group commit's lost races count against the one attempt limit of every CAS loop.
+MAX_ATTEMPTS = CAS_ATTEMPTS
 
 
 @dataclass(frozen=True)
@@ -1379,29 +1381,32 @@ class AllocationEngine:
             await self.release(handle_id)
         deleted = kept = 0
         for _, cidr in await self.store.list_affinities(self.node):
-            for attempt in range(self.max_attempts):
-                current = await self.store.get_block(cidr)
-                writes: list[Write] = [DeleteAffinity(self.node, cidr)]
-                if current is not None and current.value.affinity == self.node:
-                    if current.value.is_empty():
-                        writes.append(DeleteBlock(cidr, current.mod_revision))
-                    else:
-                        orphan = current.value.copy()
-                        orphan.affinity = None
-                        writes.append(PutBlock(orphan, current.mod_revision))
-                if (await self.store.commit(writes)).succeeded:
-                    if any(isinstance(w, DeleteBlock) for w in writes):
-                        deleted += 1
-                    elif len(writes) > 1:
-                        kept += 1
-                    break
-                await backoff(attempt)
-            else:
-                raise Conflict(f"block {cidr} kept changing while node {self.node} was removed")
+            deleted_one, kept_one = await retry_cas(
+                functools.partial(self._give_up_block, cidr),
+                f"block {cidr}, while node {self.node} was removed,")
+            deleted += deleted_one
+            kept += kept_one
         node = await self.store.get_node(self.node)
         if node is not None:
             await self.store.commit([DeleteObject("node", self.node, node.mod_revision)])
         return len(handles), deleted, kept
+
+    async def _give_up_block(self, cidr: IPNetwork) -> tuple[int, int] | LostRace:
+        """One round of giving up ``cidr`` (retire_node): (deleted, kept unaffined)."""
+        current = await self.store.get_block(cidr)
+        writes: list[Write] = [DeleteAffinity(self.node, cidr)]
+        if current is not None and current.value.affinity == self.node:
+            if current.value.is_empty():
+                writes.append(DeleteBlock(cidr, current.mod_revision))
+            else:
+                orphan = current.value.copy()
+                orphan.affinity = None
+                writes.append(PutBlock(orphan, current.mod_revision))
+        if not (await self.store.commit(writes)).succeeded:
+            return LOST_RACE
+        if any(isinstance(w, DeleteBlock) for w in writes):
+            return 1, 0
+        return (0, 1) if len(writes) > 1 else (0, 0)
 
     async def top_up_reserve(self) -> int:
         """Claim blocks, off every pod's path, until this node's own blocks hold
@@ -1415,41 +1420,52 @@ class AllocationEngine:
         must not exist), like a claim on the request path. Returns the blocks
         claimed.
         """
-        claimed = conflicts = 0
+        claimed = 0
         spent: set[int] = set()  # families whose pools have no block left to claim
-        while conflicts < self.max_attempts:
-            state = await self.source.state()
-            config = state.config
-            if not config.warm_addresses or not config.auto_allocate_blocks:
+        while True:
+            try:
+                outcome = await retry_cas(lambda: self._claim_reserve_block(spent),
+                                          f"the warm reserve of node {self.node}")
+            except Conflict:
+                return claimed  # the next upkeep tries again
+            if not outcome:
                 return claimed
-            affine = await self.source.affine_blocks()
+            self.on_claim("background", 1)
+            claimed += 1
+
+    async def _claim_reserve_block(self, spent: set[int]) -> bool | LostRace:
+        """One round of top_up_reserve: claim one block (True), or nothing to do (False).
+        A family whose pools have no block left to claim goes to ``spent`` (its requests
+        will borrow) and the next short family is tried."""
+        state = await self.source.state()
+        config = state.config
+        if not config.warm_addresses or not config.auto_allocate_blocks:
+            return False
+        affine = await self.source.affine_blocks()
+        txn = TxnPlan(state.pools)
+        cidr = None
+        while cidr is None:
             short = self._short_family(state, [v.value for v in affine],
                                        config.warm_addresses, spent)
             if short is None:
-                return claimed
+                return False
             family, pools = short
-            txn = TxnPlan(state.pools)
             for pool in pools:
                 cidr = await self._unclaimed_block(state, pool, txn)
                 if cidr is not None:
                     break
             else:
-                spent.add(family)  # nothing left to claim there: its requests will borrow
-                continue
-            txn.put_block(Block.empty(cidr, self.node), 0, None)
-            txn.affinities[(self.node, cidr)] = True
-            writes = txn.writes()
-            result = await self.store.commit(writes)
-            if result.succeeded:
-                self._observe_success(writes, result.revision)
-                self.on_claim("background", 1)
-                claimed += 1
-                continue
-            self._observe_failure(result)
-            self.on_conflict()
-            conflicts += 1
-            await backoff(conflicts)
-        return claimed
+                spent.add(family)
+        txn.put_block(Block.empty(cidr, self.node), 0, None)
+        txn.affinities[(self.node, cidr)] = True
+        writes = txn.writes()
+        result = await self.store.commit(writes)
+        if result.succeeded:
+            self._observe_success(writes, result.revision)
+            return True
+        self._observe_failure(result)
+        self.on_conflict()
+        return LOST_RACE
 
     def _short_family(self, state: ClusterState, affine: Sequence[Block], wanted: int,
                       skip: set[int] | frozenset[int] = frozenset()

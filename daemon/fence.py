@@ -2,7 +2,8 @@
 
 The fence is the key ``daemons/<node>`` on the serving daemon's own etcd
 lease (:meth:`EtcdStore.claim_node`). Every transaction the daemon commits
-compares that the key is still on that lease (:class:`CommitFence`), so:
+compares that the key is still on that lease (the :class:`CommitFence` of the
+store's write gate, :mod:`topoipam.daemon.store.gate`), so:
 
 * a second daemon started with the same ``--node`` (a replaced host, a
   copy-pasted config) finds the key held, logs one line naming the node and
@@ -53,24 +54,25 @@ def state_file(state_dir: str, node: str, prefix: str, suffix: str) -> str:
 class NodeFenceKeeper:
     """Acquires and keeps this daemon's node fence; tells the daemon when it changes.
 
-    One task (:meth:`run`) owns the fence: it claims the key, keeps the lease
-    alive every ``ttl / 3`` seconds, and claims again when the lease is lost.
+    One task (:meth:`run`) owns ``fence`` (the one the store's write gate
+    compares): it claims the key, keeps the lease alive every ``ttl / 3``
+    seconds, and claims again when the lease is lost (a commit that finds it
+    gone sets the fence's ``lost_signal``, which wakes the keeper at once).
     ``on_change`` is called whenever holding starts or stops.
     """
 
-    def __init__(self, store: EtcdStore, node: str, state_dir: str, prefix: str, ttl: int,
-                 on_change: Callable[[], None], retry: float = 1.0) -> None:
+    def __init__(self, store: EtcdStore, fence: CommitFence, state_dir: str, prefix: str,
+                 ttl: int, on_change: Callable[[], None], retry: float = 1.0) -> None:
         self.store = store
-        self.node = node
+        self.node = fence.node
         self.ttl = ttl
         self.retry = retry
         self.on_change = on_change
-        self.fence = CommitFence(node, store.keys.daemon(node))
-        self.fence.on_lost = self._wake
-        self._wakeup = asyncio.Event()
+        self.fence = fence
+        self._wakeup = fence.lost_signal
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
-        self._lock_path = state_file(state_dir, node, prefix, "lock")
-        self._identity_path = state_file(state_dir, node, prefix, "identity")
+        self._lock_path = state_file(state_dir, self.node, prefix, "lock")
+        self._identity_path = state_file(state_dir, self.node, prefix, "identity")
         self._lock: IO[bytes] | None = None
         self.instance = ""
         self._refused_by = ""
@@ -106,10 +108,6 @@ class NodeFenceKeeper:
         return instance
 
     # ------------------------------------------------------------------ the keeper
-    def _wake(self) -> None:
-        self._wakeup.set()
-        self.on_change()
-
     async def run(self) -> None:
         """Hold the fence for as long as the daemon runs (cancel to stop)."""
         while not self._lock_state_dir():

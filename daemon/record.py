@@ -40,7 +40,7 @@ from topoipam.proto import cjson
 
 from . import allocator
 from .conflicts import KEEP_DATASTORE, ConflictRecord
-from .errors import AddressUnavailable, InvalidInput, TopoipamError
+from .errors import AddressUnavailable, InvalidInput
 from .model import Block, Handle, IPAddress, IPNetwork, IPPool, encode
 from .resolve import read_conflicts, read_view
 from .store import EtcdStore
@@ -403,18 +403,18 @@ async def _reassert_one(store: EtcdStore, node: str, handle: Handle,
         writes.append(PutHandle(put, revision))
         return writes, found or None
 
-    async def commit(writes: Sequence[Write]) -> bool:
-        return (await store.commit(writes, reassert=True)).succeeded
-
-    for round_ in range(8):
+    async def attempt_noting_writes(
+    ) -> tuple[Sequence[Write], tuple[Sequence[Write], list[str] | None]]:
         writes, found = await attempt()
-        if not writes or await commit(writes):
-            if found and any(isinstance(w, PutConflict) for w in writes):
-                log.error("conflict after etcd went back, on node %s: %s; recorded for "
-                          "`topoipamctl ipam conflicts`", node, "; ".join(found))
-            return found
-        await asyncio.sleep(0.01 * round_)
-    raise TopoipamError(f"re-asserting {handle.id} kept losing races; will retry")
+        return writes, (writes, found)  # what was written decides what is logged
+
+    # Re-assertion commits pass while ordinary writes are paused (``reassert``).
+    writes, found = await store.commit_with_retry(
+        attempt_noting_writes, f"the allocation {handle.id} being re-asserted", reassert=True)
+    if found and any(isinstance(w, PutConflict) for w in writes):
+        log.error("conflict after etcd went back, on node %s: %s; recorded for "
+                  "`topoipamctl ipam conflicts`", node, "; ".join(found))
+    return found
 
 
 def _conflict_write(node: str, address: IPAddress, handle: Handle, holder: str,

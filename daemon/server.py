@@ -38,11 +38,12 @@ from .config import DaemonConfig, parse_host_port
 from .engine import AllocationEngine
 from .errors import AuthenticationFailed, DatastoreUnavailable, InvalidInput, TopoipamError
 from .fence import NodeFenceKeeper, state_file
+from .keys import KeySchema
 from .metrics import Metrics
 from .model import Node
 from .record import AllocationRecord, reassert_allocations
 from .service import IpamService, StatusProvider
-from .store import EtcdHistory, EtcdStore
+from .store import CommitFence, EtcdHistory, EtcdStore, WriteGate, WritePause
 from .writes import PutObject
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,24 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.store = EtcdStore(config.etcd_options(), config.prefix)
+        self.record = AllocationRecord(
+            state_file(config.state_dir, config.node, config.prefix, "allocations"),
+            config.node)
+        if config.record_allocations:
+            self.record.load()
+        history = EtcdHistory(self.record.revision, self.record.cluster_id,
+                              on_went_back=self._etcd_went_back)
+        self.record.current = lambda: (history.revision, history.cluster_id)
+        self.fence = CommitFence(config.node, KeySchema(config.prefix).daemon(config.node),
+                                 on_lost=self._refresh_health)
+        # Every commit of this daemon passes the gate: fenced, paused until the record
+        # is checked, watched for etcd going back, noted in the record.
+        self.gate = WriteGate(
+            self.fence, history,
+            on_committed=self.record.note if config.record_allocations else None,
+            pause=WritePause.CHECKING_RECORD)
+        self.store = EtcdStore(config.etcd_options(), config.prefix, gate=self.gate,
+                               on_error=self.metrics.etcd_errors.inc)
         self.cache = NodeCache(self.store, config.node, on_change=self._on_cache_change,
                                on_sync_change=self._on_sync_change)
         self.ipam = AllocationEngine(self.store, config.node, source=self.cache)
@@ -109,22 +127,8 @@ class Daemon:
         self.ipam.on_claim = lambda path, count: self.metrics.claims.labels(path).inc(count)
         self.ipam.on_allocated = self._on_allocated
         self.ipam.on_takeover = self.metrics.sticky_takeovers.inc
-        self.store.on_error = self.metrics.etcd_errors.inc
-        self.keeper = NodeFenceKeeper(self.store, config.node, config.state_dir, config.prefix,
+        self.keeper = NodeFenceKeeper(self.store, self.fence, config.state_dir, config.prefix,
                                       config.node_lease_seconds, on_change=self._refresh_health)
-        self.fence = self.keeper.fence
-        self.fence.paused = "it is checking its record of allocations against etcd"
-        self.store.fence = self.fence
-        self.record = AllocationRecord(
-            state_file(config.state_dir, config.node, config.prefix, "allocations"),
-            config.node)
-        if config.record_allocations:
-            self.record.load()
-        self.store.history = EtcdHistory(self.record.revision, self.record.cluster_id,
-                                         on_went_back=self._etcd_went_back)
-        history = self.store.history
-        self.record.current = lambda: (history.revision, history.cluster_id)
-        self.store.on_committed = self.record.note if config.record_allocations else None
         self._went_back = False
         self._was_serving = False
         self._reassert_task: asyncio.Task[None] | None = None
@@ -279,9 +283,8 @@ class Daemon:
             return False
         count, previous = len(record.handles), record.datastore or "unknown (an older record)"
         aside = await record.set_aside(identity)
-        history = store.history
-        if history is not None:
-            history.revision = history.cluster_id = 0
+        if self.gate.history is not None:
+            self.gate.history.forget()
         log.warning(
             "node %s: etcd %s at prefix %s is datastore %s%s, but this node's record of %d "
             "allocation(s) belongs to datastore %s: starting clean, nothing of that record is "
@@ -295,8 +298,10 @@ class Daemon:
     def _etcd_went_back(self, reason: str) -> None:
         """etcd lost history: stop writing until the record is re-asserted."""
         self._went_back = True
-        self.fence.paused = (f"{reason}; it is re-asserting the {len(self.record.handles)} "
-                             f"allocation(s) of node {self.config.node} before serving again")
+        self.gate.pause_writes(
+            WritePause.REASSERTING, f"{reason}; it is re-asserting the "
+            f"{len(self.record.handles)} allocation(s) of node {self.config.node} before "
+            "serving again")
         log.warning("%s: not serving until the %d allocation(s) of this node's record are "
                     "re-asserted", reason, len(self.record.handles))
         self._refresh_health()
@@ -336,11 +341,11 @@ class Daemon:
             log.info("dropped %d allocation(s) from the record that etcd no longer holds "
                      "(released elsewhere)", len(outcome.dropped))
         self.open_conflicts = outcome.open_conflicts
-        self.fence.paused = ""
+        self.gate.resume_writes()
         self._refresh_health()
 
     def _serving(self) -> bool:
-        return self.cache.in_sync.is_set() and self.fence.held() and not self.fence.paused
+        return self.cache.in_sync.is_set() and self.fence.held() and not self.gate.paused
 
     def _refresh_health(self) -> None:
         if self._closing:
@@ -358,8 +363,8 @@ class Daemon:
         if not self.fence.held():
             return (f"topoipamd does not serve node {self.config.node}: "
                     f"{self.fence.reason or 'its etcd lease lapsed'}")
-        if self.fence.paused:
-            return f"topoipamd does not write yet: {self.fence.paused}"
+        if self.gate.paused:
+            return f"topoipamd does not write yet: {self.gate.pause_reason}"
         try:
             alarms = await asyncio.wait_for(self.store.alarms(), 2.0)
         except (DatastoreUnavailable, TimeoutError):
@@ -389,10 +394,10 @@ class Daemon:
         self.metrics.cache_in_sync.set(1 if in_sync else 0)
         if self._closing:
             return
-        if in_sync and not self.fence.paused:
+        if in_sync and not self.gate.paused:
             # After a relist (etcd was away), check the record before writing again:
             # a restore that others' writes hid from the revision check shows there.
-            self.fence.paused = "it is checking its record of allocations against etcd"
+            self.gate.pause_writes(WritePause.CHECKING_RECORD)
             self._start_reassertion()
         self._refresh_health()
         if in_sync:
@@ -411,7 +416,7 @@ class Daemon:
         # Pools or labels may have stopped selecting some of our empty blocks,
         # or changed what the warm reserve needs.
         self._cleanup_wanted = True
-        if self.open_conflicts and not self.fence.paused:
+        if self.open_conflicts and not self.gate.paused:
             # A pool may contain a recorded address again, a holder may have gone.
             self._start_reassertion()
         if self._cleanup_task is None or self._cleanup_task.done():

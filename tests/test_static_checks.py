@@ -49,7 +49,7 @@ def imported_modules(path: Path) -> set[str]:
 def test_imports_flow_one_way() -> None:
     wrong = []
     for folder, forbidden in LAYERS.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
+        for path in sorted((ROOT / folder).rglob("*.py")):
             for name in imported_modules(path):
                 if any(name == f or name.startswith(f + ".") for f in forbidden):
                     wrong.append(f"{path.relative_to(ROOT)} imports {name}")

@@ -1,0 +1,313 @@
+"""Transactions: plain write values turned into one guarded etcd transaction.
+
+The allocator decides what must change together (:mod:`topoipam.daemon.writes`);
+:meth:`EtcdCommits.commit` turns it into one etcd transaction whose compares
+guard every value that was read, plus the write gate's fence
+(:mod:`topoipam.daemon.store.gate`). When a compare fails, the same round trip
+returns the current values of the guarded keys, so the caller re-plans
+without another read. :meth:`EtcdCommits.commit_with_retry` re-reads and
+retries through the one retry policy (:mod:`topoipam.daemon.store.retry`).
+The datastore's identity, which every client writes (or reads) before its
+first commit, lives here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aetcd import rpc
+
+from .. import writes as ops
+from ..errors import DatastoreUnavailable, InvalidInput
+from ..keys import prefix_range_end
+from ..model import IPAMConfig, IPPool, IPReservation, Node, encode
+from ..writes import CommitResult, Versioned, Write
+from .reads import EtcdReads, decode
+from .retry import LOST_RACE, LostRace, retry_cas
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class DatastoreIdentity:
+    """The datastore identity as read: ``id`` ("" when there is none, or it is unreadable:
+    ``problem`` says why), whether the prefix holds no object at all, etcd's cluster ID,
+    and the key's mod_revision (0: absent), which guards replacing it."""
+
+    id: str
+    empty: bool
+    cluster_id: int
+    revision: int
+    problem: str = ""
+
+
+
+class EtcdCommits(EtcdReads):
+    """Guarded transactions of topoipam objects, and the datastore identity."""
+
+    # ------------------------------------------------------------------ datastore identity
+    async def read_datastore_identity(self) -> DatastoreIdentity:
+        """This datastore's identity as stored (an etcd cluster and a prefix), no write.
+
+        Read without the history watch: it is what tells a restore of this
+        datastore (same identity) from another datastore.
+        """
+        key = self.keys.datastore()
+        found = await self._call("Range", rpc.RangeRequest(key=key), observe=False)
+        cluster = int(found.header.cluster_id)
+        if found.kvs:
+            kv = found.kvs[0]
+            try:
+                identity = decode(kv.value, "datastore identity").get("id")
+                if isinstance(identity, str) and identity:
+                    return DatastoreIdentity(identity, False, cluster, kv.mod_revision)
+                problem = "no id"
+            except InvalidInput as exc:
+                problem = str(exc)
+            return DatastoreIdentity("", False, cluster, kv.mod_revision,
+                                     f"unreadable datastore identity at {key.decode()}: "
+                                     f"{problem}")
+        prefix = self.keys.prefix.encode() + b"/"
+        objects = await self._call("Range", rpc.RangeRequest(
+            key=prefix, range_end=prefix_range_end(prefix), keys_only=True, limit=1),
+            observe=False)
+        return DatastoreIdentity("", not objects.kvs, cluster, 0)
+
+    async def write_datastore_identity(self, candidate: str, expect_revision: int) -> str:
+        """Write ``candidate`` where the identity key is still at ``expect_revision`` (0:
+        absent); the identity stored afterwards (another writer's, if it won the race)."""
+        key = self.keys.datastore()
+        target = (rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE,
+                              create_revision=0) if not expect_revision else
+                  rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
+                              mod_revision=expect_revision))
+        response = await self._call("Txn", rpc.TxnRequest(
+            compare=[target],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                key=key, value=encode({"id": candidate, "created": time.time()})))]),
+            observe=False)
+        if response.succeeded:
+            self.datastore_id = candidate
+            return candidate
+        stored = await self.read_datastore_identity()
+        if not stored.id:
+            raise DatastoreUnavailable(f"the datastore identity at {key.decode()} changed "
+                                       "concurrently; will retry")
+        self.datastore_id = stored.id
+        return stored.id
+
+    async def ensure_datastore_identity(self) -> None:
+        """A client's first write: an empty prefix gets an identity first. A prefix with
+        objects but no readable identity (written before identities, or hand-edited) is left
+        for a daemon, which can tell its own datastore by its node's record."""
+        found = await self.read_datastore_identity()
+        if found.id:
+            self.datastore_id = found.id
+        elif found.empty:
+            await self.write_datastore_identity(uuid.uuid4().hex, 0)
+        else:
+            self.datastore_id = ""
+    def _guarded_key(self, write: Write) -> tuple[bytes, int | None] | None:
+        match write:
+            case ops.PutBlock(block=block, expect_revision=rev):
+                return self.keys.block(block.cidr), rev
+            case ops.DeleteBlock(cidr=cidr, expect_revision=rev):
+                return self.keys.block(cidr), rev
+            case ops.PutHandle(handle=handle, expect_revision=rev):
+                return self.keys.handle(handle.id), rev
+            case ops.DeleteHandle(handle_id=handle_id, expect_revision=rev):
+                return self.keys.handle(handle_id), rev
+            case ops.PutIdentity(identity=identity, expect_revision=rev):
+                return self.keys.identity(identity.id), rev
+            case ops.DeleteIdentity(identity_id=identity_id, expect_revision=rev):
+                return self.keys.identity(identity_id), rev
+            case ops.PutObject(obj=obj, expect_revision=rev):
+                return self._object_key(obj), rev
+            case ops.DeleteObject(kind=kind, name=name, expect_revision=rev):
+                return self._named_key(kind, name), rev
+        return None
+
+    def _object_key(self, obj: IPPool | Node | IPAMConfig | IPReservation) -> bytes:
+        if isinstance(obj, IPPool):
+            return self.keys.pool(obj.name)
+        if isinstance(obj, Node):
+            return self.keys.node(obj.name)
+        if isinstance(obj, IPReservation):
+            return self.keys.reservation(obj.name)
+        return self.keys.config()
+
+    def _named_key(self, kind: str, name: str) -> bytes:
+        return {"pool": self.keys.pool, "node": self.keys.node,
+                "reservation": self.keys.reservation}[kind](name)
+
+    def _request_op(self, write: Write) -> Any:
+        match write:
+            case ops.PutBlock(block=block):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.block(block.cidr), value=encode(block.to_dict())))
+            case ops.DeleteBlock(cidr=cidr):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.block(cidr)))
+            case ops.PutAffinity(node=node, cidr=cidr):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.affinity(node, cidr), value=b"{}"))
+            case ops.DeleteAffinity(node=node, cidr=cidr):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.affinity(node, cidr)))
+            case ops.PutFreeMark(cidr=cidr, node=node):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.free_block(cidr), value=encode({"node": node})))
+            case ops.DeleteFreeMark(cidr=cidr):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.free_block(cidr)))
+            case ops.PutRoomMark(window=window):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.room(window), value=b"{}"))
+            case ops.DeleteRoomMark(window=window):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.room(window)))
+            case ops.DeleteRoomMarksIn(cidr=cidr):
+                start, end = self.keys.room_in(cidr)
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=start, range_end=end))
+            case ops.PutHandle(handle=handle):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.handle(handle.id), value=handle.value))
+            case ops.DeleteHandle(handle_id=handle_id):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.handle(handle_id)))
+            case ops.PutIdentity(identity=identity):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.identity(identity.id), value=encode(identity.to_dict())))
+            case ops.DeleteIdentity(identity_id=identity_id):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.identity(identity_id)))
+            case ops.PutConflict(node=node, address=address, value=value):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self.keys.conflict(node, address), value=value))
+            case ops.DeleteConflict(node=node, address=address):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.keys.conflict(node, address)))
+            case ops.PutObject(obj=obj):
+                return rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self._object_key(obj), value=encode(obj.to_dict())))
+            case ops.DeleteObject(kind=kind, name=name):
+                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                    key=self._named_key(kind, name)))
+        raise TypeError(f"unknown write {write!r}")
+
+    async def commit_with_retry(
+        self, attempt: Callable[[], Awaitable[tuple[Sequence[Write], R]]], what: str, *,
+        reassert: bool = False,
+    ) -> R:
+        """Read, decide and commit until the commit's guards hold.
+
+        ``attempt`` reads what it needs, validates, and returns the guarded
+        writes with the value to return once they are committed (no writes:
+        nothing to do, return at once). A lost race runs it again from fresh
+        reads (:func:`~topoipam.daemon.store.retry.retry_cas`); when it keeps
+        losing, :class:`Conflict` (retriable) names ``what``. ``reassert`` is
+        passed to :meth:`commit` (the node's record re-asserted while paused).
+        """
+        async def round_() -> R | LostRace:
+            writes, value = await attempt()
+            if not writes or (await self.commit(writes, reassert=reassert)).succeeded:
+                return value
+            return LOST_RACE
+
+        return await retry_cas(round_, what)
+
+    async def commit(self, writes: Iterable[Write], *, reassert: bool = False,
+                     fenced: bool = True) -> CommitResult:
+        """Apply ``writes`` atomically if every guarded key is still at its expected revision.
+
+        Each guarded key is compared on ``mod_revision`` (0 means "must not
+        exist"). On a failed compare nothing is written and the result
+        carries the current values of the guarded blocks and handles.
+        Raises DatastoreUnavailable if etcd cannot be reached; in that case
+        the transaction may or may not have been applied, which callers
+        resolve by re-reading (an allocation is acknowledged only on success).
+
+        A fenced store (the daemon's) refuses with :class:`NodeFenced` before
+        sending when it does not hold its fence, and compares the fence key's
+        lease in the same transaction: if the fence is gone, nothing is
+        written and NodeFenced is raised. While writes are paused for a
+        re-assertion, only commits with ``reassert`` pass. ``fenced=False``
+        is for the node's registration, which any daemon may do (create-only).
+        """
+        writes = list(writes)
+        if self.datastore_id is None:  # the first write of this client: identity first
+            await self.ensure_datastore_identity()
+        compares = []
+        guarded: list[bytes] = []
+        fence = self.gate.admit(reassert) if fenced else None
+        if fence is not None:
+            compares.append(rpc.Compare(key=fence.key, result=rpc.Compare.EQUAL,
+                                        target=rpc.Compare.LEASE, lease=fence.lease))
+        for write in writes:
+            if isinstance(write, ops.PoolsUnchangedSince):
+                prefix = self.keys.pools()
+                compares.append(rpc.Compare(
+                    key=prefix, range_end=prefix_range_end(prefix), result=rpc.Compare.LESS,
+                    target=rpc.Compare.MOD, mod_revision=write.revision + 1))
+                continue
+            if isinstance(write, ops.DaemonAbsent):
+                compares.append(rpc.Compare(
+                    key=self.keys.daemon(write.node), result=rpc.Compare.EQUAL,
+                    target=rpc.Compare.CREATE, create_revision=0))
+                if write.noted_revision:
+                    compares.append(rpc.Compare(
+                        key=self.keys.daemon_absence(write.node), result=rpc.Compare.EQUAL,
+                        target=rpc.Compare.MOD, mod_revision=write.noted_revision))
+                continue
+            guard = self._guarded_key(write)
+            if guard is None or guard[1] is None:
+                continue
+            key, revision = guard
+            if key in guarded:
+                continue
+            guarded.append(key)
+            compares.append(rpc.Compare(
+                key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=revision))
+        request = rpc.TxnRequest(
+            compare=compares,
+            success=[self._request_op(w) for w in writes
+                     if not isinstance(w, ops.PoolsUnchangedSince | ops.DaemonAbsent)],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k))
+                     for k in (*guarded, *([fence.key] if fence is not None else []))],
+        )
+        response = await self._call("Txn", request)
+        revision = int(response.header.revision)
+        if response.succeeded:
+            self.gate.committed(writes, revision)
+            return CommitResult(True, revision)
+        responses = list(response.responses)
+        if fence is not None:
+            self.gate.refused(fence, responses.pop().response_range.kvs)
+        result = CommitResult(False, revision)
+        for key, op in zip(guarded, responses, strict=True):
+            kvs = op.response_range.kvs
+            kind, _ = self.keys.kind_of(key)
+            try:
+                if kind == "blocks":
+                    cidr = self.keys.block_cidr(key)
+                    result.blocks[cidr] = (
+                        Versioned(self.decode_block(key, kvs[0].value), kvs[0].mod_revision)
+                        if kvs else None
+                    )
+                elif kind == "handles":
+                    handle_id = self.keys.name_of(key)
+                    result.handles[handle_id] = (
+                        Versioned(self.decode_handle(key, kvs[0].value), kvs[0].mod_revision)
+                        if kvs else None
+                    )
+            except InvalidInput as exc:
+                log.warning("corrupt value at %s: %s", key.decode(errors="replace"), exc)
+        return result
