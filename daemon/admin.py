@@ -65,6 +65,7 @@ from .writes import (
     DeleteRoomMark,
     DeleteRoomMarksIn,
     PoolsUnchangedSince,
+    PoolUnchanged,
     PutBlock,
     PutFreeMark,
     PutHandle,
@@ -327,7 +328,9 @@ async def write_targets(
 
     plan = await store.commit_with_retry(attempt, "the objects")
     for pool in plan.new_pools:
-        await write_room_marks(store, pool)
+        written = await store.get_pool(pool.name)
+        if written is not None:  # not deleted meanwhile (the guard covers what follows)
+            await write_room_marks(store, pool, guard=written.mod_revision)
     if plan.writes and plan.deletes_pool:
         dropped = await drop_stray_empty_blocks(store)
         if dropped:
@@ -587,6 +590,7 @@ async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple
     if conflicts:
         await store.commit([DeleteConflict(node, ipaddress.ip_address(
             store.keys.conflict_of(kv.key)[1])) for kv in conflicts])
+    await store.forget_absence(node)
     record = await store.get_node(node)
     if record is not None:
         await store.commit([DeleteObject("node", node, record.mod_revision)])
@@ -643,12 +647,15 @@ async def configure(store: EtcdStore, changes: dict[str, Any]) -> bool:
 
 
 async def write_room_marks(store: EtcdStore, pool: IPPool,
-                           only: Iterable[IPNetwork] | None = None) -> int:
+                           only: Iterable[IPNetwork] | None = None, guard: int = 0) -> int:
     """Mark the claim windows of a new pool (or just ``only``) as having room.
 
-    Hints, written unguarded after the pool itself: a window a leftover block
-    fills is unmarked by the first claimer that finds it full. Pools of more
-    than 65,536 windows get none: their claims survey instead.
+    Hints, written after the pool itself: a window a leftover block fills is
+    unmarked by the first claimer that finds it full. With ``guard`` (the
+    pool's mod_revision), each batch is written only while the pool is still
+    as written then, so a delete that commits meanwhile leaves no entry of it
+    behind; the rest are not written. Pools of more than 65,536 windows get
+    none: their claims survey instead. Returns the entries written.
     """
     windows: list[IPNetwork]
     if only is not None:
@@ -657,9 +664,15 @@ async def write_room_marks(store: EtcdStore, pool: IPPool,
         windows = list(pool.cidr.subnets(new_prefix=allocator.window_prefix(pool)))
     else:
         windows = []
+    written = 0
     for start in range(0, len(windows), MAX_TXN_OPS - 8):
-        await store.commit([PutRoomMark(w) for w in windows[start:start + MAX_TXN_OPS - 8]])
-    return len(windows)
+        batch: list[Write] = [PutRoomMark(w) for w in windows[start:start + MAX_TXN_OPS - 8]]
+        if guard:
+            batch.append(PoolUnchanged(pool.name, guard))
+        if not (await store.commit(batch)).succeeded:
+            break  # the pool changed or went: its entries are another writer's now
+        written += len(batch) - (1 if guard else 0)
+    return written
 
 
 async def repair_free_index(store: EtcdStore) -> int:

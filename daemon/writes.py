@@ -159,6 +159,15 @@ class PoolsUnchangedSince:
 
 
 @dataclass(frozen=True)
+class PoolUnchanged:
+    """A guard, not a write: pool ``name`` still exists as written at ``revision``
+    (what a new pool's room index entries are written under)."""
+
+    name: str
+    revision: int
+
+
+@dataclass(frozen=True)
 class DaemonAbsent:
     """A guard, not a write: ``node`` has no live daemon (its fence key is absent), and
     its absence record is still the one read at ``noted_revision`` (0: not compared).
@@ -174,7 +183,7 @@ Write = (
     PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutFreeMark | DeleteFreeMark
     | PutRoomMark | DeleteRoomMark | DeleteRoomMarksIn | PutHandle | DeleteHandle | PutIdentity
     | DeleteIdentity | PutConflict | DeleteConflict | PutObject
-    | DeleteObject | PoolsUnchangedSince | DaemonAbsent
+    | DeleteObject | PoolsUnchangedSince | PoolUnchanged | DaemonAbsent
 )
 
 

@@ -258,6 +258,11 @@ class EtcdCommits(EtcdReads):
                     key=prefix, range_end=prefix_range_end(prefix), result=rpc.Compare.LESS,
                     target=rpc.Compare.MOD, mod_revision=write.revision + 1))
                 continue
+            if isinstance(write, ops.PoolUnchanged):
+                compares.append(rpc.Compare(
+                    key=self.keys.pool(write.name), result=rpc.Compare.EQUAL,
+                    target=rpc.Compare.MOD, mod_revision=write.revision))
+                continue
             if isinstance(write, ops.DaemonAbsent):
                 compares.append(rpc.Compare(
                     key=self.keys.daemon(write.node), result=rpc.Compare.EQUAL,
@@ -279,7 +284,8 @@ class EtcdCommits(EtcdReads):
         request = rpc.TxnRequest(
             compare=compares,
             success=[self._request_op(w) for w in writes
-                     if not isinstance(w, ops.PoolsUnchangedSince | ops.DaemonAbsent)],
+                     if not isinstance(w, ops.PoolsUnchangedSince | ops.PoolUnchanged
+                                       | ops.DaemonAbsent)],
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k))
                      for k in (*guarded, *([fence.key] if fence is not None else []))],
         )

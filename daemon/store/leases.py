@@ -146,6 +146,14 @@ class EtcdLeases(EtcdTransport):
                 except DatastoreUnavailable:
                     pass  # it expires by itself
 
+    async def forget_absence(self, node: str) -> None:
+        """Delete ``node``'s absence record and its lease (the node is retired)."""
+        response = await self._call("Txn", rpc.TxnRequest(success=[
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=self.keys.daemon_absence(node))),
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                key=self.keys.daemon_absence(node), prev_kv=True))]))
+        await self._revoke_absence_lease(response)
+
     async def daemon_absence(self, node: str, note: bool = True) -> DaemonAbsence | None:
         """None while ``node`` has a live daemon (``daemons/<node>`` exists); else for
         how long its absence has been known.
