@@ -207,7 +207,7 @@ async def variant_burst(ws: Workspace, plugin: str, cni_path: str, prefix: str,
     """A burst on a daemon of its own: with ``warm``, once its reserve is claimed; else
     after an unmeasured burst has claimed its blocks. Returns the burst and the blocks
     claimed on the request path during it."""
-    from topoipam.daemon.model import IPAMConfig
+    from topoipam.daemon.core.model import IPAMConfig
 
     await ws.seed(prefix, [pool("burst-pool", "10.32.0.0/16"), IPAMConfig(warm_addresses=warm)])
     daemon = ws.daemon("node-0", prefix, metrics=True)

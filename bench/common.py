@@ -477,8 +477,8 @@ async def put_objects(store: Any, objects: Iterable[Any]) -> None:
     them, so claims in the benchmarks take the path they take for an operator.
     """
     from topoipam.daemon.admin import write_room_marks
-    from topoipam.daemon.model import IPPool
-    from topoipam.daemon.writes import PutObject
+    from topoipam.daemon.core.model import IPPool
+    from topoipam.daemon.core.writes import PutObject
 
     for obj in objects:
         result = await store.commit([PutObject(obj)])
@@ -491,7 +491,7 @@ async def put_objects(store: Any, objects: Iterable[Any]) -> None:
 def pool(name: str, cidr: str, selector: str = "all()", block_size: int = 26) -> Any:
     import ipaddress
 
-    from topoipam.daemon.model import IPPool
+    from topoipam.daemon.core.model import IPPool
 
     return IPPool(name, ipaddress.ip_network(cidr), block_size, selector)
 
@@ -575,7 +575,7 @@ def chunks(total: int, parts: int) -> list[int]:
 def block_value(cidr: str, affinity: str | None = "bench") -> bytes:
     import ipaddress
 
-    from topoipam.daemon.model import Block, encode
+    from topoipam.daemon.core.model import Block, encode
 
     return encode(Block.empty(ipaddress.ip_network(cidr), affinity).to_dict())
 

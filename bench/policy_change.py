@@ -58,7 +58,7 @@ def pools(swapped: bool) -> list[Any]:
 
 
 def node(rack: int) -> Any:
-    from topoipam.daemon.model import Node
+    from topoipam.daemon.core.model import Node
 
     return Node(NODE, {"rack": str(rack)})
 
@@ -70,7 +70,7 @@ async def follow(client: IpamClient, store: Any, writes: list[Any], want_pool: s
     Gives up after ``timeout`` seconds (DESIGN §1.7: "within a second"); such a
     change counts as missed, with the timeout as its latency.
     """
-    from topoipam.daemon.writes import PutObject
+    from topoipam.daemon.core.writes import PutObject
 
     sent = ns()
     result = await store.commit([PutObject(obj) for obj in writes])

@@ -9,7 +9,7 @@ each other) — and a 10-node data set of the same shape under another prefix.
 More nodes get more racks (at least 5; a /14 holds 4,096 blocks, less room
 for the joining nodes' claims), up to the 64 /14s of 10.0.0.0/8: every block
 lies in the pool that selects its node. Both data sets have the same racks.
-Values are built with ``topoipam.daemon.model`` (Block, Handle, Node, IPPool)
+Values are built with ``topoipam.daemon.core.model`` (Block, Handle, Node, IPPool)
 and written with the store's KeySchema and encode: byte for byte what the
 daemon writes. The measured node (``node-00007``) has the same blocks
 and allocations in both data sets, so the only difference is everything else.
@@ -81,16 +81,16 @@ class DataSet:
         return node_name(MEASURED_NODE)
 
     def pools(self) -> list[Any]:
-        from topoipam.daemon.model import IPPool
+        from topoipam.daemon.core.model import IPPool
 
         return [IPPool(f"rack-{r}", ipaddress.ip_network(f"10.{4 * r}.0.0/14"), 26,
                        f'rack == "{r}"') for r in range(self.racks)]
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every key and value of the data set, as the daemon would write them."""
-        from topoipam.daemon import allocator
-        from topoipam.daemon.keys import KeySchema
-        from topoipam.daemon.model import Block, Handle, HandleAddress, Node, encode
+        from topoipam.daemon.core import allocator
+        from topoipam.daemon.core.keys import KeySchema
+        from topoipam.daemon.core.model import Block, Handle, HandleAddress, Node, encode
 
         keys = KeySchema(self.prefix)
         pools = self.pools()
@@ -366,7 +366,7 @@ async def measure_joins(ws: Workspace, data: dict[str, DataSet], count: int
                         ) -> dict[str, tuple[dict[str, list[int]], dict[str, list[float]]]]:
     """First Allocate of joining nodes (a claim), then, with maxBlocksPerHost=1 and the
     joiner's one block full, an Allocate that must borrow: latency and etcd bytes."""
-    from topoipam.daemon.model import IPAMConfig
+    from topoipam.daemon.core.model import IPAMConfig
 
     results: dict[str, tuple[dict[str, list[int]], dict[str, list[float]]]] = {
         path: ({"big": [], "small": []}, {"big": [], "small": []})

@@ -65,8 +65,8 @@ class CasBaseline:
     def __init__(self, endpoint: str, blocks: int) -> None:
         from aetcd import rpc
 
-        from topoipam.daemon.keys import KeySchema
-        from topoipam.daemon.model import Block, encode
+        from topoipam.daemon.core.keys import KeySchema
+        from topoipam.daemon.core.model import Block, encode
 
         self.rpc = rpc
         self.channel = etcd_channel(endpoint)

@@ -31,10 +31,10 @@ from collections.abc import Sequence
 
 from topoipam.client.ctl_output import fail
 from topoipam.client.ctl_parser import build_parser, usage_problem
-from topoipam.daemon.errors import DatastoreUnavailable, InvalidInput, TopoipamError
+from topoipam.daemon.core.errors import DatastoreUnavailable, InvalidInput, TopoipamError
 
 # Named here too: code that drives the CLI in-process catches it as ctl.NoPoolForNode.
-from topoipam.daemon.errors import NoPoolForNode as NoPoolForNode
+from topoipam.daemon.core.errors import NoPoolForNode as NoPoolForNode
 from topoipam.daemon.etcd_access import read_password_file
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 

@@ -13,7 +13,6 @@ import sys
 from collections import Counter
 
 from topoipam.client.ctl_output import print_findings, print_table, warn
-from topoipam.daemon import allocator
 from topoipam.daemon.admin import (
     configure,
     drop_stray_empty_blocks,
@@ -32,9 +31,10 @@ from topoipam.daemon.audit import (
     show,
     usable_capacity,
 )
+from topoipam.daemon.core import allocator
+from topoipam.daemon.core.errors import InvalidInput, NotFound
+from topoipam.daemon.core.model import check_identity, parse_address
 from topoipam.daemon.engine import AllocationEngine
-from topoipam.daemon.errors import InvalidInput, NotFound
-from topoipam.daemon.model import check_identity, parse_address
 from topoipam.daemon.resolve import list_conflicts, resolve_conflict
 from topoipam.daemon.store import EtcdStore
 

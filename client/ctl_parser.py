@@ -43,9 +43,9 @@ from topoipam.client.ctl_resources import (
     cmd_patch,
 )
 from topoipam.daemon.audit import DEFAULT_ROUTE_LABEL
+from topoipam.daemon.core.keys import DEFAULT_PREFIX
+from topoipam.daemon.core.model import ASSIGNMENT_MODES
 from topoipam.daemon.etcd_access import DEFAULT_ETCD_ENDPOINT
-from topoipam.daemon.keys import DEFAULT_PREFIX
-from topoipam.daemon.model import ASSIGNMENT_MODES
 from topoipam.daemon.resolve import KEEP_SIDES
 from topoipam.daemon.store import EtcdStore
 

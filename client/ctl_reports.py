@@ -12,7 +12,6 @@ import json
 import time
 
 from topoipam.client.ctl_output import family_name, print_findings, print_table, show_labels, warn
-from topoipam.daemon import allocator
 from topoipam.daemon.admin import read_current
 from topoipam.daemon.audit import (
     allocation_steps,
@@ -23,8 +22,9 @@ from topoipam.daemon.audit import (
     route_report,
     show,
 )
-from topoipam.daemon.errors import NoPoolForNode, NotFound, gone_clause, park_command
-from topoipam.daemon.model import Identity, IPAMConfig, Node
+from topoipam.daemon.core import allocator
+from topoipam.daemon.core.errors import NoPoolForNode, NotFound, gone_clause, park_command
+from topoipam.daemon.core.model import Identity, IPAMConfig, Node
 from topoipam.daemon.store import EtcdStore
 
 

@@ -17,7 +17,6 @@ from collections import Counter
 from topoipam.client import manifests
 from topoipam.client.ctl_output import print_document, print_table, report, show_labels, warn
 from topoipam.client.manifests import Document
-from topoipam.daemon import allocator
 from topoipam.daemon.admin import (
     Plan,
     Target,
@@ -31,8 +30,9 @@ from topoipam.daemon.admin import (
     write_targets,
 )
 from topoipam.daemon.audit import load_snapshot, show, usable_capacity
-from topoipam.daemon.errors import InvalidInput, NotFound
-from topoipam.daemon.model import (
+from topoipam.daemon.core import allocator
+from topoipam.daemon.core.errors import InvalidInput, NotFound
+from topoipam.daemon.core.model import (
     CONFIG_NAME,
     DEFAULT_BLOCK_SIZE,
     IPAMConfig,
@@ -44,8 +44,8 @@ from topoipam.daemon.model import (
     parse_gateway_spec,
     parse_network,
 )
+from topoipam.daemon.core.writes import PutObject, Write
 from topoipam.daemon.store import EtcdStore
-from topoipam.daemon.writes import PutObject, Write
 
 # Resource names as calicoctl and kubectl spell them, with their short forms.
 POOL_NAMES = ("ippool", "ippools", "ipp", "ipps", "pool", "pools")

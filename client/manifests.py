@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from topoipam.daemon.errors import InvalidInput
-from topoipam.daemon.model import (
+from topoipam.daemon.core.errors import InvalidInput
+from topoipam.daemon.core.model import (
     CONFIG_NAME,
     IPAMConfig,
     IPPool,

@@ -21,8 +21,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import allocator
-from .allocator import free_mark_writes, has_free
 from .audit import (
     Snapshot,
     free_index_drift,
@@ -35,9 +33,10 @@ from .audit import (
     show,
     stray_rooms,
 )
-from .engine import AllocationEngine
-from .errors import AlreadyExists, InvalidInput, NodeInUse, NotFound, PoolInUse
-from .model import (
+from .core import allocator
+from .core.allocator import free_mark_writes, has_free
+from .core.errors import AlreadyExists, InvalidInput, NodeInUse, NotFound, PoolInUse
+from .core.model import (
     Block,
     Handle,
     IPAddress,
@@ -53,8 +52,7 @@ from .model import (
     reserved_range_problem,
     resource_id,
 )
-from .store import LOST_RACE, EtcdStore, LostRace, retry_cas
-from .writes import (
+from .core.writes import (
     DeleteAffinity,
     DeleteBlock,
     DeleteConflict,
@@ -75,6 +73,8 @@ from .writes import (
     Versioned,
     Write,
 )
+from .engine import AllocationEngine
+from .store import LOST_RACE, EtcdStore, LostRace, retry_cas
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import netaddr
 
-from . import allocator, model
-from .conflicts import ConflictRecord, Standing, standing
-from .errors import InvalidInput
-from .model import (
+from .core import allocator, model
+from .core.conflicts import ConflictRecord, Standing, standing
+from .core.errors import InvalidInput
+from .core.model import (
     Block,
     Handle,
     Identity,

@@ -19,18 +19,18 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .allocator import Reservations
+from .core.allocator import Reservations
+from .core.errors import DatastoreUnavailable, InvalidInput, NotReady
+from .core.keys import prefix_range_end
+from .core.model import Block, IPAMConfig, IPNetwork, IPPool, IPReservation
+from .core.writes import Versioned
 from .engine import ClusterState
-from .errors import DatastoreUnavailable, InvalidInput, NotReady
-from .keys import prefix_range_end
-from .model import Block, IPAMConfig, IPNetwork, IPPool, IPReservation
 from .store import (
     EtcdStore,
     WatchCompacted,
     WatchStream,
     WatchTokenExpired,
 )
-from .writes import Versioned
 
 log = logging.getLogger(__name__)
 

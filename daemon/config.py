@@ -17,10 +17,10 @@ from typing import Any
 
 from topoipam.proto.cniwire import DEFAULT_SOCKET
 
-from .errors import InvalidInput
+from .core.errors import InvalidInput
+from .core.keys import DEFAULT_PREFIX, KeySchema
+from .core.model import check_kubernetes_label, check_name
 from .etcd_access import DEFAULT_ETCD_ENDPOINT, read_password_file
-from .keys import DEFAULT_PREFIX, KeySchema
-from .model import check_kubernetes_label, check_name
 from .store import EtcdOptions
 
 DEFAULT_METRICS = "127.0.0.1:9092"

@@ -20,9 +20,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import allocator
-from .allocator import AssignContext, Reservations, TxnPlan
-from .errors import (
+from .core import allocator
+from .core.allocator import AssignContext, Reservations, TxnPlan
+from .core.errors import (
     AddressUnavailable,
     Conflict,
     IdentityInUse,
@@ -32,7 +32,7 @@ from .errors import (
     PoolExhausted,
     TopoipamError,
 )
-from .model import (
+from .core.model import (
     Attachment,
     Block,
     Handle,
@@ -47,8 +47,7 @@ from .model import (
     parked_holder,
     parked_identity,
 )
-from .store import CAS_ATTEMPTS, LOST_RACE, DaemonAbsence, EtcdStore, LostRace, backoff, retry_cas
-from .writes import (
+from .core.writes import (
     CommitResult,
     DaemonAbsent,
     DeleteAffinity,
@@ -62,6 +61,7 @@ from .writes import (
     Versioned,
     Write,
 )
+from .store import CAS_ATTEMPTS, LOST_RACE, DaemonAbsence, EtcdStore, LostRace, backoff, retry_cas
 
 log = logging.getLogger(__name__)
 

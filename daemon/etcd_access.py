@@ -6,7 +6,7 @@ so both default to the same endpoint and read a password file the same way.
 
 from __future__ import annotations
 
-from .errors import InvalidInput
+from .core.errors import InvalidInput
 
 DEFAULT_ETCD_ENDPOINT = "http://127.0.0.1:2379"
 

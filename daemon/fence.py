@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Callable
 from typing import IO
 
-from .errors import DatastoreUnavailable, TopoipamError
+from .core.errors import DatastoreUnavailable, TopoipamError
 from .store import CommitFence, EtcdStore
 
 log = logging.getLogger(__name__)

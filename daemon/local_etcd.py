@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TopoipamError
+from .core.errors import TopoipamError
 
 
 def etcd_binary() -> str:

@@ -16,12 +16,12 @@ import time
 from topoipam.proto.cniwire import DEFAULT_SOCKET
 
 from .config import DaemonConfig, load_config
-from .errors import TopoipamError
+from .core.errors import TopoipamError
+from .core.model import IPPool
+from .core.writes import PutObject
 from .etcd_access import DEFAULT_ETCD_ENDPOINT
 from .local_etcd import LocalEtcd, free_port, start_local_etcd
-from .model import IPPool
 from .store import EtcdOptions, EtcdStore
-from .writes import PutObject
 
 log = logging.getLogger("topoipamd")
 

@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import allocator
 from .audit import usable_capacity
+from .core import allocator
+from .core.errors import NoPoolForNode
 from .engine import ClusterState
-from .errors import NoPoolForNode
 
 #: Outcomes whose series exist from the start (at 0), so that ``increase()`` sees their
 #: first occurrence: a counter series that appears at 1 looks unchanged to Prometheus.

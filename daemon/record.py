@@ -38,13 +38,11 @@ from dataclasses import dataclass, field
 
 from topoipam.proto import cjson
 
-from . import allocator
-from .conflicts import KEEP_DATASTORE, ConflictRecord
-from .errors import AddressUnavailable, InvalidInput
-from .model import Block, Handle, IPAddress, IPNetwork, IPPool, encode
-from .resolve import read_conflicts, read_view
-from .store import EtcdStore
-from .writes import (
+from .core import allocator
+from .core.conflicts import KEEP_DATASTORE, ConflictRecord
+from .core.errors import AddressUnavailable, InvalidInput
+from .core.model import Block, Handle, IPAddress, IPNetwork, IPPool, encode
+from .core.writes import (
     DeleteConflict,
     DeleteHandle,
     PutAffinity,
@@ -53,6 +51,8 @@ from .writes import (
     PutHandle,
     Write,
 )
+from .resolve import read_conflicts, read_view
+from .store import EtcdStore
 
 log = logging.getLogger(__name__)
 

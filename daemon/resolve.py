@@ -15,12 +15,11 @@ import logging
 import time
 from collections.abc import Sequence
 
-from . import allocator
-from .conflicts import KEEP_DATASTORE, ConflictRecord, Standing, standing
-from .errors import AddressUnavailable, InvalidInput
-from .model import Block, Handle, HandleAddress, IPAddress, parked_identity
-from .store import EtcdStore
-from .writes import (
+from .core import allocator
+from .core.conflicts import KEEP_DATASTORE, ConflictRecord, Standing, standing
+from .core.errors import AddressUnavailable, InvalidInput
+from .core.model import Block, Handle, HandleAddress, IPAddress, parked_identity
+from .core.writes import (
     DeleteConflict,
     DeleteHandle,
     PutAffinity,
@@ -30,6 +29,7 @@ from .writes import (
     Versioned,
     Write,
 )
+from .store import EtcdStore
 
 log = logging.getLogger(__name__)
 

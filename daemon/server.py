@@ -31,20 +31,20 @@ from prometheus_client import start_http_server
 from topoipam.proto import ipam_pb2, ipam_pb2_grpc
 from topoipam.proto.cniwire import cni_socket_path
 
-from . import allocator
 from .cache import NodeCache
 from .cni_socket import CniSocketServer
 from .config import DaemonConfig, parse_host_port
+from .core import allocator
+from .core.errors import AuthenticationFailed, DatastoreUnavailable, InvalidInput, TopoipamError
+from .core.keys import KeySchema
+from .core.model import Node
+from .core.writes import PutObject
 from .engine import AllocationEngine
-from .errors import AuthenticationFailed, DatastoreUnavailable, InvalidInput, TopoipamError
 from .fence import NodeFenceKeeper, state_file
-from .keys import KeySchema
 from .metrics import Metrics
-from .model import Node
 from .record import AllocationRecord, reassert_allocations
 from .service import IpamService, StatusProvider
 from .store import CommitFence, EtcdHistory, EtcdStore, WriteGate, WritePause
-from .writes import PutObject
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from google.protobuf.descriptor import FieldDescriptor
 from topoipam import package_version
 from topoipam.proto import cniwire, ipam_pb2, ipam_pb2_grpc
 
-from . import allocator
+from .core import allocator
+from .core.errors import InvalidInput, NotFound, TopoipamError
+from .core.model import Attachment, IPAddress, IPNetwork, check_label
 from .engine import Allocation, AllocationEngine, AllocationRequest, ClusterState
-from .errors import InvalidInput, NotFound, TopoipamError
 from .metrics import Metrics
-from .model import Attachment, IPAddress, IPNetwork, check_label
 
 log = logging.getLogger(__name__)
 

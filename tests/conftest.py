@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 import pytest_asyncio
 
-from topoipam.daemon.errors import TopoipamError
+from topoipam.daemon.core.errors import TopoipamError
 from topoipam.daemon.local_etcd import LocalEtcd, start_local_etcd
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 

@@ -30,7 +30,7 @@ def test_scale_data_set_keeps_every_block_in_the_pool_of_its_node(
     monkeypatch.syspath_prepend(str(BENCH))
     import scale
 
-    from topoipam.daemon.keys import KeySchema
+    from topoipam.daemon.core.keys import KeySchema
 
     racks = scale.racks_for(6000, 4, 10)
     assert racks == 6 and scale.racks_for(5000, 4, 10) == 5

@@ -62,3 +62,22 @@ def test_the_wire_contract_is_standard_library_only() -> None:
         imported = imported_modules(ROOT / "proto" / f"{module}.py")
         assert imported <= {"__future__", "typing", "_json", "topoipam.proto.cjson",
                             "topoipam.proto"}, (module, imported)
+
+
+#: What the pure core may not import: I/O, concurrency, the process, the daemon's other rooms.
+CORE_FORBIDDEN = ("asyncio", "aetcd", "grpc", "socket", "subprocess", "threading", "fcntl",
+                  "prometheus_client", "topoipam.client")
+
+
+def test_the_core_is_pure() -> None:
+    wrong = []
+    for path in sorted((ROOT / "daemon" / "core").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level > 1:
+                wrong.append(f"{path.name} imports from outside daemon/core/")
+        for name in imported_modules(path):
+            outside = name.startswith("topoipam.daemon") and not name.startswith(
+                "topoipam.daemon.core")
+            if outside or any(name == f or name.startswith(f + ".") for f in CORE_FORBIDDEN):
+                wrong.append(f"{path.name} imports {name}")
+    assert wrong == []

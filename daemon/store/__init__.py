@@ -1,8 +1,8 @@
 """The etcd adapter: the one package that talks to etcd, split by job.
 
-It spells keys through :class:`topoipam.daemon.keys.KeySchema` (the key
+It spells keys through :class:`topoipam.daemon.core.keys.KeySchema` (the key
 schema lives there, both directions) and commits the plain transaction
-values of :mod:`topoipam.daemon.writes`. :class:`EtcdStore` is the one class
+values of :mod:`topoipam.daemon.core.writes`. :class:`EtcdStore` is the one class
 callers use; each job is a module of its own:
 
 * :mod:`.transport` -- endpoints, TLS, auth, the channel, and the one RPC
@@ -60,7 +60,7 @@ class EtcdStore(EtcdCommits, EtcdLeases):
     One object per client, made of the jobs' classes (they share the
     transport's channel, so one ``_call`` carries every RPC). All methods are
     coroutine-safe: several tasks may call them at once on one store. A
-    failed RPC raises :class:`~topoipam.daemon.errors.DatastoreUnavailable`
+    failed RPC raises :class:`~topoipam.daemon.core.errors.DatastoreUnavailable`
     (retriable); nothing is half-written because every write is a single
     transaction. ``gate`` (default: open) and ``on_error`` are given at
     construction.

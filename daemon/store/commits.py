@@ -1,6 +1,6 @@
 """Transactions: plain write values turned into one guarded etcd transaction.
 
-The allocator decides what must change together (:mod:`topoipam.daemon.writes`);
+The allocator decides what must change together (:mod:`topoipam.daemon.core.writes`);
 :meth:`EtcdCommits.commit` turns it into one etcd transaction whose compares
 guard every value that was read, plus the write gate's fence
 (:mod:`topoipam.daemon.store.gate`). When a compare fails, the same round trip
@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 
 from aetcd import rpc
 
-from .. import writes as ops
-from ..errors import DatastoreUnavailable, InvalidInput
-from ..keys import prefix_range_end
-from ..model import IPAMConfig, IPPool, IPReservation, Node, encode
-from ..writes import CommitResult, Versioned, Write
+from ..core import writes as ops
+from ..core.errors import DatastoreUnavailable, InvalidInput
+from ..core.keys import prefix_range_end
+from ..core.model import IPAMConfig, IPPool, IPReservation, Node, encode
+from ..core.writes import CommitResult, Versioned, Write
 from .reads import EtcdReads, decode
 from .retry import LOST_RACE, LostRace, retry_cas
 

@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import EtcdWentBack, NodeFenced, NotReady
-from ..writes import Write
+from ..core.errors import EtcdWentBack, NodeFenced, NotReady
+from ..core.writes import Write
 
 
 @dataclass

@@ -17,8 +17,8 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
-from ..errors import DatastoreUnavailable, EtcdOutOfSpace, InvalidInput
-from ..model import encode
+from ..core.errors import DatastoreUnavailable, EtcdOutOfSpace, InvalidInput
+from ..core.model import encode
 from .reads import decode
 from .retry import LOST_RACE, LostRace, retry_cas
 from .transport import EtcdTransport

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 from aetcd import rpc
 
-from ..errors import InvalidInput
-from ..model import (
+from ..core.errors import InvalidInput
+from ..core.model import (
     BLOCK_SIZE_RANGE,
     Block,
     Handle,
@@ -31,7 +31,7 @@ from ..model import (
     IPReservation,
     Node,
 )
-from ..writes import Versioned
+from ..core.writes import Versioned
 from .transport import EtcdTransport
 
 log = logging.getLogger(__name__)

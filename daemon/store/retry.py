@@ -18,7 +18,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Final, Literal, TypeVar
 
-from ..errors import Conflict
+from ..core.errors import Conflict
 
 R = TypeVar("R")
 

@@ -24,8 +24,8 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
-from ..errors import AuthenticationFailed, DatastoreUnavailable, EtcdOutOfSpace, InvalidInput
-from ..keys import DEFAULT_PREFIX, KeySchema, prefix_range_end
+from ..core.errors import AuthenticationFailed, DatastoreUnavailable, EtcdOutOfSpace, InvalidInput
+from ..core.keys import DEFAULT_PREFIX, KeySchema, prefix_range_end
 from .gate import WriteGate
 
 DEFAULT_TIMEOUT = 5.0

@@ -10,7 +10,7 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
-from ..errors import DatastoreUnavailable, TopoipamError
+from ..core.errors import DatastoreUnavailable, TopoipamError
 from .transport import EtcdTransport
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests.installed_plugin import PLUGIN
 from topoipam.client import manifests
-from topoipam.daemon.errors import TopoipamError
+from topoipam.daemon.core.errors import TopoipamError
 
 TOPOIPAM = str(PLUGIN)
 

@@ -8,7 +8,7 @@ import pytest
 
 from topoipam.client import ctl
 from topoipam.daemon.config import DaemonConfig
-from topoipam.daemon.errors import InvalidInput
+from topoipam.daemon.core.errors import InvalidInput
 
 
 def daemon_password(path: Path) -> str | None:

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from topoipam.client import manifests
-from topoipam.daemon.errors import InvalidInput
-from topoipam.daemon.model import IPAMConfig, IPPool, IPReservation, Node
+from topoipam.daemon.core.errors import InvalidInput
+from topoipam.daemon.core.model import IPAMConfig, IPPool, IPReservation, Node
 
 
 def load(text: str) -> manifests.Manifests:

@@ -7,9 +7,9 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topoipam.daemon import allocator
 from topoipam.daemon.audit import Snapshot, find_inconsistencies, find_warnings
-from topoipam.daemon.model import (
+from topoipam.daemon.core import allocator
+from topoipam.daemon.core.model import (
     IDENTITY_LIVE,
     IDENTITY_PARKED,
     Block,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from topoipam.daemon.config import load_config
-from topoipam.daemon.errors import InvalidInput
+from topoipam.daemon.core.errors import InvalidInput
 
 
 def test_flags_win_over_the_environment_which_wins_over_the_file(tmp_path: Path) -> None:

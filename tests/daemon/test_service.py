@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from topoipam.daemon.errors import InvalidInput
+from topoipam.daemon.core.errors import InvalidInput
 from topoipam.daemon.service import JsonRequest
 from topoipam.proto import ipam_pb2
 

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from tests.integration.test_engine import audit, net, request, seed
+from topoipam.daemon.core.errors import PoolExhausted
+from topoipam.daemon.core.model import Block, IPAMConfig, IPPool, Node
+from topoipam.daemon.core.writes import PutAffinity, PutBlock, PutFreeMark, Write
 from topoipam.daemon.engine import AllocationEngine
-from topoipam.daemon.errors import PoolExhausted
-from topoipam.daemon.model import Block, IPAMConfig, IPPool, Node
 from topoipam.daemon.store import EtcdStore
-from topoipam.daemon.writes import PutAffinity, PutBlock, PutFreeMark, Write
 
 
 class EtcdReads:

@@ -24,13 +24,13 @@ from tests.conftest import EtcdServer
 from tests.daemons import TOPOIPAMCTL, DaemonProcess, cni
 from tests.integration.test_engine import audit, net, request, seed
 from topoipam.client.rpc import scrape
-from topoipam.daemon import allocator
+from topoipam.daemon.core import allocator
+from topoipam.daemon.core.errors import PoolExhausted
+from topoipam.daemon.core.model import IPAMConfig, IPPool, Node
+from topoipam.daemon.core.writes import DeleteFreeMark, PutRoomMark
 from topoipam.daemon.engine import AllocationEngine, _ClaimHint
-from topoipam.daemon.errors import PoolExhausted
 from topoipam.daemon.local_etcd import free_port
-from topoipam.daemon.model import IPAMConfig, IPPool, Node
 from topoipam.daemon.store import EtcdStore
-from topoipam.daemon.writes import DeleteFreeMark, PutRoomMark
 
 
 def ctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -17,13 +17,13 @@ import pytest
 
 from tests.conftest import EtcdServer
 from tests.daemons import DaemonProcess, cni, ctl
-from topoipam.daemon.model import Attachment, Block, Handle, HandleAddress
-from topoipam.daemon.store import EtcdOptions, EtcdStore
-from topoipam.daemon.writes import (
+from topoipam.daemon.core.model import Attachment, Block, Handle, HandleAddress
+from topoipam.daemon.core.writes import (
     DeleteHandle,
     PutBlock,
     PutHandle,
 )
+from topoipam.daemon.store import EtcdOptions, EtcdStore
 
 
 @pytest.fixture

@@ -25,15 +25,15 @@ import yaml
 
 from tests.conftest import EtcdServer
 from topoipam.client import ctl
-from topoipam.daemon.engine import AllocationEngine, AllocationRequest
-from topoipam.daemon.local_etcd import free_port
-from topoipam.daemon.model import Attachment
-from topoipam.daemon.store import EtcdStore
-from topoipam.daemon.writes import (
+from topoipam.daemon.core.model import Attachment
+from topoipam.daemon.core.writes import (
     DeleteHandle,
     PutAffinity,
     PutBlock,
 )
+from topoipam.daemon.engine import AllocationEngine, AllocationRequest
+from topoipam.daemon.local_etcd import free_port
+from topoipam.daemon.store import EtcdStore
 
 TOPOIPAMCTL = str(Path(sys.executable).parent / "topoipamctl")
 

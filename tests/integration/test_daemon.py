@@ -350,9 +350,9 @@ def test_no_watch_event_is_lost_while_blocks_come_and_go(
     """
     import asyncio
 
-    from topoipam.daemon.model import IPPool, Node
+    from topoipam.daemon.core.model import IPPool, Node
+    from topoipam.daemon.core.writes import PutObject
     from topoipam.daemon.store import EtcdOptions, EtcdStore
-    from topoipam.daemon.writes import PutObject
     from topoipam.proto import ipam_pb2_grpc
 
     assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.46.0.0/23", "--block-size",

@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 
 from topoipam.daemon.admin import retire_node
-from topoipam.daemon.engine import AllocationEngine, AllocationRequest
-from topoipam.daemon.errors import (
+from topoipam.daemon.core.errors import (
     AddressUnavailable,
     InvalidInput,
     NoPoolForNode,
     PoolExhausted,
     UnknownPool,
 )
-from topoipam.daemon.model import Attachment, IPAMConfig, IPPool, IPReservation, Node
+from topoipam.daemon.core.model import Attachment, IPAMConfig, IPPool, IPReservation, Node
+from topoipam.daemon.core.writes import PutObject
+from topoipam.daemon.engine import AllocationEngine, AllocationRequest
 from topoipam.daemon.store import EtcdStore
-from topoipam.daemon.writes import PutObject
 
 CTL = str(Path(sys.executable).parent / "topoipamctl")
 
@@ -332,7 +332,7 @@ async def test_scoped_addresses_are_refused(store: EtcdStore) -> None:
 async def test_pools_unchanged_guard_refuses_a_commit_after_a_pool_appeared(
     store: EtcdStore
 ) -> None:
-    from topoipam.daemon.writes import PoolsUnchangedSince
+    from topoipam.daemon.core.writes import PoolsUnchangedSince
 
     _, revision = await store.pools_at_revision()
     ours = IPPool("mine", net("10.8.0.0/24"), 26)

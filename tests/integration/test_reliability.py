@@ -30,9 +30,9 @@ from tests.conftest import EtcdServer, temporary_etcd
 from tests.daemons import DaemonProcess, cni, ctl
 from tests.etcd_cluster import etcdctl
 from tests.integration.test_faults import allocate, attachment
-from topoipam.daemon.errors import EtcdOutOfSpace
+from topoipam.daemon.core.errors import EtcdOutOfSpace
+from topoipam.daemon.core.model import Block, Handle
 from topoipam.daemon.local_etcd import start_local_etcd
-from topoipam.daemon.model import Block, Handle
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 from topoipam.proto import ipam_pb2
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import rack_pools_manifest
+from topoipam.daemon.core.model import Attachment
 from topoipam.daemon.engine import AllocationEngine, AllocationRequest
-from topoipam.daemon.model import Attachment
 from topoipam.daemon.store import EtcdStore
 
 TOPOIPAMCTL = str(Path(sys.executable).parent / "topoipamctl")

@@ -30,10 +30,10 @@ import pytest
 from tests.daemons import DaemonProcess, ctl
 from tests.integration.test_reliability import Counts, attachment, handles
 from tests.slow_link import DelayProxy
+from topoipam.daemon.core.model import Block, Handle, HandleAddress
+from topoipam.daemon.core.writes import PutBlock, PutHandle
 from topoipam.daemon.local_etcd import etcd_binary
-from topoipam.daemon.model import Block, Handle, HandleAddress
 from topoipam.daemon.store import EtcdOptions, EtcdStore
-from topoipam.daemon.writes import PutBlock, PutHandle
 from topoipam.proto import ipam_pb2, ipam_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

@@ -11,9 +11,8 @@ import pytest
 
 from tests.integration.test_engine import ctl
 from topoipam.daemon.audit import find_inconsistencies, load_snapshot
-from topoipam.daemon.engine import AllocationEngine, AllocationRequest
-from topoipam.daemon.errors import IdentityInUse, InvalidInput
-from topoipam.daemon.model import (
+from topoipam.daemon.core.errors import IdentityInUse, InvalidInput
+from topoipam.daemon.core.model import (
     Attachment,
     IPAddress,
     IPAMConfig,
@@ -21,8 +20,9 @@ from topoipam.daemon.model import (
     Node,
     parked_holder,
 )
+from topoipam.daemon.core.writes import DaemonAbsent, DeleteAffinity, PutBlock, PutObject
+from topoipam.daemon.engine import AllocationEngine, AllocationRequest
 from topoipam.daemon.store import EtcdStore
-from topoipam.daemon.writes import DaemonAbsent, DeleteAffinity, PutBlock, PutObject
 
 IDENTITY = "net/default/web-0/eth0"
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from topoipam.daemon.errors import EtcdWentBack, NodeFenced, NotReady
+from topoipam.daemon.core.errors import EtcdWentBack, NodeFenced, NotReady
 from topoipam.daemon.store import CommitFence, EtcdHistory, WriteGate, WritePause
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from topoipam.daemon.errors import Conflict, InvalidInput
+from topoipam.daemon.core.errors import Conflict, InvalidInput
 from topoipam.daemon.store import CAS_ATTEMPTS, LOST_RACE, LostRace, retry_cas
 
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topoipam.daemon.errors import InvalidInput, SelectorSyntaxError
-from topoipam.daemon.selector import (
+from topoipam.daemon.core.errors import InvalidInput, SelectorSyntaxError
+from topoipam.daemon.core.selector import (
     ALL,
     MAX_NESTING,
     All,

@@ -711,7 +711,7 @@ class Block:
     ``contested`` marks addresses in conflict after a restore: the ordinal is
     held by one handle while a node's record says another attachment (handle,
     node) uses it too; releasing it hands it to that attachment instead of
-    freeing it (:func:`topoipam.daemon.allocator.release_addresses`). A Block
+    freeing it (:func:`topoipam.daemon.core.allocator.release_addresses`). A Block
     is mutable only while an allocator plans a change on its own copy
     (:meth:`copy`); cached blocks are never modified in place.
     """

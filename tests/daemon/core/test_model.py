@@ -8,10 +8,10 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from topoipam.daemon import allocator
-from topoipam.daemon.allocator import AssignContext
-from topoipam.daemon.errors import AddressUnavailable, InvalidInput, PoolOverlap
-from topoipam.daemon.model import (
+from topoipam.daemon.core import allocator
+from topoipam.daemon.core.allocator import AssignContext
+from topoipam.daemon.core.errors import AddressUnavailable, InvalidInput, PoolOverlap
+from topoipam.daemon.core.model import (
     Attachment,
     Block,
     Handle,
@@ -198,7 +198,7 @@ def test_block_round_trip_and_corruption() -> None:
 
 @pytest.mark.parametrize("bad", ["abc\n", "abc/def", "", "a b"])
 def test_attachment_parts_are_refused_whole(bad: str) -> None:
-    from topoipam.daemon.model import Attachment, Node
+    from topoipam.daemon.core.model import Attachment, Node
 
     with pytest.raises(InvalidInput):
         Attachment("net", bad, "eth0")
@@ -207,7 +207,7 @@ def test_attachment_parts_are_refused_whole(bad: str) -> None:
 
 
 def test_sticky_identity_round_trips_and_knows_its_hold() -> None:
-    from topoipam.daemon.model import (
+    from topoipam.daemon.core.model import (
         HandleAddress,
         Identity,
         parked_holder,

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topoipam.daemon import allocator
-from topoipam.daemon.allocator import AssignContext, Reservations
-from topoipam.daemon.errors import (
+from topoipam.daemon.core import allocator
+from topoipam.daemon.core.allocator import AssignContext, Reservations
+from topoipam.daemon.core.errors import (
     AddressUnavailable,
     NoPoolForNode,
     UnknownPool,
 )
-from topoipam.daemon.model import Block, IPPool, IPReservation
+from topoipam.daemon.core.model import Block, IPPool, IPReservation
 
 
 def pool(name: str, cidr: str, selector: str = "all()", block: int | None = None,

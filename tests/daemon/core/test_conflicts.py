@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topoipam.daemon import allocator
-from topoipam.daemon.conflicts import KEEP_DATASTORE, ConflictRecord, standing
-from topoipam.daemon.model import Block, Handle, HandleAddress, IPPool
+from topoipam.daemon.core import allocator
+from topoipam.daemon.core.conflicts import KEEP_DATASTORE, ConflictRecord, standing
+from topoipam.daemon.core.model import Block, Handle, HandleAddress, IPPool
 
 CIDR = ipaddress.ip_network("10.1.0.0/28")
 X = ipaddress.ip_address("10.1.0.3")

@@ -3,7 +3,7 @@
 Each write names the object and the revision that guards it; the store
 turns them into keys, compares and puts (:meth:`EtcdStore.commit`). Kept
 apart from the store so that the pure allocator can plan a transaction
-(:class:`topoipam.daemon.allocator.TxnPlan`) without importing etcd.
+(:class:`topoipam.daemon.core.allocator.TxnPlan`) without importing etcd.
 """
 
 from __future__ import annotations

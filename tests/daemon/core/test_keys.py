@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from topoipam.daemon.errors import InvalidInput
-from topoipam.daemon.keys import KeySchema, prefix_range_end
+from topoipam.daemon.core.errors import InvalidInput
+from topoipam.daemon.core.keys import KeySchema, prefix_range_end
 
 KEYS = KeySchema("/topoipam/v1")
 
