@@ -25,6 +25,7 @@ from tests.integration.test_restore_safety import (
     allocate_ip,
     env_of,
     holder_of,
+    no_pool_conflict,
     release,
 )
 from topoipam.proto import ipam_pb2
@@ -192,16 +193,7 @@ def test_resolve_keep_datastore_twice_while_the_daemon_is_stopped(
     env = env_of(hunt_etcd, prefix)
     m1 = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix).start()
     try:
-        snapshot = str(tmp_path / "backup.db")
-        etcdctl(hunt_etcd.endpoint, "snapshot", "save", snapshot)
-        assert ctl(env, "create", "ippool", "late", "--cidr", "10.72.0.0/24").returncode == 0
-        time.sleep(0.5)
-        x = allocate(m1, "p1")
-        time.sleep(0.2)
-        m1.stop()
-        restore(hunt_etcd, snapshot)
-        m1.start()
-        wait_for(lambda: "re-asserted the record" in m1.log(), 20, "no re-assertion")
+        x = no_pool_conflict(hunt_etcd, prefix, m1, tmp_path, "--cidr", "10.72.0.0/24")
         assert x in conflicts_text(env)
         m1.stop()
         first = ctl(env, "ipam", "resolve-conflict", "m1", x, "--keep", "datastore")
@@ -230,16 +222,7 @@ def test_record_allocations_false_does_not_delete_a_conflict_that_holds(
     plain = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix,
                        "--record-allocations", "false")
     try:
-        snapshot = str(tmp_path / "backup.db")
-        etcdctl(hunt_etcd.endpoint, "snapshot", "save", snapshot)
-        assert ctl(env, "create", "ippool", "late", "--cidr", "10.81.0.0/24").returncode == 0
-        time.sleep(0.5)
-        x = allocate(m1, "p1")
-        time.sleep(0.2)
-        m1.stop()
-        restore(hunt_etcd, snapshot)
-        m1.start()
-        wait_for(lambda: "re-asserted the record" in m1.log(), 20, "no re-assertion")
+        x = no_pool_conflict(hunt_etcd, prefix, m1, tmp_path, "--cidr", "10.81.0.0/24")
         assert x in conflicts_text(env)
         m1.stop()
         plain.start()
@@ -316,17 +299,8 @@ def test_pool_recreated_with_another_block_size_gets_no_overlapping_block(
     m1 = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix).start()
     m2 = new_daemon(tmp_path, "m2", "m2", hunt_etcd.endpoint, prefix)
     try:
-        snapshot = str(tmp_path / "backup.db")
-        etcdctl(hunt_etcd.endpoint, "snapshot", "save", snapshot)
-        assert ctl(env, "create", "ippool", "late", "--cidr", "10.90.0.0/24",
-                   "--block-size", "28").returncode == 0
-        time.sleep(0.5)
-        x = allocate(m1, "p1")
-        time.sleep(0.2)
-        m1.stop()
-        restore(hunt_etcd, snapshot)
-        m1.start()
-        wait_for(lambda: "re-asserted the record" in m1.log(), 20, "no re-assertion")
+        x = no_pool_conflict(hunt_etcd, prefix, m1, tmp_path, "--cidr", "10.90.0.0/24",
+                             "--block-size", "28")
         m1.stop()
         assert ctl(env, "create", "ippool", "late", "--cidr", "10.90.0.0/24").returncode == 0
         m2.start()
@@ -355,16 +329,7 @@ def test_no_pool_conflict_is_not_over_when_another_pod_takes_the_address(
     m1 = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix).start()
     m2 = new_daemon(tmp_path, "m2", "m2", hunt_etcd.endpoint, prefix)
     try:
-        snapshot = str(tmp_path / "backup.db")
-        etcdctl(hunt_etcd.endpoint, "snapshot", "save", snapshot)
-        assert ctl(env, "create", "ippool", "late", "--cidr", "10.92.0.0/24").returncode == 0
-        time.sleep(0.5)
-        x = allocate(m1, "p1")
-        time.sleep(0.2)
-        m1.stop()
-        restore(hunt_etcd, snapshot)
-        m1.start()
-        wait_for(lambda: "re-asserted the record" in m1.log(), 20, "no re-assertion")
+        x = no_pool_conflict(hunt_etcd, prefix, m1, tmp_path, "--cidr", "10.92.0.0/24")
         m1.stop()
         assert ctl(env, "create", "ippool", "late", "--cidr", "10.92.0.0/24").returncode == 0
         m2.start()

@@ -289,21 +289,30 @@ def test_resolve_conflict_bad_input_writes_nothing(scene: Scene) -> None:
 
 
 # ---------------------------------------------------------------------- a pool the snapshot lacked
+def no_pool_conflict(server: EtcdServer, prefix: str, m1: DaemonProcess, tmp_path: Path,
+                     *pool_flags: str) -> str:
+    """Snapshot; pool ``late`` (``pool_flags``) created; p1 on m1 gets X; m1 stopped; etcd
+    restored (no ``late``); m1 back and its record checked (X in no pool). Returns X."""
+    snapshot = str(tmp_path / "backup.db")
+    etcdctl(server.endpoint, "snapshot", "save", snapshot)
+    assert ctl(env_of(server, prefix), "create", "ippool", "late",
+               *pool_flags).returncode == 0
+    time.sleep(0.5)
+    x = allocate(m1, "p1")
+    time.sleep(0.2)  # the record is written off the critical path
+    m1.stop()
+    restore(server, snapshot)
+    m1.start()
+    wait_for(lambda: "re-asserted the record" in m1.log(), 20, "no re-assertion")
+    return x
+
+
 def test_conflict_of_a_pool_the_snapshot_lacked_ends_when_the_pool_is_back(
         private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     env = env_of(private_etcd, prefix)
     m1 = new_daemon(tmp_path, "m1", "m1", private_etcd.endpoint, prefix).start()
     try:
-        snapshot = str(tmp_path / "backup.db")
-        etcdctl(private_etcd.endpoint, "snapshot", "save", snapshot)
-        assert ctl(env, "create", "ippool", "late", "--cidr", "10.67.0.0/24").returncode == 0
-        time.sleep(0.5)
-        x = allocate(m1, "p1")
-        time.sleep(0.1)
-        m1.stop()
-        restore(private_etcd, snapshot)
-        m1.start()
-        wait_for(lambda: "re-asserted the record" in m1.log(), 20, "no re-assertion")
+        x = no_pool_conflict(private_etcd, prefix, m1, tmp_path, "--cidr", "10.67.0.0/24")
         check = ctl(env, "ipam", "check")
         assert check.returncode == 1 and x in check.stdout, check.stdout
         line = next(x_ for x_ in check.stdout.splitlines() if x in x_)
