@@ -42,10 +42,10 @@ from topoipam.client.ctl_resources import (
     cmd_label,
     cmd_patch,
 )
-from topoipam.daemon.audit import DEFAULT_ROUTE_LABEL
 from topoipam.daemon.core.keys import DEFAULT_PREFIX
 from topoipam.daemon.core.model import ASSIGNMENT_MODES
 from topoipam.daemon.etcd_access import DEFAULT_ETCD_ENDPOINT
+from topoipam.daemon.reports import DEFAULT_ROUTE_LABEL
 from topoipam.daemon.resolve import KEEP_SIDES
 from topoipam.daemon.store import EtcdStore
 

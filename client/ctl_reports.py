@@ -14,17 +14,19 @@ import time
 from topoipam.client.ctl_output import family_name, print_findings, print_table, show_labels, warn
 from topoipam.daemon.admin import read_current
 from topoipam.daemon.audit import (
-    allocation_steps,
-    borrowed_by,
-    identity_destinations,
     load_snapshot,
-    placement_problem,
-    route_report,
     show,
 )
 from topoipam.daemon.core import allocator
 from topoipam.daemon.core.errors import NoPoolForNode, NotFound, gone_clause, park_command
 from topoipam.daemon.core.model import Identity, IPAMConfig, Node
+from topoipam.daemon.reports import (
+    allocation_steps,
+    borrowed_by,
+    identity_destinations,
+    placement_problem,
+    route_report,
+)
 from topoipam.daemon.store import EtcdStore
 
 

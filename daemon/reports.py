@@ -1,0 +1,285 @@
+"""The operator's reports on a snapshot: explain, placement and the route report.
+
+What ``topoipamctl explain node``, ``explain identity``, ``check placement``
+and ``check routes`` print, as functions of one
+:class:`topoipam.daemon.audit.Snapshot` (read at one etcd revision). Pure:
+no reads of their own; the CLI only prints what they return.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import netaddr
+
+from .audit import AllocationRow, Snapshot, network_order, owning_pool, reserved_by, show
+from .core import allocator, model
+from .core.model import Identity, IPNetwork, IPPool
+
+
+def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config: model.IPAMConfig
+                     ) -> list[str]:
+    """The allocator's three steps (DESIGN §4) for ``node``, as they stand now."""
+    reservations = allocator.Reservations(snap.reservations)
+    now, cooldown = time.time(), float(config.ip_cooldown_seconds)
+    own = []
+    affine = [b for b in snap.blocks.values() if b.affinity == node]
+    for pool in order:  # pool order, then address order, like the allocator
+        ctx = allocator.AssignContext(pool, reservations, now, cooldown)
+        for block in sorted((b for b in affine if owning_pool([pool], b.cidr) is pool),
+                            key=lambda b: network_order(b.cidr)):
+            free = allocator.free_count(block, ctx)
+            if free:
+                own.append(f"{block.cidr} (pool {pool.name}, {free} free)")
+    names = ", ".join(p.name for p in order)
+    steps = [f"1. {node}'s blocks with free addresses: {', '.join(own) or 'none'}"]
+    if not config.auto_allocate_blocks:
+        steps.append("2. no new blocks: autoAllocateBlocks is off")
+    elif order and allocator.at_block_cap(config.max_blocks_per_host, affine, order[0].family):
+        steps.append(f"2. no new blocks: node has reached maxBlocksPerHost="
+                     f"{config.max_blocks_per_host} for IPv{order[0].family}")
+    else:
+        steps.append(claim_step(order, snap, reservations))
+    steps.append("3. no borrowing: strictAffinity is on" if config.strict_affinity
+                 else f"3. borrow a free address from other nodes' blocks in: {names}")
+    return steps
+
+
+def claim_step(order: Sequence[IPPool], snap: Snapshot,
+               reservations: allocator.Reservations) -> str:
+    """Step 2 of :func:`allocation_steps`: the pools with an unclaimed block (the claims'
+    own test, :func:`allocator.first_unclaimed_block`), and those with none left."""
+    full = [p.name for p in order if allocator.first_unclaimed_block(
+        p, {c for c in snap.blocks if c.version == p.family and c.overlaps(p.cidr)},
+        reservations) is None]
+    room = [p.name for p in order if p.name not in full]
+    if not room:
+        return f"2. no new blocks: no unclaimed block left in: {', '.join(full)}"
+    left = f" (no unclaimed block left in: {', '.join(full)})" if full else ""
+    return f"2. claim a new block in: {', '.join(room)}{left}"
+
+
+def placement_problem(row: AllocationRow, snap: Snapshot) -> str | None:
+    """Why ``row`` would not be allocated where it is today, or None if it would."""
+    pool = row.pool
+    if pool is None:
+        return "its pool was deleted"
+    if pool.disabled:
+        return f"pool {pool.name} is disabled"
+    if not pool.automatic:
+        return None  # Manual pools are used when named, whatever the node's labels
+    reserved = reserved_by(snap, row.ip)
+    if reserved:
+        return f"the address is reserved by ipreservation {', '.join(reserved)}"
+    node = snap.nodes.get(row.node or "")
+    labels = node.labels if node is not None else {}
+    if pool.selects(labels):
+        return None
+    _, reason = allocator.explain_pool(pool, labels)
+    return reason if node is not None else f"node is not registered; {reason}"
+
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+#: The node label ``check routes`` groups nodes by when none is named (the seed's racks).
+DEFAULT_ROUTE_LABEL = "rack"
+
+
+@dataclass(frozen=True)
+class RouteException:
+    """A prefix the fabric must carry besides a domain's aggregate: it breaks aggregation.
+
+    ``kind`` is ``block`` (a node's block whose pool no longer selects that
+    node, or whose pool is gone) or ``address`` (a /32 or /128 held by a node
+    whose domain's prefixes do not contain it: borrowed from another domain's
+    block, or left in a block no node owns).
+    """
+
+    prefix: IPNetwork
+    kind: str
+    node: str
+    pool: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"prefix": str(self.prefix), "kind": self.kind, "node": self.node,
+                "pool": self.pool, "reason": self.reason}
+
+
+@dataclass
+class RouteDomain:
+    """The nodes that share one value of the route label, and what the fabric routes to them."""
+
+    value: str | None  # None: nodes without the label
+    nodes: list[str] = field(default_factory=list)
+    pools: list[str] = field(default_factory=list)
+    aggregate: list[IPNetwork] = field(default_factory=list)
+    exceptions: list[RouteException] = field(default_factory=list)
+
+    @property
+    def prefixes(self) -> list[IPNetwork]:
+        return [*self.aggregate, *(e.prefix for e in self.exceptions)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "nodes": self.nodes, "pools": self.pools,
+                "aggregate": [str(c) for c in self.aggregate],
+                "exceptions": [e.to_json() for e in self.exceptions],
+                "prefixes": len(self.prefixes)}
+
+
+@dataclass
+class RouteReport:
+    label: str
+    domains: list[RouteDomain]
+    warnings: list[str]
+
+    @property
+    def breaking(self) -> list[RouteException]:
+        return [e for d in self.domains for e in d.exceptions]
+
+    @property
+    def prefix_count(self) -> int:
+        return sum(len(d.prefixes) for d in self.domains)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "domains": [d.to_json() for d in self.domains],
+                "prefixes": self.prefix_count, "breaking": len(self.breaking),
+                "warnings": self.warnings}
+
+
+def _merged(cidrs: Iterable[IPNetwork]) -> list[IPNetwork]:
+    """The fewest prefixes that cover exactly ``cidrs`` (adjacent blocks merge)."""
+    merged = netaddr.cidr_merge([str(c) for c in cidrs])
+    return sorted((ipaddress.ip_network(str(c)) for c in merged), key=network_order)
+
+
+def block_outside_pools(pool: IPPool | None, node: model.Node | None) -> str | None:
+    """Why a node's block does not belong with that node's pools now, or None if it does.
+
+    Only a pool's selector places it: a Manual pool serves whoever names it,
+    and a disabled pool's blocks still sit where they were claimed.
+    """
+    if pool is None:
+        return "its pool was deleted"
+    if not pool.automatic or node is None or pool.selects(node.labels):
+        return None
+    return (f"pool {pool.name} does not select node {node.name} "
+            f"({pool.selector.explain(node.labels)})")
+
+
+def route_report(snap: Snapshot, label: str = DEFAULT_ROUTE_LABEL) -> RouteReport:
+    """Per value of the node label ``label``: the prefixes a fabric must route to its nodes.
+
+    Each domain's aggregate is the merge of the blocks its nodes own whose
+    pool selects them. What else must be routed breaks aggregation: a block
+    whose pool no longer selects its node (relabelled, or pool deleted) is
+    routed on its own to that node's domain, and an allocated address whose
+    holder's domain carries no prefix containing it (borrowed from a block of
+    another domain, or in a block no node owns) needs a /32 or /128 there.
+    Addresses without a handle are left to ``ipam check``.
+    """
+    warnings: list[str] = []
+    domain_of: dict[str, str | None] = {}
+    domains: dict[str | None, RouteDomain] = {}
+
+    def domain(node: str) -> RouteDomain:
+        if node not in domain_of:
+            known = snap.nodes.get(node)
+            if known is None:
+                warnings.append(f"node {node} owns blocks or holds addresses but is not "
+                                f"registered: it is routed as a node without label {label}")
+            domain_of[node] = known.labels.get(label) if known is not None else None
+        value = domain_of[node]
+        if value not in domains:
+            domains[value] = RouteDomain(value)
+        if node not in domains[value].nodes:
+            domains[value].nodes.append(node)
+        return domains[value]
+
+    for node in snap.nodes:
+        domain(node)
+    aggregated: dict[str | None, list[IPNetwork]] = {}
+    pools_in: dict[str | None, set[str]] = {}
+    for cidr in sorted(snap.blocks, key=network_order):
+        block = snap.blocks[cidr]
+        if block.affinity is None:
+            continue
+        pool = allocator.pool_of_block(snap.pools, cidr)
+        home = domain(block.affinity)
+        if pool is not None:
+            pools_in.setdefault(home.value, set()).add(pool.name)
+        reason = block_outside_pools(pool, snap.nodes.get(block.affinity))
+        if reason is None:
+            aggregated.setdefault(home.value, []).append(cidr)
+        else:
+            home.exceptions.append(RouteException(
+                cidr, "block", block.affinity, pool.name if pool else None,
+                f"block of node {block.affinity} outside its node's pools: {reason}"))
+    for value, cidrs in aggregated.items():
+        domains[value].aggregate = _merged(cidrs)
+    for row in snap.allocations():
+        if row.node is None:
+            continue
+        holder = domain(row.node)
+        if any(row.ip.version == p.version and row.ip in p for p in holder.prefixes):
+            continue
+        host = ipaddress.ip_network(row.ip)
+        where = (f"block {row.block.cidr} of node {row.block.affinity}"
+                 f" ({label}={show(domain_of.get(row.block.affinity))})"
+                 if row.block.affinity is not None else f"block {row.block.cidr}, which no "
+                 "node owns")
+        holder.exceptions.append(RouteException(
+            host, "address", row.node, row.pool.name if row.pool else None,
+            f"address of node {row.node} in {where}"))
+    for value, names in pools_in.items():
+        domains[value].pools = sorted(names)
+    for entry in domains.values():
+        entry.nodes.sort()
+        entry.exceptions.sort(key=lambda e: network_order(e.prefix))
+    unlabelled = domains.get(None)
+    if unlabelled is not None and unlabelled.nodes:
+        warnings.append(f"{len(unlabelled.nodes)} node(s) have no label {label}: "
+                        f"{', '.join(unlabelled.nodes)}")
+    ordered = sorted(domains.values(), key=lambda d: (d.value is None, d.value or ""))
+    return RouteReport(label, ordered, warnings)
+
+
+def identity_destinations(snap: Snapshot, config: model.IPAMConfig, identity: Identity
+                          ) -> list[tuple[str, str]]:
+    """The nodes a sticky identity can move to and keep every address, each with why.
+
+    A node qualifies when, for each address, one of the Automatic pools that
+    select it contains the address and, with strictAffinity, the block is its
+    own (without, it borrows). Pools named in a CNI config (``ipv4_pools``)
+    are not known here: a network that names pools keeps the address on every
+    node if a named pool contains it.
+    """
+    found = []
+    for node in sorted(snap.nodes.values(), key=lambda n: n.name):
+        reasons = []
+        for entry in identity.addresses:
+            pool = next((p for p in snap.pools if p.automatic and not p.disabled
+                         and p.selects(node.labels) and entry.ip.version == p.family
+                         and entry.ip in p.cidr), None)
+            block = snap.blocks.get(entry.block)
+            if pool is None or block is None:
+                break
+            if block.affinity != node.name and config.strict_affinity:
+                break
+            reasons.append(f"{entry.ip} in pool {pool.name}"
+                           + ("" if block.affinity == node.name else " (borrowed)"))
+        else:
+            if reasons:
+                found.append((node.name, ", ".join(reasons)))
+    return found
+
+
+def borrowed_by(snap: Snapshot, node: str) -> list[AllocationRow]:
+    """Addresses ``node`` holds in blocks it does not own (borrowed, or in ownerless blocks)."""
+    return [r for r in snap.allocations() if r.node == node and r.block.affinity != node]
