@@ -575,7 +575,8 @@ def chunks(total: int, parts: int) -> list[int]:
 def block_value(cidr: str, affinity: str | None = "bench") -> bytes:
     import ipaddress
 
-    from topoipam.daemon.core.model import Block, encode
+    from topoipam.daemon.core.holdings import Block
+    from topoipam.daemon.core.model import encode
 
     return encode(Block.empty(ipaddress.ip_network(cidr), affinity).to_dict())
 

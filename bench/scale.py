@@ -89,8 +89,16 @@ class DataSet:
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every key and value of the data set, as the daemon would write them."""
         from topoipam.daemon.core import allocator
+        from topoipam.daemon.core.holdings import (
+            Block,
+            Handle,
+            HandleAddress,
+        )
         from topoipam.daemon.core.keys import KeySchema
-        from topoipam.daemon.core.model import Block, Handle, HandleAddress, Node, encode
+        from topoipam.daemon.core.model import (
+            Node,
+            encode,
+        )
 
         keys = KeySchema(self.prefix)
         pools = self.pools()

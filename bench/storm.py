@@ -65,8 +65,9 @@ class CasBaseline:
     def __init__(self, endpoint: str, blocks: int) -> None:
         from aetcd import rpc
 
+        from topoipam.daemon.core.holdings import Block
         from topoipam.daemon.core.keys import KeySchema
-        from topoipam.daemon.core.model import Block, encode
+        from topoipam.daemon.core.model import encode
 
         self.rpc = rpc
         self.channel = etcd_channel(endpoint)

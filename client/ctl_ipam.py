@@ -33,7 +33,8 @@ from topoipam.daemon.audit import (
 )
 from topoipam.daemon.core import allocator
 from topoipam.daemon.core.errors import InvalidInput, NotFound
-from topoipam.daemon.core.model import check_identity, parse_address
+from topoipam.daemon.core.holdings import check_identity
+from topoipam.daemon.core.model import parse_address
 from topoipam.daemon.engine import AllocationEngine
 from topoipam.daemon.resolve import list_conflicts, resolve_conflict
 from topoipam.daemon.store import EtcdStore

@@ -19,7 +19,11 @@ from topoipam.daemon.audit import (
 )
 from topoipam.daemon.core import allocator
 from topoipam.daemon.core.errors import NoPoolForNode, NotFound, gone_clause, park_command
-from topoipam.daemon.core.model import Identity, IPAMConfig, Node
+from topoipam.daemon.core.holdings import Identity
+from topoipam.daemon.core.model import (
+    IPAMConfig,
+    Node,
+)
 from topoipam.daemon.reports import (
     allocation_steps,
     borrowed_by,

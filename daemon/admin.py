@@ -36,9 +36,12 @@ from .audit import (
 from .core import allocator
 from .core.allocator import free_mark_writes, has_free
 from .core.errors import AlreadyExists, InvalidInput, NodeInUse, NotFound, PoolInUse
-from .core.model import (
+from .core.holdings import (
     Block,
     Handle,
+    parked_identity,
+)
+from .core.model import (
     IPAddress,
     IPNetwork,
     IPPool,
@@ -48,7 +51,6 @@ from .core.model import (
     check_kubernetes_label,
     check_pool_name,
     check_pool_overlaps,
-    parked_identity,
     reserved_range_problem,
     resource_id,
 )

@@ -23,15 +23,17 @@ import netaddr
 from .core import allocator, model
 from .core.conflicts import ConflictRecord, Standing, standing
 from .core.errors import InvalidInput
-from .core.model import (
+from .core.holdings import (
     Block,
     Handle,
     Identity,
+    parked_holder,
+    parked_identity,
+)
+from .core.model import (
     IPAddress,
     IPNetwork,
     IPPool,
-    parked_holder,
-    parked_identity,
 )
 from .resolve import unrecorded
 from .store import EtcdStore, decode, decode_each

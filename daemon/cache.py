@@ -21,8 +21,14 @@ from typing import Any
 
 from .core.allocator import Reservations
 from .core.errors import DatastoreUnavailable, InvalidInput, NotReady
+from .core.holdings import Block
 from .core.keys import prefix_range_end
-from .core.model import Block, IPAMConfig, IPNetwork, IPPool, IPReservation
+from .core.model import (
+    IPAMConfig,
+    IPNetwork,
+    IPPool,
+    IPReservation,
+)
 from .core.writes import Versioned
 from .engine import ClusterState
 from .store import (

@@ -32,20 +32,22 @@ from .core.errors import (
     PoolExhausted,
     TopoipamError,
 )
-from .core.model import (
+from .core.holdings import (
     Attachment,
     Block,
     Handle,
     HandleAddress,
     Identity,
-    IPAddress,
-    IPAMConfig,
-    IPNetwork,
-    IPPool,
     check_identity,
     handle_prefix,
     parked_holder,
     parked_identity,
+)
+from .core.model import (
+    IPAddress,
+    IPAMConfig,
+    IPNetwork,
+    IPPool,
 )
 from .core.writes import (
     CommitResult,

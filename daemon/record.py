@@ -41,7 +41,16 @@ from topoipam.proto import cjson
 from .core import allocator
 from .core.conflicts import KEEP_DATASTORE, ConflictRecord
 from .core.errors import AddressUnavailable, InvalidInput
-from .core.model import Block, Handle, IPAddress, IPNetwork, IPPool, encode
+from .core.holdings import (
+    Block,
+    Handle,
+)
+from .core.model import (
+    IPAddress,
+    IPNetwork,
+    IPPool,
+    encode,
+)
 from .core.writes import (
     DeleteConflict,
     DeleteHandle,

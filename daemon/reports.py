@@ -18,7 +18,11 @@ import netaddr
 
 from .audit import AllocationRow, Snapshot, network_order, owning_pool, reserved_by, show
 from .core import allocator, model
-from .core.model import Identity, IPNetwork, IPPool
+from .core.holdings import Identity
+from .core.model import (
+    IPNetwork,
+    IPPool,
+)
 
 
 def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config: model.IPAMConfig

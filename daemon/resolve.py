@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from .core import allocator
 from .core.conflicts import KEEP_DATASTORE, ConflictRecord, Standing, standing
 from .core.errors import AddressUnavailable, InvalidInput
-from .core.model import Block, Handle, HandleAddress, IPAddress, parked_identity
+from .core.holdings import (
+    Block,
+    Handle,
+    HandleAddress,
+    parked_identity,
+)
+from .core.model import IPAddress
 from .core.writes import (
     DeleteConflict,
     DeleteHandle,

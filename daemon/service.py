@@ -24,7 +24,12 @@ from topoipam.proto import cniwire, ipam_pb2, ipam_pb2_grpc
 
 from .core import allocator
 from .core.errors import InvalidInput, NotFound, TopoipamError
-from .core.model import Attachment, IPAddress, IPNetwork, check_label
+from .core.holdings import Attachment
+from .core.model import (
+    IPAddress,
+    IPNetwork,
+    check_label,
+)
 from .engine import Allocation, AllocationEngine, AllocationRequest, ClusterState
 from .metrics import Metrics
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import netaddr
 
 from .errors import AddressUnavailable, NoPoolForNode, UnknownPool
-from .model import Block, IPAddress, IPNetwork, IPPool, IPReservation, parse_network
+from .holdings import Block
+from .model import (
+    IPAddress,
+    IPNetwork,
+    IPPool,
+    IPReservation,
+    parse_network,
+)
 from .writes import (
     DeleteAffinity,
     DeleteBlock,

@@ -23,7 +23,16 @@ from typing import Any
 
 from . import allocator
 from .errors import InvalidInput
-from .model import Block, Handle, IPAddress, IPPool, encode, parked_identity
+from .holdings import (
+    Block,
+    Handle,
+    parked_identity,
+)
+from .model import (
+    IPAddress,
+    IPPool,
+    encode,
+)
 
 #: ``resolved`` of a record the operator settled for etcd's side: the node's daemon
 #: forgets the recorded attachment at its next check, then deletes the record.

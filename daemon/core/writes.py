@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .model import (
+from .holdings import (
     Block,
     Handle,
     Identity,
+)
+from .model import (
     IPAddress,
     IPAMConfig,
     IPNetwork,

@@ -19,11 +19,13 @@ from typing import Any, TypeVar
 from aetcd import rpc
 
 from ..core.errors import InvalidInput
-from ..core.model import (
-    BLOCK_SIZE_RANGE,
+from ..core.holdings import (
     Block,
     Handle,
     Identity,
+)
+from ..core.model import (
+    BLOCK_SIZE_RANGE,
     IPAddress,
     IPAMConfig,
     IPNetwork,

@@ -9,16 +9,16 @@ from hypothesis import strategies as st
 
 from topoipam.daemon.audit import Snapshot, find_inconsistencies, find_warnings
 from topoipam.daemon.core import allocator
-from topoipam.daemon.core.model import (
+from topoipam.daemon.core.holdings import (
     IDENTITY_LIVE,
     IDENTITY_PARKED,
     Block,
     Handle,
     HandleAddress,
     Identity,
-    IPPool,
     parked_holder,
 )
+from topoipam.daemon.core.model import IPPool
 
 V4 = IPPool("v4", ipaddress.ip_network("10.0.0.0/24"), 26)
 V6 = IPPool("v6", ipaddress.ip_network("fd00:10::/120"), 122)

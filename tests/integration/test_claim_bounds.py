@@ -15,7 +15,12 @@ import pytest
 
 from tests.integration.test_engine import audit, net, request, seed
 from topoipam.daemon.core.errors import PoolExhausted
-from topoipam.daemon.core.model import Block, IPAMConfig, IPPool, Node
+from topoipam.daemon.core.holdings import Block
+from topoipam.daemon.core.model import (
+    IPAMConfig,
+    IPPool,
+    Node,
+)
 from topoipam.daemon.core.writes import PutAffinity, PutBlock, PutFreeMark, Write
 from topoipam.daemon.engine import AllocationEngine
 from topoipam.daemon.store import EtcdStore

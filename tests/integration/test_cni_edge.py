@@ -17,7 +17,12 @@ import pytest
 
 from tests.conftest import EtcdServer
 from tests.daemons import DaemonProcess, cni, ctl
-from topoipam.daemon.core.model import Attachment, Block, Handle, HandleAddress
+from topoipam.daemon.core.holdings import (
+    Attachment,
+    Block,
+    Handle,
+    HandleAddress,
+)
 from topoipam.daemon.core.writes import (
     DeleteHandle,
     PutBlock,

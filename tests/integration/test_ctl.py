@@ -25,7 +25,7 @@ import yaml
 
 from tests.conftest import EtcdServer
 from topoipam.client import ctl
-from topoipam.daemon.core.model import Attachment
+from topoipam.daemon.core.holdings import Attachment
 from topoipam.daemon.core.writes import (
     DeleteHandle,
     PutAffinity,

@@ -19,7 +19,13 @@ from topoipam.daemon.core.errors import (
     PoolExhausted,
     UnknownPool,
 )
-from topoipam.daemon.core.model import Attachment, IPAMConfig, IPPool, IPReservation, Node
+from topoipam.daemon.core.holdings import Attachment
+from topoipam.daemon.core.model import (
+    IPAMConfig,
+    IPPool,
+    IPReservation,
+    Node,
+)
 from topoipam.daemon.core.writes import PutObject
 from topoipam.daemon.engine import AllocationEngine, AllocationRequest
 from topoipam.daemon.store import EtcdStore

@@ -31,7 +31,10 @@ from tests.daemons import DaemonProcess, cni, ctl
 from tests.etcd_cluster import etcdctl
 from tests.integration.test_faults import allocate, attachment
 from topoipam.daemon.core.errors import EtcdOutOfSpace
-from topoipam.daemon.core.model import Block, Handle
+from topoipam.daemon.core.holdings import (
+    Block,
+    Handle,
+)
 from topoipam.daemon.local_etcd import start_local_etcd
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 from topoipam.proto import ipam_pb2

@@ -29,7 +29,7 @@ from tests.daemons import TOPOIPAMD, DaemonProcess, ctl
 from tests.etcd_cluster import etcdctl
 from tests.integration.test_faults import allocate, attachment
 from tests.integration.test_reliability import handles, new_daemon, restore, wait_for
-from topoipam.daemon.core.model import Handle
+from topoipam.daemon.core.holdings import Handle
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 from topoipam.proto import ipam_pb2
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import rack_pools_manifest
-from topoipam.daemon.core.model import Attachment
+from topoipam.daemon.core.holdings import Attachment
 from topoipam.daemon.engine import AllocationEngine, AllocationRequest
 from topoipam.daemon.store import EtcdStore
 

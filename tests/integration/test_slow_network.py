@@ -30,7 +30,11 @@ import pytest
 from tests.daemons import DaemonProcess, ctl
 from tests.integration.test_reliability import Counts, attachment, handles
 from tests.slow_link import DelayProxy
-from topoipam.daemon.core.model import Block, Handle, HandleAddress
+from topoipam.daemon.core.holdings import (
+    Block,
+    Handle,
+    HandleAddress,
+)
 from topoipam.daemon.core.writes import PutBlock, PutHandle
 from topoipam.daemon.local_etcd import etcd_binary
 from topoipam.daemon.store import EtcdOptions, EtcdStore

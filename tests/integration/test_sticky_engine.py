@@ -12,13 +12,15 @@ import pytest
 from tests.integration.test_engine import ctl
 from topoipam.daemon.audit import find_inconsistencies, load_snapshot
 from topoipam.daemon.core.errors import IdentityInUse, InvalidInput
-from topoipam.daemon.core.model import (
+from topoipam.daemon.core.holdings import (
     Attachment,
+    parked_holder,
+)
+from topoipam.daemon.core.model import (
     IPAddress,
     IPAMConfig,
     IPPool,
     Node,
-    parked_holder,
 )
 from topoipam.daemon.core.writes import DaemonAbsent, DeleteAffinity, PutBlock, PutObject
 from topoipam.daemon.engine import AllocationEngine, AllocationRequest

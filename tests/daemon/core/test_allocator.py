@@ -16,7 +16,11 @@ from topoipam.daemon.core.errors import (
     NoPoolForNode,
     UnknownPool,
 )
-from topoipam.daemon.core.model import Block, IPPool, IPReservation
+from topoipam.daemon.core.holdings import Block
+from topoipam.daemon.core.model import (
+    IPPool,
+    IPReservation,
+)
 
 
 def pool(name: str, cidr: str, selector: str = "all()", block: int | None = None,

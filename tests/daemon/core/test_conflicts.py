@@ -10,7 +10,12 @@ from hypothesis import strategies as st
 
 from topoipam.daemon.core import allocator
 from topoipam.daemon.core.conflicts import KEEP_DATASTORE, ConflictRecord, standing
-from topoipam.daemon.core.model import Block, Handle, HandleAddress, IPPool
+from topoipam.daemon.core.holdings import (
+    Block,
+    Handle,
+    HandleAddress,
+)
+from topoipam.daemon.core.model import IPPool
 
 CIDR = ipaddress.ip_network("10.1.0.0/28")
 X = ipaddress.ip_address("10.1.0.3")

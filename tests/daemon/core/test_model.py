@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 from topoipam.daemon.core import allocator
 from topoipam.daemon.core.allocator import AssignContext
 from topoipam.daemon.core.errors import AddressUnavailable, InvalidInput, PoolOverlap
-from topoipam.daemon.core.model import (
+from topoipam.daemon.core.holdings import (
     Attachment,
     Block,
     Handle,
     HandleAddress,
+)
+from topoipam.daemon.core.model import (
     IPAMConfig,
     IPPool,
     check_pool_overlaps,
@@ -198,7 +200,8 @@ def test_block_round_trip_and_corruption() -> None:
 
 @pytest.mark.parametrize("bad", ["abc\n", "abc/def", "", "a b"])
 def test_attachment_parts_are_refused_whole(bad: str) -> None:
-    from topoipam.daemon.core.model import Attachment, Node
+    from topoipam.daemon.core.holdings import Attachment
+    from topoipam.daemon.core.model import Node
 
     with pytest.raises(InvalidInput):
         Attachment("net", bad, "eth0")
@@ -207,7 +210,7 @@ def test_attachment_parts_are_refused_whole(bad: str) -> None:
 
 
 def test_sticky_identity_round_trips_and_knows_its_hold() -> None:
-    from topoipam.daemon.core.model import (
+    from topoipam.daemon.core.holdings import (
         HandleAddress,
         Identity,
         parked_holder,
