@@ -35,7 +35,7 @@ from topoipam.daemon.core import allocator
 from topoipam.daemon.core.errors import InvalidInput, NotFound
 from topoipam.daemon.core.holdings import check_identity
 from topoipam.daemon.core.model import parse_address
-from topoipam.daemon.engine import AllocationEngine
+from topoipam.daemon.planning import release_identity as release_identity_now
 from topoipam.daemon.resolve import list_conflicts, resolve_conflict
 from topoipam.daemon.store import EtcdStore
 
@@ -179,14 +179,7 @@ async def release_identity(store: EtcdStore, identity_id: str, park: bool = Fals
     if park and await store.get_identity(check_identity(identity_id)) is None:
         raise NotFound(f"sticky identity {identity_id} does not exist (never allocated, "
                        "released, or its hold is over)")
-    engine = AllocationEngine(store, "topoipamctl")
-    try:
-        if park:
-            parked = await engine.park_identity(identity_id, force)
-        else:
-            freed = await engine.release_identity(identity_id)
-    finally:
-        await engine.close()
+    parked = freed = await release_identity_now(store, identity_id, park, force)
     if park:
         hold = (await store.get_config()).value.sticky_hold_seconds
         print(f"sticky identity {identity_id}: "

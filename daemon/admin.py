@@ -35,6 +35,7 @@ from .audit import (
 )
 from .core import allocator
 from .core.allocator import free_mark_writes, has_free
+from .core.calls import ReleaseCall
 from .core.errors import AlreadyExists, InvalidInput, NodeInUse, NotFound, PoolInUse
 from .core.holdings import (
     Block,
@@ -54,6 +55,7 @@ from .core.model import (
     reserved_range_problem,
     resource_id,
 )
+from .core.planner import Planner
 from .core.writes import (
     DeleteAffinity,
     DeleteBlock,
@@ -75,7 +77,7 @@ from .core.writes import (
     Versioned,
     Write,
 )
-from .engine import AllocationEngine
+from .planning import commit_call
 from .store import LOST_RACE, EtcdStore, LostRace, retry_cas
 
 log = logging.getLogger(__name__)
@@ -549,21 +551,18 @@ async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple
     """Remove ``node``: its handles (only with ``force``), blocks, affinities, record.
 
     Refuses with NodeInUse while the node holds addresses, unless ``force``,
-    which releases them (through that node's own engine, as its daemon
-    would). Empty blocks are deleted; a block that still holds addresses
-    other nodes borrowed loses its affinity but keeps them. Each step is its
-    own guarded transaction, so an interrupted removal can simply be run
-    again. Returns (handles released, blocks deleted, blocks kept unaffined).
+    which releases them (planned for that node, as its daemon would). Empty
+    blocks are deleted; a block that still holds addresses other nodes
+    borrowed loses its affinity but keeps them. Each step is its own guarded
+    transaction, so an interrupted removal can simply be run again. Returns
+    (handles released, blocks deleted, blocks kept unaffined).
     """
     handles = [h.value.id for h in await store.list_handles() if h.value.node == node]
     if handles and not force:
         raise NodeInUse(node, len(handles))
-    engine = AllocationEngine(store, node)
-    try:
-        for handle_id in handles:
-            await engine.release(handle_id)
-    finally:
-        await engine.close()
+    planner = Planner(node)  # released as that node's daemon would release them
+    for handle_id in handles:
+        await commit_call(store, planner, ReleaseCall(handle_id))
     deleted = kept = 0
     pools = [p.value for p in await store.list_pools()]
     for _, cidr in await store.list_affinities(node):

@@ -29,8 +29,8 @@ from .core.model import (
     IPPool,
     IPReservation,
 )
+from .core.view import ClusterState, ReadingView
 from .core.writes import Versioned
-from .engine import ClusterState
 from .store import (
     EtcdStore,
     WatchCompacted,
@@ -365,11 +365,18 @@ class NodeCache:
         return self.current_blocks()
 
     async def block(self, cidr: IPNetwork) -> Versioned[Block] | None:
-        self._decode_pending()
-        cached = self.blocks.get(cidr)
+        cached = self.cached_block(cidr)
         if cached is not None:
             return cached
         return await self.store.get_block(cidr)
+
+    def cached_block(self, cidr: IPNetwork) -> Versioned[Block] | None:
+        self._decode_pending()
+        return self.blocks.get(cidr)
+
+    def view(self, state: ClusterState) -> ReadingView:
+        """The planner's view: ``state``, this node's blocks and any block cached."""
+        return ReadingView(state, self.current_blocks, self.cached_block)
 
     def observe(self, cidr: IPNetwork, block: Versioned[Block] | None,
                 seen_at: int = 0) -> None:

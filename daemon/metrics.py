@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from .audit import usable_capacity
 from .core import allocator
 from .core.errors import NoPoolForNode
-from .engine import ClusterState
+from .core.view import ClusterState
 
 #: Outcomes whose series exist from the start (at 0), so that ``increase()`` sees their
 #: first occurrence: a counter series that appears at 1 looks unchanged to Prometheus.

@@ -23,6 +23,7 @@ from topoipam import package_version
 from topoipam.proto import cniwire, ipam_pb2, ipam_pb2_grpc
 
 from .core import allocator
+from .core.calls import Allocation, AllocationRequest
 from .core.errors import InvalidInput, NotFound, TopoipamError
 from .core.holdings import Attachment
 from .core.model import (
@@ -30,7 +31,8 @@ from .core.model import (
     IPNetwork,
     check_label,
 )
-from .engine import Allocation, AllocationEngine, AllocationRequest, ClusterState
+from .core.view import ClusterState
+from .engine import AllocationEngine
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -81,3 +81,18 @@ def test_the_core_is_pure() -> None:
             if outside or any(name == f or name.startswith(f + ".") for f in CORE_FORBIDDEN):
                 wrong.append(f"{path.name} imports {name}")
     assert wrong == []
+
+
+#: The daemon's process: what only topoipamd runs. The CLI and the plugin use the
+#: library (core, the etcd adapter, planning, admin, audit), never these.
+PROCESS_MODULES = ("engine", "committer", "upkeep", "server", "service", "cache", "fence",
+                   "main", "cni_socket", "metrics", "record", "local_etcd")
+
+
+def test_the_client_uses_the_library_not_the_process() -> None:
+    wrong = [f"{path.name} imports {name}"
+             for path in sorted((ROOT / "client").glob("*.py"))
+             for name in imported_modules(path)
+             if any(name == f"topoipam.daemon.{m}" or name.startswith(f"topoipam.daemon.{m}.")
+                    for m in PROCESS_MODULES)]
+    assert wrong == []

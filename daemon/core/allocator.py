@@ -410,6 +410,11 @@ def _free_slots(first: int, last: int, size: int, taken: Sequence[tuple[int, int
         slot += size
 
 
+#: What :meth:`TxnPlan.snapshot` keeps: the planned writes, not what was read.
+TxnSnapshot = tuple[dict[IPNetwork, tuple[Block | None, int]], dict[tuple[str, IPNetwork], bool],
+                    dict[str, Write], dict[str, Write], dict[str, Write]]
+
+
 class TxnPlan:
     """What one transaction must compare and write: planned block values and their guards.
 
@@ -444,15 +449,11 @@ class TxnPlan:
         self.room_marks: dict[IPNetwork, bool] = {}
         self.affine_read: list[Versioned[Block]] | None = None
 
-    def snapshot(self) -> tuple[dict[IPNetwork, tuple[Block | None, int]],
-                                dict[tuple[str, IPNetwork], bool], dict[str, Write],
-                                dict[str, Write], dict[str, Write]]:
+    def snapshot(self) -> TxnSnapshot:
         return (dict(self.blocks), dict(self.affinities), dict(self.handles),
                 dict(self.identities), dict(self.guards))
 
-    def restore(self, saved: tuple[dict[IPNetwork, tuple[Block | None, int]],
-                                   dict[tuple[str, IPNetwork], bool], dict[str, Write],
-                                   dict[str, Write], dict[str, Write]]) -> None:
+    def restore(self, saved: TxnSnapshot) -> None:
         blocks, affinities, handles, identities, guards = saved
         self.blocks, self.affinities = dict(blocks), dict(affinities)
         self.handles, self.identities, self.guards = dict(handles), dict(identities), dict(guards)

@@ -38,9 +38,10 @@ Keys (prefix default ``/topoipam/v1``)::
 
 from __future__ import annotations
 
+from ..core.view import DaemonAbsence
 from .commits import DatastoreIdentity, EtcdCommits
 from .gate import CommitFence, EtcdHistory, WriteGate, WritePause
-from .leases import ABSENCE_LEASE_SECONDS, DaemonAbsence, EtcdLeases
+from .leases import ABSENCE_LEASE_SECONDS, EtcdLeases
 from .reads import decode, decode_each
 from .retry import CAS_ATTEMPTS, LOST_RACE, LostRace, backoff, retry_cas
 from .transport import DEFAULT_TIMEOUT, EtcdOptions

@@ -10,7 +10,6 @@ its own), which decides when a sticky identity may be taken over.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,6 +18,7 @@ from aetcd import rpc
 
 from ..core.errors import DatastoreUnavailable, EtcdOutOfSpace, InvalidInput
 from ..core.model import encode
+from ..core.view import DaemonAbsence
 from .reads import decode
 from .retry import LOST_RACE, LostRace, retry_cas
 from .transport import EtcdTransport
@@ -26,17 +26,6 @@ from .transport import EtcdTransport
 # The lease of a node's absence record: its age is the lease's (see daemon_absence).
 # A month: a node gone longer is noted afresh (a later takeover, never an earlier one).
 ABSENCE_LEASE_SECONDS = 30 * 24 * 3600
-
-
-@dataclass(frozen=True)
-class DaemonAbsence:
-    """A node without a live daemon: for how long that has been known (``seconds``,
-    None if nobody noted it yet) and the revision of its record (0: none)."""
-
-    node: str
-    seconds: float | None
-    noted_revision: int
-
 
 
 class EtcdLeases(EtcdTransport):

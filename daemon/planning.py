@@ -1,0 +1,167 @@
+"""The planner's caller: a view of etcd (or of the daemon's cache) and the reads it lacks.
+
+The planner (:mod:`topoipam.daemon.core.planner`) decides from a view and
+raises NeedRead for what the view lacks. :func:`plan_reading` is the one
+loop that answers that: it reads what was asked (through a
+:class:`StateSource` and the etcd adapter), adds it to the view, restores the
+transaction and the planner's memory as they were, and plans the call again.
+The daemon's engine plans every batch through it; :func:`commit_call` plans
+and commits one call on its own (the CLI, and library use), with the one CAS
+retry policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from .core.allocator import Reservations, TxnPlan, TxnSnapshot
+from .core.calls import ReleaseCall, ReleaseIdentityCall
+from .core.holdings import Block, check_identity
+from .core.model import IPAddress, IPNetwork
+from .core.planner import Planner
+from .core.view import ClusterState, NeedRead, Read, ReadingView
+from .core.writes import Versioned
+from .store import LOST_RACE, EtcdStore, LostRace, retry_cas
+
+T = TypeVar("T")
+
+
+class StateSource(Protocol):
+    """Where the engine reads from. Values may be stale; commits are guarded anyway."""
+
+    async def state(self) -> ClusterState: ...
+
+    async def affine_blocks(self) -> list[Versioned[Block]]: ...
+
+    async def block(self, cidr: IPNetwork) -> Versioned[Block] | None: ...
+
+    def observe(self, cidr: IPNetwork, block: Versioned[Block] | None,
+                seen_at: int = 0) -> None: ...
+
+    def view(self, state: ClusterState) -> ReadingView:
+        """A view of ``state`` and of what this source holds without a read."""
+        ...
+
+
+class EtcdSource:
+    """Reads everything from etcd on every call: always fresh, never cached."""
+
+    def __init__(self, store: EtcdStore, node: str) -> None:
+        self.store = store
+        self.node = node
+
+    async def state(self) -> ClusterState:
+        config, pools, node, reservations = await asyncio.gather(
+            self.store.get_config(),
+            self.store.list_pools(),
+            self.store.get_node(self.node),
+            self.store.list_reservations(),
+        )
+        return ClusterState(
+            config=config.value,
+            pools=tuple(p.value for p in pools),
+            labels=node.value.labels if node else {},
+            reservations=Reservations(r.value for r in reservations),
+        )
+
+    async def affine_blocks(self) -> list[Versioned[Block]]:
+        cidrs = [cidr for _, cidr in await self.store.list_affinities(self.node)]
+        blocks = await asyncio.gather(*(self.store.get_block(c) for c in cidrs))
+        return [b for b in blocks if b is not None and b.value.affinity == self.node]
+
+    async def block(self, cidr: IPNetwork) -> Versioned[Block] | None:
+        return await self.store.get_block(cidr)
+
+    def observe(self, cidr: IPNetwork, block: Versioned[Block] | None,
+                seen_at: int = 0) -> None:
+        pass
+
+    def view(self, state: ClusterState) -> ReadingView:
+        return ReadingView(state)
+
+
+# What each kind of read is, on the etcd adapter (the rest go to the source).
+_STORE_READS = {
+    "block_containing": "block_containing",
+    "block_cidrs": "block_cidrs",
+    "pool_blocks": "list_blocks",
+    "claim_reads": "claim_reads",
+    "room_windows": "room_windows",
+    "survey_blocks": "survey_blocks",
+    "free_blocks": "free_blocks",
+    "handle": "get_handle",
+    "identity": "get_identity",
+    "daemon_absence": "daemon_absence",
+}
+
+
+async def read(store: EtcdStore, source: StateSource, what: Read) -> Any:
+    """Read ``what`` (a view's :data:`Read`) from etcd, or the source's cache."""
+    kind, *args = what
+    if kind == "block":
+        return await source.block(*args)
+    if kind == "affine_blocks":
+        return await source.affine_blocks()
+    if kind == "survey_blocks":
+        window, groups = args
+        return await store.survey_blocks(window, list(groups))
+    return await getattr(store, _STORE_READS[kind])(*args)
+
+
+async def plan_reading(store: EtcdStore, source: StateSource, view: ReadingView,
+                       planner: Planner, plan: Callable[[], T], txn: TxnPlan | None = None,
+                       saved: TxnSnapshot | None = None) -> T:
+    """``plan()``, after reading whatever ``view`` lacks for it.
+
+    Each NeedRead is read once into ``view``; ``txn`` (what other calls of the
+    batch planned) and the planner's memory are put back as they were before
+    ``plan`` ran (``saved``, if the caller took that snapshot already), and it
+    runs again. The reads are those a plan that waited for each would have
+    made, in the same order.
+    """
+    if txn is not None and saved is None:
+        saved = txn.snapshot()
+    while True:
+        memory = planner.memory.snapshot()
+        try:
+            return plan()
+        except NeedRead as need:
+            if txn is not None and saved is not None:
+                txn.restore(saved)
+            planner.memory.restore(memory)
+            view.reads[need.read] = await read(store, source, need.read)
+
+
+async def commit_call(store: EtcdStore, planner: Planner, call: ReleaseCall | ReleaseIdentityCall,
+                      source: StateSource | None = None) -> list[IPAddress]:
+    """Plan a release alone and commit it; re-planned from fresh reads on a lost race.
+
+    Returns the addresses it freed (or parked). Raises the call's
+    TopoipamError, or Conflict once the races are lost
+    :data:`~topoipam.daemon.store.CAS_ATTEMPTS` times.
+    """
+    source = source or EtcdSource(store, planner.node)
+
+    async def attempt() -> list[IPAddress] | LostRace:
+        state = await source.state()
+        txn = TxnPlan(state.pools)
+        view = source.view(state)
+        if await plan_reading(store, source, view, planner,
+                              lambda: planner.plan(view, call, txn), txn):
+            return list(call.result)
+        if not (await store.commit(txn.writes())).succeeded:
+            return LOST_RACE
+        return call.freed
+
+    return await retry_cas(attempt, f"the release on node {planner.node}")
+
+
+async def release_identity(store: EtcdStore, identity_id: str, park: bool = False,
+                           force: bool = False) -> list[IPAddress]:
+    """Free a parked sticky identity's addresses now, or (``park``) park a live one whose
+    node is lost (refused while its node's daemon is alive, unless ``force``): one
+    guarded transaction either way. Returns the addresses freed or parked."""
+    call = ReleaseIdentityCall(check_identity(identity_id), park=park, force=force)
+    return await commit_call(store, Planner("topoipamctl"), call)
