@@ -29,7 +29,6 @@ from topoipam.daemon.audit import (
     load_snapshot,
     network_order,
     show,
-    usable_capacity,
 )
 from topoipam.daemon.core import allocator
 from topoipam.daemon.core.errors import InvalidInput, NotFound
@@ -57,7 +56,7 @@ async def cmd_ipam_show(store: EtcdStore, args: argparse.Namespace) -> int:
         used[pool.name if pool else None] += block.in_use
     rows = []
     for p in snap.pools:
-        capacity = usable_capacity(p, reservations)
+        capacity = allocator.usable_capacity(p, reservations)
         share = f"{100 * used[p.name] / capacity:.1f}%" if capacity else "-"
         rows.append([p.name, str(p.cidr), str(used[p.name]), str(capacity), share])
     if used[None]:

@@ -29,7 +29,7 @@ from topoipam.daemon.admin import (
     retire_node,
     write_targets,
 )
-from topoipam.daemon.audit import load_snapshot, show, usable_capacity
+from topoipam.daemon.audit import load_snapshot, show
 from topoipam.daemon.core import allocator
 from topoipam.daemon.core.errors import InvalidInput, NotFound
 from topoipam.daemon.core.model import (
@@ -244,7 +244,8 @@ async def print_pools(pools: list[IPPool], store: EtcdStore, wide: bool) -> None
         ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "DISABLED", "ASSIGNMENTMODE", "GATEWAY",
          "IN-USE", "TOTAL"],
         [[p.name, str(p.cidr), str(p.block_size), p.node_selector, str(p.disabled).lower(),
-          p.assignment_mode, show(p.gateway), str(used), str(usable_capacity(p, reservations))]
+          p.assignment_mode, show(p.gateway), str(used),
+          str(allocator.usable_capacity(p, reservations))]
          for p, used in zip(pools, in_use, strict=True)],
     )
 

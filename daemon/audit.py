@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import netaddr
-
 from .core import allocator, model
 from .core.conflicts import ConflictRecord, Standing, standing
 from .core.errors import InvalidInput
@@ -235,15 +233,6 @@ def outside_pools(reservation: model.IPReservation, pools: Iterable[IPPool]) -> 
 
 def reserved_by(snap: Snapshot, address: IPAddress) -> list[str]:
     return sorted(r.name for r in snap.reservations if reserves(r, address))
-
-
-def usable_capacity(pool: IPPool, reservations: allocator.Reservations) -> int:
-    """How many addresses of ``pool`` can ever be allocated: all of them, less the
-    unusable ones and those IPReservations keep (each counted once)."""
-    excluded = netaddr.IPSet(str(a) for a in pool.unusable())
-    if reservations:
-        excluded |= reservations.ip_set & netaddr.IPSet([str(pool.cidr)])
-    return pool.cidr.num_addresses - int(excluded.size)
 
 
 def describe_address(snap: Snapshot, address: IPAddress) -> str:

@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .audit import usable_capacity
 from .core import allocator
 from .core.errors import NoPoolForNode
 from .core.view import ClusterState
@@ -170,7 +169,7 @@ class _TopologyCollector(Collector):
             for pool in state.pools:
                 if not pool.disabled:
                     capacity.add_metric([pool.name, str(pool.family)],
-                                        usable_capacity(pool, state.reservations))
+                                        allocator.usable_capacity(pool, state.reservations))
         yield capacity
         yield selected
         yield counts

@@ -61,6 +61,15 @@ class Reservations:
 NO_RESERVATIONS = Reservations()
 
 
+def usable_capacity(pool: IPPool, reservations: Reservations) -> int:
+    """How many addresses of ``pool`` can ever be allocated: all of them, less the
+    unusable ones and those IPReservations keep (each counted once)."""
+    excluded = netaddr.IPSet(str(a) for a in pool.unusable())
+    if reservations:
+        excluded |= reservations.ip_set & netaddr.IPSet([str(pool.cidr)])
+    return pool.cidr.num_addresses - int(excluded.size)
+
+
 def _matches_request(pool: IPPool, wanted: str) -> bool:
     if pool.name == wanted:
         return True

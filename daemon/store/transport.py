@@ -26,6 +26,7 @@ from aetcd import rpc
 
 from ..core.errors import AuthenticationFailed, DatastoreUnavailable, EtcdOutOfSpace, InvalidInput
 from ..core.keys import DEFAULT_PREFIX, KeySchema, prefix_range_end
+from ..etcd_access import DEFAULT_ETCD_ENDPOINT
 from .gate import WriteGate
 
 DEFAULT_TIMEOUT = 5.0
@@ -33,7 +34,7 @@ DEFAULT_TIMEOUT = 5.0
 
 @dataclass(frozen=True)
 class EtcdOptions:
-    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    endpoints: tuple[str, ...] = (DEFAULT_ETCD_ENDPOINT,)
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
