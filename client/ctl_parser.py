@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which nodes the pool serves (default all())")
     create.add_argument("--disabled", action="store_true",
                         help="create the pool disabled (no new allocations)")
+    create.add_argument("--priority", type=int, default=0,
+                        help="pools that select a node serve it highest priority first; a "
+                        "lower priority only when every higher one cannot (default 0)")
     create.add_argument("--assignment-mode", choices=ASSIGNMENT_MODES, default="Automatic",
                         help="Manual pools serve only CNI configs that name them")
     create.add_argument("--gateway", help="the pool's gateway address, never handed out "

@@ -110,9 +110,19 @@ async def cmd_explain(store: EtcdStore, args: argparse.Namespace) -> int:
         except NoPoolForNode as exc:
             print(f"{family_name(family)} allocation order: none: {exc}")
             continue
-        print(f"{family_name(family)} allocation order:")
-        for line in allocation_steps(args.name, order, snap, config):
-            print(f"  {line}")
+        tiers = allocator.priority_tiers(order)
+        if len(tiers) == 1:
+            print(f"{family_name(family)} allocation order:")
+            for line in allocation_steps(args.name, order, snap, config):
+                print(f"  {line}")
+            continue
+        print(f"{family_name(family)} allocation order, {len(tiers)} priority tiers (a lower "
+              "tier serves only when every higher one cannot):")
+        for number, tier in enumerate(tiers, 1):
+            print(f"  tier {number}, priority {tier[0].priority}: "
+                  f"{', '.join(p.name for p in tier)}")
+            for line in allocation_steps(args.name, tier, snap, config):
+                print(f"    {line}")
     borrowed = borrowed_by(snap, args.name)
     if borrowed:
         print()

@@ -108,6 +108,7 @@ async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
             disabled=args.disabled,
             assignment_mode=args.assignment_mode,
             gateway_spec=parse_gateway_spec(f"pool {args.name}", args.gateway),
+            priority=args.priority,
         )
         targets = [Target("IPPool", pool.name, pool)]
     return report(await write_targets(store, targets, "create"))
@@ -241,10 +242,10 @@ async def print_pools(pools: list[IPPool], store: EtcdStore, wide: bool) -> None
     in_use = await asyncio.gather(*(allocated_in(store, p.cidr) for p in pools))
     reservations = allocator.Reservations(r.value for r in await store.list_reservations())
     print_table(
-        ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "DISABLED", "ASSIGNMENTMODE", "GATEWAY",
-         "IN-USE", "TOTAL"],
-        [[p.name, str(p.cidr), str(p.block_size), p.node_selector, str(p.disabled).lower(),
-          p.assignment_mode, show(p.gateway), str(used),
+        ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "PRIORITY", "DISABLED", "ASSIGNMENTMODE",
+         "GATEWAY", "IN-USE", "TOTAL"],
+        [[p.name, str(p.cidr), str(p.block_size), p.node_selector, str(p.priority),
+          str(p.disabled).lower(), p.assignment_mode, show(p.gateway), str(used),
           str(allocator.usable_capacity(p, reservations))]
          for p, used in zip(pools, in_use, strict=True)],
     )

@@ -54,7 +54,8 @@ KINDS: dict[str, type[Resource]] = {
 
 # The spec fields of each kind: the JSON names of the model's to_dict.
 SPEC_FIELDS: dict[str, tuple[str, ...]] = {
-    "IPPool": ("cidr", "blockSize", "nodeSelector", "disabled", "assignmentMode", "gateway"),
+    "IPPool": ("cidr", "blockSize", "nodeSelector", "disabled", "assignmentMode", "gateway",
+               "priority"),
     "Node": ("labels",),
     "IPAMConfig": ("strictAffinity", "maxBlocksPerHost", "autoAllocateBlocks",
                    "ipCooldownSeconds", "warmAddresses", "stickyHoldSeconds",

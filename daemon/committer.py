@@ -343,7 +343,8 @@ class Committer:
                             "which has had no live topoipamd for %.0f s", call.request.identity,
                             handle_id, node, absence.seconds or 0.0)
                 self.on_takeover()
-            _settle(op, result=Allocation(handle_id, tuple(call.addresses)))
+            _settle(op, result=Allocation(handle_id, tuple(call.addresses),
+                                           tuple(call.fallbacks)))
         else:
             if isinstance(call, ReleaseCall):
                 self.planner.memory.handles.pop(call.handle_id, None)

@@ -71,6 +71,11 @@ class Metrics:
             "in its own blocks and could claim no new block",
             registry=self.registry,
         )
+        self.fallbacks = Counter(
+            "topoipam_pool_fallbacks",
+            "Addresses served by a lower-priority pool because the node's top-priority pools "
+            "could not give one", ["from_pool", "to_pool"], registry=self.registry,
+        )
         for method in ALERTED_METHODS:
             for outcome in ALERTED_OUTCOMES:
                 self.results.labels(method, outcome)

@@ -254,6 +254,8 @@ class IpamService(ipam_pb2_grpc.IpamServicer):
         for address in allocation.addresses:
             if not self.status.owns_block(address.block):
                 self.metrics.borrowed.inc()
+        for top, served in allocation.fallbacks:
+            self.metrics.fallbacks.labels(top, served).inc()
         return _allocation_fields(allocation)
 
     async def release(self, request: Any) -> dict[str, Any]:

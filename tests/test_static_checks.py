@@ -1,4 +1,4 @@
-"""Lint and types are part of the suite: ruff clean, mypy --strict clean."""
+"""Lint, types and layout are part of the suite: ruff and mypy --strict clean, imports one way."""
 
 from __future__ import annotations
 
@@ -96,3 +96,15 @@ def test_the_client_uses_the_library_not_the_process() -> None:
              if any(name == f"topoipam.daemon.{m}" or name.startswith(f"topoipam.daemon.{m}.")
                     for m in PROCESS_MODULES)]
     assert wrong == []
+
+
+#: A module that does one job reads in one sitting; past this, split it by job.
+MAX_MODULE_LINES = 700
+
+
+def test_no_hand_written_module_is_over_the_limit() -> None:
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    long = {name: lines for name in tracked if "_pb2" not in name
+            and (lines := len((ROOT / name).read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}

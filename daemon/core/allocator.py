@@ -88,7 +88,8 @@ def pools_for_node(
     Requested pools (names or CIDRs) must exist, be enabled and be of the
     family; they are used in the order given, whatever their selector and
     assignment mode. Otherwise: every enabled Automatic pool whose selector
-    matches the labels, in name order.
+    matches the labels, highest ``priority`` first, then in name order
+    (:func:`priority_tiers` splits them by priority).
     """
     pools = sorted(pools, key=lambda p: p.name)
     if requested:
@@ -105,15 +106,27 @@ def pools_for_node(
                 raise UnknownPool(match.name, "is disabled")
             chosen.append(match)
         return chosen
-    chosen = [
-        p for p in pools
-        if p.family == family and not p.disabled and p.automatic and p.selects(labels)
-    ]
+    chosen = sorted(
+        (p for p in pools
+         if p.family == family and not p.disabled and p.automatic and p.selects(labels)),
+        key=lambda p: -p.priority)  # stable: name order within a priority
     if not chosen:
         raise NoPoolForNode(node, labels, family,
                             [p.name for p in pools if p.family == family and p.automatic],
                             [p.name for p in pools if p.family == family and not p.automatic])
     return chosen
+
+
+def priority_tiers(pools: Sequence[IPPool]) -> list[list[IPPool]]:
+    """``pools`` (as :func:`pools_for_node` orders them) cut where the priority changes:
+    a lower tier serves a node only when no pool of a higher one can."""
+    tiers: list[list[IPPool]] = []
+    for pool in pools:
+        if tiers and tiers[-1][0].priority == pool.priority:
+            tiers[-1].append(pool)
+        else:
+            tiers.append([pool])
+    return tiers
 
 
 def explain_pool(pool: IPPool, labels: Mapping[str, str]) -> tuple[bool, str]:

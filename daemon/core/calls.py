@@ -79,6 +79,9 @@ class AllocatedAddress:
 class Allocation:
     handle_id: str
     addresses: tuple[AllocatedAddress, ...]
+    #: (the top-priority pool, the lower one that served) for each address a node's
+    #: higher-priority pools could not give
+    fallbacks: tuple[tuple[str, str], ...] = ()
 
 
 _UNANSWERED: Any = object()
@@ -112,10 +115,12 @@ class AllocateCall(Call):
     addresses: list[AllocatedAddress] = field(default_factory=list)
     # The sticky identity this ADD takes over from a node without a live daemon.
     took_over: tuple[str, DaemonAbsence] | None = None
+    # (top-priority pool, the pool that served) per address served below the top tier.
+    fallbacks: list[tuple[str, str]] = field(default_factory=list)
 
     def start(self) -> None:
         super().start()
-        self.addresses, self.took_over = [], None
+        self.addresses, self.took_over, self.fallbacks = [], None, []
 
 
 @dataclass

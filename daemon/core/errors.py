@@ -140,7 +140,7 @@ class PoolExhausted(TopoipamError):
         reason: str = "",
     ) -> None:
         self.node, self.labels, self.family = node, dict(labels), family
-        self.pools = list(pools)
+        self.pools, self.reason = list(pools), reason
         extra = f"; {reason}" if reason else ""
         super().__init__(
             f"no free IPv{family} address for node {node} "

@@ -33,6 +33,8 @@ IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
 BLOCK_SIZE_RANGE = {4: (20, 32), 6: (116, 128)}
 ASSIGNMENT_MODES = ("Automatic", "Manual")
+#: spec.priority of an IPPool: higher serves first.
+PRIORITY_RANGE = (-1000, 1000)
 #: The IPPool ``gateway`` value of a routed pool that reserves no gateway address.
 GATEWAY_NONE = "none"
 
@@ -159,6 +161,9 @@ class IPPool:
     #: The IPPool's ``gateway`` field: None for the default (the pool's first
     #: usable address), ``"none"`` for a routed pool that needs none, or an address.
     gateway_spec: str | None = None
+    #: Pools that select a node serve it highest priority first (per family); a lower
+    #: priority serves only when every higher one cannot. Equal priorities: name order.
+    priority: int = 0
     selector: Selector = field(init=False, repr=False, compare=False)
     #: The address pods of this pool route through; never handed out when inside the pool.
     gateway: IPAddress | None = field(init=False, repr=False, compare=False)
@@ -179,6 +184,12 @@ class IPPool:
             raise InvalidInput(
                 f"pool {self.name}: CIDR {self.cidr} is smaller than one /{self.block_size} block"
             )
+        low, high = PRIORITY_RANGE
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not (
+            low <= self.priority <= high
+        ):
+            raise InvalidInput(f"pool {self.name}: priority {self.priority!r} must be an "
+                               f"integer from {low} to {high}")
         if self.assignment_mode not in ASSIGNMENT_MODES:
             raise InvalidInput(
                 f"pool {self.name}: assignmentMode {self.assignment_mode!r} must be "
@@ -274,6 +285,8 @@ class IPPool:
         }
         if self.gateway_spec is not None:
             data["gateway"] = self.gateway_spec
+        if self.priority:
+            data["priority"] = self.priority
         return data
 
     @classmethod
@@ -282,7 +295,7 @@ class IPPool:
         if not isinstance(data, Mapping):
             raise InvalidInput(f"{what}: spec must be a mapping")
         _expect_keys(what, data, ("cidr", "blockSize", "nodeSelector", "disabled",
-                                  "assignmentMode", "gateway"))
+                                  "assignmentMode", "gateway", "priority"))
         if "cidr" not in data:
             raise InvalidInput(f"{what}: cidr is required")
         cidr = parse_network(data["cidr"], f"{what}: cidr")
@@ -292,6 +305,11 @@ class IPPool:
                 f"{what}: blockSize must be a number, not the text {block_size!r} "
                 f"(write blockSize: {block_size.strip()}, without quotes)"
             )
+        priority = data.get("priority", 0)
+        if isinstance(priority, str):
+            raise InvalidInput(
+                f"{what}: priority must be an integer from {PRIORITY_RANGE[0]} to "
+                f"{PRIORITY_RANGE[1]}, not the text {priority!r}")
         selector = data.get("nodeSelector") or "all()"
         if not isinstance(selector, str):
             raise InvalidInput(f"{what}: nodeSelector must be a string")
@@ -303,6 +321,7 @@ class IPPool:
             disabled=_bool(f"{what}: disabled", data.get("disabled", False)),
             assignment_mode=data.get("assignmentMode", "Automatic"),
             gateway_spec=parse_gateway_spec(what, data.get("gateway")),
+            priority=priority,
         )
 
 

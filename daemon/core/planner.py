@@ -10,10 +10,12 @@ if" ask the same policy:
 
 1. a sticky ADD takes its identity's addresses back (:mod:`.sticky`);
 2. a specific address is assigned where its pool's block is, or would be;
-3. otherwise the first free address of this node's own blocks, pool order
-   then address order; else a new block is claimed (room index,
-   :mod:`.claims`); else, unless strictAffinity, one is borrowed from another
-   node's block (free-block index).
+3. otherwise, for each priority tier of the pools that select the node
+   (highest first; a lower tier only when a higher one cannot serve): the
+   first free address of this node's own blocks, pool order then address
+   order; else a new block is claimed (room index, :mod:`.claims`); else,
+   unless strictAffinity, one is borrowed from another node's block
+   (free-block index).
 
 A DEL frees the handle's addresses (or parks them for a sticky identity)
 and drops blocks it leaves empty that nobody wants.
@@ -85,8 +87,9 @@ class Planner(StickyPlanner):
             if specific is not None:
                 self.plan_specific(view, call, family, specific, txn)
             else:
-                pools = self.pools_for(state, family, request.requested_pools(family))
-                self.plan_next(view, pools, family, call, txn)
+                requested = request.requested_pools(family)
+                self.plan_tiers(view, self.pools_for(state, family, requested), family, call,
+                                txn, bool(requested))
         handle = Handle(
             id=handle_id,
             node=self.node,
@@ -164,6 +167,29 @@ class Planner(StickyPlanner):
                 affine.append((block, guard))
         known = {block.cidr for block, _ in affine}
         return affine + [(b, 0) for b in txn.claimed(self.node) if b.cidr not in known]
+
+    def plan_tiers(self, view: View, pools: Sequence[IPPool], family: int, call: AllocateCall,
+                   txn: TxnPlan, named: bool = False) -> None:
+        """The next free address of ``family``: from the highest-priority pools that can
+        give one (:meth:`plan_next` each tier in turn); ``named`` pools are one tier."""
+        tiers = [list(pools)] if named else allocator.priority_tiers(pools)
+        failures: list[tuple[list[IPPool], PoolExhausted]] = []
+        for tier in tiers:
+            try:
+                self.plan_next(view, tier, family, call, txn)
+            except PoolExhausted as exc:
+                failures.append((tier, exc))
+                continue
+            if failures:
+                call.fallbacks.append((tiers[0][0].name, call.addresses[-1].pool))
+            return
+        if len(failures) == 1:
+            raise failures[0][1]
+        state = view.state()
+        raise PoolExhausted(
+            self.node, state.labels, family, [p.name for p in pools],
+            "; ".join(f"priority {tier[0].priority} ({', '.join(p.name for p in tier)}): "
+                      f"{exc.reason}" for tier, exc in failures))
 
     def plan_next(self, view: View, pools: Sequence[IPPool], family: int, call: AllocateCall,
                   txn: TxnPlan) -> None:
@@ -288,8 +314,9 @@ class Planner(StickyPlanner):
         probe = AllocateCall(AllocationRequest(Attachment("status", "readiness-probe", "eth0")))
         for family in families:
             try:
-                pools = self.pools_for(state, family, tuple(requested.get(family, ())))
-                self.plan_next(view, pools, family, probe, TxnPlan(state.pools))
+                named = tuple(requested.get(family, ()))
+                self.plan_tiers(view, self.pools_for(state, family, named), family, probe,
+                                TxnPlan(state.pools), bool(named))
             except TopoipamError as exc:
                 return exc.message
         return ""

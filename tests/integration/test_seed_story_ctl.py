@@ -40,15 +40,15 @@ async def test_seed_story_with_topoipamctl(
 
     def wide_rows(output: str) -> dict[str, list[str]]:
         lines = output.splitlines()
-        assert lines[0].split() == ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "DISABLED",
-                                    "ASSIGNMENTMODE", "GATEWAY", "IN-USE", "TOTAL"]
+        assert lines[0].split() == ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "PRIORITY",
+                                    "DISABLED", "ASSIGNMENTMODE", "GATEWAY", "IN-USE", "TOTAL"]
         return {line.split()[0]: line.split() for line in lines[1:]}
 
     # 1. The default pool, listed by `get ippool -o wide`.
     await topoipamctl("create", "ippool", "default-ipv4-ippool", "--cidr", "192.168.0.0/16")
     assert wide_rows(await topoipamctl("get", "ippool", "-o", "wide")) == {
         "default-ipv4-ippool": ["default-ipv4-ippool", "192.168.0.0/16", "26", "all()",
-                                "false", "Automatic", "192.168.0.1", "0", "65533"],
+                                "0", "false", "Automatic", "192.168.0.1", "0", "65533"],
     }
 
     # 2. The operator deletes it.
@@ -67,9 +67,9 @@ async def test_seed_story_with_topoipamctl(
     assert await topoipamctl("apply", "-f", str(manifest)) == (
         "ippool/rack-0 created\nippool/rack-1 created\n")
     assert wide_rows(await topoipamctl("get", "ippool", "-o", "wide")) == {
-        "rack-0": ["rack-0", "192.168.0.0/24", "26", "rack", "==", '"0"', "false", "Automatic",
+        "rack-0": ["rack-0", "192.168.0.0/24", "26", "rack", "==", '"0"', "0", "false", "Automatic",
                    "192.168.0.1", "0", "253"],
-        "rack-1": ["rack-1", "192.168.1.0/24", "26", "rack", "==", '"1"', "false", "Automatic",
+        "rack-1": ["rack-1", "192.168.1.0/24", "26", "rack", "==", '"1"', "0", "false", "Automatic",
                    "192.168.1.1", "0", "253"],
     }
     assert "check coverage: OK (4 nodes, 2 pools)" in await topoipamctl("check", "coverage")
