@@ -294,6 +294,8 @@ class Committer:
         if claims:
             self.planner.memory.claims_seen += 1  # what a prefetch in flight found may be gone
             self.on_claim("request", claims)
+        if txn.reclaimed:
+            self.on_claim("reclaim", len(txn.reclaimed))
         if any(isinstance(op.call, AllocateCall) for op in planned):
             self.on_allocated()
             # Only a transaction that left one of its blocks nearly full can have made

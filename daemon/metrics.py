@@ -58,8 +58,9 @@ class Metrics:
             "node that had no live daemon for stickyTakeoverSeconds", registry=self.registry,
         )
         self.claims = Counter(
-            "topoipam_block_claims", "Blocks this node claimed, by path: on a pod's request "
-            "or in the background (the warm reserve)", ["path"], registry=self.registry,
+            "topoipam_block_claims", "Blocks this node claimed, by path: on a pod's request, "
+            "in the background (the warm reserve), or reclaimed empty from another node",
+            ["path"], registry=self.registry,
         )
         self.relists = Gauge(
             "topoipam_cache_relists", "Full relists of the cache (start, compaction, reconnect)",

@@ -104,6 +104,9 @@ async def read(store: EtcdStore, source: StateSource, what: Read) -> Any:
         return await source.block(*args)
     if kind == "affine_blocks":
         return await source.affine_blocks()
+    if kind == "node_labels":
+        node = await store.get_node(*args)
+        return None if node is None else dict(node.value.labels)
     if kind == "survey_blocks":
         window, groups = args
         return await store.survey_blocks(window, list(groups))

@@ -27,7 +27,7 @@ from .core.model import (
 
 def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config: model.IPAMConfig
                      ) -> list[str]:
-    """The allocator's three steps (DESIGN §4) for ``node``, as they stand now."""
+    """The allocator's three steps for ``node``, as they stand now."""
     reservations = allocator.Reservations(snap.reservations)
     now, cooldown = time.time(), float(config.ip_cooldown_seconds)
     own = []
@@ -62,7 +62,8 @@ def claim_step(order: Sequence[IPPool], snap: Snapshot,
         reservations) is None]
     room = [p.name for p in order if p.name not in full]
     if not room:
-        return f"2. no new blocks: no unclaimed block left in: {', '.join(full)}"
+        return (f"2. no new blocks: no unclaimed block left in: {', '.join(full)}; an empty "
+                "block of another node is reclaimed (deleted and unselected nodes' first)")
     left = f" (no unclaimed block left in: {', '.join(full)})" if full else ""
     return f"2. claim a new block in: {', '.join(room)}{left}"
 

@@ -434,7 +434,7 @@ def _free_slots(first: int, last: int, size: int, taken: Sequence[tuple[int, int
 
 #: What :meth:`TxnPlan.snapshot` keeps: the planned writes, not what was read.
 TxnSnapshot = tuple[dict[IPNetwork, tuple[Block | None, int]], dict[tuple[str, IPNetwork], bool],
-                    dict[str, Write], dict[str, Write], dict[str, Write]]
+                    dict[str, Write], dict[str, Write], dict[str, Write], frozenset[IPNetwork]]
 
 
 class TxnPlan:
@@ -470,15 +470,18 @@ class TxnPlan:
         self.rooms: dict[str, list[IPNetwork]] = {}
         self.room_marks: dict[IPNetwork, bool] = {}
         self.affine_read: list[Versioned[Block]] | None = None
+        # Blocks this transaction takes over from another node (reclaimed while empty).
+        self.reclaimed: set[IPNetwork] = set()
 
     def snapshot(self) -> TxnSnapshot:
         return (dict(self.blocks), dict(self.affinities), dict(self.handles),
-                dict(self.identities), dict(self.guards))
+                dict(self.identities), dict(self.guards), frozenset(self.reclaimed))
 
     def restore(self, saved: TxnSnapshot) -> None:
-        blocks, affinities, handles, identities, guards = saved
+        blocks, affinities, handles, identities, guards, reclaimed = saved
         self.blocks, self.affinities = dict(blocks), dict(affinities)
         self.handles, self.identities, self.guards = dict(handles), dict(identities), dict(guards)
+        self.reclaimed = set(reclaimed)
 
     def current(self, versioned: Versioned[Block]) -> Block | None:
         """The planned value of a block read at ``versioned``, if this transaction touched it."""
@@ -501,6 +504,17 @@ class TxnPlan:
         if block.affinity is not None:
             self.affinities[(block.affinity, block.cidr)] = False
 
+    def reclaim_block(self, block: Block, read_revision: int, before: Block) -> None:
+        """Plan ``block`` (``before``, an empty block of another node, now this one's):
+        guarded by the revision read, the old affinity deleted, the new one put, and its
+        free-block index entry rewritten to name the new owner."""
+        self.put_block(block, read_revision, before)
+        if before.affinity is not None:
+            self.affinities[(before.affinity, block.cidr)] = False
+        if block.affinity is not None:
+            self.affinities[(block.affinity, block.cidr)] = True
+        self.reclaimed.add(block.cidr)
+
     def claimed(self, node: str) -> list[Block]:
         return [b for b, rev in self.blocks.values() if rev == 0 and b is not None
                 and b.affinity == node]
@@ -516,7 +530,11 @@ class TxnPlan:
                 writes.append(PutBlock(block, revision))
             elif revision:
                 writes.append(DeleteBlock(cidr, revision))
-            writes += free_mark_writes(cidr, self.free_before.get(cidr, False), block, self.pools)
+            marks = free_mark_writes(cidr, self.free_before.get(cidr, False), block, self.pools)
+            if not marks and cidr in self.reclaimed and block is not None \
+                    and has_free(block, self.pools):
+                marks = [PutFreeMark(cidr, block.affinity)]  # the entry names the new owner
+            writes += marks
         for (node, cidr), put in self.affinities.items():
             writes.append(PutAffinity(node, cidr) if put else DeleteAffinity(node, cidr))
         writes += [PutRoomMark(w) if put else DeleteRoomMark(w)

@@ -35,6 +35,8 @@ CLAIM_HINT_SECONDS = 10.0
 BORROW_WINDOW = 8
 # Room index entries a claim reads at a time.
 ROOM_READ = 4
+#: Free-block index entries a reclaim reads from each starting point.
+RECLAIM_READ = 16
 # A pool read whole and found without an unclaimed block (or, for borrowing,
 # without a free address) is not searched again for this long, and a claim's
 # pool is then read whole again only if its survey counts changed: a full pool
@@ -315,6 +317,39 @@ class PlannerBase:
             return False
         return True
 
+    # ------------------------------------------------------------------ reclaiming
+    def reclaimable_block(self, view: View, pool: IPPool, txn: TxnPlan
+                          ) -> Versioned[Block] | None:
+        """An empty block of ``pool`` affine to another node, to take over when the pool
+        has no unclaimed block left; None if the free-block index lists none.
+
+        Empty means no allocation (a parked sticky address is one), no address
+        cooling down and no contested address. Read from the free-block index
+        like a borrow (:data:`RECLAIM_READ` entries from this node's point, then
+        from the pool's start): blocks of deleted nodes, of no node and of nodes
+        the pool no longer selects first, then the rest (other nodes' warm
+        reserve) in index order. The take-over is guarded by the block's
+        revision, so a block its owner allocated from meanwhile loses the race.
+        """
+        state = view.state()
+        now, cooldown = self.clock(), float(state.config.ip_cooldown_seconds)
+        found: list[tuple[int, Versioned[Block]]] = []
+        tried: set[IPNetwork] = set()
+        for begin in (allocator.borrow_start(pool, self.node), None):
+            for cidr, owner in view.free_blocks(pool.cidr, begin, RECLAIM_READ):
+                if owner == self.node or cidr in tried or cidr in txn.blocks:
+                    continue
+                tried.add(cidr)
+                current = view.block(cidr)
+                if current is None or not _reclaimable(current.value, self.node, now, cooldown):
+                    continue
+                holder = current.value.affinity
+                labels = view.node_labels(holder) if holder is not None else None
+                found.append((0 if labels is None or not pool.selects(labels) else 1, current))
+                if found[-1][0] == 0:
+                    return current
+        return min(found, key=lambda entry: entry[0])[1] if found else None
+
     # ------------------------------------------------------------------ borrowing
     def borrow_candidates(self, view: View, pool: IPPool) -> Iterator[Versioned[Block]]:
         """Other nodes' blocks of ``pool`` that may have an address to give, best first.
@@ -364,3 +399,10 @@ class PlannerBase:
             if free < wanted:
                 return family, pools
         return None
+
+
+def _reclaimable(block: Block, node: str, now: float, cooldown: float) -> bool:
+    """Whether ``node`` may take ``block`` over: another node's (or nobody's), empty,
+    nothing contested and no address still cooling down."""
+    return (block.affinity != node and block.is_empty() and not block.contested
+            and all(now - released >= cooldown for released in block.released_at.values()))

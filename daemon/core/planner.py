@@ -13,9 +13,9 @@ if" ask the same policy:
 3. otherwise, for each priority tier of the pools that select the node
    (highest first; a lower tier only when a higher one cannot serve): the
    first free address of this node's own blocks, pool order then address
-   order; else a new block is claimed (room index, :mod:`.claims`); else,
-   unless strictAffinity, one is borrowed from another node's block
-   (free-block index).
+   order; else a new block is claimed (room index, :mod:`.claims`); else an
+   empty block of another node is reclaimed; else, unless strictAffinity, an
+   address is borrowed from another node's block (free-block index).
 
 A DEL frees the handle's addresses (or parks them for a sticky identity)
 and drops blocks it leaves empty that nobody wants.
@@ -237,7 +237,23 @@ class Planner(StickyPlanner):
                 txn.affinities[(self.node, cidr)] = True
                 call.addresses.append(AllocatedAddress.of(address, cidr, pool))
                 return
-            reason = "no unclaimed block left"
+            # 2b. reclaim an empty block another node holds
+            for pool in pools:
+                found = self.reclaimable_block(view, pool, txn)
+                if found is None:
+                    continue
+                empty = found.value
+                taken = Block(empty.cidr, self.node, {}, list(empty.unallocated),
+                              dict(empty.released_at))
+                assigned = allocator.assign_next(taken, handle_id,
+                                                 self.context(state, pool, call.request))
+                if assigned is None:
+                    continue
+                new, address = assigned
+                txn.reclaim_block(new, found.mod_revision, empty)
+                call.addresses.append(AllocatedAddress.of(address, new.cidr, pool))
+                return
+            reason = "no unclaimed block left and no empty block to reclaim"
         # 3. borrow from another node's block
         if config.strict_affinity:
             raise PoolExhausted(

@@ -111,6 +111,10 @@ class View(Protocol):
 
     def identity(self, identity_id: str) -> Versioned[Identity] | None: ...
 
+    def node_labels(self, node: str) -> Mapping[str, str] | None:
+        """Another node's labels; None if that node is not registered (deleted)."""
+        ...
+
     def daemon_absence(self, node: str) -> DaemonAbsence | None:
         """How long ``node`` has had no live daemon (None: it has one)."""
         ...
@@ -186,6 +190,9 @@ class ReadingView:
     def identity(self, identity_id: str) -> Versioned[Identity] | None:
         return self.answer(("identity", identity_id))  # type: ignore[no-any-return]
 
+    def node_labels(self, node: str) -> Mapping[str, str] | None:
+        return self.answer(("node_labels", node))  # type: ignore[no-any-return]
+
     def daemon_absence(self, node: str) -> DaemonAbsence | None:
         return self.answer(("daemon_absence", node))  # type: ignore[no-any-return]
 
@@ -197,7 +204,8 @@ class InMemoryView:
     Revisions are whatever the values carry. The room and free-block indexes
     are exactly :attr:`rooms` and :attr:`free`; :meth:`indexed` fills them
     from the blocks as writers keep them (tests set them stale on purpose).
-    ``absent`` maps a node without a live daemon to how long it has had none.
+    ``absent`` maps a node without a live daemon to how long it has had none;
+    ``nodes`` holds the other registered nodes' labels.
     """
 
     node: str
@@ -211,6 +219,8 @@ class InMemoryView:
     rooms: set[IPNetwork] = field(default_factory=set)
     free: dict[IPNetwork, str | None] = field(default_factory=dict)
     absent: dict[str, float] = field(default_factory=dict)
+    #: Other nodes' labels; a node missing here is not registered.
+    nodes: dict[str, Mapping[str, str]] = field(default_factory=dict)
     keys: KeySchema = field(default_factory=KeySchema)
 
     def add(self, *blocks: Block, revision: int = 1) -> InMemoryView:
@@ -277,6 +287,9 @@ class InMemoryView:
 
     def identity(self, identity_id: str) -> Versioned[Identity] | None:
         return self.identities.get(identity_id)
+
+    def node_labels(self, node: str) -> Mapping[str, str] | None:
+        return self.labels if node == self.node else self.nodes.get(node)
 
     def daemon_absence(self, node: str) -> DaemonAbsence | None:
         if node not in self.absent:

@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 
 from topoipam.daemon.core.errors import InvalidInput, PoolExhausted
+from topoipam.daemon.core.holdings import parked_holder
 from topoipam.daemon.core.model import IPPool
 
 from .test_planner import RACK0, add, addresses, block, full, net, plan, planner, view
@@ -105,3 +106,52 @@ def test_a_bad_priority_names_the_field_and_the_bound(priority: object, bound: s
     with pytest.raises(InvalidInput, match="priority") as caught:
         IPPool.from_dict("p", {"cidr": "10.0.0.0/24", "priority": priority})
     assert bound in caught.value.message
+
+
+# ---------------------------------------------------------------------- reclaiming empty blocks
+def test_under_strict_affinity_an_empty_block_of_another_node_is_reclaimed() -> None:
+    others = [block(f"10.0.0.{64 * i}/26", "m") for i in range(4)]  # all empty, all m's
+    cluster = view(strict_affinity=True, ip_cooldown_seconds=0).add(
+        *others, revision=4).indexed()
+    cluster.nodes["m"] = {"rack": "0"}  # m lives, and rack0 selects it: its warm reserve
+    call = add("a")
+    txn = plan(cluster, call)
+    cidr = call.addresses[0].block
+    taken, guard = txn.blocks[cidr]
+    assert taken is not None and taken.affinity == "n0" and guard == 4  # guarded by revision
+    assert txn.affinities == {("m", cidr): False, ("n0", cidr): True}
+    assert txn.reclaimed == {cidr}
+    marks = [w for w in txn.writes() if type(w).__name__ == "PutFreeMark"]
+    assert [(m.cidr, m.node) for m in marks] == [(cidr, "n0")]  # the index names n0 now
+
+
+def test_blocks_of_deleted_or_unselected_nodes_are_reclaimed_first() -> None:
+    cluster = view(strict_affinity=True, ip_cooldown_seconds=0).add(
+        block("10.0.0.0/26", "live"), block("10.0.0.64/26", "moved"),
+        block("10.0.0.128/26", "gone"), block("10.0.0.192/26", "live")).indexed()
+    cluster.nodes.update({"live": {"rack": "0"}, "moved": {"rack": "7"}})
+    picked = set()
+    for _ in range(2):
+        call = add("a")
+        plan(cluster, call)
+        picked.add(call.addresses[0].block)
+        del cluster.free[call.addresses[0].block]  # as if taken: the next plan looks on
+    assert picked == {net("10.0.0.64/26"), net("10.0.0.128/26")}
+
+
+@pytest.mark.parametrize("what", ["an allocation", "a parked sticky address",
+                                  "an address cooling down", "a contested address"])
+def test_a_block_that_is_not_empty_is_never_reclaimed(what: str) -> None:
+    other = block("10.0.0.192/26", "m")
+    if what == "an allocation":
+        other = block("10.0.0.192/26", "m", o5="net/x/eth0")
+    elif what == "a parked sticky address":
+        other = block("10.0.0.192/26", "m", o5=parked_holder("id"))
+    elif what == "an address cooling down":
+        other.released_at[5] = 1_000_000.0 - 10  # NOW - 10 s, cooldown 60 s
+    else:
+        other.contested[5] = ("net/y/eth0", "m2")
+    spent = [full(f"10.0.0.{64 * i}/26", "m") for i in range(3)]
+    cluster = view(strict_affinity=True, ip_cooldown_seconds=60).add(*spent, other).indexed()
+    with pytest.raises(PoolExhausted, match="no empty block to reclaim"):
+        plan(cluster, add("a"))
