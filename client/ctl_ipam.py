@@ -13,15 +13,7 @@ import sys
 from collections import Counter
 
 from topoipam.client.ctl_output import print_findings, print_table, warn
-from topoipam.daemon.admin import (
-    configure,
-    drop_stray_empty_blocks,
-    read_holding,
-    refuse_live,
-    release_holding,
-    repair_free_index,
-    unlist_address,
-)
+from topoipam.daemon.admin import configure, drop_stray_empty_blocks, repair_free_index
 from topoipam.daemon.audit import (
     describe_address,
     find_inconsistencies,
@@ -35,6 +27,7 @@ from topoipam.daemon.core.errors import InvalidInput, NotFound
 from topoipam.daemon.core.holdings import check_identity
 from topoipam.daemon.core.model import parse_address
 from topoipam.daemon.planning import release_identity as release_identity_now
+from topoipam.daemon.release import read_holding, refuse_live, release_holding, unlist_address
 from topoipam.daemon.resolve import list_conflicts, resolve_conflict
 from topoipam.daemon.store import EtcdStore
 

@@ -55,7 +55,7 @@ KINDS: dict[str, type[Resource]] = {
 # The spec fields of each kind: the JSON names of the model's to_dict.
 SPEC_FIELDS: dict[str, tuple[str, ...]] = {
     "IPPool": ("cidr", "blockSize", "nodeSelector", "disabled", "assignmentMode", "gateway",
-               "priority"),
+               "priority", "topologyKey", "topologyBlockSize"),
     "Node": ("labels",),
     "IPAMConfig": ("strictAffinity", "maxBlocksPerHost", "autoAllocateBlocks",
                    "ipCooldownSeconds", "warmAddresses", "stickyHoldSeconds",

@@ -94,6 +94,9 @@ _STORE_READS = {
     "handle": "get_handle",
     "identity": "get_identity",
     "daemon_absence": "daemon_absence",
+    "value_ranges": "value_ranges",
+    "held_ranges": "held_ranges",
+    "range_holder": "range_holder",
 }
 
 

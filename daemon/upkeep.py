@@ -110,6 +110,8 @@ class Upkeep(Committer):
                 return
             view = self.source.view(state)
             for pool in short[1]:
+                if pool.topology_key:  # its claims look in its value's ranges: no hint
+                    return
                 hint = memory.claim_hints.get(pool.name)
                 if hint is not None and hint.fits(pool, self.clock()):
                     return
@@ -194,7 +196,10 @@ class Upkeep(Committer):
             if not self.planner.unwanted(state, current.value):
                 continue
             txn = TxnPlan(state.pools)
-            txn.delete_block(current.value, current.mod_revision, current.value)
+            view = self.source.view(state)
+            await self._plan(view, functools.partial(
+                self.planner.drop_block, view, txn, current.value, current.mod_revision,
+                current.value), txn)
             if await self._commit_plan(txn, count_conflict=False):
                 dropped.append(current.value.cidr)
         return dropped

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import netaddr
 
 from .errors import AddressUnavailable, NoPoolForNode, UnknownPool
-from .holdings import Block
+from .holdings import Block, TopologyRange
 from .model import (
     IPAddress,
     IPNetwork,
@@ -434,7 +434,8 @@ def _free_slots(first: int, last: int, size: int, taken: Sequence[tuple[int, int
 
 #: What :meth:`TxnPlan.snapshot` keeps: the planned writes, not what was read.
 TxnSnapshot = tuple[dict[IPNetwork, tuple[Block | None, int]], dict[tuple[str, IPNetwork], bool],
-                    dict[str, Write], dict[str, Write], dict[str, Write], frozenset[IPNetwork]]
+                    dict[str, Write], dict[str, Write], dict[str, Write], frozenset[IPNetwork],
+                    dict[IPNetwork, Write]]
 
 
 class TxnPlan:
@@ -472,16 +473,21 @@ class TxnPlan:
         self.affine_read: list[Versioned[Block]] | None = None
         # Blocks this transaction takes over from another node (reclaimed while empty).
         self.reclaimed: set[IPNetwork] = set()
+        # Topology ranges taken, touched or given back (PutTopologyRange, DeleteTopologyRange).
+        self.ranges: dict[IPNetwork, Write] = {}
+        # Per (pool, label value), the ranges that value holds (read once per transaction).
+        self.value_ranges: dict[tuple[str, str | None], list[Versioned[TopologyRange]]] = {}
 
     def snapshot(self) -> TxnSnapshot:
         return (dict(self.blocks), dict(self.affinities), dict(self.handles),
-                dict(self.identities), dict(self.guards), frozenset(self.reclaimed))
+                dict(self.identities), dict(self.guards), frozenset(self.reclaimed),
+                dict(self.ranges))
 
     def restore(self, saved: TxnSnapshot) -> None:
-        blocks, affinities, handles, identities, guards, reclaimed = saved
+        blocks, affinities, handles, identities, guards, reclaimed, ranges = saved
         self.blocks, self.affinities = dict(blocks), dict(affinities)
         self.handles, self.identities, self.guards = dict(handles), dict(identities), dict(guards)
-        self.reclaimed = set(reclaimed)
+        self.reclaimed, self.ranges = set(reclaimed), dict(ranges)
 
     def current(self, versioned: Versioned[Block]) -> Block | None:
         """The planned value of a block read at ``versioned``, if this transaction touched it."""
@@ -539,15 +545,17 @@ class TxnPlan:
             writes.append(PutAffinity(node, cidr) if put else DeleteAffinity(node, cidr))
         writes += [PutRoomMark(w) if put else DeleteRoomMark(w)
                    for w, put in self.room_marks.items()]
+        writes += self.ranges.values()
         writes += self.handles.values()
         writes += self.identities.values()
         writes += self.guards.values()
         return writes
 
     def size(self) -> int:
-        # A block counts twice: its free-index entry may change with it.
-        return (2 * len(self.blocks) + len(self.affinities) + len(self.handles)
-                + len(self.identities) + len(self.room_marks) + 2 * len(self.guards))
+        # A block counts twice: its free-index entry may change with it; a range is two keys.
+        return (2 * len(self.blocks) + 2 * len(self.ranges) + len(self.affinities)
+                + len(self.handles) + len(self.identities) + len(self.room_marks)
+                + 2 * len(self.guards))
 
 
 def has_free(block: Block, pools: Iterable[IPPool]) -> bool:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from . import allocator
+from . import allocator, topology
 from .allocator import AssignContext, TxnPlan
 from .calls import AllocatedAddress, Allocation, AllocationRequest
 from .errors import AddressUnavailable, TopoipamError
@@ -166,13 +166,22 @@ class PlannerBase:
         return pool is None or pool.disabled or not pool.automatic or not pool.selects(
             state.labels)
 
-    def put_or_drop(self, state: ClusterState, txn: TxnPlan, new: Block, revision: int,
+    def put_or_drop(self, view: View, txn: TxnPlan, new: Block, revision: int,
                     before: Block) -> None:
         """Plan ``new`` (a block addresses were freed from), deleting it if it is unwanted."""
-        if self.unwanted(state, new):
-            txn.delete_block(new, revision, before)
+        if self.unwanted(view.state(), new):
+            self.drop_block(view, txn, new, revision, before)
         else:
             txn.put_block(new, revision, before)
+
+    def drop_block(self, view: View, txn: TxnPlan, block: Block, revision: int,
+                   before: Block) -> None:
+        """Plan ``block`` deleted; its topology range goes back to the pool if it held
+        no other block."""
+        txn.delete_block(block, revision, before)
+        pool = allocator.pool_of_block(view.state().pools, block.cidr)
+        if pool is not None and pool.topology_key:
+            topology.give_back(view, pool, block.cidr, txn, self._known_blocks)
 
     @staticmethod
     def allocation_of(handle: Handle, state: ClusterState) -> Allocation:
@@ -213,6 +222,9 @@ class PlannerBase:
         meanwhile makes the transaction lose its compare and re-plan (without
         the hint, which is used once).
         """
+        if pool.topology_key:  # inside its label value's ranges (no hints: see upkeep)
+            return topology.topology_block(view, pool, topology.value_of(
+                pool, view.state().labels), txn, self._known_blocks)
         memory = self.memory
         hint = memory.claim_hints.pop(pool.name, None)
         if hint is not None:
@@ -327,14 +339,17 @@ class PlannerBase:
         cooling down and no contested address. Read from the free-block index
         like a borrow (:data:`RECLAIM_READ` entries from this node's point, then
         from the pool's start): blocks of deleted nodes, of no node and of nodes
-        the pool no longer selects first, then the rest (other nodes' warm
-        reserve) in index order. The take-over is guarded by the block's
+        the pool no longer selects first, then blocks in the ranges of this
+        node's topology value, then the rest (other nodes' warm reserve) in
+        index order. The take-over is guarded by the block's
         revision, so a block its owner allocated from meanwhile loses the race.
         """
         state = view.state()
         now, cooldown = self.clock(), float(state.config.ip_cooldown_seconds)
         found: list[tuple[int, Versioned[Block]]] = []
         tried: set[IPNetwork] = set()
+        ours = (topology.in_ranges(view, pool, topology.value_of(pool, state.labels), txn)
+                if pool.topology_key else [])
         for begin in (allocator.borrow_start(pool, self.node), None):
             for cidr, owner in view.free_blocks(pool.cidr, begin, RECLAIM_READ):
                 if owner == self.node or cidr in tried or cidr in txn.blocks:
@@ -345,7 +360,9 @@ class PlannerBase:
                     continue
                 holder = current.value.affinity
                 labels = view.node_labels(holder) if holder is not None else None
-                found.append((0 if labels is None or not pool.selects(labels) else 1, current))
+                near = any(span.supernet_of(cidr) for span in ours)  # type: ignore[arg-type]
+                found.append((0 if labels is None or not pool.selects(labels) else
+                              1 if near else 2, current))
                 if found[-1][0] == 0:
                     return current
         return min(found, key=lambda entry: entry[0])[1] if found else None
@@ -362,8 +379,11 @@ class PlannerBase:
         """
         tried: set[IPNetwork] = set()
         start = allocator.borrow_start(pool, self.node)
-        for begin in (start, None):
-            for cidr, owner in view.free_blocks(pool.cidr, begin, BORROW_WINDOW):
+        # With a topologyKey, the free blocks of this node's value's ranges come first.
+        spans = [(held.value.cidr, None) for held in view.value_ranges(
+            pool.name, topology.value_of(pool, view.state().labels))] if pool.topology_key else []
+        for within, begin in (*spans, (pool.cidr, start), (pool.cidr, None)):
+            for cidr, owner in view.free_blocks(within, begin, BORROW_WINDOW):
                 if owner == self.node or cidr in tried:
                     continue
                 tried.add(cidr)

@@ -225,6 +225,33 @@ class Identity:
             raise InvalidInput(f"identity {identity_id}: corrupt value ({exc})") from exc
 
 
+@dataclass(frozen=True)
+class TopologyRange:
+    """An aligned range of a pool with a ``topologyKey``, held by one value of that label.
+
+    The nodes whose label has ``value`` (None: nodes without the label) claim
+    their blocks of ``pool`` inside the ranges their value holds. Stored twice
+    (``ranges/<cidr>``, one holder per range; and under its pool and value, so
+    a value's ranges are one prefix read), always written together.
+    """
+
+    cidr: IPNetwork
+    pool: str
+    value: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cidr": str(self.cidr), "pool": self.pool, "value": self.value}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TopologyRange:
+        try:
+            value = data["value"]
+            return cls(ipaddress.ip_network(str(data["cidr"])), str(data["pool"]),
+                       None if value is None else str(value))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput(f"topology range: corrupt value ({exc})") from exc
+
+
 @dataclass
 class Block:
     """A block of addresses, its owner node and its allocations.

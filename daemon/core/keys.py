@@ -119,6 +119,25 @@ class KeySchema:
         width = 8 if cidr.version == 4 else 32
         return start, self._key(kind, _family_segment(cidr.version), f"{after:0{width}x}")
 
+    def topology_range(self, cidr: IPNetwork) -> bytes:
+        """A topology range's holder: one key per range, whoever holds it."""
+        return self._key("ranges", _family_segment(cidr.version), _hex_network(cidr))
+
+    def topology_ranges(self) -> bytes:
+        return self._key("ranges", "")
+
+    def topology_ranges_in(self, cidr: IPNetwork) -> tuple[bytes, bytes]:
+        return self._range_in("ranges", cidr)
+
+    def value_range(self, pool: str, value: str | None, cidr: IPNetwork) -> bytes:
+        """The same range listed under its pool and value (a value's ranges: one prefix)."""
+        return self.value_ranges(pool, value) + _hex_network(cidr).encode()
+
+    def value_ranges(self, pool: str, value: str | None) -> bytes:
+        # The value hex-encoded ("-" for nodes without the label): any text is one segment.
+        segment = "-" if value is None else "=" + value.encode().hex()
+        return self._key("topology", pool, segment, "")
+
     def affinity(self, node: str, cidr: IPNetwork) -> bytes:
         return self._key("affinities", node, _family_segment(cidr.version), _hex_network(cidr))
 

@@ -164,6 +164,11 @@ class IPPool:
     #: Pools that select a node serve it highest priority first (per family); a lower
     #: priority serves only when every higher one cannot. Equal priorities: name order.
     priority: int = 0
+    #: A node label key: nodes with the same value of it claim their blocks inside
+    #: aligned ranges of /``topology_block_size`` that belong to that value ("": none).
+    topology_key: str = ""
+    #: The ranges' prefix length (None: :attr:`block_size` - 4, within the pool).
+    topology_block_size: int | None = None
     selector: Selector = field(init=False, repr=False, compare=False)
     #: The address pods of this pool route through; never handed out when inside the pool.
     gateway: IPAddress | None = field(init=False, repr=False, compare=False)
@@ -190,6 +195,7 @@ class IPPool:
         ):
             raise InvalidInput(f"pool {self.name}: priority {self.priority!r} must be an "
                                f"integer from {low} to {high}")
+        self._check_topology()
         if self.assignment_mode not in ASSIGNMENT_MODES:
             raise InvalidInput(
                 f"pool {self.name}: assignmentMode {self.assignment_mode!r} must be "
@@ -203,6 +209,30 @@ class IPPool:
         object.__setattr__(self, "selector", selector)
         object.__setattr__(self, "gateway", self._resolve_gateway())
         object.__setattr__(self, "unusable_ints", frozenset(int(a) for a in self.unusable()))
+
+    def _check_topology(self) -> None:
+        if self.topology_key:
+            check_kubernetes_label(self.topology_key, "", f"pool {self.name}: topologyKey")
+        size = self.topology_block_size
+        if size is None:
+            return
+        if not self.topology_key:
+            raise InvalidInput(f"pool {self.name}: topologyBlockSize needs a topologyKey")
+        low, high = self.cidr.prefixlen, self.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or not low <= size <= high:
+            raise InvalidInput(f"pool {self.name}: topologyBlockSize {size!r} must be a prefix "
+                               f"length from {low} (the pool's) to {high} (its blockSize)")
+
+    @property
+    def topology_prefix(self) -> int:
+        """The prefix length of the pool's topology ranges."""
+        if self.topology_block_size is not None:
+            return self.topology_block_size
+        return max(self.cidr.prefixlen, self.block_size - 4)
+
+    def topology_range(self, cidr: IPNetwork) -> IPNetwork:
+        """The topology range that holds block ``cidr``."""
+        return cidr.supernet(new_prefix=self.topology_prefix)
 
     def _resolve_gateway(self) -> IPAddress | None:
         spec = self.gateway_spec
@@ -287,6 +317,10 @@ class IPPool:
             data["gateway"] = self.gateway_spec
         if self.priority:
             data["priority"] = self.priority
+        if self.topology_key:
+            data["topologyKey"] = self.topology_key
+        if self.topology_block_size is not None:
+            data["topologyBlockSize"] = self.topology_block_size
         return data
 
     @classmethod
@@ -295,7 +329,8 @@ class IPPool:
         if not isinstance(data, Mapping):
             raise InvalidInput(f"{what}: spec must be a mapping")
         _expect_keys(what, data, ("cidr", "blockSize", "nodeSelector", "disabled",
-                                  "assignmentMode", "gateway", "priority"))
+                                  "assignmentMode", "gateway", "priority", "topologyKey",
+                                  "topologyBlockSize"))
         if "cidr" not in data:
             raise InvalidInput(f"{what}: cidr is required")
         cidr = parse_network(data["cidr"], f"{what}: cidr")
@@ -310,6 +345,14 @@ class IPPool:
             raise InvalidInput(
                 f"{what}: priority must be an integer from {PRIORITY_RANGE[0]} to "
                 f"{PRIORITY_RANGE[1]}, not the text {priority!r}")
+        topology_size = data.get("topologyBlockSize")
+        if isinstance(topology_size, str):
+            raise InvalidInput(f"{what}: topologyBlockSize must be a prefix length (a number), "
+                               f"not the text {topology_size!r}")
+        topology_key = data.get("topologyKey") or ""
+        if not isinstance(topology_key, str):
+            raise InvalidInput(f"{what}: topologyKey must be a node label key, "
+                               f"not {topology_key!r}")
         selector = data.get("nodeSelector") or "all()"
         if not isinstance(selector, str):
             raise InvalidInput(f"{what}: nodeSelector must be a string")
@@ -322,6 +365,8 @@ class IPPool:
             assignment_mode=data.get("assignmentMode", "Automatic"),
             gateway_spec=parse_gateway_spec(what, data.get("gateway")),
             priority=priority,
+            topology_key=topology_key,
+            topology_block_size=topology_size,
         )
 
 

@@ -292,7 +292,6 @@ class Planner(StickyPlanner):
         identity_id = handle.value.attributes.get("identity")
         if identity_id and self.plan_parking(view, identity_id, handle, txn):
             return False
-        state = view.state()
         by_block: dict[IPNetwork, list[IPAddress]] = {}
         for entry in handle.value.addresses:
             by_block.setdefault(entry.block, []).append(entry.ip)
@@ -302,7 +301,7 @@ class Planner(StickyPlanner):
                 continue  # the block is gone: nothing left to free there
             new, freed = allocator.release_addresses(block, addresses, handle_id, self.clock())
             call.freed += freed
-            self.put_or_drop(state, txn, new, revision, block)
+            self.put_or_drop(view, txn, new, revision, block)
         return False
 
     @staticmethod

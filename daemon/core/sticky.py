@@ -74,7 +74,7 @@ class StickyPlanner(PlannerBase):
                     kept.add(family)
                     continue
             new, _ = allocator.release_addresses(block, [entry.ip], holder, now)
-            self.put_or_drop(state, txn, new, revision, block)
+            self.put_or_drop(view, txn, new, revision, block)
         return kept
 
     def _take_over(self, view: View, call: AllocateCall, read: Versioned[Identity],
@@ -188,7 +188,6 @@ class StickyPlanner(PlannerBase):
             return self._plan_park_now(view, call, identity, txn)
         if call.park:  # parked already: nothing to do
             return call.answer([])
-        state = view.state()
         holder = parked_holder(value.id)
         for entry in value.addresses:
             block, revision = self.planned_block(view, entry.block, txn)
@@ -198,7 +197,7 @@ class StickyPlanner(PlannerBase):
             if not freed:
                 continue
             call.freed += freed
-            self.put_or_drop(state, txn, new, revision, block)
+            self.put_or_drop(view, txn, new, revision, block)
         txn.identities[value.id] = DeleteIdentity(value.id, identity.mod_revision)
         return False
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .allocator import Reservations, claim_windows, first_unclaimed_block, has_free
-from .holdings import Block, Handle, Identity
+from .holdings import Block, Handle, Identity, TopologyRange
 from .keys import KeySchema
 from .model import IPAddress, IPAMConfig, IPNetwork, IPPool
 from .writes import Versioned
@@ -115,6 +115,20 @@ class View(Protocol):
         """Another node's labels; None if that node is not registered (deleted)."""
         ...
 
+    def value_ranges(self, pool: str, value: str | None) -> list[Versioned[TopologyRange]]:
+        """The topology ranges of ``pool`` that label value ``value`` holds, address order."""
+        ...
+
+    def range_holder(self, cidr: IPNetwork) -> Versioned[TopologyRange] | None:
+        """Who holds topology range ``cidr`` (None: nobody)."""
+        ...
+
+    def held_ranges(self, within: IPNetwork, start: IPNetwork | None, limit: int
+                    ) -> list[IPNetwork]:
+        """Topology ranges inside ``within`` held by any value, from ``start`` on, at most
+        ``limit`` (key order is address order)."""
+        ...
+
     def daemon_absence(self, node: str) -> DaemonAbsence | None:
         """How long ``node`` has had no live daemon (None: it has one)."""
         ...
@@ -193,6 +207,16 @@ class ReadingView:
     def node_labels(self, node: str) -> Mapping[str, str] | None:
         return self.answer(("node_labels", node))  # type: ignore[no-any-return]
 
+    def value_ranges(self, pool: str, value: str | None) -> list[Versioned[TopologyRange]]:
+        return self.answer(("value_ranges", pool, value))  # type: ignore[no-any-return]
+
+    def range_holder(self, cidr: IPNetwork) -> Versioned[TopologyRange] | None:
+        return self.answer(("range_holder", cidr))  # type: ignore[no-any-return]
+
+    def held_ranges(self, within: IPNetwork, start: IPNetwork | None, limit: int
+                    ) -> list[IPNetwork]:
+        return self.answer(("held_ranges", within, start, limit))  # type: ignore[no-any-return]
+
     def daemon_absence(self, node: str) -> DaemonAbsence | None:
         return self.answer(("daemon_absence", node))  # type: ignore[no-any-return]
 
@@ -221,6 +245,8 @@ class InMemoryView:
     absent: dict[str, float] = field(default_factory=dict)
     #: Other nodes' labels; a node missing here is not registered.
     nodes: dict[str, Mapping[str, str]] = field(default_factory=dict)
+    #: Topology ranges and who holds them.
+    ranges: dict[IPNetwork, Versioned[TopologyRange]] = field(default_factory=dict)
     keys: KeySchema = field(default_factory=KeySchema)
 
     def add(self, *blocks: Block, revision: int = 1) -> InMemoryView:
@@ -290,6 +316,19 @@ class InMemoryView:
 
     def node_labels(self, node: str) -> Mapping[str, str] | None:
         return self.labels if node == self.node else self.nodes.get(node)
+
+    def value_ranges(self, pool: str, value: str | None) -> list[Versioned[TopologyRange]]:
+        held = [v for v in self.ranges.values()
+                if v.value.pool == pool and v.value.value == value]
+        return sorted(held, key=lambda v: self.keys.topology_range(v.value.cidr))
+
+    def range_holder(self, cidr: IPNetwork) -> Versioned[TopologyRange] | None:
+        return self.ranges.get(cidr)
+
+    def held_ranges(self, within: IPNetwork, start: IPNetwork | None, limit: int
+                    ) -> list[IPNetwork]:
+        found = self._ordered(self.ranges, within, start, self.keys.topology_range)
+        return found[:limit] if limit else found
 
     def daemon_absence(self, node: str) -> DaemonAbsence | None:
         if node not in self.absent:

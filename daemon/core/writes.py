@@ -15,6 +15,7 @@ from .holdings import (
     Block,
     Handle,
     Identity,
+    TopologyRange,
 )
 from .model import (
     IPAddress,
@@ -93,6 +94,23 @@ class DeleteRoomMarksIn:
     (a big pool has more entries than a transaction has operations)."""
 
     cidr: IPNetwork
+
+
+@dataclass(frozen=True)
+class PutTopologyRange:
+    """A topology range taken (expect_revision 0: nobody holds it) or touched by a claim
+    inside it (its holder key at expect_revision), so a concurrent release loses."""
+
+    range: TopologyRange
+    expect_revision: int
+
+
+@dataclass(frozen=True)
+class DeleteTopologyRange:
+    """A topology range with no block left, back to its pool."""
+
+    range: TopologyRange
+    expect_revision: int
 
 
 @dataclass(frozen=True)
@@ -184,7 +202,8 @@ class DaemonAbsent:
 Write = (
     PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutFreeMark | DeleteFreeMark
     | PutRoomMark | DeleteRoomMark | DeleteRoomMarksIn | PutHandle | DeleteHandle | PutIdentity
-    | DeleteIdentity | PutConflict | DeleteConflict | PutObject
+    | DeleteIdentity | PutConflict | DeleteConflict | PutObject | PutTopologyRange
+    | DeleteTopologyRange
     | DeleteObject | PoolsUnchangedSince | PoolUnchanged | DaemonAbsent
 )
 

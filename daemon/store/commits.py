@@ -130,6 +130,9 @@ class EtcdCommits(EtcdReads):
                 return self.keys.identity(identity_id), rev
             case ops.PutObject(obj=obj, expect_revision=rev):
                 return self._object_key(obj), rev
+            case ops.PutTopologyRange(range=held, expect_revision=rev) | ops.DeleteTopologyRange(
+                    range=held, expect_revision=rev):
+                return self.keys.topology_range(held.cidr), rev
             case ops.DeleteObject(kind=kind, name=name, expect_revision=rev):
                 return self._named_key(kind, name), rev
         return None
@@ -146,6 +149,20 @@ class EtcdCommits(EtcdReads):
     def _named_key(self, kind: str, name: str) -> bytes:
         return {"pool": self.keys.pool, "node": self.keys.node,
                 "reservation": self.keys.reservation}[kind](name)
+
+    def _request_ops(self, write: Write) -> list[Any]:
+        """The operations of one write: one, but two for a topology range's two keys."""
+        match write:
+            case ops.PutTopologyRange(range=held):
+                value = encode(held.to_dict())
+                return [rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))
+                        for key in (self.keys.topology_range(held.cidr),
+                                    self.keys.value_range(held.pool, held.value, held.cidr))]
+            case ops.DeleteTopologyRange(range=held):
+                return [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+                        for key in (self.keys.topology_range(held.cidr),
+                                    self.keys.value_range(held.pool, held.value, held.cidr))]
+        return [self._request_op(write)]
 
     def _request_op(self, write: Write) -> Any:
         match write:
@@ -283,9 +300,10 @@ class EtcdCommits(EtcdReads):
                 key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=revision))
         request = rpc.TxnRequest(
             compare=compares,
-            success=[self._request_op(w) for w in writes
+            success=[op for w in writes
                      if not isinstance(w, ops.PoolsUnchangedSince | ops.PoolUnchanged
-                                       | ops.DaemonAbsent)],
+                                       | ops.DaemonAbsent)
+                     for op in self._request_ops(w)],
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k))
                      for k in (*guarded, *([fence.key] if fence is not None else []))],
         )

@@ -23,6 +23,7 @@ from ..core.holdings import (
     Block,
     Handle,
     Identity,
+    TopologyRange,
 )
 from ..core.model import (
     BLOCK_SIZE_RANGE,
@@ -263,6 +264,34 @@ class EtcdReads(EtcdTransport):
         kvs, _ = await self.range_raw(low, end, limit=limit)
         return [v.value for v in decode_each(kvs, lambda key, raw: (
             self.keys.block_cidr(key, "free"), decode(raw, "free-block entry").get("node")))]
+
+    async def value_ranges(self, pool: str, value: str | None) -> list[Versioned[TopologyRange]]:
+        """The topology ranges ``value`` of the label holds in ``pool``, in address order."""
+        return await self._typed_prefix(self.keys.value_ranges(pool, value),
+                                        lambda _, raw: TopologyRange.from_dict(
+                                            decode(raw, "topology range")))
+
+    async def range_holder(self, cidr: IPNetwork) -> Versioned[TopologyRange] | None:
+        """Who holds topology range ``cidr`` (None: its pool's to give)."""
+        key = self.keys.topology_range(cidr)
+        return self._typed_value(key, await self.get_raw(key), lambda _, raw: (
+            TopologyRange.from_dict(decode(raw, "topology range"))))
+
+    async def held_ranges(self, within: IPNetwork, start: IPNetwork | None = None,
+                          limit: int = 0) -> list[IPNetwork]:
+        """Topology ranges inside ``within`` that some value holds, from ``start`` on (a
+        claimer looking for a free range reads a few keys, not the pool)."""
+        low, end = self.keys.topology_ranges_in(within)
+        if start is not None:
+            low = max(low, self.keys.topology_range(start))
+        kvs, _ = await self.range_raw(low, end, keys_only=True, limit=limit)
+        return [v.value for v in decode_each(kvs, lambda key, _: self.keys.block_cidr(
+            key, "ranges"))]
+
+    async def list_ranges(self) -> list[Versioned[TopologyRange]]:
+        """Every topology range (audits)."""
+        return await self._typed_prefix(self.keys.topology_ranges(), lambda _, raw: (
+            TopologyRange.from_dict(decode(raw, "topology range"))))
 
     async def list_affinities(self, node: str | None = None) -> list[tuple[str, IPNetwork]]:
         kvs, _ = await self.prefix_raw(self.keys.affinities(node), keys_only=True)

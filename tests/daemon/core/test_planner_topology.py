@@ -7,12 +7,23 @@ that can give it an address; each rule is one small cluster and one plan.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 import pytest
 
+from topoipam.daemon.core.allocator import TxnPlan
+from topoipam.daemon.core.calls import ReleaseCall
 from topoipam.daemon.core.errors import InvalidInput, PoolExhausted
-from topoipam.daemon.core.holdings import parked_holder
-from topoipam.daemon.core.model import IPPool
+from topoipam.daemon.core.holdings import Block, Handle, HandleAddress, TopologyRange, parked_holder
+from topoipam.daemon.core.model import IPNetwork, IPPool
+from topoipam.daemon.core.view import InMemoryView
+from topoipam.daemon.core.writes import (
+    DeleteBlock,
+    DeleteTopologyRange,
+    PutBlock,
+    PutTopologyRange,
+    Versioned,
+)
 
 from .test_planner import RACK0, add, addresses, block, full, net, plan, planner, view
 
@@ -21,11 +32,11 @@ RACK0_FIRST = dataclasses.replace(RACK0, priority=10)
 LABELS = {"rack": "0", "zone": "a"}
 
 
-def tiers(**config: object) -> object:
+def tiers(**config: object) -> InMemoryView:
     return view("n0", RACK0_FIRST, ZONE, labels=LABELS, **config)
 
 
-def rack_spent(owner: str = "n0") -> list[object]:
+def rack_spent(owner: str = "n0") -> list[Block]:
     return [full(f"10.0.0.{64 * i}/26", owner) for i in range(4)]
 
 
@@ -155,3 +166,137 @@ def test_a_block_that_is_not_empty_is_never_reclaimed(what: str) -> None:
     cluster = view(strict_affinity=True, ip_cooldown_seconds=60).add(*spent, other).indexed()
     with pytest.raises(PoolExhausted, match="no empty block to reclaim"):
         plan(cluster, add("a"))
+
+
+# ---------------------------------------------------------------------- topology ranges
+SHARED = IPPool("shared", net("10.5.0.0/24"), 28, "all()", topology_key="rack",
+                topology_block_size=26)
+
+
+def commit(cluster: InMemoryView, txn: TxnPlan, revision: int) -> None:
+    """Apply ``txn`` to the in-memory cluster as etcd would, at ``revision``."""
+    for write in txn.writes():
+        if isinstance(write, PutBlock):
+            cluster.blocks[write.block.cidr] = Versioned(write.block, revision)
+        elif isinstance(write, DeleteBlock):
+            del cluster.blocks[write.cidr]
+        elif isinstance(write, PutTopologyRange):
+            cluster.ranges[write.range.cidr] = Versioned(write.range, revision)
+        elif isinstance(write, DeleteTopologyRange):
+            del cluster.ranges[write.range.cidr]
+    cluster.indexed()
+
+
+def claim(cluster: InMemoryView, node: str, rack: str | None, revision: int) -> IPNetwork:
+    """One pod on ``node`` (label rack=``rack``) that needs a new block; its block."""
+    cluster.node = node
+    cluster.labels = {} if rack is None else {"rack": rack}
+    for cidr, held in list(cluster.blocks.items()):  # this node's blocks are full
+        if held.value.affinity == node:
+            cluster.blocks[cidr] = Versioned(full(str(cidr), node), held.mod_revision)
+    call = add(f"pod-{revision}")
+    txn = TxnPlan(cluster.pools)
+    assert planner(node).plan(cluster, call, txn) is False
+    commit(cluster, txn, revision)
+    return call.addresses[0].block
+
+
+def shared(**config: object) -> InMemoryView:
+    return view("n0", SHARED, labels={"rack": "0"}, **config)
+
+
+def test_a_values_first_claim_takes_a_range_with_the_block() -> None:
+    cluster = shared()
+    call = add("a")
+    txn = plan(cluster, call)
+    block_cidr = call.addresses[0].block
+    [(span, write)] = txn.ranges.items()
+    assert isinstance(write, PutTopologyRange) and write.expect_revision == 0
+    assert write.range == TopologyRange(span, "shared", "0") and span.prefixlen == 26
+    assert span.supernet_of(block_cidr)
+
+
+def test_later_claims_stay_in_the_values_range_and_touch_it() -> None:
+    cluster = shared()
+    first = claim(cluster, "n0", "0", revision=5)
+    span = SHARED.topology_range(first)
+    second = claim(cluster, "n1", "0", revision=6)
+    assert span.supernet_of(second) and second != first
+    cluster.node, cluster.labels = "n2", {"rack": "0"}
+    call = add("c")
+    txn = plan(cluster, call, "n2")
+    assert txn.ranges[span] == PutTopologyRange(TopologyRange(span, "shared", "0"), 6)
+
+
+def test_a_full_range_is_followed_by_the_adjacent_one() -> None:
+    cluster = shared()
+    blocks = [claim(cluster, f"n{i}", "0", revision=10 + i) for i in range(5)]
+    spans = {SHARED.topology_range(b) for b in blocks}
+    assert len(spans) == 2  # four /28 blocks fill a /26
+    low, high = sorted(spans)
+    assert int(high.network_address) - int(low.network_address) == 64  # adjacent: they merge
+    assert list(ipaddress.collapse_addresses(spans))[0].prefixlen == 25
+
+
+def test_racks_interleaved_on_one_pool_stay_apart() -> None:
+    # 9 nodes in 3 racks claiming in turn (the issue's measure): each rack inside one /26.
+    cluster = shared()
+    owned: dict[str, list[IPNetwork]] = {"0": [], "1": [], "2": []}
+    revision = 1
+    for node in range(9):
+        rack = str(node % 3)
+        owned[rack].append(claim(cluster, f"n{node}", rack, revision))
+        revision += 1
+    for rack, blocks in owned.items():
+        prefixes = list(ipaddress.collapse_addresses(blocks))  # type: ignore[arg-type]
+        assert len(prefixes) <= 2, (rack, prefixes)
+        assert len({SHARED.topology_range(b) for b in blocks}) == 1, (rack, blocks)
+
+
+def test_nodes_without_the_label_form_their_own_value() -> None:
+    cluster = shared()
+    labelled = claim(cluster, "n0", "0", revision=1)
+    unlabelled = claim(cluster, "n1", None, revision=2)
+    assert SHARED.topology_range(labelled) != SHARED.topology_range(unlabelled)
+    assert cluster.ranges[SHARED.topology_range(unlabelled)].value.value is None
+
+
+def test_a_range_whose_last_block_is_dropped_goes_back_to_the_pool() -> None:
+    cluster = shared()
+    cidr = claim(cluster, "n0", "0", revision=3)
+    span = SHARED.topology_range(cidr)
+    one = block(str(cidr), "n0", o1="net/a/eth0")
+    cluster.add(one, revision=4)
+    cluster.handles["net/a/eth0"] = Versioned(
+        Handle("net/a/eth0", "n0", (HandleAddress(one.address(1), cidr, "shared"),), {}), 4)
+    cluster.pools = (dataclasses.replace(SHARED, disabled=True),)  # the empty block is dropped
+    txn = TxnPlan(cluster.pools)
+    assert planner("n0").plan(cluster, ReleaseCall("net/a/eth0"), txn) is False
+    assert txn.blocks[cidr][0] is None
+    assert txn.ranges[span] == DeleteTopologyRange(TopologyRange(span, "shared", "0"), 3)
+
+
+def test_borrowing_prefers_blocks_of_the_same_value() -> None:
+    cluster = view("n0", SHARED, labels={"rack": "0"}, max_blocks_per_host=0)
+    for i, (node, rack) in enumerate([("m1", "1"), ("m0", "0")]):
+        span = net(f"10.5.0.{64 * i}/26")
+        cluster.ranges[span] = Versioned(TopologyRange(span, "shared", rack), 1)
+        cluster.add(block(f"10.5.0.{64 * i}/28", node, o1="x"))
+    cluster.indexed()
+    call = add("a")
+    plan(cluster, call)
+    assert net("10.5.0.64/26").supernet_of(call.addresses[0].block)  # rack 0's, not rack 1's
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"topologyKey": "bad key!"}, "topologyKey: invalid label key"),
+    ({"topologyKey": "rack", "topologyBlockSize": 23}, "from 24 (the pool's) to 28"),
+    ({"topologyKey": "rack", "topologyBlockSize": 29}, "from 24 (the pool's) to 28"),
+    ({"topologyKey": "rack", "topologyBlockSize": "26"}, "not the text '26'"),
+    ({"topologyBlockSize": 26}, "topologyBlockSize needs a topologyKey"),
+])
+def test_bad_topology_fields_name_the_field_and_the_bound(spec: dict[str, object],
+                                                          message: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        IPPool.from_dict("p", {"cidr": "10.0.0.0/24", "blockSize": 28, **spec})
+    assert message in caught.value.message

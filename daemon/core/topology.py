@@ -1,0 +1,153 @@
+"""Topology ranges: the blocks of one label value kept together inside a shared pool.
+
+A pool with a ``topologyKey`` (a node label, say ``rack``) is cut into
+aligned ranges of ``/topologyBlockSize``. Each range is held by at most one
+value of that label (:class:`~.holdings.TopologyRange`); the nodes with that
+value claim their blocks only inside the ranges it holds, so a rack's blocks
+aggregate into a few prefixes. A value's first claim takes a free range in
+the same transaction as the block: one next to a range it holds when one is
+free (so they merge), else the first free one from a point of its own (so
+values spread without racing each other). A claim inside a held range
+re-writes the range's keys, guarded by their revision, and a range whose
+last block is dropped goes back to the pool guarded by that same revision:
+whichever of the two commits first makes the other re-plan.
+
+Every function here plans into a :class:`~.allocator.TxnPlan` from a
+:class:`~.view.View`; none reads or writes anything itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from . import allocator
+from .allocator import TxnPlan
+from .holdings import TopologyRange
+from .model import IPNetwork, IPPool
+from .view import View
+from .writes import DeleteTopologyRange, PutTopologyRange, Versioned
+
+#: Holder keys a search for a free range reads at a time, and how many such pages at most.
+RANGE_READ = 16
+RANGE_PAGES = 64
+
+KnownBlocks = Callable[[View, IPNetwork, TxnPlan], set[IPNetwork]]
+
+
+def value_of(pool: IPPool, labels: Mapping[str, str]) -> str | None:
+    """The node's value of the pool's topology label (None: it has no such label)."""
+    return labels.get(pool.topology_key)
+
+
+def held_by(view: View, pool: IPPool, value: str | None, txn: TxnPlan
+            ) -> list[Versioned[TopologyRange]]:
+    """The ranges ``value`` holds in ``pool``, as this transaction has them so far."""
+    key = (pool.name, value)
+    held = txn.value_ranges.get(key)
+    if held is None:
+        held = txn.value_ranges[key] = list(view.value_ranges(pool.name, value))
+    return [h for h in held if not isinstance(txn.ranges.get(h.value.cidr), DeleteTopologyRange)]
+
+
+def topology_block(view: View, pool: IPPool, value: str | None, txn: TxnPlan,
+                   known_blocks: KnownBlocks) -> IPNetwork | None:
+    """An unclaimed block of ``pool`` for a node whose label value is ``value``.
+
+    In the ranges the value holds first (address order); else in a free range,
+    taken for the value in ``txn``. None when neither has an unclaimed block.
+    """
+    reservations = view.state().reservations
+    held = held_by(view, pool, value, txn)
+    for holding in held:
+        span = holding.value.cidr
+        cidr = allocator.first_unclaimed_block(pool, known_blocks(view, span, txn), reservations,
+                                               span)
+        if cidr is not None:
+            txn.ranges.setdefault(span, PutTopologyRange(holding.value, holding.mod_revision))
+            _mark_room(view, pool, cidr, txn, known_blocks)
+            return cidr
+    for span in free_ranges(view, pool, value, held, txn):
+        cidr = allocator.first_unclaimed_block(pool, known_blocks(view, span, txn), reservations,
+                                               span)
+        if cidr is not None:
+            taken = TopologyRange(span, pool.name, value)
+            txn.ranges[span] = PutTopologyRange(taken, 0)  # guarded: nobody holds it yet
+            txn.value_ranges[(pool.name, value)].append(Versioned(taken, 0))
+            _mark_room(view, pool, cidr, txn, known_blocks)
+            return cidr
+    return None
+
+
+def free_ranges(view: View, pool: IPPool, value: str | None,
+                held: list[Versioned[TopologyRange]], txn: TxnPlan) -> Iterator[IPNetwork]:
+    """Ranges of ``pool`` nobody holds: next to ``held`` first, then from the value's
+    own point on (wrapping round once), a page of holder keys at a time."""
+    size = pool.topology_prefix
+    step = 1 << (pool.cidr.max_prefixlen - size)
+    first, last = pool.bounds
+    taken = {h.value.cidr for h in held} | set(txn.ranges)
+
+    network = type(pool.cidr)
+
+    def span_at(start: int) -> IPNetwork:
+        return network((start, size))
+
+    for holding in held:
+        for start in (int(holding.value.cidr.network_address) + step,
+                      int(holding.value.cidr.network_address) - step):
+            if first <= start <= last:
+                span = span_at(start)
+                if span not in taken and not view.held_ranges(span, None, 1):
+                    taken.add(span)
+                    yield span
+    count = pool.cidr.num_addresses // step
+    origin = first + allocator.node_offset(f"{pool.name}/{value}", count) * step
+    pages = 0
+    for begin, end in ((origin, last), (first, origin - 1)):
+        cursor = begin
+        while cursor <= end and pages < RANGE_PAGES:
+            page = view.held_ranges(pool.cidr, span_at(cursor), RANGE_READ)
+            pages += 1
+            listed = {int(c.network_address) for c in page}
+            # Past the page's last key nothing is known yet: the next page says.
+            upto = min(end, int(page[-1].network_address) if len(page) == RANGE_READ else end)
+            while cursor <= upto:
+                if cursor not in listed and span_at(cursor) not in taken:
+                    span = span_at(cursor)
+                    taken.add(span)
+                    yield span
+                cursor += step
+
+
+def give_back(view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan,
+              known_blocks: KnownBlocks) -> None:
+    """Plan the range of block ``cidr`` (dropped in ``txn``) back to the pool if no
+    other block is left in it, guarded by the holder's revision."""
+    span = pool.topology_range(cidr)
+    if span in txn.ranges:  # claimed in, taken or given back in this transaction already
+        return
+    for other in known_blocks(view, span, txn):
+        if other.version != span.version or not span.supernet_of(other):  # type: ignore[arg-type]
+            continue
+        planned = txn.blocks.get(other)
+        if planned is None or planned[0] is not None:
+            return  # a block is left in the range
+    holder = view.range_holder(span)
+    if holder is not None and holder.value.pool == pool.name:
+        txn.ranges[span] = DeleteTopologyRange(holder.value, holder.mod_revision)
+
+
+def in_ranges(view: View, pool: IPPool, value: str | None, txn: TxnPlan) -> list[IPNetwork]:
+    """The ranges ``value`` holds in ``pool`` (for borrowing and reclaiming nearby first)."""
+    return [h.value.cidr for h in held_by(view, pool, value, txn)]
+
+
+def _mark_room(view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan,
+               known_blocks: KnownBlocks) -> None:
+    """Keep the room index true: a claim that fills its claim window drops its entry."""
+    window = allocator.window_of([pool], cidr)
+    if window is None:
+        return
+    known = known_blocks(view, window, txn) | {cidr}
+    if allocator.first_unclaimed_block(pool, known, view.state().reservations, window) is None:
+        txn.room_marks[window] = False
