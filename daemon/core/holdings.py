@@ -230,9 +230,10 @@ class TopologyRange:
     """An aligned range of a pool with a ``topologyKey``, held by one value of that label.
 
     The nodes whose label has ``value`` (None: nodes without the label) claim
-    their blocks of ``pool`` inside the ranges their value holds. Stored twice
-    (``ranges/<cidr>``, one holder per range; and under its pool and value, so
-    a value's ranges are one prefix read), always written together.
+    their blocks of ``pool`` inside the ranges their value holds. Stored under
+    ``ranges/<cidr>`` (one holder per range), and listed under its pool and
+    value while it has an unclaimed block (a value's ranges with room: one
+    small prefix read); both keys are written in the same transaction.
     """
 
     cidr: IPNetwork

@@ -53,29 +53,50 @@ def topology_block(view: View, pool: IPPool, value: str | None, txn: TxnPlan,
                    known_blocks: KnownBlocks) -> IPNetwork | None:
     """An unclaimed block of ``pool`` for a node whose label value is ``value``.
 
-    In the ranges the value holds first (address order); else in a free range,
+    In the ranges the value lists first (address order); else in a free range,
     taken for the value in ``txn``. None when neither has an unclaimed block.
+    A claim that fills its range takes it off the value's list; a listed range
+    found full is taken off with it.
     """
     reservations = view.state().reservations
     held = held_by(view, pool, value, txn)
     for holding in held:
         span = holding.value.cidr
-        cidr = allocator.first_unclaimed_block(pool, known_blocks(view, span, txn), reservations,
-                                               span)
-        if cidr is not None:
-            txn.ranges.setdefault(span, PutTopologyRange(holding.value, holding.mod_revision))
-            _mark_room(view, pool, cidr, txn, known_blocks)
-            return cidr
+        known = known_blocks(view, span, txn)
+        cidr = allocator.first_unclaimed_block(pool, known, reservations, span)
+        if cidr is None:  # listed, but full: unlist it in the same transaction
+            txn.ranges.setdefault(span, PutTopologyRange(holding.value, holding.mod_revision,
+                                                         listed=False))
+            continue
+        _claim_in(view, pool, span, cidr, holding.value, holding.mod_revision, txn, known_blocks)
+        return cidr
     for span in free_ranges(view, pool, value, held, txn):
         cidr = allocator.first_unclaimed_block(pool, known_blocks(view, span, txn), reservations,
                                                span)
         if cidr is not None:
             taken = TopologyRange(span, pool.name, value)
-            txn.ranges[span] = PutTopologyRange(taken, 0)  # guarded: nobody holds it yet
             txn.value_ranges[(pool.name, value)].append(Versioned(taken, 0))
-            _mark_room(view, pool, cidr, txn, known_blocks)
+            _claim_in(view, pool, span, cidr, taken, 0, txn, known_blocks)  # 0: nobody holds it
             return cidr
     return None
+
+
+def _claim_in(view: View, pool: IPPool, span: IPNetwork, cidr: IPNetwork,
+              holding: TopologyRange, revision: int, txn: TxnPlan,
+              known_blocks: KnownBlocks) -> None:
+    """Plan the range's write for a claim of block ``cidr`` in it (guarded by ``revision``,
+    the holder's as read) and keep the room index true."""
+    reservations = view.state().reservations
+    known = known_blocks(view, span, txn) | {cidr}
+    room_left = allocator.first_unclaimed_block(pool, known, reservations, span) is not None
+    planned = txn.ranges.get(span)
+    guard = planned.expect_revision if isinstance(planned, PutTopologyRange) else revision
+    txn.ranges[span] = PutTopologyRange(holding, guard, listed=room_left)
+    window = allocator.window_of([pool], cidr)
+    if window is not None:  # a claim that fills its claim window drops its room entry
+        in_window = known_blocks(view, window, txn) | {cidr}
+        if allocator.first_unclaimed_block(pool, in_window, reservations, window) is None:
+            txn.room_marks[window] = False
 
 
 def free_ranges(view: View, pool: IPPool, value: str | None,
@@ -122,32 +143,24 @@ def free_ranges(view: View, pool: IPPool, value: str | None,
 def give_back(view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan,
               known_blocks: KnownBlocks) -> None:
     """Plan the range of block ``cidr`` (dropped in ``txn``) back to the pool if no
-    other block is left in it, guarded by the holder's revision."""
+    other block is left in it, else listed again (it has room now); guarded by the
+    holder's revision either way."""
     span = pool.topology_range(cidr)
     if span in txn.ranges:  # claimed in, taken or given back in this transaction already
+        return
+    holder = view.range_holder(span)
+    if holder is None or holder.value.pool != pool.name:
         return
     for other in known_blocks(view, span, txn):
         if other.version != span.version or not span.supernet_of(other):  # type: ignore[arg-type]
             continue
         planned = txn.blocks.get(other)
-        if planned is None or planned[0] is not None:
-            return  # a block is left in the range
-    holder = view.range_holder(span)
-    if holder is not None and holder.value.pool == pool.name:
-        txn.ranges[span] = DeleteTopologyRange(holder.value, holder.mod_revision)
+        if planned is None or planned[0] is not None:  # a block is left in the range
+            txn.ranges[span] = PutTopologyRange(holder.value, holder.mod_revision, listed=True)
+            return
+    txn.ranges[span] = DeleteTopologyRange(holder.value, holder.mod_revision)
 
 
 def in_ranges(view: View, pool: IPPool, value: str | None, txn: TxnPlan) -> list[IPNetwork]:
     """The ranges ``value`` holds in ``pool`` (for borrowing and reclaiming nearby first)."""
     return [h.value.cidr for h in held_by(view, pool, value, txn)]
-
-
-def _mark_room(view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan,
-               known_blocks: KnownBlocks) -> None:
-    """Keep the room index true: a claim that fills its claim window drops its entry."""
-    window = allocator.window_of([pool], cidr)
-    if window is None:
-        return
-    known = known_blocks(view, window, txn) | {cidr}
-    if allocator.first_unclaimed_block(pool, known, view.state().reservations, window) is None:
-        txn.room_marks[window] = False

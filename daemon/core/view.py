@@ -116,7 +116,8 @@ class View(Protocol):
         ...
 
     def value_ranges(self, pool: str, value: str | None) -> list[Versioned[TopologyRange]]:
-        """The topology ranges of ``pool`` that label value ``value`` holds, address order."""
+        """The topology ranges of ``pool`` that label value ``value`` holds and lists (they
+        may have an unclaimed block), in address order."""
         ...
 
     def range_holder(self, cidr: IPNetwork) -> Versioned[TopologyRange] | None:
@@ -245,8 +246,9 @@ class InMemoryView:
     absent: dict[str, float] = field(default_factory=dict)
     #: Other nodes' labels; a node missing here is not registered.
     nodes: dict[str, Mapping[str, str]] = field(default_factory=dict)
-    #: Topology ranges and who holds them.
+    #: Topology ranges and who holds them; those not listed (full) in ``unlisted``.
     ranges: dict[IPNetwork, Versioned[TopologyRange]] = field(default_factory=dict)
+    unlisted: set[IPNetwork] = field(default_factory=set)
     keys: KeySchema = field(default_factory=KeySchema)
 
     def add(self, *blocks: Block, revision: int = 1) -> InMemoryView:
@@ -318,8 +320,8 @@ class InMemoryView:
         return self.labels if node == self.node else self.nodes.get(node)
 
     def value_ranges(self, pool: str, value: str | None) -> list[Versioned[TopologyRange]]:
-        held = [v for v in self.ranges.values()
-                if v.value.pool == pool and v.value.value == value]
+        held = [v for v in self.ranges.values() if v.value.pool == pool
+                and v.value.value == value and v.value.cidr not in self.unlisted]
         return sorted(held, key=lambda v: self.keys.topology_range(v.value.cidr))
 
     def range_holder(self, cidr: IPNetwork) -> Versioned[TopologyRange] | None:

@@ -99,10 +99,12 @@ class DeleteRoomMarksIn:
 @dataclass(frozen=True)
 class PutTopologyRange:
     """A topology range taken (expect_revision 0: nobody holds it) or touched by a claim
-    inside it (its holder key at expect_revision), so a concurrent release loses."""
+    inside it (its holder key at expect_revision), so a concurrent release loses.
+    ``listed``: whether its value's index lists it (only while it has an unclaimed block)."""
 
     range: TopologyRange
     expect_revision: int
+    listed: bool = True
 
 
 @dataclass(frozen=True)

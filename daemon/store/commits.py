@@ -153,11 +153,14 @@ class EtcdCommits(EtcdReads):
     def _request_ops(self, write: Write) -> list[Any]:
         """The operations of one write: one, but two for a topology range's two keys."""
         match write:
-            case ops.PutTopologyRange(range=held):
+            case ops.PutTopologyRange(range=held, listed=listed):
                 value = encode(held.to_dict())
-                return [rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))
-                        for key in (self.keys.topology_range(held.cidr),
-                                    self.keys.value_range(held.pool, held.value, held.cidr))]
+                listing = self.keys.value_range(held.pool, held.value, held.cidr)
+                return [rpc.RequestOp(request_put=rpc.PutRequest(
+                            key=self.keys.topology_range(held.cidr), value=value)),
+                        rpc.RequestOp(request_put=rpc.PutRequest(key=listing, value=value))
+                        if listed else
+                        rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=listing))]
             case ops.DeleteTopologyRange(range=held):
                 return [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
                         for key in (self.keys.topology_range(held.cidr),

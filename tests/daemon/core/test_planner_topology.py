@@ -182,8 +182,10 @@ def commit(cluster: InMemoryView, txn: TxnPlan, revision: int) -> None:
             del cluster.blocks[write.cidr]
         elif isinstance(write, PutTopologyRange):
             cluster.ranges[write.range.cidr] = Versioned(write.range, revision)
+            (cluster.unlisted.discard if write.listed else cluster.unlisted.add)(write.range.cidr)
         elif isinstance(write, DeleteTopologyRange):
             del cluster.ranges[write.range.cidr]
+            cluster.unlisted.discard(write.range.cidr)
     cluster.indexed()
 
 
@@ -274,6 +276,17 @@ def test_a_range_whose_last_block_is_dropped_goes_back_to_the_pool() -> None:
     assert planner("n0").plan(cluster, ReleaseCall("net/a/eth0"), txn) is False
     assert txn.blocks[cidr][0] is None
     assert txn.ranges[span] == DeleteTopologyRange(TopologyRange(span, "shared", "0"), 3)
+
+
+def test_a_claim_that_fills_its_range_unlists_it() -> None:
+    cluster = shared()
+    blocks = [claim(cluster, f"n{i}", "0", revision=10 + i) for i in range(4)]
+    span = SHARED.topology_range(blocks[0])
+    assert {SHARED.topology_range(b) for b in blocks} == {span}
+    assert span in cluster.unlisted and cluster.value_ranges("shared", "0") == []
+    fifth = claim(cluster, "n9", "0", revision=20)  # found from the value's point: adjacent
+    assert abs(int(SHARED.topology_range(fifth).network_address)
+               - int(span.network_address)) == 64
 
 
 def test_borrowing_prefers_blocks_of_the_same_value() -> None:
