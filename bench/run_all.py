@@ -20,7 +20,7 @@ from typing import Any
 from common import BENCH_DIR, fmt, print_table
 
 BENCHMARKS = ["allocate_latency", "storm", "cni_startup", "burst", "scale", "policy_change",
-              "record_cost"]
+              "record_cost", "topology_routes"]
 
 
 def run(name: str, timeout: float) -> tuple[int, dict[str, Any] | None, float]:

@@ -6,6 +6,8 @@ racks, 20,000 /26 blocks (4 per node, each affine to its node, with its
 affinity key) in 5 rack pools (/14 each, selector ``rack == "r"``), 200,000
 allocations (10 per block: handles and block allocations consistent with
 each other) — and a 10-node data set of the same shape under another prefix.
+With ``--topology`` the racks share one pool (10.0.0.0/8, ``topologyKey: rack``,
+ranges of /22): the same blocks, in ranges held by their rack's value.
 More nodes get more racks (at least 5; a /14 holds 4,096 blocks, less room
 for the joining nodes' claims), up to the 64 /14s of 10.0.0.0/8: every block
 lies in the pool that selects its node. Both data sets have the same racks.
@@ -63,6 +65,7 @@ MAX_RACKS = 64  # the /14 pools 10.0.0.0/8 holds
 BLOCKS_PER_POOL = 1 << (26 - 14)
 MEASURED_NODE = 7  # the same rack and blocks in both data sets
 JOIN_RACK = 2
+TOPOLOGY_RANGE = 22  # --topology: ranges of 16 /26 blocks
 NETWORK = "k8s-pod-network"
 
 
@@ -73,6 +76,9 @@ class DataSet:
     blocks_per_node: int
     allocations_per_block: int
     racks: int
+    #: One shared pool with topologyKey rack (ranges of /TOPOLOGY_RANGE) instead of a pool
+    #: per rack; each rack's blocks in the same place, in ranges its value holds.
+    topology: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     value_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -83,8 +89,15 @@ class DataSet:
     def pools(self) -> list[Any]:
         from topoipam.daemon.core.model import IPPool
 
+        if self.topology:
+            return [IPPool("shared", ipaddress.ip_network("10.0.0.0/8"), 26, "all()",
+                           topology_key="rack", topology_block_size=TOPOLOGY_RANGE)]
         return [IPPool(f"rack-{r}", ipaddress.ip_network(f"10.{4 * r}.0.0/14"), 26,
                        f'rack == "{r}"') for r in range(self.racks)]
+
+    def regions(self) -> list[ipaddress.IPv4Network]:
+        """Where each rack's blocks lie: its pool, or its /14 of the shared pool."""
+        return [ipaddress.IPv4Network(f"10.{4 * r}.0.0/14") for r in range(self.racks)]
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every key and value of the data set, as the daemon would write them."""
@@ -93,6 +106,7 @@ class DataSet:
             Block,
             Handle,
             HandleAddress,
+            TopologyRange,
         )
         from topoipam.daemon.core.keys import KeySchema
         from topoipam.daemon.core.model import (
@@ -113,19 +127,29 @@ class DataSet:
         # The room index, as pool creation and claims leave it: the claim windows that
         # still have an unclaimed block (the seeded blocks fill each rack pool from
         # its start).
-        for rack, p in enumerate(pools):
+        for rack, region in enumerate(self.regions()):
+            p = pools[0] if self.topology else pools[rack]
             per_pool = len(range(rack, self.nodes, self.racks)) * self.blocks_per_node
             prefix = allocator.window_prefix(p)
             per_window = 1 << (p.block_size - prefix)
-            for index, window in enumerate(p.cidr.subnets(new_prefix=prefix)):
+            for index, window in enumerate(region.subnets(new_prefix=prefix)):
                 if (index + 1) * per_window > per_pool:
                     yield emit("rooms", keys.room(window), b"{}")
+            if self.topology:  # the rack's ranges, as its claims took them; listed if not full
+                per_range = 1 << (p.block_size - TOPOLOGY_RANGE)
+                for index, span in enumerate(region.subnets(new_prefix=TOPOLOGY_RANGE)):
+                    if index * per_range >= per_pool:
+                        break
+                    held = encode(TopologyRange(span, p.name, str(rack)).to_dict())
+                    yield emit("ranges", keys.topology_range(span), held)
+                    if (index + 1) * per_range > per_pool:
+                        yield emit("ranges", keys.value_range(p.name, str(rack), span), held)
         container = 0
         for i in range(self.nodes):
             name, rack = node_name(i), i % self.racks
             yield emit("nodes", keys.node(name), encode(Node(name, {"rack": str(rack)})
                                                         .to_dict()))
-            base = pools[rack].cidr.network_address
+            base = self.regions()[rack].network_address
             for k in range(self.blocks_per_node):
                 index = (i // self.racks) * self.blocks_per_node + k
                 cidr = ipaddress.ip_network(f"{base + 64 * index}/26")
@@ -253,8 +277,9 @@ async def measure(args: argparse.Namespace) -> Report:
     report = Report("scale")
     racks = racks_for(args.nodes, args.blocks_per_node, args.joins)
     big = DataSet(BIG_PREFIX, args.nodes, args.blocks_per_node, args.allocations_per_block,
-                  racks)
-    small = DataSet(SMALL_PREFIX, 10, args.blocks_per_node, args.allocations_per_block, racks)
+                  racks, args.topology)
+    small = DataSet(SMALL_PREFIX, 10, args.blocks_per_node, args.allocations_per_block, racks,
+                    args.topology)
     with Workspace("scale") as ws:
         etcd = ws.etcd
         seeded = {}
@@ -418,6 +443,9 @@ def main() -> None:
                         help="allocations per round, then released (default 100)")
     parser.add_argument("--joins", type=int, default=10,
                         help="joining nodes per data set for the claim and borrow paths")
+    parser.add_argument("--topology", action="store_true",
+                        help="one shared pool with topologyKey rack (ranges of /22) instead of "
+                        "a pool per rack")
     run_main(measure, parser)
 
 
