@@ -16,7 +16,6 @@ each rack's blocks inside ranges of its own.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 from typing import Any
 
