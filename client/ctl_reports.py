@@ -123,6 +123,18 @@ async def cmd_explain(store: EtcdStore, args: argparse.Namespace) -> int:
                   f"{', '.join(p.name for p in tier)}")
             for line in allocation_steps(args.name, tier, snap, config):
                 print(f"    {line}")
+    topology_pools = [p for p in pools if p.topology_key and allocator.explain_pool(p, labels)[0]]
+    if topology_pools:
+        held = [r.value for r in await store.list_ranges()]
+        print()
+        for pool in topology_pools:
+            value = labels.get(pool.topology_key)
+            spans = [str(r.cidr) for r in held if r.pool == pool.name and r.value == value]
+            who = (f"{pool.topology_key}={value}" if value is not None
+                   else f"nodes without {pool.topology_key}")
+            print(f"topology: pool {pool.name} keeps the blocks of {who} in its "
+                  f"/{pool.topology_prefix} ranges: "
+                  f"{', '.join(spans) or 'none yet (the first claim takes one)'}")
     borrowed = borrowed_by(snap, args.name)
     if borrowed:
         print()

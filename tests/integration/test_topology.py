@@ -57,6 +57,10 @@ async def test_nine_nodes_in_three_racks_on_one_pool(
         for rack, prefixes in blocks.items():
             assert domains[rack]["prefixes"] <= 2, domains[rack]
             assert len({p.supernet(new_prefix=26) for p in prefixes}) == 1, (rack, prefixes)
+        explained = (await asyncio.to_thread(ctl, ctl_env, "explain", "node", "n0")).stdout
+        span = blocks["0"][0].supernet(new_prefix=26)
+        assert (f"topology: pool shared keeps the blocks of rack=0 in its /26 ranges: {span}"
+                in explained), explained
     else:  # the measure before topologyKey: every rack scattered over the pool
         assert sum(d["prefixes"] for d in domains.values()) >= 6, domains
     assert await audit(store) == 9 * 14
