@@ -159,8 +159,3 @@ def give_back(view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan,
             txn.ranges[span] = PutTopologyRange(holder.value, holder.mod_revision, listed=True)
             return
     txn.ranges[span] = DeleteTopologyRange(holder.value, holder.mod_revision)
-
-
-def in_ranges(view: View, pool: IPPool, value: str | None, txn: TxnPlan) -> list[IPNetwork]:
-    """The ranges ``value`` holds in ``pool`` (for borrowing and reclaiming nearby first)."""
-    return [h.value.cidr for h in held_by(view, pool, value, txn)]

@@ -313,3 +313,25 @@ def test_bad_topology_fields_name_the_field_and_the_bound(spec: dict[str, object
     with pytest.raises(InvalidInput) as caught:
         IPPool.from_dict("p", {"cidr": "10.0.0.0/24", "blockSize": 28, **spec})
     assert message in caught.value.message
+
+
+def test_in_a_topology_pool_only_empty_blocks_of_the_values_ranges_are_reclaimed() -> None:
+    cluster = shared(strict_affinity=True, ip_cooldown_seconds=0)
+    for i, rack in enumerate("0123"):
+        span = net(f"10.5.0.{64 * i}/26")
+        cluster.ranges[span] = Versioned(TopologyRange(span, "shared", rack), 1)
+        cluster.unlisted.add(span)  # every range full: nothing left to claim
+        for k in range(4):
+            owner = f"r{rack}-{k}"
+            cluster.nodes[owner] = {"rack": rack}
+            cluster.add(full(f"10.5.0.{64 * i + 16 * k}/28", owner))
+    cluster.add(block("10.5.0.64/28", "r1-0"))  # empty, but rack 1's
+    cluster.indexed()
+    with pytest.raises(PoolExhausted, match="no empty block to reclaim"):
+        plan(cluster, add("a"))
+    cluster.add(block("10.5.0.16/28", "r0-1"))  # empty, and in rack 0's range
+    cluster.indexed()
+    call = add("b")
+    txn = plan(cluster, call)
+    assert call.addresses[0].block == net("10.5.0.16/28")
+    assert txn.reclaimed == {net("10.5.0.16/28")}
