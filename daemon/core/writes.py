@@ -16,14 +16,7 @@ from .holdings import (
     Handle,
     Identity,
 )
-from .model import (
-    IPAddress,
-    IPAMConfig,
-    IPNetwork,
-    IPPool,
-    IPReservation,
-    Node,
-)
+from .model import IPAddress, IPNetwork, Resource
 
 T = TypeVar("T")
 
@@ -138,7 +131,7 @@ class DeleteConflict:
 class PutObject:
     """A pool, node, config or reservation; expect_revision None = unconditional."""
 
-    obj: IPPool | Node | IPAMConfig | IPReservation
+    obj: Resource
     expect_revision: int | None = None
 
 
