@@ -120,6 +120,7 @@ class EtcdLeases(EtcdTransport):
         return response is not grpc.aio.EOF and int(response.TTL) > 0
 
     async def revoke_lease(self, lease: int) -> None:
+        """Revoke ``lease`` and the keys on it (none before the first connection)."""
         if self._channel is None:
             return
         await self._lease_call("LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease), "lease revoke")
