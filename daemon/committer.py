@@ -195,10 +195,15 @@ class Committer:
 
     async def _close_committer(self) -> None:
         self._closed = True
-        if self._committer is not None and not self._committer.done():
-            self._committer.cancel()
+        await self._cancel_and_wait(self._committer)
+
+    @staticmethod
+    async def _cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+        """Cancel a background task that is still running and wait until it has ended."""
+        if task is not None and not task.done():
+            task.cancel()
             try:
-                await self._committer
+                await task
             except asyncio.CancelledError:
                 pass
 

@@ -428,8 +428,7 @@ async def _reassert_one(store: EtcdStore, node: str, handle: Handle,
 
 def _conflict_write(node: str, address: IPAddress, handle: Handle, holder: str,
                     now: float) -> PutConflict:
-    return PutConflict(node, address,
-                       ConflictRecord(node, address, handle, holder, now).to_value())
+    return ConflictRecord(node, address, handle, holder, now).as_write()
 
 
 async def settle_conflicts(store: EtcdStore, record: AllocationRecord) -> int:

@@ -48,6 +48,9 @@ def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config:
                      f"{config.max_blocks_per_host} for IPv{order[0].family}")
     else:
         steps.append(claim_step(order, snap, reservations))
+        if steps[-1].startswith("2. no new blocks"):
+            steps.append("2b. reclaim an empty block of another node (of deleted or unselected "
+                         "nodes first; in a topologyKey pool only in this node's value's ranges)")
     steps.append("3. no borrowing: strictAffinity is on" if config.strict_affinity
                  else f"3. borrow a free address from other nodes' blocks in: {names}")
     return steps
@@ -62,8 +65,7 @@ def claim_step(order: Sequence[IPPool], snap: Snapshot,
         reservations) is None]
     room = [p.name for p in order if p.name not in full]
     if not room:
-        return (f"2. no new blocks: no unclaimed block left in: {', '.join(full)}; an empty "
-                "block of another node is reclaimed (deleted and unselected nodes' first)")
+        return f"2. no new blocks: no unclaimed block left in: {', '.join(full)}"
     left = f" (no unclaimed block left in: {', '.join(full)})" if full else ""
     return f"2. claim a new block in: {', '.join(room)}{left}"
 

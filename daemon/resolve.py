@@ -30,7 +30,6 @@ from .core.writes import (
     DeleteHandle,
     PutAffinity,
     PutBlock,
-    PutConflict,
     PutHandle,
     Versioned,
     Write,
@@ -242,8 +241,7 @@ def _keep_datastore(view: ConflictView) -> list[Write]:
     conflict, address = view.conflict, view.conflict.address
     # The record stays, resolved, until the node's daemon has forgotten the attachment
     # (it deletes it then): where no block can say "released", only the record can.
-    writes: list[Write] = [PutConflict(conflict.node, address, dataclasses.replace(
-        conflict, resolved=KEEP_DATASTORE).to_value())]
+    writes: list[Write] = [dataclasses.replace(conflict, resolved=KEEP_DATASTORE).as_write()]
     if view.recorded is None:
         return writes
     writes.append(_without(view.recorded, address))

@@ -43,12 +43,7 @@ class Upkeep(Committer):
 
     async def close(self) -> None:
         self._closed = True
-        if self._prefetch is not None and not self._prefetch.done():
-            self._prefetch.cancel()
-            try:
-                await self._prefetch
-            except asyncio.CancelledError:
-                pass
+        await self._cancel_and_wait(self._prefetch)
         await self._close_committer()
 
     async def expire_parked(self) -> list[str]:

@@ -22,6 +22,11 @@ from topoipam.daemon.store import EtcdOptions, EtcdStore
 
 EtcdServer = LocalEtcd
 
+# The helper modules that assert on their tests' behalf: their failed asserts are explained
+# like a test's own.
+pytest.register_assert_rewrite("tests.client.plugin_exec", "tests.integration.chaos",
+                               "tests.integration.inprocess_ctl", "tests.integration.restores")
+
 
 def start_etcd(data_dir: str, extra: list[str] | None = None, scheme: str = "http",
                client_port: int | None = None, peer_port: int | None = None) -> EtcdServer:

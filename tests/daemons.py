@@ -100,6 +100,45 @@ class DaemonProcess:
         return int(self.process.returncode)
 
 
+class NodeDaemons:
+    """Real daemons on one etcd prefix, one per node, all stopped by :meth:`stop_all` (or
+    at the end of a ``with`` block).
+
+    Each node's socket is in a run directory of its own under ``base`` and its log
+    beside it; starting a node again (a restart) reuses both.
+    """
+
+    def __init__(self, endpoints: str, prefix: str, base: Path) -> None:
+        self.endpoints, self.prefix, self.base = endpoints, prefix, base
+        self.started: list[DaemonProcess] = []
+
+    def start(self, node: str, extra: list[str] | None = None, wait: bool = True
+              ) -> DaemonProcess:
+        run_dir = self.base / f"run-{node}"
+        run_dir.mkdir(mode=0o750, exist_ok=True)
+        daemon = DaemonProcess(node, str(run_dir / "topoipamd.sock"), self.endpoints,
+                               self.prefix, str(self.base / f"{node}.log"), extra or [])
+        self.started.append(daemon)
+        return daemon.start(wait=wait)
+
+    def start_all(self, flags: dict[str, list[str]]) -> dict[str, DaemonProcess]:
+        """A daemon for each node with its flags, started together; once every one serves."""
+        started = {node: self.start(node, extra, wait=False) for node, extra in flags.items()}
+        for daemon in started.values():
+            daemon.wait_serving(30)
+        return started
+
+    def stop_all(self) -> None:
+        for daemon in self.started:
+            daemon.stop()
+
+    def __enter__(self) -> NodeDaemons:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
 def cni(command: str, config: dict[str, Any], container: str = "", ifname: str = "eth0",
         netns: str = "", args: str = "", extra_env: dict[str, str] | None = None,
         timeout: float = 60) -> tuple[int, dict[str, Any] | None, str]:

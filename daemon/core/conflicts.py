@@ -33,6 +33,7 @@ from .model import (
     IPPool,
     encode,
 )
+from .writes import PutConflict
 
 #: ``resolved`` of a record the operator settled for etcd's side: the node's daemon
 #: forgets the recorded attachment at its next check, then deletes the record.
@@ -58,6 +59,10 @@ class ConflictRecord:
             "container_id": self.handle.attributes.get("container_id", ""),
             "detected": self.detected, **({"resolved": self.resolved} if self.resolved else {}),
         })
+
+    def as_write(self) -> PutConflict:
+        """The write that stores this record under ``conflicts/<node>/<ip>``."""
+        return PutConflict(self.node, self.address, self.to_value())
 
     @classmethod
     def from_value(cls, node: str, address: str, raw: bytes) -> ConflictRecord:

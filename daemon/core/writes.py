@@ -17,14 +17,7 @@ from .holdings import (
     Identity,
     TopologyRange,
 )
-from .model import (
-    IPAddress,
-    IPAMConfig,
-    IPNetwork,
-    IPPool,
-    IPReservation,
-    Node,
-)
+from .model import IPAddress, IPNetwork, Resource
 
 T = TypeVar("T")
 
@@ -158,7 +151,7 @@ class DeleteConflict:
 class PutObject:
     """A pool, node, config or reservation; expect_revision None = unconditional."""
 
-    obj: IPPool | Node | IPAMConfig | IPReservation
+    obj: Resource
     expect_revision: int | None = None
 
 

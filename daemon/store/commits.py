@@ -25,7 +25,7 @@ from aetcd import rpc
 from ..core import writes as ops
 from ..core.errors import DatastoreUnavailable, InvalidInput
 from ..core.keys import prefix_range_end
-from ..core.model import IPAMConfig, IPPool, IPReservation, Node, encode
+from ..core.model import IPPool, IPReservation, Node, Resource, encode
 from ..core.writes import CommitResult, Versioned, Write
 from .reads import EtcdReads, decode
 from .retry import LOST_RACE, LostRace, retry_cas
@@ -114,30 +114,19 @@ class EtcdCommits(EtcdReads):
             await self.write_datastore_identity(uuid.uuid4().hex, 0)
         else:
             self.datastore_id = ""
-    def _guarded_key(self, write: Write) -> tuple[bytes, int | None] | None:
+
+    @staticmethod
+    def _expected_revision(write: Write) -> int | None:
+        """The mod_revision that guards ``write`` (0: its key must not exist yet), or None
+        where nothing is compared."""
         match write:
-            case ops.PutBlock(block=block, expect_revision=rev):
-                return self.keys.block(block.cidr), rev
-            case ops.DeleteBlock(cidr=cidr, expect_revision=rev):
-                return self.keys.block(cidr), rev
-            case ops.PutHandle(handle=handle, expect_revision=rev):
-                return self.keys.handle(handle.id), rev
-            case ops.DeleteHandle(handle_id=handle_id, expect_revision=rev):
-                return self.keys.handle(handle_id), rev
-            case ops.PutIdentity(identity=identity, expect_revision=rev):
-                return self.keys.identity(identity.id), rev
-            case ops.DeleteIdentity(identity_id=identity_id, expect_revision=rev):
-                return self.keys.identity(identity_id), rev
-            case ops.PutObject(obj=obj, expect_revision=rev):
-                return self._object_key(obj), rev
-            case ops.PutTopologyRange(range=held, expect_revision=rev) | ops.DeleteTopologyRange(
-                    range=held, expect_revision=rev):
-                return self.keys.topology_range(held.cidr), rev
-            case ops.DeleteObject(kind=kind, name=name, expect_revision=rev):
-                return self._named_key(kind, name), rev
+            case (ops.PutBlock() | ops.DeleteBlock() | ops.PutHandle() | ops.DeleteHandle()
+                  | ops.PutIdentity() | ops.DeleteIdentity() | ops.PutObject()
+                  | ops.DeleteObject() | ops.PutTopologyRange() | ops.DeleteTopologyRange()):
+                return write.expect_revision
         return None
 
-    def _object_key(self, obj: IPPool | Node | IPAMConfig | IPReservation) -> bytes:
+    def _object_key(self, obj: Resource) -> bytes:
         if isinstance(obj, IPPool):
             return self.keys.pool(obj.name)
         if isinstance(obj, Node):
@@ -151,77 +140,71 @@ class EtcdCommits(EtcdReads):
                 "reservation": self.keys.reservation}[kind](name)
 
     def _request_ops(self, write: Write) -> list[Any]:
-        """The operations of one write: one, but two for a topology range's two keys."""
+        """The operations of one write: one, but two for a topology range (its holder key,
+        guarded, and its value's listing, present only while the range has room)."""
         match write:
             case ops.PutTopologyRange(range=held, listed=listed):
-                value = encode(held.to_dict())
                 listing = self.keys.value_range(held.pool, held.value, held.cidr)
-                return [rpc.RequestOp(request_put=rpc.PutRequest(
-                            key=self.keys.topology_range(held.cidr), value=value)),
-                        rpc.RequestOp(request_put=rpc.PutRequest(key=listing, value=value))
-                        if listed else
-                        rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=listing))]
+                return [self._request_op(write), rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=listing, value=encode(held.to_dict()))) if listed else
+                    rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=listing))]
             case ops.DeleteTopologyRange(range=held):
-                return [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
-                        for key in (self.keys.topology_range(held.cidr),
-                                    self.keys.value_range(held.pool, held.value, held.cidr))]
+                listing = self.keys.value_range(held.pool, held.value, held.cidr)
+                return [self._request_op(write),
+                        rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=listing))]
         return [self._request_op(write)]
 
-    def _request_op(self, write: Write) -> Any:
+    def _key_value(self, write: Write) -> tuple[bytes, bytes | None]:
+        """The key ``write`` changes and the value it puts there (None: it deletes the key)."""
         match write:
             case ops.PutBlock(block=block):
-                return rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=self.keys.block(block.cidr), value=encode(block.to_dict())))
+                return self.keys.block(block.cidr), encode(block.to_dict())
             case ops.DeleteBlock(cidr=cidr):
-                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                    key=self.keys.block(cidr)))
+                return self.keys.block(cidr), None
             case ops.PutAffinity(node=node, cidr=cidr):
-                return rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=self.keys.affinity(node, cidr), value=b"{}"))
+                return self.keys.affinity(node, cidr), b"{}"
             case ops.DeleteAffinity(node=node, cidr=cidr):
-                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                    key=self.keys.affinity(node, cidr)))
+                return self.keys.affinity(node, cidr), None
             case ops.PutFreeMark(cidr=cidr, node=node):
-                return rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=self.keys.free_block(cidr), value=encode({"node": node})))
+                return self.keys.free_block(cidr), encode({"node": node})
             case ops.DeleteFreeMark(cidr=cidr):
-                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                    key=self.keys.free_block(cidr)))
+                return self.keys.free_block(cidr), None
             case ops.PutRoomMark(window=window):
-                return rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=self.keys.room(window), value=b"{}"))
+                return self.keys.room(window), b"{}"
             case ops.DeleteRoomMark(window=window):
-                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                    key=self.keys.room(window)))
-            case ops.DeleteRoomMarksIn(cidr=cidr):
-                start, end = self.keys.room_in(cidr)
-                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                    key=start, range_end=end))
+                return self.keys.room(window), None
             case ops.PutHandle(handle=handle):
-                return rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=self.keys.handle(handle.id), value=handle.value))
+                return self.keys.handle(handle.id), handle.value
             case ops.DeleteHandle(handle_id=handle_id):
-                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                    key=self.keys.handle(handle_id)))
+                return self.keys.handle(handle_id), None
             case ops.PutIdentity(identity=identity):
-                return rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=self.keys.identity(identity.id), value=encode(identity.to_dict())))
+                return self.keys.identity(identity.id), encode(identity.to_dict())
             case ops.DeleteIdentity(identity_id=identity_id):
-                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                    key=self.keys.identity(identity_id)))
+                return self.keys.identity(identity_id), None
             case ops.PutConflict(node=node, address=address, value=value):
-                return rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=self.keys.conflict(node, address), value=value))
+                return self.keys.conflict(node, address), value
             case ops.DeleteConflict(node=node, address=address):
-                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                    key=self.keys.conflict(node, address)))
+                return self.keys.conflict(node, address), None
             case ops.PutObject(obj=obj):
-                return rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=self._object_key(obj), value=encode(obj.to_dict())))
+                return self._object_key(obj), encode(obj.to_dict())
             case ops.DeleteObject(kind=kind, name=name):
-                return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                    key=self._named_key(kind, name)))
+                return self._named_key(kind, name), None
+            case ops.PutTopologyRange(range=held):
+                return self.keys.topology_range(held.cidr), encode(held.to_dict())
+            case ops.DeleteTopologyRange(range=held):
+                return self.keys.topology_range(held.cidr), None
         raise TypeError(f"unknown write {write!r}")
+
+    def _request_op(self, write: Write) -> Any:
+        """The put or delete that carries out ``write``."""
+        if isinstance(write, ops.DeleteRoomMarksIn):  # a range: every entry inside the cidr
+            start, end = self.keys.room_in(write.cidr)
+            return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                key=start, range_end=end))
+        key, value = self._key_value(write)
+        if value is None:
+            return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))
 
     async def commit_with_retry(
         self, attempt: Callable[[], Awaitable[tuple[Sequence[Write], R]]], what: str, *,
@@ -292,10 +275,10 @@ class EtcdCommits(EtcdReads):
                         key=self.keys.daemon_absence(write.node), result=rpc.Compare.EQUAL,
                         target=rpc.Compare.MOD, mod_revision=write.noted_revision))
                 continue
-            guard = self._guarded_key(write)
-            if guard is None or guard[1] is None:
+            revision = self._expected_revision(write)
+            if revision is None:
                 continue
-            key, revision = guard
+            key = self._key_value(write)[0]
             if key in guarded:
                 continue
             guarded.append(key)

@@ -31,20 +31,25 @@ ABSENCE_LEASE_SECONDS = 30 * 24 * 3600
 class EtcdLeases(EtcdTransport):
     """etcd leases and the keys on them: a node's fence, a node's absence."""
 
-    async def grant_lease(self, ttl: int) -> int:
-        """A fresh etcd lease of ``ttl`` seconds; returns its id."""
+    async def _lease_call(self, method: str, request: Any, what: str) -> Any:
+        """One unary call of etcd's Lease service, connecting first if need be. A failure is
+        DatastoreUnavailable naming ``what`` (EtcdOutOfSpace under the NOSPACE alarm)."""
         if self._channel is None:
             await self.connect()
         try:
-            grant = await rpc.LeaseStub(self._channel).LeaseGrant(
-                rpc.LeaseGrantRequest(TTL=ttl), timeout=self.options.timeout,
-                metadata=self._metadata)
+            return await getattr(rpc.LeaseStub(self._channel), method)(
+                request, timeout=self.options.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             self.on_error()
             details = exc.details() or ""
             if "space exceeded" in details:
                 raise EtcdOutOfSpace(details) from exc
-            raise DatastoreUnavailable(f"etcd lease grant failed: {details}") from exc
+            raise DatastoreUnavailable(f"etcd {what} failed: {details}") from exc
+
+    async def grant_lease(self, ttl: int) -> int:
+        """A fresh etcd lease of ``ttl`` seconds; returns its id."""
+        grant = await self._lease_call("LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl),
+                                       "lease grant")
         return int(grant.ID)
 
     async def claim_node(self, node: str, info: dict[str, Any], lease: int
@@ -115,15 +120,10 @@ class EtcdLeases(EtcdTransport):
         return response is not grpc.aio.EOF and int(response.TTL) > 0
 
     async def revoke_lease(self, lease: int) -> None:
+        """Revoke ``lease`` and the keys on it (none before the first connection)."""
         if self._channel is None:
             return
-        try:
-            await rpc.LeaseStub(self._channel).LeaseRevoke(
-                rpc.LeaseRevokeRequest(ID=lease), timeout=self.options.timeout,
-                metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            self.on_error()
-            raise DatastoreUnavailable(f"etcd lease revoke failed: {exc.details()}") from exc
+        await self._lease_call("LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease), "lease revoke")
 
     async def _revoke_absence_lease(self, response: Any) -> None:
         """Revoke the lease of the absence record a fence claim deleted (else it would
@@ -189,15 +189,8 @@ class EtcdLeases(EtcdTransport):
 
     async def _lease_age(self, lease: int) -> float | None:
         """Seconds since ``lease`` was granted (or last renewed), or None once it expired."""
-        if self._channel is None:
-            await self.connect()
-        try:
-            alive = await rpc.LeaseStub(self._channel).LeaseTimeToLive(
-                rpc.LeaseTimeToLiveRequest(ID=lease), timeout=self.options.timeout,
-                metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            self.on_error()
-            raise DatastoreUnavailable(f"etcd lease lookup failed: {exc.details()}") from exc
+        alive = await self._lease_call("LeaseTimeToLive", rpc.LeaseTimeToLiveRequest(ID=lease),
+                                       "lease lookup")
         if int(alive.TTL) < 0:
             return None
         # etcd reports the remaining TTL rounded down to a whole second: take one more

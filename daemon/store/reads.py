@@ -77,13 +77,17 @@ def decode(raw: bytes, what: str) -> dict[str, Any]:
 class EtcdReads(EtcdTransport):
     """Typed reads: each returns decoded values with their mod_revision (the CAS guard)."""
 
-    def decode_pool(self, key: bytes, raw: bytes) -> IPPool:
+    def _decode_named(self, key: bytes, raw: bytes, what: str,
+                      from_dict: Callable[[str, dict[str, Any]], T]) -> T:
+        """An object whose key ends in its name (or id): ``what`` names its kind in errors."""
         name = self.keys.name_of(key)
-        return IPPool.from_dict(name, decode(raw, f"pool {name}"))
+        return from_dict(name, decode(raw, f"{what} {name}"))
+
+    def decode_pool(self, key: bytes, raw: bytes) -> IPPool:
+        return self._decode_named(key, raw, "pool", IPPool.from_dict)
 
     def decode_node(self, key: bytes, raw: bytes) -> Node:
-        name = self.keys.name_of(key)
-        return Node.from_dict(name, decode(raw, f"node {name}"))
+        return self._decode_named(key, raw, "node", Node.from_dict)
 
     def decode_block(self, key: bytes, raw: bytes) -> Block:
         block = Block.from_dict(decode(raw, f"block {key.decode(errors='replace')}"))
@@ -92,16 +96,13 @@ class EtcdReads(EtcdTransport):
         return block
 
     def decode_handle(self, key: bytes, raw: bytes) -> Handle:
-        handle_id = self.keys.name_of(key)
-        return Handle.from_dict(handle_id, decode(raw, f"handle {handle_id}"))
+        return self._decode_named(key, raw, "handle", Handle.from_dict)
 
     def decode_identity(self, key: bytes, raw: bytes) -> Identity:
-        identity_id = self.keys.name_of(key)
-        return Identity.from_dict(identity_id, decode(raw, f"identity {identity_id}"))
+        return self._decode_named(key, raw, "identity", Identity.from_dict)
 
     def decode_reservation(self, key: bytes, raw: bytes) -> IPReservation:
-        name = self.keys.name_of(key)
-        return IPReservation.from_dict(name, decode(raw, f"ipreservation {name}"))
+        return self._decode_named(key, raw, "ipreservation", IPReservation.from_dict)
 
     def decode_config(self, raw: bytes) -> IPAMConfig:
         return IPAMConfig.from_dict(decode(raw, "ipamconfig"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.client.test_cni import FakeDaemon
+from tests.client.plugin_exec import FakeDaemon
 
 
 @pytest.fixture

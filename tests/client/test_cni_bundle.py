@@ -1,6 +1,6 @@
 """The installed plugin file: what it imports, that it is current, how it is installed.
 
-The CNI behaviour tests (test_cni.py, test_bad_input_properties.py, the
+The CNI behaviour tests (test_cni.py, test_cni_errors.py, test_bad_input_properties.py, the
 integration and e2e tests) already exec the installed file; these check the
 file itself.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.client.test_cni import FakeDaemon, netconf
+from tests.client.plugin_exec import FakeDaemon, netconf
 from tests.installed_plugin import PLUGIN, PLUGIN_DIR
 from topoipam.client import cni_bundle
 

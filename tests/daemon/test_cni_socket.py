@@ -66,6 +66,17 @@ class Recorder:
         return wire.ok_response({"method": method, "echo": request})
 
 
+class HeldBack:
+    """A dispatch that answers OK once :attr:`release` is set, not before."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def __call__(self, method: str, request: Json) -> Json:
+        await self.release.wait()
+        return wire.ok_response({})
+
+
 @pytest_asyncio.fixture(autouse=True)
 async def no_loop_errors() -> AsyncIterator[None]:
     """Fail on anything asyncio reports through the loop's exception handler
@@ -202,12 +213,7 @@ async def test_a_peer_sending_while_its_request_runs_is_held_back(tmp_path: Path
     # With frames of up to MAX_FRAME, a peer that keeps writing while its
     # request is answered must not make the daemon buffer without bound: the
     # server stops reading (the peer's writes block) until it has answered.
-    release = asyncio.Event()
-
-    async def slow(method: str, request: Json) -> Json:
-        await release.wait()
-        return wire.ok_response({})
-
+    slow = HeldBack()
     async with CniSocketServer(sock_path(tmp_path), slow) as server:
         client = await Client.connect(server.path)
         try:
@@ -219,7 +225,7 @@ async def test_a_peer_sending_while_its_request_runs_is_held_back(tmp_path: Path
                 await asyncio.wait_for(client.send_raw(flood), 1.0)
             protocol = next(iter(server._connections))
             assert len(protocol._buffer) <= 1 << 20, len(protocol._buffer)
-            release.set()
+            slow.release.set()
             assert (await client.receive())["code"] == "OK"
             # Reading resumes after the answer: the pipelined frame is served too.
             await asyncio.wait_for(client.writer.drain(), 10)
@@ -524,19 +530,14 @@ async def test_an_answer_bigger_than_the_socket_buffer_arrives_whole(tmp_path: P
 
 @pytest.mark.asyncio
 async def test_a_peer_closing_before_its_answer_costs_nothing(tmp_path: Path) -> None:
-    release = asyncio.Event()
-
-    async def slow(method: str, request: Json) -> Json:
-        await release.wait()
-        return wire.ok_response({})
-
+    slow = HeldBack()
     async with CniSocketServer(sock_path(tmp_path), slow) as server:
         for _ in range(20):
             gone = await Client.connect(server.path)
             await gone.send_raw(wire.encode_frame({"method": "Status"}))
             await gone.close()
         await asyncio.sleep(0.1)
-        release.set()
+        slow.release.set()
         await asyncio.sleep(0.1)
         assert server._connections == set()
         assert server._buffered == 0

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,7 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from tests.conftest import EtcdServer
-from tests.daemons import TOPOIPAMD, DaemonProcess, ctl
+from tests.daemons import TOPOIPAMD, DaemonProcess, NodeDaemons, ctl
 from topoipam.daemon.local_etcd import free_port
 from topoipam.proto import ipam_pb2
 
@@ -29,30 +28,10 @@ def attachment(container: str, network: str = "net") -> ipam_pb2.Attachment:
     return ipam_pb2.Attachment(network=network, container_id=container, ifname="eth0")
 
 
-@pytest.fixture
-def daemon_factory(etcd: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[
-        list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
-
-
-def make(started: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
-         node: str, extra: list[str] | None = None, wait: bool = True) -> DaemonProcess:
-    run_dir = tmp_path / f"run-{node}"
-    run_dir.mkdir(mode=0o750, exist_ok=True)
-    daemon = DaemonProcess(node, str(run_dir / "topoipamd.sock"), etcd.endpoint, prefix,
-                           str(tmp_path / f"{node}.log"), extra or [])
-    started.append(daemon)
-    return daemon.start(wait=wait)
-
-
-def test_socket_modes_health_and_status(daemon_factory: list[DaemonProcess], etcd: EtcdServer,
-                                        prefix: str, tmp_path: Path,
-                                        ctl_env: dict[str, str]) -> None:
+def test_socket_modes_health_and_status(
+        node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> None:
     assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.10.0.0/24").returncode == 0
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-a",
+    daemon = node_daemons.start("node-a",
                   ["--labels", "rack=0,zone=z1"])
     sock = Path(daemon.socket)
     assert stat.S_IMODE(sock.stat().st_mode) == 0o660
@@ -66,7 +45,7 @@ def test_socket_modes_health_and_status(daemon_factory: list[DaemonProcess], etc
     # Labels from the config are used only on first registration.
     daemon.stop()
     assert ctl(ctl_env, "label", "nodes", "node-a", "rack=1", "--overwrite").returncode == 0
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-a",
+    daemon = node_daemons.start("node-a",
                   ["--labels", "rack=0,zone=z1"])
     with daemon.stub() as stub:
         assert stub.Status(ipam_pb2.StatusRequest(), timeout=5).labels["rack"] == "1"
@@ -86,12 +65,10 @@ def test_refuses_world_writable_socket_dir(etcd: EtcdServer, prefix: str, tmp_pa
 
 
 def test_reflection_client_calls_allocate_without_stubs(
-    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
-    ctl_env: dict[str, str],
-) -> None:
+        node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> None:
     """What grpcurl does: list services, fetch descriptors, build the request dynamically."""
     assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.11.0.0/24").returncode == 0
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-r")
+    daemon = node_daemons.start("node-r")
     with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         assert "topoipam.v1.Ipam" in database.get_services()
@@ -116,16 +93,14 @@ def test_reflection_client_calls_allocate_without_stubs(
 
 
 def test_label_change_governs_next_allocation_within_a_second(
-    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
-    ctl_env: dict[str, str],
-) -> None:
+        node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> None:
     for args in (["create", "ippool", "rack-0", "--cidr", "10.20.0.0/24", "--node-selector",
                   'rack == "0"'],
                  ["create", "ippool", "rack-1", "--cidr", "10.20.1.0/24", "--node-selector",
                   'rack == "1"'],
                  ["label", "nodes", "node-x", "rack=0", "--create"]):
         assert ctl(ctl_env, *args).returncode == 0
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-x")
+    daemon = node_daemons.start("node-x")
     with daemon.stub() as stub:
         first = stub.Allocate(ipam_pb2.AllocateRequest(attachment=attachment("a"),
                                                        assign_ipv4=True), timeout=10)
@@ -148,11 +123,9 @@ def test_label_change_governs_next_allocation_within_a_second(
 
 
 def test_sigkill_and_restart_loses_nothing(
-    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
-    ctl_env: dict[str, str],
-) -> None:
+        node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> None:
     assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.30.0.0/24").returncode == 0
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-k")
+    daemon = node_daemons.start("node-k")
     acknowledged: dict[str, str] = {}
     with daemon.stub() as stub:
         for i in range(20):
@@ -175,11 +148,10 @@ def test_sigkill_and_restart_loses_nothing(
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_metrics_endpoint(daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str,
-                          tmp_path: Path, ctl_env: dict[str, str]) -> None:
+def test_metrics_endpoint(node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> None:
     assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.40.0.0/24").returncode == 0
     port = free_port()
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-m")
+    daemon = node_daemons.start("node-m")
     daemon.stop()
     daemon.extra = ["--metrics-address", f"127.0.0.1:{port}"]
     daemon.start()
@@ -196,10 +168,8 @@ def test_metrics_endpoint(daemon_factory: list[DaemonProcess], etcd: EtcdServer,
     assert 'topoipam_affine_blocks{pool="p"} 1.0' in text
 
 
-def test_invalid_requests_are_invalid_argument(daemon_factory: list[DaemonProcess],
-                                               etcd: EtcdServer, prefix: str, tmp_path: Path
-                                               ) -> None:
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-i")
+def test_invalid_requests_are_invalid_argument(node_daemons: NodeDaemons) -> None:
+    daemon = node_daemons.start("node-i")
     with daemon.stub() as stub:
         for request in (
             ipam_pb2.AllocateRequest(assign_ipv4=True),
@@ -282,9 +252,8 @@ def test_generated_protobuf_modules_are_fresh() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_sigterm_drains_in_flight_calls(daemon_factory: list[DaemonProcess], etcd: EtcdServer,
-                                        prefix: str, tmp_path: Path,
-                                        ctl_env: dict[str, str]) -> None:
+def test_sigterm_drains_in_flight_calls(
+        node_daemons: NodeDaemons, etcd: EtcdServer, prefix: str, ctl_env: dict[str, str]) -> None:
     """Calls in flight when SIGTERM arrives finish; nothing acknowledged is lost."""
     import asyncio
     import signal
@@ -293,7 +262,7 @@ def test_sigterm_drains_in_flight_calls(daemon_factory: list[DaemonProcess], etc
     from topoipam.proto import ipam_pb2_grpc
 
     assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.45.0.0/22").returncode == 0
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-t")
+    daemon = node_daemons.start("node-t")
 
     async def storm() -> tuple[list[object], int]:
         async with grpc.aio.insecure_channel(f"unix:{daemon.socket}") as channel:
@@ -340,9 +309,7 @@ def test_example_config_file_is_valid() -> None:
 
 
 def test_no_watch_event_is_lost_while_blocks_come_and_go(
-    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
-    ctl_env: dict[str, str],
-) -> None:
+        node_daemons: NodeDaemons, etcd: EtcdServer, prefix: str, ctl_env: dict[str, str]) -> None:
     """Claims add block watchers while labels and pools change: every change arrives.
 
     (A cache that restarted its watch on each claim from the last revision it
@@ -357,7 +324,7 @@ def test_no_watch_event_is_lost_while_blocks_come_and_go(
 
     assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.46.0.0/23", "--block-size",
                "30").returncode == 0
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-w")
+    daemon = node_daemons.start("node-w")
 
     async def churn() -> None:
         async with EtcdStore(EtcdOptions((etcd.endpoint,)), prefix) as store, \
@@ -387,13 +354,11 @@ def test_no_watch_event_is_lost_while_blocks_come_and_go(
 
 
 def test_blocks_unselected_while_the_daemon_was_down_are_released(
-    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
-    ctl_env: dict[str, str],
-) -> None:
+        node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> None:
     assert ctl(ctl_env, "create", "ippool", "rack-0", "--cidr", "10.49.0.0/24",
                "--node-selector", 'rack == "0"').returncode == 0
     assert ctl(ctl_env, "label", "nodes", "node-u", "rack=0", "--create").returncode == 0
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-u")
+    daemon = node_daemons.start("node-u")
     with daemon.stub() as stub:
         stub.Allocate(ipam_pb2.AllocateRequest(attachment=attachment("u"), assign_ipv4=True),
                       timeout=10)
@@ -409,10 +374,8 @@ def test_blocks_unselected_while_the_daemon_was_down_are_released(
 
 
 def test_delete_node_refuses_while_its_daemon_runs_unless_forced(
-    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
-    ctl_env: dict[str, str],
-) -> None:
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-live", ["--labels", "rack=0"])
+        node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> None:
+    daemon = node_daemons.start("node-live", ["--labels", "rack=0"])
     refused = ctl(ctl_env, "delete", "node", "node-live")
     assert refused.returncode == 1
     assert refused.stderr.startswith("error: node node-live is served by a running topoipamd")
@@ -431,13 +394,11 @@ def test_delete_node_refuses_while_its_daemon_runs_unless_forced(
 
 
 def test_record_allocations_false_keeps_no_record(
-    daemon_factory: list[DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
-    ctl_env: dict[str, str],
-) -> None:
+        node_daemons: NodeDaemons, tmp_path: Path, ctl_env: dict[str, str]) -> None:
     # What bench/record_cost.py compares against: the same daemon without its record.
     assert ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.31.0.0/24").returncode == 0
     state = tmp_path / "norecord.state"
-    daemon = make(daemon_factory, etcd, prefix, tmp_path, "node-nr",
+    daemon = node_daemons.start("node-nr",
                   ["--record-allocations", "false", "--state-dir", str(state)])
     with daemon.stub() as stub:
         stub.Allocate(ipam_pb2.AllocateRequest(attachment=attachment("nr"), assign_ipv4=True),

@@ -13,17 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import EtcdServer, start_etcd, temporary_etcd
+from tests.conftest import EtcdServer, start_etcd
 from tests.daemons import DaemonProcess, cni, ctl
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 from topoipam.proto import ipam_pb2
-
-
-@pytest.fixture
-def private_etcd() -> Iterator[EtcdServer]:
-    """An etcd of this test's own, so it can be stopped and restarted on the same ports."""
-    with temporary_etcd("private-") as server:
-        yield server
 
 
 def restart(server: EtcdServer) -> EtcdServer:

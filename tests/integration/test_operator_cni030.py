@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import EtcdServer
-from tests.daemons import DaemonProcess, cni, ctl, rack_pools_manifest
+from tests.daemons import DaemonProcess, NodeDaemons, cni, ctl, rack_pools_manifest
 
 
 @pytest.fixture
-def n1(etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]
-       ) -> Iterator[DaemonProcess]:
+def n1(node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> DaemonProcess:
     assert ctl(ctl_env, "apply", "-f", "-", input=rack_pools_manifest()).returncode == 0
-    daemon = DaemonProcess("n1", str(tmp_path / "n1.sock"), etcd.endpoint, prefix,
-                           str(tmp_path / "n1.log"), ["--labels", "rack=0"]).start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+    return node_daemons.start("n1", ["--labels", "rack=0"])
 
 
 def conf(daemon: DaemonProcess, version: str) -> dict[str, Any]:

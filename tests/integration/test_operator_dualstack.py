@@ -4,14 +4,13 @@ IP family with strictAffinity and the warm reserve; real etcd, real daemons."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import EtcdServer
-from tests.daemons import DaemonProcess, cni, ctl
+from tests.daemons import DaemonProcess, NodeDaemons, cni, ctl
 
 POOLS = """apiVersion: topoipam/v1
 kind: IPPool
@@ -40,22 +39,10 @@ def run(ctl_env: dict[str, str], *args: str, input: str | None = None) -> str:
 
 
 @pytest.fixture
-def nodes(etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]
-          ) -> Iterator[dict[str, DaemonProcess]]:
+def nodes(node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> dict[str, DaemonProcess]:
     run(ctl_env, "apply", "-f", "-", input=POOLS)
-    started: dict[str, DaemonProcess] = {}
-    try:
-        for node in ("n1", "n2"):
-            started[node] = DaemonProcess(
-                node, str(tmp_path / f"{node}.sock"), etcd.endpoint, prefix,
-                str(tmp_path / f"{node}.log"),
-                ["--labels", "rack=0", "--node-lease-seconds", "3"]).start(wait=False)
-        for daemon in started.values():
-            daemon.wait_serving(30)
-        yield started
-    finally:
-        for daemon in started.values():
-            daemon.stop()
+    flags = ["--labels", "rack=0", "--node-lease-seconds", "3"]
+    return node_daemons.start_all({"n1": flags, "n2": flags})
 
 
 def conf(daemon: DaemonProcess, identity: str = "", v4: bool = True, v6: bool = True

@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.daemons import BIN, TOPOIPAMD
 
@@ -65,15 +60,8 @@ def run_commands(commands: list[str], env: dict[str, str], cwd: Path
             for i, command in enumerate(commands)]
 
 
-@pytest.fixture
-def short_home() -> Iterator[Path]:
-    """A short HOME: the dev daemon's sockets live under it (unix paths < 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="tpi-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_readme_step_by_step_works_as_printed(short_home: Path) -> None:
+def test_readme_step_by_step_works_as_printed(short_tmp: Path) -> None:
+    short_home = short_tmp  # the dev daemon's sockets live under HOME
     commands = walkthrough_commands(README.read_text())
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TOPOIPAM_", "CNI_", "XDG_"))}

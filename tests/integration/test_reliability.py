@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,12 +207,6 @@ def test_one_node_name_two_daemons(etcd: EtcdServer, prefix: str, tmp_path: Path
 
 
 # ---------------------------------------------------------------------- 4. etcd restored
-@pytest.fixture
-def private_etcd() -> Iterator[EtcdServer]:
-    with temporary_etcd("restore-") as server:
-        yield server
-
-
 def restore(server: EtcdServer, snapshot: str) -> EtcdServer:
     """Stop etcd, restore ``snapshot`` into a new data dir, start it on the same endpoints."""
     server.stop()

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.conftest import EtcdServer, temporary_etcd
+from tests.conftest import EtcdServer
 from tests.daemons import ctl
 from tests.etcd_cluster import etcdctl
-from tests.integration.test_faults import allocate, attachment
-from tests.integration.test_reliability import handles, new_daemon, restore, wait_for
-from tests.integration.test_restore_safety import (
+from tests.integration.restores import (
     Scene,
     allocate_ip,
     env_of,
@@ -28,15 +25,11 @@ from tests.integration.test_restore_safety import (
     no_pool_conflict,
     release,
 )
+from tests.integration.test_faults import allocate, attachment
+from tests.integration.test_reliability import handles, new_daemon, restore, wait_for
 from topoipam.proto import ipam_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-@pytest.fixture
-def hunt_etcd() -> Iterator[EtcdServer]:
-    with temporary_etcd("hostile-") as server:
-        yield server
 
 
 def conflicts_text(env: dict[str, str]) -> str:
@@ -51,18 +44,18 @@ def reassertions(log: str) -> int:
 
 # ---------------------------------------------------------------------- dual stack, one family lost
 def test_dual_stack_whose_v6_pool_the_snapshot_lacked_keeps_its_v4_address(
-        hunt_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+        private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     """p1 (IPv4 X + IPv6 Y) re-asserted after a restore of a snapshot without the v6
     pool: the handle is not put back at all, so X is free in etcd while p1 uses it, and
     the next pod that asks gets X; ipam check names only Y."""
-    env = env_of(hunt_etcd, prefix)
+    env = env_of(private_etcd, prefix)
     assert ctl(env, "create", "ippool", "p4", "--cidr", "10.70.0.0/24",
                "--block-size", "28").returncode == 0
-    m1 = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix).start()
+    m1 = new_daemon(tmp_path, "m1", "m1", private_etcd.endpoint, prefix).start()
     try:
         allocate(m1, "warm")  # the v4 block exists in the snapshot
         snapshot = str(tmp_path / "backup.db")
-        etcdctl(hunt_etcd.endpoint, "snapshot", "save", snapshot)
+        etcdctl(private_etcd.endpoint, "snapshot", "save", snapshot)
         assert ctl(env, "create", "ippool", "p6", "--cidr", "fd00:70::/120",
                    "--block-size", "124").returncode == 0
         time.sleep(0.5)
@@ -73,7 +66,7 @@ def test_dual_stack_whose_v6_pool_the_snapshot_lacked_keeps_its_v4_address(
         y = next(a.ip for a in reply.addresses if a.family == 6)
         time.sleep(0.2)
         m1.stop()
-        restore(hunt_etcd, snapshot)
+        restore(private_etcd, snapshot)
         m1.start()
         wait_for(lambda: "in no pool" in m1.log(), 20, "no conflict for the v6 address")
         time.sleep(0.5)
@@ -87,36 +80,36 @@ def test_dual_stack_whose_v6_pool_the_snapshot_lacked_keeps_its_v4_address(
         check = ctl(env, "ipam", "check")
         assert got != x or x in check.stdout, (
             f"{x} handed to p4 while p1 (recorded on m1) uses it; ipam check:\n{check.stdout}"
-            f"\nhandles: {sorted(handles(hunt_etcd.endpoint, prefix))}")
+            f"\nhandles: {sorted(handles(private_etcd.endpoint, prefix))}")
     finally:
         m1.stop()
 
 
 # ---------------------------------------------------------------------- three claimants
 def test_third_claimant_after_two_restores_is_not_forgotten(
-        hunt_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+        private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     """Snapshot S; p1 on m1 gets X; restore S; p3 on m3 gets X; restore S; p2 on m2 gets
     X; m1 and m3 come back: three pods use X. Deleting p2 hands X to p1, and m3's
     conflict is then taken for over ("let go of it"), though p3 still uses X."""
-    env = env_of(hunt_etcd, prefix)
+    env = env_of(private_etcd, prefix)
     assert ctl(env, "create", "ippool", "p", "--cidr", "10.71.0.0/24",
                "--block-size", "28").returncode == 0
-    m1 = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix).start()
-    m2 = new_daemon(tmp_path, "m2", "m2", hunt_etcd.endpoint, prefix)
-    m3 = new_daemon(tmp_path, "m3", "m3", hunt_etcd.endpoint, prefix)
+    m1 = new_daemon(tmp_path, "m1", "m1", private_etcd.endpoint, prefix).start()
+    m2 = new_daemon(tmp_path, "m2", "m2", private_etcd.endpoint, prefix)
+    m3 = new_daemon(tmp_path, "m3", "m3", private_etcd.endpoint, prefix)
     try:
         allocate(m1, "warm")
         snapshot = str(tmp_path / "backup.db")
-        etcdctl(hunt_etcd.endpoint, "snapshot", "save", snapshot)
+        etcdctl(private_etcd.endpoint, "snapshot", "save", snapshot)
         x = allocate(m1, "p1")
         time.sleep(0.2)
         m1.stop()
-        restore(hunt_etcd, snapshot)
+        restore(private_etcd, snapshot)
         m3.start()
         assert allocate_ip(m3, "p3", x) == x
         time.sleep(0.2)
         m3.stop()
-        restore(hunt_etcd, snapshot)
+        restore(private_etcd, snapshot)
         m2.start()
         assert allocate_ip(m2, "p2", x) == x
         m1.start()
@@ -148,15 +141,6 @@ def test_third_claimant_after_two_restores_is_not_forgotten(
 
 
 # ---------------------------------------------------------------------- delete node --force
-@pytest.fixture
-def scene(hunt_etcd: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[Scene]:
-    made = Scene(hunt_etcd, prefix, tmp_path)
-    try:
-        yield made
-    finally:
-        made.close()
-
-
 def test_delete_node_force_with_open_conflict_while_its_daemon_runs(scene: Scene) -> None:
     """`delete node m1 --force` releases p1 (the recorded side): X stays with p2 and the
     conflict is over. The running m1 daemon must not put p1 back and re-open it."""
@@ -186,14 +170,14 @@ def test_delete_node_force_with_open_conflict_then_daemon_restarts(scene: Scene)
 
 # ---------------------------------------------------------------------- resolve twice
 def test_resolve_keep_datastore_twice_while_the_daemon_is_stopped(
-        hunt_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+        private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     """A no-pool conflict; m1 stopped; `resolve-conflict m1 X --keep datastore` (the pod is
     gone), and again (says "conflict over: its record removed"); m1 starts: the conflict
     the operator resolved must not come back."""
-    env = env_of(hunt_etcd, prefix)
-    m1 = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix).start()
+    env = env_of(private_etcd, prefix)
+    m1 = new_daemon(tmp_path, "m1", "m1", private_etcd.endpoint, prefix).start()
     try:
-        x = no_pool_conflict(hunt_etcd, prefix, m1, tmp_path, "--cidr", "10.72.0.0/24")
+        x = no_pool_conflict(private_etcd, prefix, m1, tmp_path, "--cidr", "10.72.0.0/24")
         assert x in conflicts_text(env)
         m1.stop()
         first = ctl(env, "ipam", "resolve-conflict", "m1", x, "--keep", "datastore")
@@ -213,16 +197,16 @@ def test_resolve_keep_datastore_twice_while_the_daemon_is_stopped(
 
 # ---------------------------------------------------------------------- --record-allocations false
 def test_record_allocations_false_does_not_delete_a_conflict_that_holds(
-        hunt_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+        private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     """A no-pool conflict (p1 on m1 uses X, no pool contains it); m1 restarted with
     `--record-allocations false` (its record file untouched): the conflict still holds
     (p1 runs), so it must stay listed, and re-creating the pool must not hand X out."""
-    env = env_of(hunt_etcd, prefix)
-    m1 = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix).start()
-    plain = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix,
+    env = env_of(private_etcd, prefix)
+    m1 = new_daemon(tmp_path, "m1", "m1", private_etcd.endpoint, prefix).start()
+    plain = new_daemon(tmp_path, "m1", "m1", private_etcd.endpoint, prefix,
                        "--record-allocations", "false")
     try:
-        x = no_pool_conflict(hunt_etcd, prefix, m1, tmp_path, "--cidr", "10.81.0.0/24")
+        x = no_pool_conflict(private_etcd, prefix, m1, tmp_path, "--cidr", "10.81.0.0/24")
         assert x in conflicts_text(env)
         m1.stop()
         plain.start()
@@ -245,22 +229,22 @@ def test_record_allocations_false_does_not_delete_a_conflict_that_holds(
 
 # ---------------------------------------------------------------------- an old-format conflict
 def test_resolve_keep_record_of_a_conflict_recorded_before_the_upgrade(
-        hunt_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+        private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     """A conflict record as the previous version wrote it (address, node, handle, holder; the
     recorded handle was not put back), resolved with --keep record while m1 is down: the
     recorded attachment must end up holding X in its block *and* listing it in its handle."""
-    env = env_of(hunt_etcd, prefix)
+    env = env_of(private_etcd, prefix)
     assert ctl(env, "create", "ippool", "p", "--cidr", "10.82.0.0/24",
                "--block-size", "28").returncode == 0
-    m2 = new_daemon(tmp_path, "m2", "m2", hunt_etcd.endpoint, prefix).start()
+    m2 = new_daemon(tmp_path, "m2", "m2", private_etcd.endpoint, prefix).start()
     try:
         x = allocate(m2, "p2")
-        etcdctl(hunt_etcd.endpoint, "put", f"{prefix}/conflicts/m1/{x}", json.dumps({
+        etcdctl(private_etcd.endpoint, "put", f"{prefix}/conflicts/m1/{x}", json.dumps({
             "address": x, "node": "m1", "handle": "net/p1/eth0", "holder": "net/p2/eth0",
             "container_id": "p1", "detected": time.time()}))
         assert x in conflicts_text(env)
         done = ctl(env, "ipam", "resolve-conflict", "m1", x, "--keep", "record")
-        found = handles(hunt_etcd.endpoint, prefix)
+        found = handles(private_etcd.endpoint, prefix)
         check = ctl(env, "ipam", "check")
         assert done.returncode == 1 or (holder_of(found, x) == ["net/p1/eth0"]
                                         and check.returncode == 0), (
@@ -290,16 +274,16 @@ def test_conflict_whose_record_was_deleted_by_hand_can_still_be_resolved(scene: 
 
 # ---------------------------------------------------------------------- pool back, other block size
 def test_pool_recreated_with_another_block_size_gets_no_overlapping_block(
-        hunt_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+        private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     """A no-pool conflict (the pool, block size 28, is newer than the snapshot); the operator
     re-creates the pool as told, with the default block size; m2 takes X meanwhile (m1 is
     down); m1 comes back and must not write a /28 block inside m2's block that gives X to p1
     too: one address in two blocks, two pods."""
-    env = env_of(hunt_etcd, prefix)
-    m1 = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix).start()
-    m2 = new_daemon(tmp_path, "m2", "m2", hunt_etcd.endpoint, prefix)
+    env = env_of(private_etcd, prefix)
+    m1 = new_daemon(tmp_path, "m1", "m1", private_etcd.endpoint, prefix).start()
+    m2 = new_daemon(tmp_path, "m2", "m2", private_etcd.endpoint, prefix)
     try:
-        x = no_pool_conflict(hunt_etcd, prefix, m1, tmp_path, "--cidr", "10.90.0.0/24",
+        x = no_pool_conflict(private_etcd, prefix, m1, tmp_path, "--cidr", "10.90.0.0/24",
                              "--block-size", "28")
         m1.stop()
         assert ctl(env, "create", "ippool", "late", "--cidr", "10.90.0.0/24").returncode == 0
@@ -308,9 +292,9 @@ def test_pool_recreated_with_another_block_size_gets_no_overlapping_block(
         m1.start()
         time.sleep(2)
         check = ctl(env, "ipam", "check")
-        blocks = etcdctl(hunt_etcd.endpoint, "get", "--prefix", "--keys-only",
+        blocks = etcdctl(private_etcd.endpoint, "get", "--prefix", "--keys-only",
                          f"{prefix}/blocks/").stdout.split()
-        found = handles(hunt_etcd.endpoint, prefix)
+        found = handles(private_etcd.endpoint, prefix)
         assert len(holder_of(found, x)) <= 1 or x in check.stdout, (
             f"p2 got {got}; holders of {x}: {holder_of(found, x)}; blocks: {blocks}\n"
             f"ipam check: {check.stdout}")
@@ -321,15 +305,15 @@ def test_pool_recreated_with_another_block_size_gets_no_overlapping_block(
 
 
 def test_no_pool_conflict_is_not_over_when_another_pod_takes_the_address(
-        hunt_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+        private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     """A no-pool conflict; m1 is down (p1 keeps running with X); the operator re-creates the
     pool as told; a pod on m2 asks for X and gets it: two pods use X, and ipam check (and
     ipam conflicts) must say so, not take the conflict for over ("let go of it")."""
-    env = env_of(hunt_etcd, prefix)
-    m1 = new_daemon(tmp_path, "m1", "m1", hunt_etcd.endpoint, prefix).start()
-    m2 = new_daemon(tmp_path, "m2", "m2", hunt_etcd.endpoint, prefix)
+    env = env_of(private_etcd, prefix)
+    m1 = new_daemon(tmp_path, "m1", "m1", private_etcd.endpoint, prefix).start()
+    m2 = new_daemon(tmp_path, "m2", "m2", private_etcd.endpoint, prefix)
     try:
-        x = no_pool_conflict(hunt_etcd, prefix, m1, tmp_path, "--cidr", "10.92.0.0/24")
+        x = no_pool_conflict(private_etcd, prefix, m1, tmp_path, "--cidr", "10.92.0.0/24")
         m1.stop()
         assert ctl(env, "create", "ippool", "late", "--cidr", "10.92.0.0/24").returncode == 0
         m2.start()
@@ -346,15 +330,15 @@ def test_no_pool_conflict_is_not_over_when_another_pod_takes_the_address(
 
 # ---------------------------------------------------------------------- a corrupt conflict record
 def test_corrupt_conflict_record_reported_by_check_is_removable_with_topoipamctl(
-        hunt_etcd: EtcdServer, prefix: str) -> None:
+        private_etcd: EtcdServer, prefix: str) -> None:
     """A conflict record whose value is unreadable (a torn write, a hand edit): ipam check
     reports it as a problem, so topoipamctl must be able to remove it (resolve-conflict of
     that node and address), with one line on stderr, and nothing else spammed."""
-    env = env_of(hunt_etcd, prefix)
+    env = env_of(private_etcd, prefix)
     assert ctl(env, "create", "ippool", "p", "--cidr", "10.93.0.0/24").returncode == 0
     assert ctl(env, "label", "nodes", "m1", "rack=1", "--create").returncode == 0
     for ip in ("10.93.0.5", "10.93.0.6"):
-        etcdctl(hunt_etcd.endpoint, "put", f"{prefix}/conflicts/m1/{ip}", "junk")
+        etcdctl(private_etcd.endpoint, "put", f"{prefix}/conflicts/m1/{ip}", "junk")
     check = ctl(env, "ipam", "check")
     assert check.returncode == 1 and "10.93.0.5" in check.stdout, check.stdout
     done = ctl(env, "ipam", "resolve-conflict", "m1", "10.93.0.5", "--keep", "datastore")

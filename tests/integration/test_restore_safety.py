@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +25,21 @@ import pytest
 
 from tests.conftest import EtcdServer, temporary_etcd
 from tests.daemons import TOPOIPAMD, DaemonProcess, ctl
-from tests.etcd_cluster import etcdctl
-from tests.integration.test_faults import allocate, attachment
-from tests.integration.test_reliability import handles, new_daemon, restore, wait_for
-from topoipam.daemon.core.holdings import Handle
+from tests.integration.restores import (
+    Scene,
+    allocate_ip,
+    env_of,
+    holder_of,
+    n1_with_record,
+    no_pool_conflict,
+    release,
+    serve_pods,
+)
+from tests.integration.test_faults import allocate
+from tests.integration.test_reliability import handles, new_daemon, wait_for
 from topoipam.daemon.store import EtcdOptions, EtcdStore
-from topoipam.proto import ipam_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-@pytest.fixture
-def private_etcd() -> Iterator[EtcdServer]:
-    with temporary_etcd("restore-") as server:
-        yield server
-
-
-def env_of(server: EtcdServer, prefix: str) -> dict[str, str]:
-    return {**os.environ, "TOPOIPAM_ETCD_ENDPOINTS": server.endpoint, "TOPOIPAM_PREFIX": prefix}
 
 
 def revision(server: EtcdServer) -> int:
@@ -51,22 +47,6 @@ def revision(server: EtcdServer) -> int:
         async with EtcdStore(EtcdOptions(endpoints=(server.endpoint,))) as store:
             return await store.ping()
     return asyncio.run(read())
-
-
-def allocate_ip(daemon: DaemonProcess, container: str, ip: str) -> str:
-    with daemon.stub() as stub:
-        reply = stub.Allocate(ipam_pb2.AllocateRequest(attachment=attachment(container),
-                                                       assign_ipv4=True, ips=[ip]), timeout=20)
-    return str(reply.addresses[0].ip)
-
-
-def release(daemon: DaemonProcess, container: str) -> None:
-    with daemon.stub() as stub:
-        stub.Release(ipam_pb2.ReleaseRequest(attachment=attachment(container)), timeout=20)
-
-
-def holder_of(found: dict[str, Handle], ip: str) -> list[str]:
-    return sorted(h for h, v in found.items() if ip in {str(a.ip) for a in v.addresses})
 
 
 def aside_records(state: Path) -> list[str]:
@@ -81,15 +61,9 @@ def test_daemon_moved_to_a_new_etcd_writes_none_of_its_old_allocations(
         for server in (private_etcd, other):
             assert ctl(env_of(server, prefix), "create", "ippool", "p", "--cidr",
                        "10.64.0.0/24").returncode == 0
-        first = new_daemon(tmp_path, "a", "n1", private_etcd.endpoint, prefix,
-                           "--state-dir", str(state)).start()
-        try:
-            acked = [allocate(first, f"pod-{i}") for i in range(5)]
-            time.sleep(0.1)  # the record is written off the critical path
-        finally:
-            first.stop()
-        moved = new_daemon(tmp_path, "b", "n1", other.endpoint, prefix,
-                           "--state-dir", str(state)).start()
+        acked = serve_pods(n1_with_record(tmp_path, "a", private_etcd.endpoint, prefix,
+                                          state).start(), 5, 0.1)
+        moved = n1_with_record(tmp_path, "b", other.endpoint, prefix, state).start()
         try:
             wait_for(lambda: "starting clean" in moved.log(), 20, "no line about the move")
             assert handles(other.endpoint, prefix) == {}, "old allocations written to etcd B"
@@ -111,16 +85,9 @@ def test_second_prefix_sharing_a_state_dir_gets_no_allocations(
     for each in (prefix, second):
         assert ctl(env_of(private_etcd, each), "create", "ippool", "p", "--cidr",
                    "10.66.0.0/24").returncode == 0
-    first = new_daemon(tmp_path, "a", "n1", private_etcd.endpoint, prefix,
-                       "--state-dir", str(state)).start()
-    try:
-        for i in range(5):
-            allocate(first, f"pod-{i}")
-        time.sleep(0.1)
-    finally:
-        first.stop()
-    other = new_daemon(tmp_path, "b", "n1", private_etcd.endpoint, second,
-                       "--state-dir", str(state)).start()
+    serve_pods(n1_with_record(tmp_path, "a", private_etcd.endpoint, prefix, state).start(),
+               5, 0.1)
+    other = n1_with_record(tmp_path, "b", private_etcd.endpoint, second, state).start()
     try:
         allocate(other, "x")
         time.sleep(0.5)
@@ -128,8 +95,7 @@ def test_second_prefix_sharing_a_state_dir_gets_no_allocations(
     finally:
         other.stop()
     # The first prefix's daemon, back, still finds its own record intact.
-    back = new_daemon(tmp_path, "c", "n1", private_etcd.endpoint, prefix,
-                      "--state-dir", str(state)).start()
+    back = n1_with_record(tmp_path, "c", private_etcd.endpoint, prefix, state).start()
     try:
         assert len(handles(private_etcd.endpoint, prefix)) == 5
         assert "starting clean" not in back.log()
@@ -155,12 +121,7 @@ def start_dev(state: Path, log: Path) -> tuple[subprocess.Popen[bytes], DaemonPr
 def test_dev_daemon_after_its_etcd_data_was_wiped_starts_clean(tmp_path: Path) -> None:
     state, log = tmp_path / "state", tmp_path / "dev.log"
     process, daemon = start_dev(state, log)
-    try:
-        for i in range(3):
-            allocate(daemon, f"pod-{i}")
-        time.sleep(0.1)
-    finally:
-        daemon.stop()
+    serve_pods(daemon, 3, 0.1)
     shutil.rmtree(state / "etcd")
     log.write_text("")
     process, daemon = start_dev(state, log)
@@ -172,57 +133,6 @@ def test_dev_daemon_after_its_etcd_data_was_wiped_starts_clean(tmp_path: Path) -
 
 
 # ---------------------------------------------------------------------- a conflict after a restore
-class Scene:
-    """Snapshot; p1 on m1 gets X; etcd restored; p2 on m2 asks for X and gets it; m1 back."""
-
-    def __init__(self, server: EtcdServer, prefix: str, tmp_path: Path) -> None:
-        self.server, self.prefix, self.tmp_path = server, prefix, tmp_path
-        self.env = env_of(server, prefix)
-        assert ctl(self.env, "create", "ippool", "p", "--cidr", "10.65.0.0/24",
-                   "--block-size", "28").returncode == 0
-        self.m1 = new_daemon(tmp_path, "m1", "m1", server.endpoint, prefix).start()
-        self.m2 = new_daemon(tmp_path, "m2", "m2", server.endpoint, prefix)
-        allocate(self.m1, "warm")
-        snapshot = str(tmp_path / "backup.db")
-        etcdctl(server.endpoint, "snapshot", "save", snapshot)
-        self.x = allocate(self.m1, "p1")
-        time.sleep(0.1)
-        self.m1.stop()
-        restore(server, snapshot)
-        self.m2.start()
-        assert allocate_ip(self.m2, "p2", self.x) == self.x
-        self.m1.start()
-        wait_for(lambda: "re-asserted the record" in self.m1.log(), 20, "no re-assertion")
-
-    def check(self) -> subprocess.CompletedProcess[str]:
-        return ctl(self.env, "ipam", "check")
-
-    def handles(self) -> dict[str, Handle]:
-        return handles(self.server.endpoint, self.prefix)
-
-    def third_pod_is_refused(self) -> None:
-        with pytest.raises(grpc.RpcError):
-            allocate_ip(self.m2, "p3", self.x)
-
-    def restart_m1(self) -> None:
-        self.m1.stop()
-        self.m1.start()
-        time.sleep(1.0)  # its record check runs once it serves
-
-    def close(self) -> None:
-        self.m1.stop()
-        self.m2.stop()
-
-
-@pytest.fixture
-def scene(private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> Iterator[Scene]:
-    made = Scene(private_etcd, prefix, tmp_path)
-    try:
-        yield made
-    finally:
-        made.close()
-
-
 def test_a_holding_conflict_is_reported_with_what_is_really_there(scene: Scene) -> None:
     check = scene.check()
     assert check.returncode == 1, check.stdout
@@ -289,24 +199,6 @@ def test_resolve_conflict_bad_input_writes_nothing(scene: Scene) -> None:
 
 
 # ---------------------------------------------------------------------- a pool the snapshot lacked
-def no_pool_conflict(server: EtcdServer, prefix: str, m1: DaemonProcess, tmp_path: Path,
-                     *pool_flags: str) -> str:
-    """Snapshot; pool ``late`` (``pool_flags``) created; p1 on m1 gets X; m1 stopped; etcd
-    restored (no ``late``); m1 back and its record checked (X in no pool). Returns X."""
-    snapshot = str(tmp_path / "backup.db")
-    etcdctl(server.endpoint, "snapshot", "save", snapshot)
-    assert ctl(env_of(server, prefix), "create", "ippool", "late",
-               *pool_flags).returncode == 0
-    time.sleep(0.5)
-    x = allocate(m1, "p1")
-    time.sleep(0.2)  # the record is written off the critical path
-    m1.stop()
-    restore(server, snapshot)
-    m1.start()
-    wait_for(lambda: "re-asserted the record" in m1.log(), 20, "no re-assertion")
-    return x
-
-
 def test_conflict_of_a_pool_the_snapshot_lacked_ends_when_the_pool_is_back(
         private_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     env = env_of(private_etcd, prefix)

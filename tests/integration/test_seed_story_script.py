@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "seed-story.sh"
@@ -28,16 +23,8 @@ def section(out: str, command: str) -> list[str]:
     return [line for line in lines[:end] if line.strip()]
 
 
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short TMPDIR: the script's sockets live under it (unix paths < 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="tpi-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def test_seed_story_script_tells_the_whole_story_and_cleans_up(short_tmp: Path) -> None:
-    tmp_path = short_tmp
+    tmp_path = short_tmp  # the script's sockets live under TMPDIR
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOPOIPAM_")}
     env["TMPDIR"] = str(tmp_path)
     env["TOPOIPAM_PREFIX"] = "/must-be-ignored/v1"  # the script uses its own etcd, as is

@@ -12,14 +12,13 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.conftest import EtcdServer
-from tests.daemons import DaemonProcess, cni, ctl, rack_pools_manifest
+from tests.daemons import DaemonProcess, NodeDaemons, cni, ctl, rack_pools_manifest
 from tests.etcd_cluster import etcdctl_binary
 
 NETWORK = "sticky-net"
@@ -27,24 +26,10 @@ RACKS = {"node-0": "0", "node-1": "0", "node-2": "1"}
 
 
 @pytest.fixture
-def daemons(etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]
-            ) -> Iterator[dict[str, DaemonProcess]]:
+def daemons(node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> dict[str, DaemonProcess]:
     run(ctl_env, "apply", "-f", "-", input=rack_pools_manifest())
-    started: dict[str, DaemonProcess] = {}
-    try:
-        for node, rack in RACKS.items():
-            run_dir = tmp_path / node
-            run_dir.mkdir(mode=0o750)
-            started[node] = DaemonProcess(
-                node, str(run_dir / "topoipamd.sock"), etcd.endpoint, prefix,
-                str(tmp_path / f"{node}.log"), ["--labels", f"rack={rack},host={node}"],
-            ).start(wait=False)
-        for daemon in started.values():
-            daemon.wait_serving(30)
-        yield started
-    finally:
-        for daemon in started.values():
-            daemon.stop()
+    return node_daemons.start_all({node: ["--labels", f"rack={rack},host={node}"]
+                                   for node, rack in RACKS.items()})
 
 
 def run(ctl_env: dict[str, str], *args: str, input: str | None = None) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -52,6 +53,17 @@ async def seed(store: EtcdStore, config: IPAMConfig) -> None:
     assert (await store.commit([PutObject(o) for o in objects])).succeeded
 
 
+async def live_on_n0(store: EtcdStore, config: IPAMConfig,
+                     clock: Callable[[], float] = time.time
+                     ) -> tuple[AllocationEngine, AllocationEngine, IPAddress]:
+    """Seeded with ``config``: the engines of nodes n0 and n1 (on ``clock``), and the
+    address of n0's sticky pod c1, live."""
+    await seed(store, config)
+    n0, n1 = (AllocationEngine(store, n, clock=clock) for n in ("n0", "n1"))
+    first = (await n0.allocate(sticky("c1"))).addresses[0].ip
+    return n0, n1, first
+
+
 async def consistent(store: EtcdStore) -> None:
     assert find_inconsistencies(await load_snapshot(store)) == []
 
@@ -67,10 +79,7 @@ async def audited(store: EtcdStore, ctl_env: dict[str, str]) -> None:
 @pytest.mark.asyncio
 async def test_strict_affinity_keeps_the_address_only_on_the_blocks_own_node(
         store: EtcdStore) -> None:
-    await seed(store, IPAMConfig(strict_affinity=True))
-    clock = Clock()
-    n0, n1 = (AllocationEngine(store, n, clock=clock) for n in ("n0", "n1"))
-    first = (await n0.allocate(sticky("c1"))).addresses[0].ip
+    n0, n1, first = await live_on_n0(store, IPAMConfig(strict_affinity=True), Clock())
     await n0.release("net/c1/eth0")
     # n1 may not borrow: a new address from its own block, the parked one freed.
     moved = (await n1.allocate(sticky("c2"))).addresses[0].ip
@@ -82,10 +91,8 @@ async def test_strict_affinity_keeps_the_address_only_on_the_blocks_own_node(
 
 async def parked_on_n0(store: EtcdStore) -> tuple[AllocationEngine, Clock, IPAddress]:
     """Node n0 (with a clock the test moves) whose sticky pod c1 was deleted: held 30 s."""
-    await seed(store, IPAMConfig(sticky_hold_seconds=30))
     clock = Clock()
-    n0 = AllocationEngine(store, "n0", clock=clock)
-    first = (await n0.allocate(sticky("c1"))).addresses[0].ip
+    n0, _, first = await live_on_n0(store, IPAMConfig(sticky_hold_seconds=30), clock)
     await n0.release("net/c1/eth0")
     return n0, clock, first
 
@@ -140,9 +147,7 @@ async def test_expiry_frees_only_holds_that_are_over(store: EtcdStore) -> None:
 @pytest.mark.asyncio
 async def test_no_hold_frees_at_del_and_a_live_identity_is_never_taken(
         store: EtcdStore) -> None:
-    await seed(store, IPAMConfig(sticky_hold_seconds=0))
-    n0, n1 = AllocationEngine(store, "n0"), AllocationEngine(store, "n1")
-    first = (await n0.allocate(sticky("c1"))).addresses[0].ip
+    n0, n1, first = await live_on_n0(store, IPAMConfig(sticky_hold_seconds=0))
     before = await load_snapshot(store)
     with pytest.raises(IdentityInUse, match="net/c1/eth0.*net/c2/eth0"):
         await n1.allocate(sticky("c2"))
@@ -159,9 +164,7 @@ async def test_a_live_identity_is_taken_over_once_its_node_has_no_daemon_long_en
         store: EtcdStore) -> None:
     # No daemon serves n0 here (no daemons/n0 fence key): its absence is noted by the
     # first refused ADD, and timed by etcd from then on.
-    await seed(store, IPAMConfig(sticky_takeover_seconds=0))
-    n0, n1 = AllocationEngine(store, "n0"), AllocationEngine(store, "n1")
-    first = (await n0.allocate(sticky("c1"))).addresses[0].ip
+    n0, n1, first = await live_on_n0(store, IPAMConfig(sticky_takeover_seconds=0))
     with pytest.raises(IdentityInUse, match="stickyTakeoverSeconds is 0 .*"
                        f"topoipamctl ipam release --identity {IDENTITY} --park"):
         await n1.allocate(sticky("c2"))

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import EtcdServer
-from tests.daemons import DaemonProcess, cni, ctl, rack_pools_manifest
+from tests.daemons import DaemonProcess, NodeDaemons, cni, ctl, rack_pools_manifest
 
 NETWORK = "takeover-net"
 # The fence vanishes 2/3 to 3/3 of the lease after the kill (keep-alives every third).
@@ -26,25 +24,10 @@ TAKEOVER_SECONDS = 5
 
 
 @pytest.fixture
-def daemons(etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]
-            ) -> Iterator[dict[str, DaemonProcess]]:
+def daemons(node_daemons: NodeDaemons, ctl_env: dict[str, str]) -> dict[str, DaemonProcess]:
     run(ctl_env, "apply", "-f", "-", input=rack_pools_manifest())
-    started: dict[str, DaemonProcess] = {}
-    try:
-        for node in ("n1", "n2"):
-            run_dir = tmp_path / node
-            run_dir.mkdir(mode=0o750)
-            started[node] = DaemonProcess(
-                node, str(run_dir / "topoipamd.sock"), etcd.endpoint, prefix,
-                str(tmp_path / f"{node}.log"),
-                ["--labels", "rack=0", "--node-lease-seconds", str(LEASE_SECONDS)],
-            ).start(wait=False)
-        for daemon in started.values():
-            daemon.wait_serving(30)
-        yield started
-    finally:
-        for daemon in started.values():
-            daemon.stop()
+    flags = ["--labels", "rack=0", "--node-lease-seconds", str(LEASE_SECONDS)]
+    return node_daemons.start_all({"n1": flags, "n2": flags})
 
 
 def run(ctl_env: dict[str, str], *args: str, input: str | None = None) -> str:
