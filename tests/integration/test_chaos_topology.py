@@ -26,12 +26,11 @@ import signal
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import EtcdServer
-from tests.daemons import DaemonProcess, cni, ctl
+from tests.daemons import DaemonProcess, NodeDaemons, cni, ctl
 from topoipam.daemon.core.holdings import Block, TopologyRange
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 
@@ -152,17 +151,12 @@ async def read_etcd(endpoint: str, prefix: str) -> tuple[list[Block], list[Topol
         await store.close()
 
 
-def test_churn_on_a_priority_pair_of_topology_pools(etcd: EtcdServer, prefix: str,
-                                                   tmp_path: Path,
-                                                   ctl_env: dict[str, str]) -> None:
+def test_churn_on_a_priority_pair_of_topology_pools(
+        etcd: EtcdServer, prefix: str, node_daemons: NodeDaemons,
+        ctl_env: dict[str, str]) -> None:
     assert ctl(ctl_env, "apply", "-f", "-", input=MANIFEST).returncode == 0
-    daemons: dict[str, DaemonProcess] = {}
-    for node, rack in RACK.items():
-        run_dir = tmp_path / node
-        run_dir.mkdir(mode=0o750)
-        daemons[node] = DaemonProcess(node, str(run_dir / "topoipamd.sock"), etcd.endpoint,
-                                      prefix, str(tmp_path / f"{node}.log"),
-                                      ["--labels", f"rack={rack}"]).start()
+    daemons = node_daemons.start_all({node: ["--labels", f"rack={rack}"]
+                                      for node, rack in RACK.items()})
     ledger = Ledger()
     stop = threading.Event()
     seed = random.SystemRandom().randrange(1 << 30)
@@ -218,5 +212,3 @@ def test_churn_on_a_priority_pair_of_topology_pools(etcd: EtcdServer, prefix: st
         print(f"\nchaos-topology seed {seed}: {dict(ledger.ops)}, {kills} daemon kills")
     finally:
         stop.set()
-        for daemon in daemons.values():
-            daemon.stop()
