@@ -87,12 +87,21 @@ def test_daemons_export_every_metric_the_alert_rules_use(
                  ["label", "nodes", "node-0", "rack=0", "--create"],
                  ["label", "nodes", "node-2", "rack=1", "topology.kubernetes.io/zone=z1",
                   "--create"],
-                 ["label", "nodes", "node-x", "role=spare", "--create"]):
+                 ["label", "nodes", "node-x", "role=spare", "--create"],
+                 # A priority pair: node-f's second address falls back to "loose".
+                 ["create", "ippool", "tight", "--cidr", "10.62.0.0/30", "--block-size", "30",
+                  "--node-selector", 'role == "fallback"', "--priority", "5"],
+                 ["create", "ippool", "loose", "--cidr", "10.63.0.0/28", "--block-size", "28",
+                  "--node-selector", 'role == "fallback"'],
+                 ["label", "nodes", "node-f", "role=fallback", "--create"]):
         done = ctl(ctl_env, *args)
         assert done.returncode == 0, done.stderr
     owner, owner_port = start(daemons, etcd, prefix, tmp_path, "node-0")
     borrower, borrower_port = start(daemons, etcd, prefix, tmp_path, "node-2")
     spare, spare_port = start(daemons, etcd, prefix, tmp_path, "node-x")
+    fallback, fallback_port = start(daemons, etcd, prefix, tmp_path, "node-f")
+    assert [allocate(fallback, f"f{i}").addresses[0].pool for i in range(2)] == ["tight",
+                                                                                  "loose"]
     [own] = allocate(owner, "c0").addresses
     [borrowed] = allocate(borrower, "c2").addresses
     assert own.block == borrowed.block == "10.60.0.0/26"
@@ -101,12 +110,16 @@ def test_daemons_export_every_metric_the_alert_rules_use(
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     scraped = {node: scrape(port) for node, port in
-               (("node-0", owner_port), ("node-2", borrower_port), ("node-x", spare_port))}
+               (("node-0", owner_port), ("node-2", borrower_port), ("node-x", spare_port),
+                    ("node-f", fallback_port))}
     exported = {name for samples in scraped.values() for name, _ in samples}
     missing = {name for name in rule_metrics() if name not in exported}
     assert not missing, f"the alert rules use metrics no daemon exports: {sorted(missing)}"
 
-    owner_metrics, borrower_metrics, spare_metrics = scraped.values()
+    owner_metrics, borrower_metrics, spare_metrics = (scraped[n] for n in ("node-0", "node-2",
+                                                                           "node-x"))
+    assert value(scraped["node-f"], "topoipam_pool_fallbacks_total", from_pool="tight",
+                 to_pool="loose") == 1
     # Pool capacity (62 addresses less network, broadcast and gateway), from every daemon.
     for samples in scraped.values():
         assert value(samples, "topoipam_pool_capacity_addresses", pool="shared",
