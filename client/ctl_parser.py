@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
 from topoipam.client import cni_bundle
+from topoipam.client.ctl_foresight import cmd_check_capacity
 from topoipam.client.ctl_ipam import (
     CONFIG_FLAGS,
     cmd_ipam_check,
@@ -48,6 +49,9 @@ from topoipam.daemon.etcd_access import DEFAULT_ETCD_ENDPOINT
 from topoipam.daemon.reports import DEFAULT_ROUTE_LABEL
 from topoipam.daemon.resolve import KEEP_SIDES
 from topoipam.daemon.store import EtcdStore
+
+#: The verbs that take --dry-run.
+DRY_RUN_VERBS = ("apply", "create", "delete", "patch", "label")
 
 # Short: an operator at a terminal wants "etcd is down" in seconds, not a hang.
 DEFAULT_TIMEOUT = 3.0
@@ -266,10 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = verb(verbs, "explain", cmd_explain,
                    "which pools select a node, why, and the order addresses come from")
-    explain.add_argument("resource", choices=(*NODE_NAMES, "identity"),
-                         help="node (no), or identity: the nodes a sticky identity can "
-                              "move to and keep its addresses")
-    explain.add_argument("name", help="the node, or the sticky identity")
+    explain.add_argument("resource", choices=(*NODE_NAMES, "identity", "pod"),
+                         help="node (no); identity: the nodes a sticky identity can move to "
+                              "and keep its addresses; pod: the pool, block and address the "
+                              "next ADD of NAMESPACE/NAME on --node would get, and why")
+    explain.add_argument("name", help="the node, the sticky identity, or NAMESPACE/NAME")
+    explain.add_argument("--node", help="explain pod: the node the pod would start on")
+    explain.add_argument("--network", help="explain pod: the CNI network (its sticky identity "
+                         "there, if one is recorded, is taken into account)")
+    explain.add_argument("--ifname", default="eth0",
+                         help="explain pod: the interface (default eth0)")
+    explain.add_argument("--ipv6", action="store_true", help="explain pod: IPv6 too")
+    explain.add_argument("--ipv6-only", action="store_true", help="explain pod: IPv6 only")
 
     check = verbs.add_parser("check", help="cluster-wide reports",
                              description="cluster-wide reports", epilog=EXIT_CODES)
@@ -293,8 +305,34 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default {DEFAULT_ROUTE_LABEL})")
     routes.add_argument("-o", "--output", choices=["json"],
                         help="a json document instead of the table and lines")
+    capacity = verb(check_verbs, "capacity", cmd_check_capacity,
+                    "per value of a node label (a rack) and family: capacity, in use, free, "
+                    "and the pods that can still start (problems: a domain with nothing free)")
+    report_flags(capacity)
+    capacity.add_argument("--by", metavar="LABEL", default=DEFAULT_ROUTE_LABEL,
+                          help=f"the node label whose values are the domains "
+                               f"(default {DEFAULT_ROUTE_LABEL})")
+    capacity.add_argument("-o", "--output", choices=["json"],
+                          help="a json document instead of the table and lines")
+    for sub in (apply, create, delete, patch, label):
+        dry_run_flags(sub)
     cni_bundle.add_parser(verbs)
     return parser
+
+
+def dry_run_flags(sub: argparse.ArgumentParser) -> None:
+    """--dry-run and its options, on every verb that writes pools, nodes or reservations."""
+    sub.add_argument("--dry-run", action="store_true",
+                     help="validate, then show what the change would do (pools per node, "
+                          "allocations left outside, prefixes breaking aggregation, capacity "
+                          "per domain); write nothing")
+    sub.add_argument("--fail-on-impact", action="store_true",
+                     help="with --dry-run: exit 1 when a node would lose its pool or an "
+                          "allocation fall outside its node's pools")
+    sub.add_argument("--by", metavar="LABEL", default=DEFAULT_ROUTE_LABEL,
+                     help=f"with --dry-run: the domains' label (default {DEFAULT_ROUTE_LABEL})")
+    sub.add_argument("-o", "--output", choices=["json"], help="with --dry-run: a json document")
+
 
 
 def usage_problem(args: argparse.Namespace) -> str | None:
@@ -314,6 +352,16 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return "patch needs exactly one of --disabled true|false and -p JSON"
     if verb == "get" and GET_KINDS[args.kind] != "allocations" and args.node is not None:
         return "--node only applies to `get allocations`"
+    if verb == "explain" and args.resource == "pod" and not args.node:
+        return "explain pod needs --node NODE (the node the pod would start on)"
+    if verb == "explain" and args.resource != "pod" and (args.node or args.network):
+        return "--node and --network only apply to `explain pod`"
+    if getattr(args, "fail_on_impact", False) and not args.dry_run:
+        return "--fail-on-impact only applies with --dry-run"
+    if getattr(args, "output", None) == "json" and verb in DRY_RUN_VERBS and not args.dry_run:
+        return f"{verb} -o json only applies with --dry-run"
+    if verb == "delete" and getattr(args, "dry_run", False) and args.kind in NODE_NAMES:
+        return "delete node has no --dry-run (it releases the node's addresses)"
     if verb == "ipam" and args.ipam_verb == "configure" and all(
         getattr(args, name) is None for name in CONFIG_FLAGS
     ):

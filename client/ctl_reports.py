@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 
+from topoipam.client.ctl_foresight import cmd_explain_pod
 from topoipam.client.ctl_output import family_name, print_findings, print_table, show_labels, warn
 from topoipam.daemon.admin import read_current
 from topoipam.daemon.audit import (
@@ -84,6 +85,8 @@ async def takeover_state(store: EtcdStore, identity: Identity, config: IPAMConfi
 async def cmd_explain(store: EtcdStore, args: argparse.Namespace) -> int:
     if args.resource == "identity":
         return await cmd_explain_identity(store, args.name)
+    if args.resource == "pod":
+        return await cmd_explain_pod(store, args)
     current, _ = await read_current(store, "Node", args.name)
     pools = sorted((p.value for p in await store.list_pools()), key=lambda p: p.name)
     if isinstance(current, Node):

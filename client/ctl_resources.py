@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 
 from topoipam.client import manifests
+from topoipam.client.ctl_foresight import show_impact
 from topoipam.client.ctl_output import print_document, print_table, report, show_labels, warn
 from topoipam.client.manifests import Document
 from topoipam.daemon.admin import (
@@ -22,6 +23,7 @@ from topoipam.daemon.admin import (
     Target,
     allocated_in,
     label_node,
+    label_writes,
     merge_patch,
     parse_label_changes,
     plan_writes,
@@ -88,9 +90,22 @@ def target_of(document: Document) -> Target:
     return Target(document.kind, document.name, document.obj, document.where)
 
 
+async def write_or_foresee(store: EtcdStore, args: argparse.Namespace, targets: list[Target],
+                           action: str, force: bool = False) -> int:
+    """Write ``targets`` (one transaction), or with --dry-run validate them the same way and
+    show what they would do."""
+    if args.dry_run:
+        plan = await plan_writes(store, targets, action, force)
+        for line in plan.warnings:
+            warn(line)
+        return await show_impact(store, plan.writes, plan.lines, args)
+    return report(await write_targets(store, targets, action, force))
+
+
 async def cmd_apply(store: EtcdStore, args: argparse.Namespace) -> int:
     parsed = read_manifests(args.filename)
-    return report(await write_targets(store, [target_of(d) for d in parsed.documents], "apply"))
+    return await write_or_foresee(store, args, [target_of(d) for d in parsed.documents],
+                                  "apply")
 
 
 async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -111,7 +126,7 @@ async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
             priority=args.priority,
         )
         targets = [Target("IPPool", pool.name, pool)]
-    return report(await write_targets(store, targets, "create"))
+    return await write_or_foresee(store, args, targets, "create")
 
 
 async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -123,7 +138,7 @@ async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
     else:
         kind = GET_KINDS[args.kind]
         targets = [Target(kind, args.name, None)]
-    return report(await write_targets(store, targets, "delete", args.force))
+    return await write_or_foresee(store, args, targets, "delete", args.force)
 
 
 async def delete_node(store: EtcdStore, name: str, force: bool) -> int:
@@ -180,6 +195,9 @@ async def cmd_patch(store: EtcdStore, args: argparse.Namespace) -> int:
         return [dataclasses.replace(w, expect_revision=revision) if isinstance(w, PutObject)
                 else w for w in plan.writes], plan
 
+    if args.dry_run:
+        writes, plan = await attempt()
+        return await show_impact(store, writes, plan.lines, args)
     return report(await store.commit_with_retry(attempt, f"ippool {args.name}"))
 
 
@@ -292,7 +310,15 @@ async def get_allocations(store: EtcdStore, node: str | None, output: str | None
 
 
 async def cmd_label(store: EtcdStore, args: argparse.Namespace) -> int:
-    changed, missing = await label_node(store, args.name, parse_label_changes(args.labels),
+    changes = parse_label_changes(args.labels)
+    if args.dry_run:
+        writes, (changed, missing) = await label_writes(store, args.name, changes,
+                                                        args.overwrite, args.create)
+        for key in missing:
+            warn(f"node {args.name} has no label {key}")
+        return await show_impact(store, writes, [f"node/{args.name} labeled"] if changed
+                                 else [f"node/{args.name} not labeled"], args)
+    changed, missing = await label_node(store, args.name, changes,
                                         overwrite=args.overwrite, create=args.create)
     for key in missing:
         warn(f"node {args.name} has no label {key}")

@@ -457,40 +457,44 @@ async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple
     return len(handles), deleted, kept
 
 
-async def label_node(store: EtcdStore, name: str, changes: dict[str, str | None],
-                     overwrite: bool = False, create: bool = False) -> tuple[bool, list[str]]:
-    """Set (value) or remove (None) labels of node ``name``, guarded by its revision.
+async def label_writes(store: EtcdStore, name: str, changes: dict[str, str | None],
+                       overwrite: bool = False, create: bool = False
+                       ) -> tuple[list[Write], tuple[bool, list[str]]]:
+    """The guarded write that sets (value) or removes (None) labels of node ``name``.
 
     Refuses to change an existing value without ``overwrite``, and to touch a
     node that does not exist without ``create`` (a typo would otherwise create
-    a node no daemon serves; daemons register their own node). Returns
-    whether anything changed and the labels asked to be removed that were absent.
+    a node no daemon serves; daemons register their own node). Also returns
+    whether anything changes and the labels asked to be removed that were absent.
     """
     for key, value in changes.items():
         check_kubernetes_label(key, "" if value is None else value, f"node {name}")
+    current, revision = await read_current(store, "Node", name)
+    if revision == 0 and not create:
+        raise NotFound(f"node {name} does not exist; use --create to create it")
+    labels = dict(current.labels) if isinstance(current, Node) else {}
+    before = dict(labels)
+    missing = []
+    for key, value in changes.items():
+        if value is None:
+            if labels.pop(key, None) is None:
+                missing.append(key)
+        elif key in labels and labels[key] != value and not overwrite:
+            raise InvalidInput(f"node {name} already has label {key}={labels[key]}; "
+                               f"use --overwrite to change it to {value}")
+        else:
+            labels[key] = value
+    # With create, a node that does not exist yet is created, unless nothing is set.
+    if labels == before:
+        return [], (False, missing)
+    return [PutObject(Node(name, labels), revision)], (True, missing)
 
-    async def attempt() -> tuple[list[Write], tuple[bool, list[str]]]:
-        current, revision = await read_current(store, "Node", name)
-        if revision == 0 and not create:
-            raise NotFound(f"node {name} does not exist; use --create to create it")
-        labels = dict(current.labels) if isinstance(current, Node) else {}
-        before = dict(labels)
-        missing = []
-        for key, value in changes.items():
-            if value is None:
-                if labels.pop(key, None) is None:
-                    missing.append(key)
-            elif key in labels and labels[key] != value and not overwrite:
-                raise InvalidInput(f"node {name} already has label {key}={labels[key]}; "
-                                   f"use --overwrite to change it to {value}")
-            else:
-                labels[key] = value
-        # With create, a node that does not exist yet is created, unless nothing is set.
-        if labels == before:
-            return [], (False, missing)
-        return [PutObject(Node(name, labels), revision)], (True, missing)
 
-    return await store.commit_with_retry(attempt, f"node {name}")
+async def label_node(store: EtcdStore, name: str, changes: dict[str, str | None],
+                     overwrite: bool = False, create: bool = False) -> tuple[bool, list[str]]:
+    """Commit :func:`label_writes`, re-read and re-checked after a lost race."""
+    return await store.commit_with_retry(
+        lambda: label_writes(store, name, changes, overwrite, create), f"node {name}")
 
 
 async def configure(store: EtcdStore, changes: dict[str, Any]) -> bool:

@@ -1,0 +1,132 @@
+"""topoipamctl's foresight: what a pod would get (``explain pod``), each domain's headroom
+(``check capacity``) and a change's effect (``--dry-run``), from the daemon's own planner
+and the audits' counting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from topoipam.client.ctl_output import print_findings, print_table
+from topoipam.daemon.audit import load_snapshot, show
+from topoipam.daemon.capacity import FAMILIES, CapacityDomain, capacity_report
+from topoipam.daemon.core.calls import AllocationRequest
+from topoipam.daemon.core.errors import InvalidInput
+from topoipam.daemon.core.holdings import Attachment
+from topoipam.daemon.core.writes import Write
+from topoipam.daemon.foresight import predict
+from topoipam.daemon.impact import LISTED, Impact, foresee
+from topoipam.daemon.store import EtcdStore
+
+#: The container ID a prediction plans for (no container exists yet).
+PREDICTED_CONTAINER = "explain-pod"
+
+
+def pod_request(args: argparse.Namespace) -> AllocationRequest:
+    """The ADD ``explain pod`` predicts: the pod's sticky identity on ``--network`` if
+    one is recorded, its families, its pools."""
+    namespace, _, name = args.name.partition("/")
+    if not namespace or not name or "/" in name:
+        raise InvalidInput(f"explain pod: {args.name!r} is not NAMESPACE/NAME")
+    network = args.network or "explain"
+    identity = f"{network}/{namespace}/{name}/{args.ifname}" if args.network else ""
+    return AllocationRequest(
+        Attachment(network, PREDICTED_CONTAINER, args.ifname), ipv4=not args.ipv6_only,
+        ipv6=args.ipv6 or args.ipv6_only, identity=identity,
+        attributes={"namespace": namespace, "pod": name})
+
+
+async def cmd_explain_pod(store: EtcdStore, args: argparse.Namespace) -> int:
+    request = pod_request(args)
+    if request.identity and await store.get_identity(request.identity) is None:
+        request = AllocationRequest(request.attachment, request.ipv4, request.ipv6,
+                                    attributes=request.attributes)  # not a sticky pod (yet)
+    prediction = await predict(store, args.node, request)
+    print(f"pod: {args.name} on node {args.node}"
+          + (f" (sticky identity {request.identity})" if request.identity else ""))
+    if prediction.refused:
+        print(f"its next ADD fails: {prediction.refused}")
+        return 1
+    rows = []
+    for predicted in prediction.addresses:
+        a = predicted.address
+        tier = (f"{predicted.tier} of {predicted.tiers}" if predicted.tiers > 1 else "-")
+        rows.append([str(a.ip), a.pool or "-", tier, str(a.block), predicted.path,
+                     predicted.why or "-"])
+    print_table(["ADDRESS", "POOL", "TIER", "BLOCK", "PATH", "WHY"], rows)
+    print("nothing was allocated; the node's next ADD gets these if nothing changes first")
+    return 0
+
+
+async def cmd_check_capacity(store: EtcdStore, args: argparse.Namespace) -> int:
+    domains = capacity_report(await load_snapshot(store), args.by)
+    exhausted = [d for d in domains if d.exhausted]
+    if args.output == "json":
+        print(json.dumps({"label": args.by, "domains": [d.to_json() for d in domains]},
+                         indent=2))
+        return 1 if exhausted else 0
+    rows = []
+    for domain in domains:
+        cells = [show(domain.value), ",".join(domain.nodes)]
+        for family in FAMILIES:
+            counts = domain.families[family]
+            cells += ([str(counts.capacity), str(counts.in_use), str(counts.free)]
+                      if domain.pools.get(family) else ["-", "-", "-"])
+        rows.append([*cells, str(domain.pods)])
+    print_table([args.by.upper(), "NODES", "V4-CAPACITY", "V4-IN-USE", "V4-FREE",
+                 "V6-CAPACITY", "V6-IN-USE", "V6-FREE", "PODS"], rows)
+    print()
+    problems = [f"no room: {args.by}={show(d.value)} (nodes {', '.join(d.nodes)}) has no free "
+                "address in the pools that serve it" for d in exhausted]
+    return print_findings("check capacity", problems, [],
+                          f"{len(domains)} {args.by} value(s)", args.fail_on_warnings)
+
+
+async def show_impact(store: EtcdStore, writes: Sequence[Write], lines: Sequence[str],
+                      args: argparse.Namespace) -> int:
+    """``--dry-run``: what the validated change would do, written nowhere."""
+    impact = await foresee(store, writes, args.by)
+    if args.output == "json":
+        print(json.dumps({"dry_run": True, "changes": list(lines), **impact.to_json()},
+                         indent=2))
+    else:
+        print_impact(impact, lines)
+    return 1 if args.fail_on_impact and impact.harmful else 0
+
+
+def print_impact(impact: Impact, lines: Sequence[str]) -> None:
+    print("dry run: nothing was written")
+    for line in lines:
+        print(f"  would be: {line}")
+    lost = sorted({f"{c.node} (IPv{c.family})" for c in impact.nodes if c.loses_every_pool})
+    print(f"nodes left without a pool: {', '.join(lost) or 'none'}")
+    if impact.nodes:
+        print("pools per node, before -> after:")
+        print_table(["NODE", "FAMILY", "BEFORE", "AFTER"], [
+            [c.node, f"IPv{c.family}", ",".join(c.before) or "<none>",
+             ",".join(c.after) or "<none>"] for c in impact.nodes])
+    print(f"allocations that would fall outside their node's pools: {len(impact.outside)}")
+    if impact.outside:
+        print_table(["IP", "NODE", "POD", "REASON"],
+                    [list(row) for row in impact.outside[:LISTED]])
+    print(f"prefixes that would break aggregation by {impact.label}: "
+          f"{len(impact.breaking) or 'none'}")
+    for line in impact.breaking:
+        print(f"  {line}")
+    print(f"capacity by {impact.label}, before -> after (free addresses of capacity):")
+    rows = []
+    for before, after in impact.capacity:
+        value = (before or after).value  # type: ignore[union-attr]
+        cells = [show(value)]
+        for family in FAMILIES:
+            cells.append(f"{_free(before, family)} -> {_free(after, family)}")
+        rows.append(cells)
+    print_table([impact.label.upper(), "IPV4", "IPV6"], rows)
+
+
+def _free(domain: CapacityDomain | None, family: int) -> str:
+    if domain is None or not domain.pools.get(family):
+        return "-"
+    counts = domain.families[family]
+    return f"{counts.free}/{counts.capacity}"
