@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from topoipam.client.ctl_output import print_findings, print_table
+from topoipam.daemon.addressmap import render
 from topoipam.daemon.audit import load_snapshot, show
 from topoipam.daemon.capacity import FAMILIES, CapacityDomain, capacity_report
 from topoipam.daemon.core.calls import AllocationRequest
@@ -130,3 +132,18 @@ def _free(domain: CapacityDomain | None, family: int) -> str:
         return "-"
     counts = domain.families[family]
     return f"{counts.free}/{counts.capacity}"
+
+
+async def cmd_report(store: EtcdStore, args: argparse.Namespace) -> int:
+    """Write the address map (one self-contained HTML page) to ``--html FILE``."""
+    page = render(await load_snapshot(store), args.by)
+    target = Path(args.html)
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        temporary.write_text(page, encoding="utf-8")
+        temporary.replace(target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise InvalidInput(f"cannot write --html {args.html}: {exc.strerror}") from exc
+    print(f"address map written to {args.html} ({len(page) // 1024} KiB)")
+    return 0

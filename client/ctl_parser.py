@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
 from topoipam.client import cni_bundle
-from topoipam.client.ctl_foresight import cmd_check_capacity
+from topoipam.client.ctl_foresight import cmd_check_capacity, cmd_report
 from topoipam.client.ctl_ipam import (
     CONFIG_FLAGS,
     cmd_ipam_check,
@@ -316,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a json document instead of the table and lines")
     for sub in (apply, create, delete, patch, label):
         dry_run_flags(sub)
+    report = verb(verbs, "report", cmd_report,
+                  "the address map: one self-contained HTML page (per pool and domain every "
+                  "block as a tile, borrowed addresses and breaking prefixes marked, capacity "
+                  "per domain, the findings of ipam check)")
+    report.add_argument("--html", metavar="FILE", required=True, help="the page to write")
+    report.add_argument("--by", metavar="LABEL", default=DEFAULT_ROUTE_LABEL,
+                        help=f"the node label whose values are the domains "
+                             f"(default {DEFAULT_ROUTE_LABEL})")
     cni_bundle.add_parser(verbs)
     return parser
 

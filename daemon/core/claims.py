@@ -378,20 +378,28 @@ class PlannerBase:
         whatever the size of the pool); then, should none of those give one
         (an index entry is only a hint, and blocks written before the index
         have none), every block of the pool, unless that found nothing lately.
+        In a pool with a topologyKey, the entries read whose range this node's
+        label value holds come before the others.
         """
         tried: set[IPNetwork] = set()
         start = allocator.borrow_start(pool, self.node)
-        # With a topologyKey, the free blocks of this node's value's ranges come first.
-        spans = [(held.value.cidr, None) for held in view.value_ranges(
-            pool.name, topology.value_of(pool, view.state().labels))] if pool.topology_key else []
-        for within, begin in (*spans, (pool.cidr, start), (pool.cidr, None)):
-            for cidr, owner in view.free_blocks(within, begin, BORROW_WINDOW):
+        value = topology.value_of(pool, view.state().labels) if pool.topology_key else None
+        later: list[Versioned[Block]] = []
+        for begin in (start, None):
+            for cidr, owner in view.free_blocks(pool.cidr, begin, BORROW_WINDOW):
                 if owner == self.node or cidr in tried:
                     continue
                 tried.add(cidr)
                 current = view.block(cidr)
-                if current is not None:
-                    yield current
+                if current is None:
+                    continue
+                if pool.topology_key:  # the blocks of this node's value's ranges first
+                    holder = view.range_holder(pool.topology_range(cidr))
+                    if holder is None or holder.value.value != value:
+                        later.append(current)
+                        continue
+                yield current
+        yield from later
         if self._seen_full("borrow", pool):
             return
         for versioned in view.pool_blocks(pool.cidr):
