@@ -16,6 +16,7 @@ from topoipam.daemon.capacity import FAMILIES, CapacityDomain, capacity_report
 from topoipam.daemon.core.calls import AllocationRequest
 from topoipam.daemon.core.errors import InvalidInput
 from topoipam.daemon.core.holdings import Attachment
+from topoipam.daemon.core.model import check_kubernetes_label
 from topoipam.daemon.core.writes import Write
 from topoipam.daemon.foresight import predict
 from topoipam.daemon.impact import LISTED, Impact, foresee
@@ -61,8 +62,14 @@ async def cmd_explain_pod(store: EtcdStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def domain_label(args: argparse.Namespace) -> str:
+    """``--by``, checked: a node label key, or a one-line error that names it."""
+    check_kubernetes_label(args.by, "", "--by")
+    return str(args.by)
+
+
 async def cmd_check_capacity(store: EtcdStore, args: argparse.Namespace) -> int:
-    domains = capacity_report(await load_snapshot(store), args.by)
+    domains = capacity_report(await load_snapshot(store), domain_label(args))
     exhausted = [d for d in domains if d.exhausted]
     if args.output == "json":
         print(json.dumps({"label": args.by, "domains": [d.to_json() for d in domains]},
@@ -88,7 +95,7 @@ async def cmd_check_capacity(store: EtcdStore, args: argparse.Namespace) -> int:
 async def show_impact(store: EtcdStore, writes: Sequence[Write], lines: Sequence[str],
                       args: argparse.Namespace) -> int:
     """``--dry-run``: what the validated change would do, written nowhere."""
-    impact = await foresee(store, writes, args.by)
+    impact = await foresee(store, writes, domain_label(args))
     if args.output == "json":
         print(json.dumps({"dry_run": True, "changes": list(lines), **impact.to_json()},
                          indent=2))
@@ -136,7 +143,7 @@ def _free(domain: CapacityDomain | None, family: int) -> str:
 
 async def cmd_report(store: EtcdStore, args: argparse.Namespace) -> int:
     """Write the address map (one self-contained HTML page) to ``--html FILE``."""
-    page = render(await load_snapshot(store), args.by)
+    page = render(await load_snapshot(store), domain_label(args))
     target = Path(args.html)
     temporary = target.with_name(f".{target.name}.tmp")
     try:

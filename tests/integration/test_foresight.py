@@ -149,3 +149,23 @@ async def test_explain_pod_predicts_the_next_adds_address(
         assert result is not None and result["ips"][0]["address"].split("/")[0] == row[0]
     missing = await run(ctl_env, "explain", "pod", "default/web-0")
     assert missing.returncode == 2 and "--node" in missing.stderr
+
+
+@pytest.mark.asyncio
+async def test_deleting_a_pool_dry_run_counts_its_allocations_and_a_bad_label_is_one_line(
+        store: EtcdStore, ctl_env: dict[str, str]) -> None:
+    await seed_cluster(store, ctl_env)
+    before = await revision(store)
+    gone = await run(ctl_env, "delete", "ippool", "rack-1", "--force", "--dry-run", "-o",
+                     "json")
+    assert gone.returncode == 0, gone.stderr
+    shown = json.loads(gone.stdout)
+    assert shown["outside"]["count"] == 6
+    assert {row["reason"] for row in shown["outside"]["first"]} == {"its pool was deleted"}
+    for args in (("check", "capacity", "--by", "bad key!"),
+                 ("label", "nodes", "node-0", "x=y", "--dry-run", "--by", "bad key!"),
+                 ("report", "--html", "/tmp/never.html", "--by", "bad key!")):
+        done = await run(ctl_env, *args)
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "--by: invalid label key 'bad key!'" in done.stderr
+    assert await revision(store) == before
