@@ -97,6 +97,7 @@ _STORE_READS = {
     "value_ranges": "value_ranges",
     "held_ranges": "held_ranges",
     "range_holder": "range_holder",
+    "range_holders": "range_holders",
 }
 
 

@@ -386,18 +386,22 @@ class PlannerBase:
         value = topology.value_of(pool, view.state().labels) if pool.topology_key else None
         later: list[Versioned[Block]] = []
         for begin in (start, None):
-            for cidr, owner in view.free_blocks(pool.cidr, begin, BORROW_WINDOW):
-                if owner == self.node or cidr in tried:
-                    continue
+            entries = [(cidr, owner) for cidr, owner in
+                       view.free_blocks(pool.cidr, begin, BORROW_WINDOW)
+                       if owner != self.node and cidr not in tried]
+            # With a topologyKey, the blocks of this node's value's ranges come first.
+            holders = view.range_holders(tuple(sorted({pool.topology_range(c)
+                                                       for c, _ in entries}, key=str))
+                                         ) if pool.topology_key and entries else {}
+            for cidr, _ in entries:
                 tried.add(cidr)
                 current = view.block(cidr)
                 if current is None:
                     continue
-                if pool.topology_key:  # the blocks of this node's value's ranges first
-                    holder = view.range_holder(pool.topology_range(cidr))
-                    if holder is None or holder.value.value != value:
-                        later.append(current)
-                        continue
+                holder = holders.get(pool.topology_range(cidr)) if pool.topology_key else None
+                if pool.topology_key and (holder is None or holder.value != value):
+                    later.append(current)
+                    continue
                 yield current
         yield from later
         if self._seen_full("borrow", pool):

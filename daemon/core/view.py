@@ -124,6 +124,10 @@ class View(Protocol):
         """Who holds topology range ``cidr`` (None: nobody)."""
         ...
 
+    def range_holders(self, spans: tuple[IPNetwork, ...]) -> dict[IPNetwork, TopologyRange]:
+        """Who holds each of ``spans`` (the held ones only): one read for many."""
+        ...
+
     def held_ranges(self, within: IPNetwork, start: IPNetwork | None, limit: int
                     ) -> list[IPNetwork]:
         """Topology ranges inside ``within`` held by any value, from ``start`` on, at most
@@ -213,6 +217,9 @@ class ReadingView:
 
     def range_holder(self, cidr: IPNetwork) -> Versioned[TopologyRange] | None:
         return self.answer(("range_holder", cidr))  # type: ignore[no-any-return]
+
+    def range_holders(self, spans: tuple[IPNetwork, ...]) -> dict[IPNetwork, TopologyRange]:
+        return self.answer(("range_holders", spans))  # type: ignore[no-any-return]
 
     def held_ranges(self, within: IPNetwork, start: IPNetwork | None, limit: int
                     ) -> list[IPNetwork]:
@@ -326,6 +333,9 @@ class InMemoryView:
 
     def range_holder(self, cidr: IPNetwork) -> Versioned[TopologyRange] | None:
         return self.ranges.get(cidr)
+
+    def range_holders(self, spans: tuple[IPNetwork, ...]) -> dict[IPNetwork, TopologyRange]:
+        return {c: self.ranges[c].value for c in spans if c in self.ranges}
 
     def held_ranges(self, within: IPNetwork, start: IPNetwork | None, limit: int
                     ) -> list[IPNetwork]:
