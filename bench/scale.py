@@ -95,9 +95,29 @@ class DataSet:
         return [IPPool(f"rack-{r}", ipaddress.ip_network(f"10.{4 * r}.0.0/14"), 26,
                        f'rack == "{r}"') for r in range(self.racks)]
 
-    def regions(self) -> list[ipaddress.IPv4Network]:
-        """Where each rack's blocks lie: its pool, or its /14 of the shared pool."""
-        return [ipaddress.IPv4Network(f"10.{4 * r}.0.0/14") for r in range(self.racks)]
+    def base(self, rack: int) -> int:
+        """Where rack ``rack``'s blocks start: its pool (a /14 each); with --topology, where
+        its value's claims start in the shared pool (its ranges grow from there: see
+        topoipam.daemon.core.topology.value_origin)."""
+        if not self.topology:
+            return int(ipaddress.IPv4Address(f"10.{4 * rack}.0.0"))
+        from topoipam.daemon.core.topology import value_origin
+
+        return int(value_origin(self.pools()[0], str(rack)).network_address)
+
+    def check_topology_fits(self) -> None:
+        """With --topology, each rack's ranges (consecutive from its base) inside the pool
+        and apart from the other racks'; one line and exit 1 if not."""
+        spans = []
+        for rack in range(self.racks):
+            blocks = len(range(rack, self.nodes, self.racks)) * self.blocks_per_node
+            first = self.base(rack)
+            last = first + blocks * 64 - 1
+            if last > int(ipaddress.IPv4Address("10.255.255.255")) or any(
+                    first <= b and a <= last for a, b in spans):
+                raise SystemExit(f"scale --topology: rack {rack}'s blocks do not fit from its "
+                                 "origin; try another --nodes")
+            spans.append((first, last))
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every key and value of the data set, as the daemon would write them."""
@@ -127,29 +147,31 @@ class DataSet:
         # The room index, as pool creation and claims leave it: the claim windows that
         # still have an unclaimed block (the seeded blocks fill each rack pool from
         # its start).
-        for rack, region in enumerate(self.regions()):
-            p = pools[0] if self.topology else pools[rack]
+        for rack in range(self.racks):
             per_pool = len(range(rack, self.nodes, self.racks)) * self.blocks_per_node
-            prefix = allocator.window_prefix(p)
-            per_window = 1 << (p.block_size - prefix)
-            for index, window in enumerate(region.subnets(new_prefix=prefix)):
-                if (index + 1) * per_window > per_pool:
-                    yield emit("rooms", keys.room(window), b"{}")
             if self.topology:  # the rack's ranges, as its claims took them; listed if not full
+                p = pools[0]
                 per_range = 1 << (p.block_size - TOPOLOGY_RANGE)
-                for index, span in enumerate(region.subnets(new_prefix=TOPOLOGY_RANGE)):
-                    if index * per_range >= per_pool:
-                        break
+                for index in range(-(-per_pool // per_range)):
+                    span = ipaddress.IPv4Network((self.base(rack) + index * per_range * 64,
+                                                  TOPOLOGY_RANGE))
                     held = encode(TopologyRange(span, p.name, str(rack)).to_dict())
                     yield emit("ranges", keys.topology_range(span), held)
                     if (index + 1) * per_range > per_pool:
                         yield emit("ranges", keys.value_range(p.name, str(rack), span), held)
+                continue  # topology claims look in the ranges, not the room index
+            p = pools[rack]
+            prefix = allocator.window_prefix(p)
+            per_window = 1 << (p.block_size - prefix)
+            for index, window in enumerate(p.cidr.subnets(new_prefix=prefix)):
+                if (index + 1) * per_window > per_pool:
+                    yield emit("rooms", keys.room(window), b"{}")
         container = 0
         for i in range(self.nodes):
             name, rack = node_name(i), i % self.racks
             yield emit("nodes", keys.node(name), encode(Node(name, {"rack": str(rack)})
                                                         .to_dict()))
-            base = self.regions()[rack].network_address
+            base = ipaddress.IPv4Address(self.base(rack))
             for k in range(self.blocks_per_node):
                 index = (i // self.racks) * self.blocks_per_node + k
                 cidr = ipaddress.ip_network(f"{base + 64 * index}/26")
@@ -280,6 +302,9 @@ async def measure(args: argparse.Namespace) -> Report:
                   racks, args.topology)
     small = DataSet(SMALL_PREFIX, 10, args.blocks_per_node, args.allocations_per_block, racks,
                     args.topology)
+    for data in (big, small):
+        if data.topology:
+            data.check_topology_fits()
     with Workspace("scale") as ws:
         etcd = ws.etcd
         seeded = {}

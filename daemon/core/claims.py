@@ -382,28 +382,32 @@ class PlannerBase:
         label value holds come before the others.
         """
         tried: set[IPNetwork] = set()
-        start = allocator.borrow_start(pool, self.node)
         value = topology.value_of(pool, view.state().labels) if pool.topology_key else None
-        later: list[Versioned[Block]] = []
+        # With a topologyKey the search starts where this node's value's ranges grow from,
+        # and the blocks of the ranges it holds come first.
+        start = (topology.value_origin(pool, value) if pool.topology_key
+                 else allocator.borrow_start(pool, self.node))
+        later: list[IPNetwork] = []
         for begin in (start, None):
-            entries = [(cidr, owner) for cidr, owner in
-                       view.free_blocks(pool.cidr, begin, BORROW_WINDOW)
+            entries = [cidr for cidr, owner in view.free_blocks(pool.cidr, begin, BORROW_WINDOW)
                        if owner != self.node and cidr not in tried]
-            # With a topologyKey, the blocks of this node's value's ranges come first.
-            holders = view.range_holders(tuple(sorted({pool.topology_range(c)
-                                                       for c, _ in entries}, key=str))
-                                         ) if pool.topology_key and entries else {}
-            for cidr, _ in entries:
-                tried.add(cidr)
+            tried.update(entries)
+            holders = view.range_holders(tuple(sorted(
+                {pool.topology_range(c) for c in entries}, key=str))
+            ) if pool.topology_key and entries else {}
+            for cidr in entries:
+                if pool.topology_key:
+                    holder = holders.get(pool.topology_range(cidr))
+                    if holder is None or holder.value != value:
+                        later.append(cidr)
+                        continue
                 current = view.block(cidr)
-                if current is None:
-                    continue
-                holder = holders.get(pool.topology_range(cidr)) if pool.topology_key else None
-                if pool.topology_key and (holder is None or holder.value != value):
-                    later.append(current)
-                    continue
+                if current is not None:
+                    yield current
+        for cidr in later:
+            current = view.block(cidr)
+            if current is not None:
                 yield current
-        yield from later
         if self._seen_full("borrow", pool):
             return
         for versioned in view.pool_blocks(pool.cidr):

@@ -99,6 +99,18 @@ def _claim_in(view: View, pool: IPPool, span: IPNetwork, cidr: IPNetwork,
             txn.room_marks[window] = False
 
 
+def value_origin(pool: IPPool, value: str | None) -> IPNetwork:
+    """The range a value's search starts from: the same on every host, spread over the
+    pool by a hash of the pool and the value. Its ranges grow from there, so its
+    blocks, and the free ones among them, are found near it."""
+    size = pool.topology_prefix
+    step = 1 << (pool.cidr.max_prefixlen - size)
+    count = pool.cidr.num_addresses // step
+    start = int(pool.cidr.network_address) + allocator.node_offset(f"{pool.name}/{value}",
+                                                                   count) * step
+    return type(pool.cidr)((start, size))
+
+
 def free_ranges(view: View, pool: IPPool, value: str | None,
                 held: list[Versioned[TopologyRange]], txn: TxnPlan) -> Iterator[IPNetwork]:
     """Ranges of ``pool`` nobody holds: next to ``held`` first, then from the value's
@@ -121,8 +133,7 @@ def free_ranges(view: View, pool: IPPool, value: str | None,
                 if span not in taken and not view.held_ranges(span, None, 1):
                     taken.add(span)
                     yield span
-    count = pool.cidr.num_addresses // step
-    origin = first + allocator.node_offset(f"{pool.name}/{value}", count) * step
+    origin = int(value_origin(pool, value).network_address)
     pages = 0
     for begin, end in ((origin, last), (first, origin - 1)):
         cursor = begin
