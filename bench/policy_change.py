@@ -67,8 +67,9 @@ async def follow(client: IpamClient, store: Any, writes: list[Any], want_pool: s
                  timeout: float) -> Change:
     """Write the change, then Allocate/Release until an address comes from ``want_pool``.
 
-    Gives up after ``timeout`` seconds (DESIGN §1.7: "within a second"); such a
-    change counts as missed, with the timeout as its latency.
+    Gives up after ``timeout`` seconds (docs/design.md#changes-of-pools-and-labels:
+    "within a second"); such a change counts as missed, with the timeout as its
+    latency.
     """
     from topoipam.daemon.core.writes import PutObject
 

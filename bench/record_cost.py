@@ -1,9 +1,10 @@
 """What the node-local record of allocations costs a pod: Allocate p50 with it and without.
 
 The daemon keeps a record of its live allocations in ``--state-dir`` so that
-it can re-assert them should etcd be restored from an older snapshot (issue
-14). It is written off the pod's path (a commit only appends to a list; a
-worker thread writes and fdatasyncs a few milliseconds later). This measures
+it can re-assert them should etcd be restored from an older snapshot
+(docs/design.md#etcd-restored-from-a-backup-the-nodes-record). It is written
+off the pod's path (a commit only appends to a list; a worker thread writes
+and fdatasyncs a few milliseconds later). This measures
 that: two daemons on one etcd, one with ``--record-allocations false``,
 interleaved chunks of sequential Allocate then Release over the plugin's CNI
 socket (the path pods take). Target: Allocate p50 with the record <= 1.05 x

@@ -81,7 +81,8 @@ allocation as the attributes ``namespace``, ``pod``,
 ``"sticky": true`` keys the allocation by its owner, not the container: the
 identity is ``args.cni.identity`` if given, else
 ``<network>/<K8S_POD_NAMESPACE>/<K8S_POD_NAME>/<ifname>`` (neither: config
-error 7). DEL parks the address for the identity's next ADD (see the README).
+error 7). DEL parks the address for the identity's next ADD
+(docs/design.md#sticky-addresses).
 
 An IPv4-mapped IPv6 address (``::ffff:10.77.0.78``) is read as the IPv4
 address wherever the plugin reads one (requested addresses, ``gateway``, route

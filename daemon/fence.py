@@ -23,7 +23,8 @@ Two daemons can share an instance id only by sharing a state directory; an
 exclusive ``flock`` on ``<state-dir>/<node>-<prefix hash>.lock`` (released by the kernel
 when a process dies, however it dies) rules that out. Copying a state
 directory to another host does not carry the identity: the host name must
-match too.
+match too. What it promises and what it does not:
+docs/design.md#a-daemon-killed-frozen-or-started-twice-the-node-fence.
 """
 
 from __future__ import annotations

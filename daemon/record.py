@@ -22,7 +22,8 @@ The file is a journal of JSON lines (``put``, ``del``, ``rev``), rewritten
 compactly (write, fsync, rename) when it grows past a few times its live
 content. Handles the operator released behind the daemon's back (``ipam
 release``) stay in the record until the daemon next starts, when recorded
-handles missing from a non-restored etcd are dropped.
+handles missing from a non-restored etcd are dropped. The operator's view:
+docs/operations.md#backups-and-restores.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The daemon object: start, serve, drain, close. Signals live in main.py.
 
-Start-up order (DESIGN §5): connect to etcd, register the node if absent,
+Start-up order (docs/design.md#the-daemons-life): connect to etcd, register the node if absent,
 list and watch, take the node's fence (:mod:`topoipam.daemon.fence`),
 check the node-local record of allocations against etcd
 (:mod:`topoipam.daemon.record`), and only then report ready (health

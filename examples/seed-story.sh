@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The seed's story (DESIGN §1) in one command, on this machine, in a temporary
-# directory: a dev etcd, four daemons node-0..node-3 in two racks, the default
-# pool replaced by one pool per rack, five workloads, then a relabelled node.
+# The seed's story (README.md, "The seed's story") in one command, on this
+# machine, in a temporary directory: a dev etcd, four daemons node-0..node-3 in
+# two racks, the default pool replaced by one pool per rack, five workloads,
+# then a relabelled node.
 #
 #   examples/seed-story.sh          # after the README's install (.venv/bin or PATH)
 #
@@ -42,7 +43,7 @@ step() { printf '\n### %s\n' "$*"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
 ctl() { "$bin/topoipamctl" "$@"; }
 
-# The plugin exactly as a runtime would find it (README: Installing on a host, step 3).
+# The plugin exactly as a runtime would find it (docs/operations.md#the-cni-plugin).
 mkdir "$work/cni-bin"
 "$bin/topoipamctl" install-cni --dest "$work/cni-bin" >/dev/null
 plugin="$work/cni-bin/topoipam"

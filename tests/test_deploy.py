@@ -21,7 +21,7 @@ RULES = ROOT / "deploy" / "prometheus"
 UNIT = ROOT / "systemd" / "topoipamd.service"
 #: The exposure of the unit when issue 15 was filed; it must not get worse.
 MAX_EXPOSURE = 3.6
-#: The README's install: `python3 -m venv /opt/topoipam && /opt/topoipam/bin/pip install ...`.
+#: The documented install: `python3 -m venv /opt/topoipam && /opt/topoipam/bin/pip install ...`.
 INSTALL_PREFIX = "/opt/topoipam"
 
 
@@ -102,3 +102,9 @@ def test_documentation_is_the_readme_the_install_puts_there(tmp_path: Path) -> N
                      "data", path.removeprefix(f"{INSTALL_PREFIX}/")))
     with zipfile.ZipFile(wheel) as archive:
         assert archive.read(data).decode() == (ROOT / "README.md").read_text()
+        # The pages README links to sit beside it, so its links work where it is installed.
+        pages = sorted((ROOT / "docs").glob("*.md"))
+        assert pages
+        for page in pages:
+            installed = data.rsplit("/", 1)[0] + f"/docs/{page.name}"
+            assert archive.read(installed).decode() == page.read_text(), installed

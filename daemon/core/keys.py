@@ -1,7 +1,9 @@
 """The etcd key schema, both directions: objects to keys and keys to objects.
 
-The one place that knows how keys are spelled (DESIGN §3), under a prefix
-with a version segment (default ``/topoipam/v1``). Block keys carry the
+The one place that knows how keys are spelled, under a prefix with a
+version segment (default ``/topoipam/v1``); docs/design.md#the-etcd-keys lists
+every kind with its value (tests/test_docs.py checks that list against this
+class). Block keys carry the
 fixed-width hex of the network address, so the blocks of one pool form one
 contiguous, numerically ordered key range (:meth:`KeySchema.blocks_in`).
 """

@@ -18,7 +18,8 @@ if" ask the same policy:
    address is borrowed from another node's block (free-block index).
 
 A DEL frees the handle's addresses (or parks them for a sticky identity)
-and drops blocks it leaves empty that nobody wants.
+and drops blocks it leaves empty that nobody wants. The algorithms, in prose:
+docs/design.md#allocation.
 """
 
 from __future__ import annotations

@@ -18,22 +18,9 @@ callers use; each job is a module of its own:
 * :mod:`.leases` -- the node's fence key, keep-alives, a node's absence.
 * :mod:`.watch` -- one watch stream carrying watchers that come and go.
 
-Keys (prefix default ``/topoipam/v1``)::
-
-    config
-    pools/<name>
-    nodes/<name>
-    blocks/<v4|v6>/<fixed-width hex network>-<prefixlen>
-    affinities/<node>/<v4|v6>/<hex network>-<prefixlen>
-    handles/<network>/<containerID>/<ifname>
-    reservations/<name>
-    daemons/<node>          (the node's fence, on the serving daemon's etcd lease)
-    free/<v4|v6>/<hex network>-<prefixlen>   (free-block index: blocks with room)
-    room/<v4|v6>/<hex network>-<prefixlen>   (room index: claim windows with room)
-    identities/<id>         (sticky identities, live or parked)
-    conflicts/<node>/<ip>   (an address a node's record holds that etcd gave another)
-    absent/<node>           (the node was found without a live daemon; on a lease of its own)
-    datastore               (the datastore's identity, written once)
+The keys are spelled in one place, :class:`topoipam.daemon.core.keys.KeySchema`
+(prefix default ``/topoipam/v1``); docs/design.md#the-etcd-keys lists every
+kind with its value and what writes it.
 """
 
 from __future__ import annotations

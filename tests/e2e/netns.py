@@ -1,4 +1,4 @@
-"""Network namespaces, README configs and a libcni-like chain runner for the e2e tests.
+"""Network namespaces, the documented configs and a libcni-like chain runner for the e2e tests.
 
 Everything happens inside network namespaces the tests create: "host"
 namespaces where the main plugin (bridge, ptp) runs, and "container"
@@ -21,8 +21,9 @@ from typing import Any
 from tests.daemons import PLUGIN_DIR
 
 CNI_BIN = Path("/usr/lib/cni")
-README = Path(__file__).resolve().parents[2] / "README.md"
-README_SOCKET = "/run/topoipam/topoipamd.sock"
+#: The page whose conflists the e2e tests run exactly as written.
+CNI_DOC = Path(__file__).resolve().parents[2] / "docs" / "cni.md"
+DOC_SOCKET = "/run/topoipam/topoipamd.sock"
 
 Json = dict[str, Any]
 
@@ -62,21 +63,21 @@ def namespaces(count: int, kind: str) -> Iterator[list[str]]:
             sh("ip", "netns", "del", name, check=False)
 
 
-def readme_config(name: str, socket: str) -> Json:
-    """The conflist README.md shows under ``<!-- readme-config: NAME -->``, as written.
+def documented_config(name: str, socket: str) -> Json:
+    """The conflist docs/cni.md shows under ``<!-- tested-config: NAME -->``, as written.
 
     Only the daemon's socket path is pointed at the test's daemon.
     """
-    text = README.read_text()
-    match = re.search(rf"<!-- readme-config: {re.escape(name)} -->\s*```json\n(.*?)```", text,
+    text = CNI_DOC.read_text()
+    match = re.search(rf"<!-- tested-config: {re.escape(name)} -->\s*```json\n(.*?)```", text,
                       re.S)
     if match is None:
-        raise AssertionError(f"README.md has no config block {name!r}")
+        raise AssertionError(f"docs/cni.md has no config block {name!r}")
     config: Json = json.loads(match.group(1))
     for plugin in config["plugins"]:
         ipam = plugin.get("ipam")
         if ipam is not None:
-            assert ipam.get("socket") == README_SOCKET, ipam
+            assert ipam.get("socket") == DOC_SOCKET, ipam
             ipam["socket"] = socket
     return config
 

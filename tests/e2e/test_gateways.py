@@ -1,8 +1,8 @@
 """The gateway is never a pod's address: real `bridge` and `ptp` in network namespaces.
 
-The configs are README.md's, read from it (only the socket path points at the
+The configs are docs/cni.md's, read from it (only the socket path points at the
 test's daemon). Pools are fresh and carry no IPReservation: what keeps the
-gateway from the pods is the pool's gateway, nothing the README does not show.
+gateway from the pods is the pool's gateway, nothing the page does not show.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from tests.e2e.netns import (
     Json,
     addresses,
     default_route,
+    documented_config,
     exec_plugin,
     in_ns,
     namespaces,
-    readme_config,
     require_root_and_plugins,
     run_chain,
 )
@@ -56,7 +56,7 @@ def test_readme_bridge_config_chained_never_gives_a_pod_the_bridge_address(
     require_root_and_plugins("bridge", "portmap")
     create_pool(ctl_env, "e2e-v4", "10.251.0.0/24")
     daemon = start_daemon(tmp_path, "e2e-node", etcd, prefix)
-    conflist = readme_config("bridge", daemon.socket)
+    conflist = documented_config("bridge", daemon.socket)
     try:
         with namespaces(1, "h") as [host], namespaces(PODS, "c") as pods:
             results = {}
@@ -160,7 +160,7 @@ def test_readme_ptp_config_per_rack_pools_get_their_racks_address_and_gateway(
     try:
         with namespaces(len(racks), "h") as hosts, namespaces(4, "c") as pods:
             for n, (node, rack) in enumerate(racks.items()):
-                conflist = readme_config("ptp", daemons[node].socket)
+                conflist = documented_config("ptp", daemons[node].socket)
                 pool = ipaddress.ip_network(f"10.253.{rack}.0/24")
                 gateway = f"10.253.{rack}.1"
                 for pod in pods[2 * n: 2 * n + 2]:

@@ -1,7 +1,7 @@
 """podman end to end: real containers on a bridge and a routed (ptp) network, IPAM topoipam.
 
-The networks are README.md's bridge and ptp configs, read from it (only the
-daemon's socket is the test's), handed to Debian 12's podman 4.3 on its CNI
+The networks are docs/cni.md's bridge, ptp and dual-stack configs, read from it
+(only the daemon's socket is the test's), handed to Debian 12's podman 4.3 on its CNI
 backend with the plugin ``topoipamctl install-cni`` installed. Each test
 runs its own daemon for a rack-labelled node, and busybox containers get
 their addresses through ``podman run``; podman itself runs in a network
@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import EtcdServer
 from tests.daemons import DaemonProcess, ctl
-from tests.e2e.netns import in_ns, namespaces, readme_config, require_root_and_plugins, sh
+from tests.e2e.netns import documented_config, in_ns, namespaces, require_root_and_plugins, sh
 from tests.e2e.podman import IMAGE, Podman, require_podman
 from topoipam.proto import ipam_pb2
 
@@ -154,7 +154,7 @@ def check_network(podman: Podman, network: str, ctl_env: dict[str, str]) -> None
 
 def test_bridge_network_gets_rack_addresses_and_releases_them(
         podman: Podman, rack_node: DaemonProcess, ctl_env: dict[str, str]) -> None:
-    network = podman.add_network(readme_config("bridge", rack_node.socket))
+    network = podman.add_network(documented_config("bridge", rack_node.socket))
     check_network(podman, network, ctl_env)
     # The bridge took the pool's gateway, in the test's host namespace only.
     bridge = in_ns(podman.host_ns, "ip", "-4", "-o", "addr", "show", "dev", "cni0").stdout
@@ -164,7 +164,7 @@ def test_bridge_network_gets_rack_addresses_and_releases_them(
 
 def test_routed_network_gets_rack_addresses_and_releases_them(
         podman: Podman, rack_node: DaemonProcess, ctl_env: dict[str, str]) -> None:
-    network = podman.add_network(readme_config("ptp", rack_node.socket))
+    network = podman.add_network(documented_config("ptp", rack_node.socket))
     check_network(podman, network, ctl_env)
 
 
@@ -182,7 +182,7 @@ def wait_for_labels(daemon: DaemonProcess, labels: dict[str, str]) -> None:
 
 def test_relabelled_node_next_routed_container_follows_the_new_pool(
         podman: Podman, rack_node: DaemonProcess, ctl_env: dict[str, str]) -> None:
-    network = podman.add_network(readme_config("ptp", rack_node.socket))
+    network = podman.add_network(documented_config("ptp", rack_node.socket))
     podman("run", "-d", "--name", "before", "--network", network, IMAGE, "sleep", "600")
     [before] = podman.ipv4("before")
     assert_rack_address(before, "0")
@@ -210,12 +210,7 @@ def test_dual_stack_routed_container(
     done = ctl(ctl_env, "create", "ippool", "rack-0-v6", "--cidr", "fd00:254::/120",
                "--node-selector", 'rack == "0"')
     assert done.returncode == 0, done.stderr
-    conflist = readme_config("ptp", rack_node.socket)
-    conflist["name"] = "k8s-pod-routed-dual"
-    ipam = conflist["plugins"][0]["ipam"]
-    ipam["assign_ipv6"] = True
-    ipam["routes"] = [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
-    network = podman.add_network(conflist)
+    network = podman.add_network(documented_config("ptp-dual-stack", rack_node.socket))
     podman("run", "-d", "--name", "dual", "--network", network, IMAGE, "sleep", "600")
     [v4] = podman.addresses("dual", 4)
     [v6] = podman.addresses("dual", 6)

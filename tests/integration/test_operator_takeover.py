@@ -94,8 +94,9 @@ def holders(ctl_env: dict[str, str], address: str) -> list[str]:
 def test_clock_skew_between_hosts_makes_the_returning_node_reassert_a_taken_over_address(
         cluster: tuple[dict[str, DaemonProcess], Path], etcd: EtcdServer, prefix: str,
         ctl_env: dict[str, str]) -> None:
-    """n2's clock is 10 minutes behind n1's (README: clock skew between hosts does not
-    matter). n2 takes web-0 over after n1's daemon was killed; n1's daemon restarts.
+    """n2's clock is 10 minutes behind n1's (docs/design.md#sticky-addresses: clock skew
+    between hosts does not matter). n2 takes web-0 over after n1's daemon was killed;
+    n1's daemon restarts.
     Its record check should drop web-0's old handle, not re-assert it against n2."""
     holder, tmp_path = cluster
     skew = tmp_path / "skew"

@@ -1,4 +1,5 @@
-"""The user's story (DESIGN §1, steps 1-4 and 8, plus 5 and 7) through the real `topoipamctl`.
+"""The seed's story (README.md#the-seeds-story-with-topoipamctl, steps 1-4 and 8, plus 5
+and 7) through the real `topoipamctl`.
 
 Every operator step is a subprocess of the installed executable; the
 workloads are allocated through the library, the way the daemon does it.

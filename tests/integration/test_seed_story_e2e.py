@@ -1,4 +1,4 @@
-"""The seed's story, all of DESIGN §1: four daemons, topoipamctl, and the CNI plugin exec'd."""
+"""The seed's story, all of README's eight steps: four daemons, topoipamctl, the plugin exec'd."""
 
 from __future__ import annotations
 

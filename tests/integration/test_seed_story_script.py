@@ -1,7 +1,7 @@
 """examples/seed-story.sh, the seed's story in one command, run as a newcomer runs it.
 
 It starts its own dev etcd and four daemons, so this test checks what it
-prints (every step of DESIGN §1) and that it leaves nothing behind.
+prints (every step of README's seed story) and that it leaves nothing behind.
 """
 
 from __future__ import annotations
