@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from topoipam.client.ctl_output import print_findings, print_table
+from topoipam.client.ctl_output import print_findings, print_table, warn
 from topoipam.daemon.addressmap import render
 from topoipam.daemon.audit import load_snapshot, show
 from topoipam.daemon.capacity import FAMILIES, CapacityDomain, capacity_report
 from topoipam.daemon.core.calls import AllocationRequest
 from topoipam.daemon.core.errors import InvalidInput
 from topoipam.daemon.core.holdings import Attachment
-from topoipam.daemon.core.model import check_kubernetes_label
+from topoipam.daemon.core.model import check_kubernetes_label, check_name
 from topoipam.daemon.core.writes import Write
-from topoipam.daemon.foresight import predict
+from topoipam.daemon.foresight import LOOK_AHEAD_SECONDS, UNNAMED_NETWORK, Prediction, predict
 from topoipam.daemon.impact import LISTED, Impact, foresee
 from topoipam.daemon.store import EtcdStore
 
@@ -28,16 +29,19 @@ PREDICTED_CONTAINER = "explain-pod"
 
 def pod_request(args: argparse.Namespace) -> AllocationRequest:
     """The ADD ``explain pod`` predicts: the pod's sticky identity on ``--network`` if
-    one is recorded, its families, its pools."""
+    one is recorded, its families, its pools. Raises InvalidInput (one line) for a
+    malformed name, node, network or interface."""
     namespace, _, name = args.name.partition("/")
     if not namespace or not name or "/" in name:
         raise InvalidInput(f"explain pod: {args.name!r} is not NAMESPACE/NAME")
-    network = args.network or "explain"
-    identity = f"{network}/{namespace}/{name}/{args.ifname}" if args.network else ""
+    check_name("node", args.node)
+    network = UNNAMED_NETWORK if args.network is None else args.network
+    ifname = "eth0" if args.ifname is None else args.ifname
+    attachment = Attachment(network, PREDICTED_CONTAINER, ifname)
+    identity = "" if args.network is None else f"{network}/{namespace}/{name}/{ifname}"
     return AllocationRequest(
-        Attachment(network, PREDICTED_CONTAINER, args.ifname), ipv4=not args.ipv6_only,
-        ipv6=args.ipv6 or args.ipv6_only, identity=identity,
-        attributes={"namespace": namespace, "pod": name})
+        attachment, ipv4=not args.ipv6_only, ipv6=args.ipv6 or args.ipv6_only,
+        identity=identity, attributes={"namespace": namespace, "pod": name})
 
 
 async def cmd_explain_pod(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -46,11 +50,23 @@ async def cmd_explain_pod(store: EtcdStore, args: argparse.Namespace) -> int:
         request = AllocationRequest(request.attachment, request.ipv4, request.ipv6,
                                     attributes=request.attributes)  # not a sticky pod (yet)
     prediction = await predict(store, args.node, request)
+    if not prediction.registered:
+        warn(f"node {args.node} is not registered; explaining for a node without labels")
     print(f"pod: {args.name} on node {args.node}"
           + (f" (sticky identity {request.identity})" if request.identity else ""))
     if prediction.refused:
-        print(f"its next ADD fails: {prediction.refused}")
-        return 1
+        # The error names the attachment planned for: a container the pod does not have yet.
+        print("its next ADD fails: " + prediction.refused.replace(
+            f"attachment {request.attachment.handle_id}", "a new container of this pod"))
+    else:
+        print_prediction(prediction)
+        print("nothing was allocated; the node's next ADD gets these if nothing changes first")
+    for note in prediction_notes(args.name, prediction):
+        print(f"note: {note}")
+    return 1 if prediction.refused else 0
+
+
+def print_prediction(prediction: Prediction) -> None:
     rows = []
     for predicted in prediction.addresses:
         a = predicted.address
@@ -58,8 +74,49 @@ async def cmd_explain_pod(store: EtcdStore, args: argparse.Namespace) -> int:
         rows.append([str(a.ip), a.pool or "-", tier, str(a.block), predicted.path,
                      predicted.why or "-"])
     print_table(["ADDRESS", "POOL", "TIER", "BLOCK", "PATH", "WHY"], rows)
-    print("nothing was allocated; the node's next ADD gets these if nothing changes first")
-    return 0
+
+
+def prediction_notes(pod: str, prediction: Prediction) -> list[str]:
+    """What can part the prediction and the node's real next ADD, one line each."""
+    notes = []
+    node = prediction.node
+    if not prediction.daemon_alive:
+        notes.append(f"no topoipamd runs on node {node}: its pods get no address until one "
+                     "does")
+    if prediction.until is not None:
+        when, why, later = prediction.until
+        then = (f"fails: {later.refused}" if later.refused else "gets " + ", ".join(
+            f"{a.address.ip} ({a.path})" for a in later.addresses))
+        notes.append(f"this holds until {why} at {timestamp(when)}; then the ADD {then}")
+    for pool in prediction.looked_ahead:
+        notes.append(
+            f"node {node}'s daemon may have found its next claim of pool {pool} ahead (up to "
+            f"{LOOK_AHEAD_SECONDS:g} s ago, when its blocks ran low): a block freed since then "
+            "is claimed only after that one")
+    for handle in prediction.held:
+        addresses = ", ".join(str(a.ip) for a in handle.addresses) or "no address"
+        notes.append(f"pod {pod} holds {addresses} on node {handle.node} (attachment "
+                     f"{handle.id}): a repeated ADD of that container gets it back; this "
+                     "prediction is for a new container")
+    for identity in prediction.other_identities:
+        network = identity.id.split("/")[0]
+        addresses = ", ".join(str(a.ip) for a in identity.addresses) or "no address"
+        if not identity.parked:
+            state, outcome = (f"live under attachment {identity.handle} on node "
+                              f"{identity.node}", "a new container's ADD is refused while "
+                              "that attachment lives")
+        elif (identity.parked_until or 0.0) > time.time():
+            state = f"parked until {timestamp(identity.parked_until or 0.0)}"
+            outcome = "its ADD takes it back"
+        else:
+            state, outcome = "parked, its hold over", "its ADD frees it and gets a new address"
+        notes.append(f"pod {pod} has sticky identity {identity.id} ({state}, {addresses}): "
+                     f"on network {network} {outcome} (--network {network})")
+    return notes
+
+
+def timestamp(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def domain_label(args: argparse.Namespace) -> str:
