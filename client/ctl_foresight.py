@@ -5,7 +5,10 @@ and the audits' counting."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,14 +203,43 @@ def _free(domain: CapacityDomain | None, family: int) -> str:
 
 async def cmd_report(store: EtcdStore, args: argparse.Namespace) -> int:
     """Write the address map (one self-contained HTML page) to ``--html FILE``."""
+    if not args.html:
+        raise InvalidInput("--html needs a file name")
     page = render(await load_snapshot(store), domain_label(args))
-    target = Path(args.html)
-    temporary = target.with_name(f".{target.name}.tmp")
     try:
-        temporary.write_text(page, encoding="utf-8")
-        temporary.replace(target)
+        write_page(Path(args.html), page)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise InvalidInput(f"cannot write --html {args.html}: {exc.strerror}") from exc
+        raise InvalidInput(f"cannot write --html {args.html}: {exc.strerror or exc}") from exc
     print(f"address map written to {args.html} ({len(page) // 1024} KiB)")
     return 0
+
+
+def write_page(target: Path, page: str) -> None:
+    """``page`` into ``target``: a regular file (or a link to one) is replaced at once, by
+    a new temporary file beside it (created exclusively: nothing planted there is
+    followed); a FIFO or a device (``/dev/stdout``) is written into, never replaced."""
+    resolved = target.resolve()
+    if resolved.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+    if resolved.exists() and not resolved.is_file():
+        with open(target, "w", encoding="utf-8") as stream:
+            stream.write(page)
+        return
+    mode = (resolved.stat().st_mode & 0o777 if resolved.exists()
+            else 0o666 & ~_umask())
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{resolved.name}.", suffix=".tmp",
+                                             dir=resolved.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write(page)
+        os.chmod(temporary, mode)
+        os.replace(temporary, resolved)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    current = os.umask(0o22)
+    os.umask(current)
+    return current

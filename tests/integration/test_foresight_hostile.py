@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +223,39 @@ async def test_every_dry_run_verb_writes_nothing(store: EtcdStore, ctl_env: dict
         shown = json.loads(done.stdout)
         assert shown["dry_run"] is True and shown["changes"], (args, shown)
         assert await revision(store) == before, args
+
+
+@pytest.mark.asyncio
+async def test_report_html_writes_a_page_and_nothing_else(
+        ctl_env: dict[str, str], tmp_path: Path) -> None:
+    """No name, a directory: one line. A FIFO or a device (``/dev/stdout``) is written into,
+    never replaced; a symbolic link's target gets the page (the link stays); a file planted
+    where a fixed temporary name would be is never written through."""
+    await run(ctl_env, "apply", "-f", "-", stdin=pool("p", "10.9.0.0/24", 28))
+    for target, message in (("", "--html needs a file name"),
+                            (str(tmp_path), f"cannot write --html {tmp_path}: Is a directory")):
+        done = await run(ctl_env, "report", "--html", target)
+        assert done.returncode == 1 and done.stderr.strip() == f"error: {message}", done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = asyncio.create_task(asyncio.to_thread(fifo.read_text))
+    done = await run(ctl_env, "report", "--html", str(fifo))
+    assert done.returncode == 0, done.stderr
+    assert (await reader).startswith("<!DOCTYPE html>")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+    real, link = tmp_path / "real.html", tmp_path / "link.html"
+    real.write_text("old")
+    link.symlink_to(real)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / ".real.html.tmp").symlink_to(victim)
+    (tmp_path / ".link.html.tmp").symlink_to(victim)
+    done = await run(ctl_env, "report", "--html", str(link))
+    assert done.returncode == 0, done.stderr
+    assert link.is_symlink() and real.read_text().startswith("<!DOCTYPE html>")
+    assert victim.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".link.html.tmp", ".real.html.tmp", "fifo", "link.html", "real.html", "victim"]
