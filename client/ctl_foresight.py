@@ -147,7 +147,9 @@ async def cmd_check_capacity(store: EtcdStore, args: argparse.Namespace) -> int:
                  "V6-CAPACITY", "V6-IN-USE", "V6-FREE", "PODS"], rows)
     print()
     problems = [f"no room: {args.by}={show(d.value)} (nodes {', '.join(d.nodes)}) has no free "
-                "address in the pools that serve it" for d in exhausted]
+                "address in the pools that serve it" if any(d.pools.values()) else
+                f"no pool: {args.by}={show(d.value)} (nodes {', '.join(d.nodes)}): no enabled "
+                "Automatic pool selects its nodes" for d in exhausted]
     return print_findings("check capacity", problems, [],
                           f"{len(domains)} {args.by} value(s)", args.fail_on_warnings)
 

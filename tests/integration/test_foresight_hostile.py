@@ -259,3 +259,19 @@ async def test_report_html_writes_a_page_and_nothing_else(
     assert victim.read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".link.html.tmp", ".real.html.tmp", "fifo", "link.html", "real.html", "victim"]
+
+
+@pytest.mark.asyncio
+async def test_check_capacity_says_which_domain_no_pool_serves(
+        ctl_env: dict[str, str]) -> None:
+    """rack=0 is served by pool p; node n9 has no rack label and no pool selects it: a
+    problem that names the missing pool, not "no free address"."""
+    await run(ctl_env, "apply", "-f", "-", stdin=pool("p", "10.9.0.0/24", 28).replace(
+        "blockSize: 28}", "blockSize: 28, nodeSelector: rack == \"0\"}"))
+    await run(ctl_env, "label", "nodes", "n0", "rack=0", "--create")
+    await run(ctl_env, "label", "nodes", "n9", "zone=a", "--create")
+    done = await run(ctl_env, "check", "capacity")
+    assert done.returncode == 1, done.stdout
+    problems = [line for line in done.stdout.splitlines() if line.startswith("no ")]
+    assert problems == ["no pool: rack=- (nodes n9): no enabled Automatic pool selects its "
+                        "nodes"], done.stdout
