@@ -24,6 +24,7 @@ from topoipam.daemon.core.model import check_kubernetes_label, check_name
 from topoipam.daemon.core.writes import Write
 from topoipam.daemon.foresight import LOOK_AHEAD_SECONDS, UNNAMED_NETWORK, Prediction, predict
 from topoipam.daemon.impact import LISTED, Impact, foresee
+from topoipam.daemon.reports import DEFAULT_ROUTE_LABEL
 from topoipam.daemon.store import EtcdStore
 
 #: The container ID a prediction plans for (no container exists yet).
@@ -63,7 +64,8 @@ async def cmd_explain_pod(store: EtcdStore, args: argparse.Namespace) -> int:
             f"attachment {request.attachment.handle_id}", "a new container of this pod"))
     else:
         print_prediction(prediction)
-        print("nothing was allocated; the node's next ADD gets these if nothing changes first")
+        print("nothing was allocated; the node's next ADD (of a CNI config that names no pools, "
+          "addresses or gateways) gets these if nothing changes first")
     for note in prediction_notes(args.name, prediction):
         print(f"note: {note}")
     return 1 if prediction.refused else 0
@@ -124,8 +126,9 @@ def timestamp(when: float) -> str:
 
 def domain_label(args: argparse.Namespace) -> str:
     """``--by``, checked: a node label key, or a one-line error that names it."""
-    check_kubernetes_label(args.by, "", "--by")
-    return str(args.by)
+    label = DEFAULT_ROUTE_LABEL if args.by is None else args.by
+    check_kubernetes_label(label, "", "--by")
+    return str(label)
 
 
 async def cmd_check_capacity(store: EtcdStore, args: argparse.Namespace) -> int:

@@ -337,7 +337,7 @@ def dry_run_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--fail-on-impact", action="store_true",
                      help="with --dry-run: exit 1 when a node would lose its pool or an "
                           "allocation fall outside its node's pools")
-    sub.add_argument("--by", metavar="LABEL", default=DEFAULT_ROUTE_LABEL,
+    sub.add_argument("--by", metavar="LABEL",
                      help=f"with --dry-run: the domains' label (default {DEFAULT_ROUTE_LABEL})")
     sub.add_argument("-o", "--output", choices=["json"], help="with --dry-run: a json document")
 
@@ -370,6 +370,8 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return "--fail-on-impact only applies with --dry-run"
     if getattr(args, "output", None) == "json" and verb in DRY_RUN_VERBS and not args.dry_run:
         return f"{verb} -o json only applies with --dry-run"
+    if verb in DRY_RUN_VERBS and args.by is not None and not args.dry_run:
+        return "--by only applies with --dry-run"
     if verb == "delete" and getattr(args, "dry_run", False) and args.kind in NODE_NAMES:
         return "delete node has no --dry-run (it releases the node's addresses)"
     if verb == "ipam" and args.ipam_verb == "configure" and all(

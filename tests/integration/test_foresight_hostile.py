@@ -275,3 +275,16 @@ async def test_check_capacity_says_which_domain_no_pool_serves(
     problems = [line for line in done.stdout.splitlines() if line.startswith("no ")]
     assert problems == ["no pool: rack=- (nodes n9): no enabled Automatic pool selects its "
                         "nodes"], done.stdout
+
+
+@pytest.mark.asyncio
+async def test_by_is_checked_everywhere_and_only_taken_with_a_dry_run(
+        ctl_env: dict[str, str]) -> None:
+    done = await run(ctl_env, "create", "ippool", "q", "--cidr", "10.30.0.0/24", "--by", "zone")
+    assert done.returncode == 2 and "--by only applies with --dry-run" in done.stderr
+    routes = await run(ctl_env, "check", "routes", "--by", "bad key!")
+    assert routes.returncode == 1 and "Traceback" not in routes.stderr
+    assert routes.stderr.strip().splitlines() == [
+        "error: --by: invalid label key 'bad key!': the name must be letters, digits, '-', "
+        "'_' and '.', starting and ending with a letter or digit"], routes.stderr
+    assert (await run(ctl_env, "get", "ippools")).stdout.splitlines()[1:] == []
