@@ -288,3 +288,29 @@ async def test_by_is_checked_everywhere_and_only_taken_with_a_dry_run(
         "error: --by: invalid label key 'bad key!': the name must be letters, digits, '-', "
         "'_' and '.', starting and ending with a letter or digit"], routes.stderr
     assert (await run(ctl_env, "get", "ippools")).stdout.splitlines()[1:] == []
+
+
+@pytest.mark.asyncio
+async def test_explain_pod_foresees_strict_affinity_refusing_and_then_a_borrow(
+        store: EtcdStore, ctl_env: dict[str, str], node_daemons: NodeDaemons) -> None:
+    """A /28 pool of two /29 blocks, one per node; n1's is full. With strictAffinity its
+    next ADD fails, as explain pod says; without, explain pod names the address it borrows
+    from n2's block, and the ADD gets it."""
+    await run(ctl_env, "apply", "-f", "-", stdin=pool("p", "10.4.0.0/28", 29))
+    await run(ctl_env, "ipam", "configure", "--strictaffinity", "true")
+    daemons = await asyncio.to_thread(node_daemons.start_all, {"n1": [], "n2": []})
+    await add(daemons["n2"], "b0", "q0")  # 10.4.0.0/29 (.2 to .7)
+    for i in range(7):  # 10.4.0.8/29 full (.8 to .14: .15 is the pool's broadcast)
+        await add(daemons["n1"], f"c{i}", f"p{i}")
+    refused = await explain(ctl_env, "px", "n1")
+    assert refused.returncode == 1 and "strictAffinity forbids borrowing" in refused.stdout
+    code, result, _ = await asyncio.to_thread(
+        cni, "ADD", conf(daemons["n1"]), "cx", "eth0", "", "K8S_POD_NAMESPACE=default;"
+        "K8S_POD_NAME=px")
+    assert code != 0 and "strictAffinity" in json.dumps(result), result
+    await run(ctl_env, "ipam", "configure", "--strictaffinity", "false")
+    await asyncio.sleep(1)  # the daemons' caches see the change
+    done = await explain(ctl_env, "px", "n1")
+    [row] = predicted(done.stdout)
+    assert row[4] == "borrow" and row[3] == "10.4.0.0/29", done.stdout
+    assert await add(daemons["n1"], "cy", "px") == [row[0]]
