@@ -278,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--node", help="explain pod: the node the pod would start on")
     explain.add_argument("--network", help="explain pod: the CNI network (its sticky identity "
                          "there, if one is recorded, is taken into account)")
-    explain.add_argument("--ifname", default="eth0",
-                         help="explain pod: the interface (default eth0)")
-    explain.add_argument("--ipv6", action="store_true", help="explain pod: IPv6 too")
-    explain.add_argument("--ipv6-only", action="store_true", help="explain pod: IPv6 only")
+    explain.add_argument("--ifname", help="explain pod: the interface (default eth0)")
+    families = explain.add_mutually_exclusive_group()
+    families.add_argument("--ipv6", action="store_true", help="explain pod: IPv6 too")
+    families.add_argument("--ipv6-only", action="store_true", help="explain pod: IPv6 only")
 
     check = verbs.add_parser("check", help="cluster-wide reports",
                              description="cluster-wide reports", epilog=EXIT_CODES)
@@ -337,7 +337,7 @@ def dry_run_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--fail-on-impact", action="store_true",
                      help="with --dry-run: exit 1 when a node would lose its pool or an "
                           "allocation fall outside its node's pools")
-    sub.add_argument("--by", metavar="LABEL", default=DEFAULT_ROUTE_LABEL,
+    sub.add_argument("--by", metavar="LABEL",
                      help=f"with --dry-run: the domains' label (default {DEFAULT_ROUTE_LABEL})")
     sub.add_argument("-o", "--output", choices=["json"], help="with --dry-run: a json document")
 
@@ -362,12 +362,16 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return "--node only applies to `get allocations`"
     if verb == "explain" and args.resource == "pod" and not args.node:
         return "explain pod needs --node NODE (the node the pod would start on)"
-    if verb == "explain" and args.resource != "pod" and (args.node or args.network):
-        return "--node and --network only apply to `explain pod`"
+    if verb == "explain" and args.resource != "pod" and (
+            args.node is not None or args.network is not None or args.ifname is not None
+            or args.ipv6 or args.ipv6_only):
+        return "--node, --network, --ifname, --ipv6 and --ipv6-only only apply to `explain pod`"
     if getattr(args, "fail_on_impact", False) and not args.dry_run:
         return "--fail-on-impact only applies with --dry-run"
     if getattr(args, "output", None) == "json" and verb in DRY_RUN_VERBS and not args.dry_run:
         return f"{verb} -o json only applies with --dry-run"
+    if verb in DRY_RUN_VERBS and args.by is not None and not args.dry_run:
+        return "--by only applies with --dry-run"
     if verb == "delete" and getattr(args, "dry_run", False) and args.kind in NODE_NAMES:
         return "delete node has no --dry-run (it releases the node's addresses)"
     if verb == "ipam" and args.ipam_verb == "configure" and all(

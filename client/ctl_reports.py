@@ -11,7 +11,7 @@ import argparse
 import json
 import time
 
-from topoipam.client.ctl_foresight import cmd_explain_pod
+from topoipam.client.ctl_foresight import cmd_explain_pod, domain_label
 from topoipam.client.ctl_output import family_name, print_findings, print_table, show_labels, warn
 from topoipam.daemon.admin import read_current
 from topoipam.daemon.audit import (
@@ -192,7 +192,7 @@ async def cmd_check_placement(store: EtcdStore, args: argparse.Namespace) -> int
 
 
 async def cmd_check_routes(store: EtcdStore, args: argparse.Namespace) -> int:
-    report = route_report(await load_snapshot(store), args.by)
+    report = route_report(await load_snapshot(store), domain_label(args))
     breaking = report.breaking
     counts = (f"{len(report.domains)} {args.by} value(s), {report.prefix_count} prefix(es) to "
               f"route, {len(breaking)} breaking aggregation")

@@ -5,24 +5,37 @@ label (a rack): every block as a tile (its node, how full it is), borrowed
 addresses and prefixes that break aggregation marked; a capacity bar per
 domain (counted as ``check capacity`` counts); and the findings of ``ipam
 check``. Inline CSS and SVG only: no script, no external URL, no server; the
-file opens anywhere.
+file opens anywhere. Every name, label, selector and finding is escaped.
+
+The page stays small whatever the cluster: a pool with more than
+:data:`MAX_TILES` claimed blocks draws its blocks that lend addresses or break
+aggregation first, then the rest in address order up to that many, and counts
+the others per domain; unclaimed blocks are drawn only for pools of at most
+:data:`ALL_SLOTS` blocks. Each block is looked at a bounded number of times,
+so a big cluster takes seconds, not minutes.
 """
 
 from __future__ import annotations
 
+import bisect
 import html
 import zlib
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from .audit import Snapshot, find_inconsistencies, find_warnings, network_order, show
 from .capacity import FAMILIES, capacity_report
-from .core import allocator
 from .core.holdings import Block
 from .core.model import IPNetwork, IPPool
 from .reports import route_report
 
 #: A pool with more block slots than this shows its claimed blocks only.
 ALL_SLOTS = 1024
+
+#: Block tiles drawn per pool at most (the others are counted per domain).
+MAX_TILES = 2048
+
+#: Findings listed per kind (problems, warnings) at most; `ipam check` lists them all.
+MAX_FINDINGS = 100
 
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d232a;background:#fafafa}
@@ -40,6 +53,7 @@ background:#fff;font-size:10px;overflow:hidden;box-sizing:border-box;padding:2px
 table{border-collapse:collapse;margin:6px 0}td,th{padding:3px 10px;text-align:left;
 border-bottom:1px solid #ddd}
 .problem{color:#b71c1c}.warning{color:#8d5a00}.ok{color:#1b5e20}
+.more{color:#666;margin:4px 0}
 """
 
 
@@ -58,7 +72,8 @@ def render(snap: Snapshot, label: str, title: str = "topoipam address map") -> s
     for row in snap.allocations():
         if row.handle is not None and row.node != row.block.affinity:
             borrowed[row.block.cidr] = borrowed.get(row.block.cidr, 0) + 1
-    breaking = {e.prefix for e in route_report(snap, label).breaking}
+    breaking = _breaking_blocks(snap, label)
+    by_pool = _blocks_by_pool(snap)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{_esc(title)}</title><style>{STYLE}</style></head><body>",
              f"<h1>{_esc(title)}</h1>",
@@ -71,10 +86,37 @@ def render(snap: Snapshot, label: str, title: str = "topoipam address map") -> s
              "<span style='color:#999'>⋯ unclaimed</span></div>"]
     parts += _capacity(snap, label)
     for pool in snap.pools:
-        parts += _pool(pool, snap, value_of, borrowed, breaking, label)
+        parts += _pool(pool, by_pool.get(pool.name, []), value_of, borrowed, breaking, label)
     parts += _findings(snap)
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _blocks_by_pool(snap: Snapshot) -> dict[str, list[Block]]:
+    """Each pool's blocks (inside its CIDR), found by bisection: pools do not overlap."""
+    spans = sorted(((p.cidr.version, int(p.cidr.network_address)), int(p.cidr.broadcast_address),
+                    p.name) for p in snap.pools)
+    starts = [span[0] for span in spans]
+    found: dict[str, list[Block]] = {}
+    for block in snap.blocks.values():
+        at = bisect.bisect_right(starts, (block.cidr.version, block.first)) - 1
+        if at >= 0 and spans[at][0][0] == block.cidr.version and block.last <= spans[at][1]:
+            found.setdefault(spans[at][2], []).append(block)
+    return found
+
+
+def _breaking_blocks(snap: Snapshot, label: str) -> set[IPNetwork]:
+    """The blocks that are, or hold, a prefix breaking aggregation by ``label``."""
+    sizes = {cidr.prefixlen for cidr in snap.blocks}
+    marked = set()
+    for exception in route_report(snap, label).breaking:
+        prefix = exception.prefix
+        for size in sizes:
+            if size <= prefix.prefixlen:
+                candidate = prefix.supernet(new_prefix=size)
+                if candidate in snap.blocks:
+                    marked.add(candidate)
+    return marked
 
 
 def _capacity(snap: Snapshot, label: str) -> list[str]:
@@ -101,33 +143,53 @@ def _capacity(snap: Snapshot, label: str) -> list[str]:
             "<th>pods that can start</th></tr>", *rows, "</table>"]
 
 
-def _pool(pool: IPPool, snap: Snapshot, value_of: dict[str, str | None],
+def _pool(pool: IPPool, blocks: Sequence[Block], value_of: dict[str, str | None],
           borrowed: dict[IPNetwork, int], breaking: set[IPNetwork], label: str) -> list[str]:
-    blocks = [b for cidr, b in snap.blocks.items() if allocator.pool_of_block([pool], cidr)]
     slots = 1 << (pool.block_size - pool.cidr.prefixlen)
+    drawn = _drawn(blocks, borrowed, breaking)
     head = (f"<h2 class='pool' id='pool-{_esc(pool.name)}'>pool {_esc(pool.name)} "
             f"<small>{_esc(pool.cidr)} · /{pool.block_size} blocks · {len(blocks)} of "
             f"{slots} claimed · selector {_esc(pool.node_selector)}"
             + (f" · priority {pool.priority}" if pool.priority else "")
             + (f" · topologyKey {_esc(pool.topology_key)} (/{pool.topology_prefix} ranges)"
-               if pool.topology_key else "") + "</small></h2>")
+               if pool.topology_key else "")
+            + (f" · {len(drawn)} blocks drawn: those that lend or break aggregation first"
+               if len(drawn) < len(blocks) else "") + "</small></h2>")
     groups: dict[str | None, list[Block]] = {}
     for block in blocks:
         groups.setdefault(value_of.get(block.affinity or ""), []).append(block)
     out = [head]
     for value in sorted(groups, key=lambda v: (v is None, v or "")):
+        shown = [b for b in groups[value] if b.cidr in drawn]
         out.append(f"<h3 class='domain'>{_esc(label)}={_esc(show(value))}</h3>")
         out.append("<div class='tiles'>" + "".join(
             _tile(b, value, borrowed, breaking)
-            for b in sorted(groups[value], key=lambda b: network_order(b.cidr))) + "</div>")
+            for b in sorted(shown, key=lambda b: network_order(b.cidr))) + "</div>")
+        hidden = [b for b in groups[value] if b.cidr not in drawn]
+        if hidden:
+            out.append(f"<p class='more'>{len(hidden)} more block(s) of {_esc(label)}="
+                       f"{_esc(show(value))} not drawn: {sum(b.in_use for b in hidden)} of "
+                       f"{sum(b.size for b in hidden)} addresses in use</p>")
     if slots <= ALL_SLOTS and len(blocks) < slots:
         claimed = {b.cidr for b in blocks}
+        other_sizes = [c for c in claimed if c.prefixlen != pool.block_size]
         free = [c for c in pool.block_cidrs() if c not in claimed and not any(
-            c.overlaps(o) for o in claimed)]
+            c.overlaps(o) for o in other_sizes)]
         out.append("<h3>unclaimed</h3><div class='tiles'>" + "".join(
             f"<div class='tile free' title='{_esc(c)} unclaimed'>{_esc(c)}</div>"
             for c in free) + "</div>")
     return out
+
+
+def _drawn(blocks: Sequence[Block], borrowed: dict[IPNetwork, int],
+           breaking: set[IPNetwork]) -> set[IPNetwork]:
+    """The blocks whose tiles are drawn: all, or MAX_TILES of them, those that lend or
+    break aggregation first, then in address order."""
+    if len(blocks) <= MAX_TILES:
+        return {b.cidr for b in blocks}
+    ranked = sorted(blocks, key=lambda b: (b.cidr not in borrowed and b.cidr not in breaking,
+                                           network_order(b.cidr)))
+    return {b.cidr for b in ranked[:MAX_TILES]}
 
 
 def _tile(block: Block, value: str | None, borrowed: dict[IPNetwork, int],
@@ -137,8 +199,7 @@ def _tile(block: Block, value: str | None, borrowed: dict[IPNetwork, int],
     if block.cidr in borrowed:
         classes.append("borrowed")
         notes.append(f"{borrowed[block.cidr]} borrowed")
-    if block.cidr in breaking or any(p.version == block.cidr.version and p.overlaps(block.cidr)
-                                     for p in breaking):
+    if block.cidr in breaking:
         classes.append("breaking")
         notes.append("breaks aggregation")
     share = block.in_use / block.size
@@ -159,6 +220,9 @@ def _findings(snap: Snapshot) -> list[str]:
     return out
 
 
-def _items(kind: str, lines: Iterable[str]) -> list[str]:
-    listed = [f"<li class='{kind}'>{kind}: {_esc(line)}</li>" for line in lines]
+def _items(kind: str, lines: Sequence[str]) -> list[str]:
+    listed = [f"<li class='{kind}'>{kind}: {_esc(line)}</li>" for line in lines[:MAX_FINDINGS]]
+    if len(lines) > MAX_FINDINGS:
+        listed.append(f"<li class='{kind}'>and {len(lines) - MAX_FINDINGS} more "
+                      f"{kind}(s): `topoipamctl ipam check` lists them all</li>")
     return ["<ul>", *listed, "</ul>"] if listed else []

@@ -4,7 +4,10 @@
 per IP family, the addresses of the pools that serve that value's nodes: as
 ``ipam show`` counts a pool (its capacity less its network, broadcast,
 gateway and reserved addresses; in use: the addresses its blocks hold), summed
-over the enabled Automatic pools that select at least one of its nodes. A
+over the enabled Automatic pools that select at least one of its nodes. Free
+is capacity less the addresses in use that capacity counts: an address
+reserved (or made the gateway) after it was allocated is in use, but its
+release gives it back to the reservation, not to the free ones. A
 pool shared by several values counts in each: it is what each could still
 get. The pods that can still start in a domain are its free addresses (the
 smaller family's, when its nodes get both).
@@ -28,10 +31,12 @@ FAMILIES = (4, 6)
 class FamilyCapacity:
     capacity: int = 0
     in_use: int = 0
+    #: Of ``in_use``, the addresses ``capacity`` does not count (reserved, unusable).
+    uncounted: int = 0
 
     @property
     def free(self) -> int:
-        return max(0, self.capacity - self.in_use)
+        return max(0, self.capacity - (self.in_use - self.uncounted))
 
     def to_json(self) -> dict[str, int]:
         return {"capacity": self.capacity, "in_use": self.in_use, "free": self.free}
@@ -67,10 +72,16 @@ def capacity_report(snap: Snapshot, label: str) -> list[CapacityDomain]:
     """Every value of ``label`` among the registered nodes, in value order (no label last)."""
     reservations = allocator.Reservations(snap.reservations)
     used: Counter[str] = Counter()
+    uncounted: Counter[str] = Counter()
     for cidr, block in snap.blocks.items():
         pool = allocator.pool_of_block(snap.pools, cidr)
         if pool is not None:
             used[pool.name] += block.in_use
+            if reservations or any(block.first <= a <= block.last for a in pool.unusable_ints):
+                uncounted[pool.name] += sum(
+                    1 for ordinal in block.allocations
+                    if not pool.usable(address := block.address(ordinal))
+                    or address in reservations)
     domains: dict[str | None, CapacityDomain] = {}
     serving: dict[str | None, dict[int, dict[str, IPPool]]] = {}
     for node in sorted(snap.nodes.values(), key=lambda n: n.name):
@@ -90,5 +101,5 @@ def capacity_report(snap: Snapshot, label: str) -> list[CapacityDomain]:
             domain.pools[family] = sorted(chosen)
             domain.families[family] = FamilyCapacity(
                 sum(allocator.usable_capacity(p, reservations) for p in chosen.values()),
-                sum(used[name] for name in chosen))
+                sum(used[name] for name in chosen), sum(uncounted[name] for name in chosen))
     return sorted(domains.values(), key=lambda d: (d.value is None, d.value or ""))

@@ -13,8 +13,8 @@ retry policy.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from .core.allocator import Reservations, TxnPlan, TxnSnapshot
 from .core.calls import ReleaseCall, ReleaseIdentityCall
@@ -117,16 +117,20 @@ async def read(store: EtcdStore, source: StateSource, what: Read) -> Any:
     return await getattr(store, _STORE_READS[kind])(*args)
 
 
+#: How a NeedRead is answered: :func:`read`, or a stand-in that reads the same thing.
+Reader: TypeAlias = Callable[[EtcdStore, StateSource, Read], Awaitable[Any]]
+
+
 async def plan_reading(store: EtcdStore, source: StateSource, view: ReadingView,
                        planner: Planner, plan: Callable[[], T], txn: TxnPlan | None = None,
-                       saved: TxnSnapshot | None = None) -> T:
+                       saved: TxnSnapshot | None = None, reader: Reader = read) -> T:
     """``plan()``, after reading whatever ``view`` lacks for it.
 
-    Each NeedRead is read once into ``view``; ``txn`` (what other calls of the
-    batch planned) and the planner's memory are put back as they were before
-    ``plan`` ran (``saved``, if the caller took that snapshot already), and it
-    runs again. The reads are those a plan that waited for each would have
-    made, in the same order.
+    Each NeedRead is read once into ``view`` (by ``reader``); ``txn`` (what
+    other calls of the batch planned) and the planner's memory are put back as
+    they were before ``plan`` ran (``saved``, if the caller took that snapshot
+    already), and it runs again. The reads are those a plan that waited for
+    each would have made, in the same order.
     """
     if txn is not None and saved is None:
         saved = txn.snapshot()
@@ -138,7 +142,7 @@ async def plan_reading(store: EtcdStore, source: StateSource, view: ReadingView,
             if txn is not None and saved is not None:
                 txn.restore(saved)
             planner.memory.restore(memory)
-            view.reads[need.read] = await read(store, source, need.read)
+            view.reads[need.read] = await reader(store, source, need.read)
 
 
 async def commit_call(store: EtcdStore, planner: Planner, call: ReleaseCall | ReleaseIdentityCall,

@@ -8,6 +8,7 @@ no reads of their own; the CLI only prints what they return.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import time
 from collections.abc import Iterable, Sequence
@@ -230,12 +231,17 @@ def route_report(snap: Snapshot, label: str = DEFAULT_ROUTE_LABEL) -> RouteRepor
                 f"block of node {block.affinity} outside its node's pools: {reason}"))
     for value, cidrs in aggregated.items():
         domains[value].aggregate = _merged(cidrs)
+    covers: dict[str | None, _Cover] = {}
     for row in snap.allocations():
         if row.node is None:
             continue
         holder = domain(row.node)
-        if any(row.ip.version == p.version and row.ip in p for p in holder.prefixes):
+        cover = covers.get(holder.value)
+        if cover is None:
+            cover = covers[holder.value] = _Cover(holder.prefixes)
+        if row.ip in cover:
             continue
+        cover.add(row.ip)
         host = ipaddress.ip_network(row.ip)
         where = (f"block {row.block.cidr} of node {row.block.affinity}"
                  f" ({label}={show(domain_of.get(row.block.affinity))})"
@@ -255,6 +261,32 @@ def route_report(snap: Snapshot, label: str = DEFAULT_ROUTE_LABEL) -> RouteRepor
                         f"{', '.join(unlabelled.nodes)}")
     ordered = sorted(domains.values(), key=lambda d: (d.value is None, d.value or ""))
     return RouteReport(label, ordered, warnings)
+
+
+class _Cover:
+    """Whether an address is inside any of some prefixes, or one of the addresses added:
+    a bisection over the prefixes' spans (first address, and the farthest last address
+    of the spans up to it), so a domain with many prefixes costs one lookup per address."""
+
+    def __init__(self, prefixes: Iterable[IPNetwork]) -> None:
+        spans = sorted((p.version, int(p.network_address), int(p.broadcast_address))
+                       for p in prefixes)
+        self._starts = [(version, first) for version, first, _ in spans]
+        self._reach: list[int] = []
+        for i, (version, _, last) in enumerate(spans):
+            before = self._reach[-1] if i and spans[i - 1][0] == version else -1
+            self._reach.append(max(last, before))
+        self._added: set[model.IPAddress] = set()
+
+    def add(self, address: model.IPAddress) -> None:
+        self._added.add(address)
+
+    def __contains__(self, address: model.IPAddress) -> bool:
+        if address in self._added:
+            return True
+        point = (address.version, int(address))
+        at = bisect.bisect_right(self._starts, point) - 1
+        return at >= 0 and self._starts[at][0] == point[0] and self._reach[at] >= point[1]
 
 
 def identity_destinations(snap: Snapshot, config: model.IPAMConfig, identity: Identity
