@@ -125,12 +125,12 @@ async def test_create_ippool_with_flags_and_get_wide(run_ctl: Ctl) -> None:
     result = await run_ctl("get", "ippool", "-o", "wide")
     lines = [line.split() for line in result.out.splitlines()]
     assert lines == [
-        ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "DISABLED", "ASSIGNMENTMODE", "GATEWAY",
-         "IN-USE", "TOTAL"],
-        ["default-ipv4-ippool", "192.168.0.0/16", "26", "all()", "false", "Automatic",
+        ["NAME", "CIDR", "BLOCKSIZE", "SELECTOR", "PRIORITY", "DISABLED", "ASSIGNMENTMODE",
+         "GATEWAY", "IN-USE", "TOTAL"],
+        ["default-ipv4-ippool", "192.168.0.0/16", "26", "all()", "0", "false", "Automatic",
          "192.168.0.1", "0", "65533"],
-        ["manual", "10.0.0.0/24", "28", "rack", "==", '"0"', "true", "Manual", "10.0.0.1",
-         "0", "253"],
+        ["manual", "10.0.0.0/24", "28", "rack", "==", '"0"', "0", "true", "Manual",
+         "10.0.0.1", "0", "253"],
     ]
     result = await run_ctl("get", "ippools")
     assert result.out.split("\n")[0].split() == ["NAME", "CIDR", "SELECTOR"]
