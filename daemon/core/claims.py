@@ -339,17 +339,19 @@ class PlannerBase:
         cooling down and no contested address. Read from the free-block index
         like a borrow (:data:`RECLAIM_READ` entries from this node's point, then
         from the pool's start): blocks of deleted nodes, of no node and of nodes
-        the pool no longer selects first, then blocks in the ranges of this
-        node's topology value, then the rest (other nodes' warm reserve) in
-        index order. The take-over is guarded by the block's
-        revision, so a block its owner allocated from meanwhile loses the race.
+        the pool no longer selects first, then the rest (other nodes' warm
+        reserve) in index order. With a ``topologyKey``, only blocks in ranges
+        this node's value holds (whatever their room): a block taken from
+        another value's range would put two values in one range. The
+        take-over is guarded by the block's revision, so a block its owner
+        allocated from (or dropped) meanwhile loses the race; the range keeps
+        its holder, which cannot change while the block exists.
         """
         state = view.state()
         now, cooldown = self.clock(), float(state.config.ip_cooldown_seconds)
         found: list[tuple[int, Versioned[Block]]] = []
         tried: set[IPNetwork] = set()
-        ours = (topology.in_ranges(view, pool, topology.value_of(pool, state.labels), txn)
-                if pool.topology_key else [])
+        value = topology.value_of(pool, state.labels) if pool.topology_key else None
         for begin in (allocator.borrow_start(pool, self.node), None):
             for cidr, owner in view.free_blocks(pool.cidr, begin, RECLAIM_READ):
                 if owner == self.node or cidr in tried or cidr in txn.blocks:
@@ -358,11 +360,12 @@ class PlannerBase:
                 current = view.block(cidr)
                 if current is None or not _reclaimable(current.value, self.node, now, cooldown):
                     continue
+                if pool.topology_key and not topology.held_by_value(view, pool, value, cidr,
+                                                                    txn):
+                    continue
                 holder = current.value.affinity
                 labels = view.node_labels(holder) if holder is not None else None
-                near = any(span.supernet_of(cidr) for span in ours)  # type: ignore[arg-type]
-                found.append((0 if labels is None or not pool.selects(labels) else
-                              1 if near else 2, current))
+                found.append((0 if labels is None or not pool.selects(labels) else 1, current))
                 if found[-1][0] == 0:
                     return current
         return min(found, key=lambda entry: entry[0])[1] if found else None

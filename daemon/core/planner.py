@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from . import allocator
+from . import allocator, topology
 from .allocator import TxnPlan
 from .calls import (
     AllocateCall,
@@ -147,6 +147,9 @@ class Planner(StickyPlanner):
                     raise AddressUnavailable(
                         f"address {address}: its block {cidr} would overlap a smaller block "
                         "left over from another pool")
+                if pool.topology_key:  # in its value's range, or one it takes: never another's
+                    topology.place(view, pool, topology.value_of(pool, state.labels), cidr, txn,
+                                   self._known_blocks, address)
                 block = allocator.assign_address(Block.empty(cidr, self.node), address,
                                                  handle_id, ctx)
                 txn.put_block(block, 0, None)

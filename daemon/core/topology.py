@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterator, Mapping
 
 from . import allocator
 from .allocator import TxnPlan
+from .calls import Defer
+from .errors import AddressUnavailable
 from .holdings import TopologyRange
-from .model import IPNetwork, IPPool
+from .model import IPAddress, IPNetwork, IPPool
 from .view import View
 from .writes import DeleteTopologyRange, PutTopologyRange, Versioned
 
@@ -145,6 +147,8 @@ def give_back(view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan,
     """Plan the range of block ``cidr`` (dropped in ``txn``) back to the pool if no
     other block is left in it, else listed again (it has room now); guarded by the
     holder's revision either way."""
+    if cidr.prefixlen < pool.topology_prefix:  # a leftover block bigger than a range
+        return
     span = pool.topology_range(cidr)
     if span in txn.ranges:  # claimed in, taken or given back in this transaction already
         return
@@ -161,6 +165,58 @@ def give_back(view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan,
     txn.ranges[span] = DeleteTopologyRange(holder.value, holder.mod_revision)
 
 
-def in_ranges(view: View, pool: IPPool, value: str | None, txn: TxnPlan) -> list[IPNetwork]:
-    """The ranges ``value`` holds in ``pool`` (for borrowing and reclaiming nearby first)."""
-    return [h.value.cidr for h in held_by(view, pool, value, txn)]
+def holder_of(view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan
+              ) -> Versioned[TopologyRange] | None:
+    """Who holds the range of block ``cidr`` once ``txn`` commits (None: nobody, or the
+    block does not fit in one range). Raises Defer when ``txn`` gives that range back:
+    what holds it then is for the next transaction to see."""
+    if cidr.prefixlen < pool.topology_prefix:  # a leftover block bigger than a range
+        return None
+    span = pool.topology_range(cidr)
+    planned = txn.ranges.get(span)
+    if isinstance(planned, DeleteTopologyRange):
+        raise Defer()
+    if isinstance(planned, PutTopologyRange):
+        return Versioned(planned.range, planned.expect_revision)
+    return view.range_holder(span)
+
+
+def held_by_value(view: View, pool: IPPool, value: str | None, cidr: IPNetwork,
+                  txn: TxnPlan) -> bool:
+    """Whether block ``cidr`` lies in a range of ``pool`` that ``value`` holds (a block a
+    node of that value may take over: it keeps the range one value's)."""
+    try:
+        holder = holder_of(view, pool, cidr, txn)
+    except Defer:
+        return False
+    return holder is not None and holder.value.pool == pool.name and holder.value.value == value
+
+
+def place(view: View, pool: IPPool, value: str | None, cidr: IPNetwork, txn: TxnPlan,
+          known_blocks: KnownBlocks, address: IPAddress) -> None:
+    """Plan new block ``cidr`` (where a specific ``address`` puts it) into its range for a
+    node whose label value is ``value``: a range nobody holds is taken for the value, a
+    range the value holds is touched (guarded by its holder's revision, as any claim in
+    it). Raises AddressUnavailable when another value holds the range: a block of this
+    node there would put two values in one range."""
+    span = pool.topology_range(cidr)
+    holder = holder_of(view, pool, cidr, txn)
+    if holder is None:
+        taken = TopologyRange(span, pool.name, value)
+        listed = txn.value_ranges.get((pool.name, value))
+        if listed is not None:
+            listed.append(Versioned(taken, 0))
+        _claim_in(view, pool, span, cidr, taken, 0, txn, known_blocks)
+        return
+    if holder.value.pool != pool.name or holder.value.value != value:
+        who = (f"{pool.topology_key}={holder.value.value}" if holder.value.value is not None
+               else f"nodes without {pool.topology_key}")
+        if holder.value.pool != pool.name:
+            who = f"pool {holder.value.pool}"
+        mine = (f"{pool.topology_key}={value}" if value is not None
+                else f"no {pool.topology_key} label")
+        raise AddressUnavailable(
+            f"address {address}: its block {cidr} would lie in topology range {span} of pool "
+            f"{pool.name}, which {who} holds; this node ({mine}) claims blocks only in its "
+            "own value's ranges")
+    _claim_in(view, pool, span, cidr, holder.value, holder.mod_revision, txn, known_blocks)

@@ -1,0 +1,113 @@
+"""The planner's topology rules under hostile plans: one label value per range, always.
+
+Each rule is one small in-memory cluster and one plan: a reclaim, a specific
+address or a sticky return must never put a block of one value in a range
+another value holds, nor leave a block in a range nobody holds.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from topoipam.daemon.core.allocator import TxnPlan
+from topoipam.daemon.core.calls import Defer
+from topoipam.daemon.core.errors import AddressUnavailable, PoolExhausted
+from topoipam.daemon.core.holdings import TopologyRange
+from topoipam.daemon.core.model import IPAMConfig
+from topoipam.daemon.core.view import InMemoryView
+from topoipam.daemon.core.writes import DeleteTopologyRange, PutTopologyRange, Versioned
+
+from .test_planner import add, block, full, ip, net, plan, planner
+from .test_planner_topology import SHARED
+
+RACK_OF = {"m0": "0", "m1": "1", "n0": "1"}
+
+
+def racks(held: dict[str, str], **config: object) -> InMemoryView:
+    """n0 (rack 1) beside ``held`` ranges (``"10.5.0.0/26": "0"``), listed while they have
+    room; every node's labels known."""
+    cluster = InMemoryView("n0", IPAMConfig(**config), (SHARED,),  # type: ignore[arg-type]
+                           {"rack": "1"})
+    cluster.nodes.update({node: {"rack": rack} for node, rack in RACK_OF.items()})
+    for span, value in held.items():
+        cluster.ranges[net(span)] = Versioned(TopologyRange(net(span), "shared", value), 3)
+    return cluster
+
+
+def rack_of_range(cluster: InMemoryView, txn: TxnPlan, cidr: object) -> str | None:
+    """The value holding the range of block ``cidr`` once ``txn`` is committed."""
+    span = SHARED.topology_range(cidr)  # type: ignore[arg-type]
+    planned = txn.ranges.get(span)
+    if isinstance(planned, PutTopologyRange):
+        return planned.range.value
+    if isinstance(planned, DeleteTopologyRange):
+        return None
+    held = cluster.ranges.get(span)
+    return None if held is None else held.value.value
+
+
+# ---------------------------------------------------------------------- reclaiming
+def test_a_reclaim_never_takes_a_block_in_a_range_of_another_value() -> None:
+    # Every range is rack 0's, every block an empty block of m0 (rack 0's warm reserve).
+    cluster = racks({f"10.5.0.{64 * r}/26": "0" for r in range(4)}, strict_affinity=True,
+                    ip_cooldown_seconds=0)
+    cluster.add(*(block(f"10.5.0.{16 * b}/28", "m0") for b in range(16))).indexed()
+    cluster.unlisted.update(cluster.ranges)  # full: every block claimed
+    call = add("a")
+    try:
+        txn = plan(cluster, call)
+    except PoolExhausted as exc:
+        assert "no empty block to reclaim" in exc.message
+        return
+    taken = call.addresses[0].block
+    assert rack_of_range(cluster, txn, taken) == "1", (
+        f"rack 1's n0 reclaimed {taken} in a range rack 0 holds")
+
+
+def test_a_reclaim_takes_a_block_of_its_own_value_whose_range_is_full() -> None:
+    # Rack 1's range is full (unlisted), one of its blocks is m1's empty warm reserve;
+    # rack 0's ranges hold empty blocks too, listed before it in the free-block index.
+    held = {"10.5.0.0/26": "0", "10.5.0.64/26": "0", "10.5.0.128/26": "0",
+            "10.5.0.192/26": "1"}
+    cluster = racks(held, strict_affinity=True, ip_cooldown_seconds=0)
+    cluster.add(*(block(f"10.5.0.{16 * b}/28", "m0") for b in range(12)))
+    cluster.add(*(full(f"10.5.0.{16 * b}/28", "m1") for b in range(12, 15)))
+    cluster.add(block("10.5.0.240/28", "m1")).indexed()
+    cluster.unlisted.update(cluster.ranges)
+    call = add("a")
+    txn = plan(cluster, call)
+    assert call.addresses[0].block == net("10.5.0.240/28")
+    assert rack_of_range(cluster, txn, call.addresses[0].block) == "1"
+
+
+# ---------------------------------------------------------------------- specific addresses
+def test_a_specific_address_in_a_range_of_another_value_is_refused() -> None:
+    cluster = racks({"10.5.0.0/26": "0"}).add(block("10.5.0.0/28", "m0", o1="x")).indexed()
+    with pytest.raises(AddressUnavailable, match="10.5.0.0/26.*rack=0"):
+        plan(cluster, add("a", addresses=(ip("10.5.0.20"),)))
+
+
+def test_a_specific_address_in_a_free_range_takes_the_range_for_the_value() -> None:
+    cluster = racks({}).indexed()
+    call = add("a", addresses=(ip("10.5.0.100"),))
+    txn = plan(cluster, call)
+    span = net("10.5.0.64/26")
+    assert txn.blocks[net("10.5.0.96/28")][1] == 0
+    assert txn.ranges[span] == PutTopologyRange(TopologyRange(span, "shared", "1"), 0)
+
+
+def test_a_specific_address_in_a_range_of_its_value_is_guarded_by_the_holder() -> None:
+    cluster = racks({"10.5.0.64/26": "1"}).add(block("10.5.0.64/28", "m1", o1="x")).indexed()
+    call = add("a", addresses=(ip("10.5.0.100"),))
+    txn = plan(cluster, call)
+    span = net("10.5.0.64/26")
+    assert txn.ranges[span] == PutTopologyRange(TopologyRange(span, "shared", "1"), 3)
+
+
+def test_a_specific_address_in_a_range_given_back_in_the_same_batch_waits() -> None:
+    cluster = racks({"10.5.0.64/26": "1"}).indexed()
+    txn = TxnPlan(cluster.pools)
+    span = net("10.5.0.64/26")
+    txn.ranges[span] = DeleteTopologyRange(TopologyRange(span, "shared", "1"), 3)
+    with pytest.raises(Defer):
+        planner().plan(cluster, add("a", addresses=(ip("10.5.0.100"),)), txn)
