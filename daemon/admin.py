@@ -61,6 +61,7 @@ from .core.writes import (
     DeleteObject,
     DeleteRoomMark,
     DeleteRoomMarksIn,
+    DeleteTopologyRangesOf,
     PoolsUnchangedSince,
     PoolUnchanged,
     PutBlock,
@@ -70,7 +71,7 @@ from .core.writes import (
     Versioned,
     Write,
 )
-from .planning import commit_call
+from .planning import commit_call, drop_writes
 from .store import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,9 @@ async def plan_delete(
         # Its room entries go with it (a forced delete's leftover blocks are never claimed
         # into); a pool created over the range later writes its own.
         plan.writes.append(DeleteRoomMarksIn(current.cidr))
+        # So do its topology ranges: its empty blocks are dropped next, with no pool left
+        # to give their ranges back to, and a pool made over the CIDR later starts free.
+        plan.writes.append(DeleteTopologyRangesOf(current.name, current.cidr))
     plan.lines.append(f"{target.kind.lower()}/{target.name} deleted")
 
 
@@ -431,11 +435,8 @@ async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple
             writes: list[Write] = [DeleteAffinity(node, cidr)]
             if current is None or current.value.affinity != node:
                 return writes, "affinity"
-            if current.value.is_empty():
-                window = allocator.window_of(pools, cidr)
-                room: list[Write] = [PutRoomMark(window)] if window is not None else []
-                return [*writes, DeleteBlock(cidr, current.mod_revision),
-                        DeleteFreeMark(cidr), *room], "deleted"
+            if current.value.is_empty():  # its range goes back if it held no other block
+                return await drop_writes(store, planner, current), "deleted"
             orphan = current.value.copy()
             orphan.affinity = None
             marks: list[Write] = [PutFreeMark(cidr, None)] if has_free(orphan, pools) else []

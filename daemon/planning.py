@@ -22,7 +22,7 @@ from .core.holdings import Block, check_identity
 from .core.model import IPAddress, IPNetwork
 from .core.planner import Planner
 from .core.view import ClusterState, NeedRead, Read, ReadingView
-from .core.writes import Versioned
+from .core.writes import Versioned, Write
 from .store import LOST_RACE, EtcdStore, LostRace, retry_cas
 
 T = TypeVar("T")
@@ -162,6 +162,21 @@ async def commit_call(store: EtcdStore, planner: Planner, call: ReleaseCall | Re
         return call.freed
 
     return await retry_cas(attempt, f"the release on node {planner.node}")
+
+
+async def drop_writes(store: EtcdStore, planner: Planner, current: Versioned[Block],
+                      source: StateSource | None = None) -> list[Write]:
+    """The writes that drop ``current`` (an empty block) as its node's daemon would: the
+    block guarded by its revision, its index entries and affinity, and its topology
+    range given back when no other block is left in it (guarded by the range's holder,
+    so a claim racing into the range makes one of the two re-plan). Nothing is written."""
+    source = source or EtcdSource(store, planner.node)
+    state = await source.state()
+    txn = TxnPlan(state.pools)
+    view = source.view(state)
+    await plan_reading(store, source, view, planner, lambda: planner.drop_block(
+        view, txn, current.value, current.mod_revision, current.value), txn)
+    return txn.writes()
 
 
 async def release_identity(store: EtcdStore, identity_id: str, park: bool = False,

@@ -116,6 +116,15 @@ class DeleteTopologyRange:
 
 
 @dataclass(frozen=True)
+class DeleteTopologyRangesOf:
+    """Every topology range of a deleted pool: the holders inside ``cidr`` and the pool's
+    value listings, in two range deletes (a value's blocks leave with the pool)."""
+
+    pool: str
+    cidr: IPNetwork
+
+
+@dataclass(frozen=True)
 class PutHandle:
     handle: Handle
     expect_revision: int  # 0: the handle must not exist yet
@@ -205,7 +214,7 @@ Write = (
     PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutFreeMark | DeleteFreeMark
     | PutRoomMark | DeleteRoomMark | DeleteRoomMarksIn | PutHandle | DeleteHandle | PutIdentity
     | DeleteIdentity | PutConflict | DeleteConflict | PutObject | PutTopologyRange
-    | DeleteTopologyRange
+    | DeleteTopologyRange | DeleteTopologyRangesOf
     | DeleteObject | PoolsUnchangedSince | PoolUnchanged | DaemonAbsent
 )
 

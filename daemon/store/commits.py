@@ -165,6 +165,13 @@ class EtcdCommits(EtcdReads):
                 return [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
                         for key in (self.keys.topology_range(held.cidr),
                                     self.keys.value_range(held.pool, held.value, held.cidr))]
+            case ops.DeleteTopologyRangesOf(pool=pool, cidr=cidr):
+                start, end = self.keys.topology_ranges_in(cidr)
+                listings = self.keys.pool_value_ranges(pool)
+                return [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                            key=start, range_end=end)),
+                        rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                            key=listings, range_end=prefix_range_end(listings)))]
         return [self._request_op(write)]
 
     def _request_op(self, write: Write) -> Any:
