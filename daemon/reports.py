@@ -164,6 +164,23 @@ def _merged(cidrs: Iterable[IPNetwork]) -> list[IPNetwork]:
     return sorted((ipaddress.ip_network(str(c)) for c in merged), key=network_order)
 
 
+def block_outside_range(pool: IPPool | None, cidr: IPNetwork, label: str, value: str | None,
+                        snap: Snapshot) -> str | None:
+    """Why a block of a node whose ``label`` is ``value`` does not aggregate with that
+    value's ranges, or None: in a pool keyed on ``label``, its topology range is another
+    value's (the node was relabelled and kept the block)."""
+    if pool is None or pool.topology_key != label or cidr.prefixlen < pool.topology_prefix:
+        return None
+    span = pool.topology_range(cidr)
+    holder = snap.ranges.get(span)
+    if holder is None or (holder.value.pool, holder.value.value) == (pool.name, value):
+        return None
+    return (f"it lies in topology range {span} of {label}={show(holder.value.value)}"
+            + (f" (pool {holder.value.pool})" if holder.value.pool != pool.name else "")
+            + f", and its node has {label}={show(value)}: relabelled, it keeps the block "
+            "until its last address is released")
+
+
 def block_outside_pools(pool: IPPool | None, node: model.Node | None) -> str | None:
     """Why a node's block does not belong with that node's pools now, or None if it does.
 
@@ -220,12 +237,15 @@ def route_report(snap: Snapshot, label: str = DEFAULT_ROUTE_LABEL) -> RouteRepor
         if pool is not None:
             pools_in.setdefault(home.value, set()).add(pool.name)
         reason = block_outside_pools(pool, snap.nodes.get(block.affinity))
+        if reason is not None:
+            reason = f"block of node {block.affinity} outside its node's pools: {reason}"
+        elif (elsewhere := block_outside_range(pool, cidr, label, home.value, snap)):
+            reason = f"block of node {block.affinity} outside its value's ranges: {elsewhere}"
         if reason is None:
             aggregated.setdefault(home.value, []).append(cidr)
         else:
             home.exceptions.append(RouteException(
-                cidr, "block", block.affinity, pool.name if pool else None,
-                f"block of node {block.affinity} outside its node's pools: {reason}"))
+                cidr, "block", block.affinity, pool.name if pool else None, reason))
     for value, cidrs in aggregated.items():
         domains[value].aggregate = _merged(cidrs)
     for row in snap.allocations():

@@ -21,7 +21,7 @@ from .allocator import AssignContext, TxnPlan
 from .calls import AllocatedAddress, Allocation, AllocationRequest
 from .errors import AddressUnavailable, TopoipamError
 from .holdings import Block, Handle
-from .model import IPNetwork, IPPool
+from .model import IPAddress, IPNetwork, IPPool
 from .view import ClusterState, View
 from .writes import Versioned
 
@@ -37,6 +37,8 @@ BORROW_WINDOW = 8
 ROOM_READ = 4
 #: Free-block index entries a reclaim reads from each starting point.
 RECLAIM_READ = 16
+#: Blocks whose topology range holder a planner remembers before it starts afresh.
+RANGE_MEMORY = 4096
 # A pool read whole and found without an unclaimed block (or, for borrowing,
 # without a free address) is not searched again for this long, and a claim's
 # pool is then read whole again only if its survey counts changed: a full pool
@@ -88,6 +90,9 @@ class PlannerMemory:
     full_survey: dict[str, tuple[IPPool, list[int], object]] = field(default_factory=dict)
     # Claims that took a hint or committed: a prefetch that overlaps one keeps nothing.
     claims_seen: int = 0
+    # This node's block -> (pool, value) of its topology range's holder as read (None:
+    # nobody holds it): a holder cannot change while a block is in its range.
+    range_of: dict[IPNetwork, tuple[str, str | None] | None] = field(default_factory=dict)
 
     def snapshot(self) -> MemorySnapshot:
         return (dict(self.claim_hints), dict(self.found_full), dict(self.full_survey),
@@ -166,10 +171,43 @@ class PlannerBase:
         return pool is None or pool.disabled or not pool.automatic or not pool.selects(
             state.labels)
 
+    def in_foreign_range(self, view: View, block: Block, txn: TxnPlan) -> bool:
+        """Whether this node's ``block`` lies in a topology range another label value
+        holds: a block kept across a relabel of this node. It gives out no new address
+        and is dropped once empty (:meth:`droppable`), so the node moves to its new
+        value's ranges and the old range can go back to its pool.
+
+        The holder is read once per block and remembered: it cannot change while the
+        block is in its range. A hint all the same: a wrong one only keeps a block in
+        use, or drops an empty one, a little early or late.
+        """
+        pool = allocator.pool_of_block(view.state().pools, block.cidr)
+        if pool is None or not pool.topology_key:
+            return False
+        memory = self.memory.range_of
+        held = memory.get(block.cidr, ())
+        if held == ():
+            if block.cidr in txn.blocks and txn.blocks[block.cidr][1] == 0:
+                return False  # claimed in this transaction: in its value's range
+            holder = view.range_holder(pool.topology_range(block.cidr)) \
+                if block.cidr.prefixlen >= pool.topology_prefix else None
+            if len(memory) > RANGE_MEMORY:
+                memory.clear()
+            held = memory[block.cidr] = (None if holder is None
+                                         else (holder.value.pool, holder.value.value))
+        return held is not None and held != (pool.name, topology.value_of(
+            pool, view.state().labels))
+
+    def droppable(self, view: View, block: Block, txn: TxnPlan) -> bool:
+        """:meth:`unwanted`, or an empty block of this node in another value's range."""
+        return self.unwanted(view.state(), block) or (
+            block.is_empty() and block.affinity == self.node
+            and self.in_foreign_range(view, block, txn))
+
     def put_or_drop(self, view: View, txn: TxnPlan, new: Block, revision: int,
                     before: Block) -> None:
         """Plan ``new`` (a block addresses were freed from), deleting it if it is unwanted."""
-        if self.unwanted(view.state(), new):
+        if self.droppable(view, new, txn):
             self.drop_block(view, txn, new, revision, before)
         else:
             txn.put_block(new, revision, before)
@@ -182,6 +220,14 @@ class PlannerBase:
         pool = allocator.pool_of_block(view.state().pools, block.cidr)
         if pool is not None and pool.topology_key:
             topology.give_back(view, pool, block.cidr, txn, self._known_blocks)
+
+    def place_block(self, view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan,
+                    address: IPAddress, strict: bool = True) -> None:
+        """Plan the topology range of new block ``cidr`` of this node (made for ``address``
+        where no claim chose it): see :func:`.topology.place`. Nothing for other pools."""
+        if pool.topology_key:
+            topology.place(view, pool, topology.value_of(pool, view.state().labels), cidr, txn,
+                           self._known_blocks, address, strict)
 
     @staticmethod
     def allocation_of(handle: Handle, state: ClusterState) -> Allocation:

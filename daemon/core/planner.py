@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from . import allocator, topology
+from . import allocator
 from .allocator import TxnPlan
 from .calls import (
     AllocateCall,
@@ -147,9 +147,8 @@ class Planner(StickyPlanner):
                     raise AddressUnavailable(
                         f"address {address}: its block {cidr} would overlap a smaller block "
                         "left over from another pool")
-                if pool.topology_key:  # in its value's range, or one it takes: never another's
-                    topology.place(view, pool, topology.value_of(pool, state.labels), cidr, txn,
-                                   self._known_blocks, address)
+                # In its value's range, or one it takes: never in another value's.
+                self.place_block(view, pool, cidr, txn, address)
                 block = allocator.assign_address(Block.empty(cidr, self.node), address,
                                                  handle_id, ctx)
                 txn.put_block(block, 0, None)
@@ -211,6 +210,8 @@ class Planner(StickyPlanner):
                  if first <= entry[0].first and entry[0].last <= last),
                 key=lambda entry: entry[0].first,
             ):
+                if pool.topology_key and self.in_foreign_range(view, block, txn):
+                    continue  # kept across a relabel: no new address there
                 assigned = allocator.assign_next(block, handle_id, ctx)
                 if assigned is not None:
                     new, address = assigned

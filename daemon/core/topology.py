@@ -193,12 +193,15 @@ def held_by_value(view: View, pool: IPPool, value: str | None, cidr: IPNetwork,
 
 
 def place(view: View, pool: IPPool, value: str | None, cidr: IPNetwork, txn: TxnPlan,
-          known_blocks: KnownBlocks, address: IPAddress) -> None:
+          known_blocks: KnownBlocks, address: IPAddress, strict: bool = True) -> None:
     """Plan new block ``cidr`` (where a specific ``address`` puts it) into its range for a
     node whose label value is ``value``: a range nobody holds is taken for the value, a
     range the value holds is touched (guarded by its holder's revision, as any claim in
     it). Raises AddressUnavailable when another value holds the range: a block of this
-    node there would put two values in one range."""
+    node there would put two values in one range. Not ``strict`` (a block put back for
+    an address a pod uses already), such a range is left as it is."""
+    if cidr.prefixlen < pool.topology_prefix:  # a leftover block bigger than a range
+        return
     span = pool.topology_range(cidr)
     holder = holder_of(view, pool, cidr, txn)
     if holder is None:
@@ -209,6 +212,8 @@ def place(view: View, pool: IPPool, value: str | None, cidr: IPNetwork, txn: Txn
         _claim_in(view, pool, span, cidr, taken, 0, txn, known_blocks)
         return
     if holder.value.pool != pool.name or holder.value.value != value:
+        if not strict:
+            return
         who = (f"{pool.topology_key}={holder.value.value}" if holder.value.value is not None
                else f"nodes without {pool.topology_key}")
         if holder.value.pool != pool.name:
