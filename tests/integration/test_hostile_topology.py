@@ -16,21 +16,27 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.conftest import EtcdServer, temporary_etcd
+from tests.daemons import DaemonProcess
 from tests.daemons import ctl as ctl_input
 from tests.etcd_cluster import etcdctl
 from tests.integration.test_engine import audit, ctl, net, request, seed
 from tests.integration.test_faults import allocate as faults_allocate
+from tests.integration.test_faults import attachment
 from tests.integration.test_reliability import handles, new_daemon, restore, wait_for
 from topoipam.daemon.admin import retire_node
 from topoipam.daemon.core.errors import PoolExhausted
+from topoipam.daemon.core.holdings import Handle
 from topoipam.daemon.core.model import IPAMConfig, IPPool, Node
 from topoipam.daemon.engine import AllocationEngine
 from topoipam.daemon.store import EtcdOptions, EtcdStore
+from topoipam.proto import ipam_pb2
 
 
 @pytest.fixture
@@ -66,7 +72,8 @@ async def one_value_per_range(store: EtcdStore, pool: IPPool) -> dict[object, st
     range of it has a block; the ranges and their values."""
     nodes = {n.value.name: n.value.labels for n in await store.list_nodes()}
     held = {r.value.cidr: r.value for r in await store.list_ranges()
-            if r.value.cidr.subnet_of(pool.cidr)}  # type: ignore[arg-type]
+            if r.value.cidr.version == pool.family
+            and r.value.cidr.subnet_of(pool.cidr)}  # type: ignore[arg-type]
     used: set[object] = set()
     for versioned in await store.list_blocks(pool.cidr):
         block = versioned.value
@@ -252,3 +259,224 @@ async def test_a_relabelled_node_keeps_its_pods_but_moves_to_its_new_values_rang
     await release(store, "n0", *(f"a{i}" for i in range(20)))
     assert await one_value_per_range(store, pool) == {span: "1" for span in moved}
     await asyncio.to_thread(clean_check, ctl_env)
+
+
+# ---------------------------------------------------------------------- reclaim races
+def grpc_add(daemon: DaemonProcess, pod: str) -> str | None:
+    """One ADD through the daemon's socket: its address, or None if the pool is spent."""
+    try:
+        return faults_allocate(daemon, pod, timeout=20)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+        return None
+
+
+def grpc_del(daemon: DaemonProcess, pod: str) -> None:
+    with daemon.stub() as stub:
+        stub.Release(ipam_pb2.ReleaseRequest(attachment=attachment(pod)), timeout=20)
+
+
+def blocks_and_handles(endpoint: str, prefix: str
+                       ) -> tuple[dict[object, str | None], dict[str, Handle], int]:
+    async def read() -> tuple[dict[object, str | None], dict[str, Handle], int]:
+        async with EtcdStore(EtcdOptions(endpoints=(endpoint,)), prefix) as store:
+            blocks = {b.value.cidr: b.value.affinity for b in await store.list_blocks()}
+            found = {h.value.id: h.value for h in await store.list_handles()}
+            return blocks, found, await audit(store)
+    return asyncio.run(read())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_reclaim_racing_the_owners_own_pods_never_gives_an_address_twice(
+        etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]) -> None:
+    """Node a's warm reserve holds every block; its pods come and go, leaving blocks empty
+    for a moment, while node b, under strictAffinity, can only reclaim them. Whoever wins a
+    block, a's pods never land in a block a lost, b's only in blocks b took."""
+    manifest = ("apiVersion: topoipam/v1\nkind: IPPool\nmetadata: {name: small}\n"
+                "spec: {cidr: 10.85.0.0/26, blockSize: 28, topologyKey: rack, "
+                "topologyBlockSize: 26}\n")
+    assert ctl_input(ctl_env, "apply", "-f", "-", input=manifest).returncode == 0
+    assert ctl(ctl_env, "ipam", "configure", "--strictaffinity", "true", "--warm-addresses",
+               "60", "--ip-cooldown-seconds", "0").returncode == 0
+    for node in ("a", "b"):
+        assert ctl(ctl_env, "label", "nodes", node, "rack=0", "--create").returncode == 0
+    a = new_daemon(tmp_path, "a", "a", etcd.endpoint, prefix).start()
+    b = new_daemon(tmp_path, "b", "b", etcd.endpoint, prefix)
+    try:
+        wait_for(lambda: len(blocks_and_handles(etcd.endpoint, prefix)[0]) == 4, 20,
+                 "a's warm reserve did not claim the pool")
+        b.start()
+
+        def churn_a(worker: int) -> None:
+            for i in range(25):
+                pod = f"a{worker}-{i}"
+                if grpc_add(a, pod) is not None and i % 2:
+                    grpc_del(a, pod)
+
+        def fill_b() -> list[str | None]:
+            return [grpc_add(b, f"b-{i}") for i in range(12)]
+
+        with ThreadPoolExecutor(5) as pool:
+            churns = [pool.submit(churn_a, w) for w in range(4)]
+            got_b = pool.submit(fill_b).result()
+            for churn in churns:
+                churn.result()
+        assert any(got_b), "b never reclaimed a block"
+        blocks, found, _ = blocks_and_handles(etcd.endpoint, prefix)
+        for handle in found.values():
+            for entry in handle.addresses:
+                assert blocks[entry.block] == handle.node, (
+                    f"{entry.ip} of {handle.id} (node {handle.node}) is in block "
+                    f"{entry.block} of {blocks[entry.block]}")
+        check = ctl(ctl_env, "ipam", "check")
+        assert check.returncode == 0 and "warning" not in check.stdout, check.stdout
+    finally:
+        b.stop()
+        a.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("what", ["an address cooling down", "a parked sticky address"])
+async def test_a_block_holding_a_cooling_or_parked_address_is_never_reclaimed(
+        store: EtcdStore, what: str) -> None:
+    cooling = what == "an address cooling down"
+    pool = IPPool("one", net("10.86.0.0/28"), 28, topology_key="rack")
+    await seed(store, pool, Node("a", {"rack": "0"}), Node("b", {"rack": "0"}),
+               IPAMConfig(strict_affinity=True, ip_cooldown_seconds=600 if cooling else 0,
+                          sticky_hold_seconds=0 if cooling else 600))
+    owner = AllocationEngine(store, "a")
+    try:
+        identity = "" if cooling else "net/default/web-0/eth0"
+        taken = await owner.allocate(request("x", identity=identity))
+        await owner.release("net/x/eth0")
+    finally:
+        await owner.close()
+    with pytest.raises(PoolExhausted, match="no empty block to reclaim"):
+        await allocate(store, "b", "y")
+    [block] = [b.value for b in await store.list_blocks()]
+    assert block.affinity == "a"
+    if not cooling:  # the identity's next ADD gets its address back
+        owner = AllocationEngine(store, "a")
+        try:
+            back = await owner.allocate(request("z", identity=identity))
+        finally:
+            await owner.close()
+        assert back.addresses[0].ip == taken.addresses[0].ip
+
+
+# ---------------------------------------------------------------------- all three at once
+ALL_THREE = """\
+apiVersion: topoipam/v1
+kind: IPPool
+metadata: {name: rack0-v4}
+spec: {cidr: 10.87.0.0/28, blockSize: 28, nodeSelector: rack == "0", priority: 10}
+---
+apiVersion: topoipam/v1
+kind: IPPool
+metadata: {name: shared-v4}
+spec: {cidr: 10.88.0.0/24, blockSize: 28, topologyKey: rack, topologyBlockSize: 26}
+---
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: shared-v6}
+spec: {cidr: "fd00:88::/120", blockSize: 124, topologyKey: rack, topologyBlockSize: 122,
+       natOutgoing: true}
+---
+apiVersion: topoipam/v1
+kind: IPAMConfig
+metadata: {name: default}
+spec: {strictAffinity: true, ipCooldownSeconds: 0}
+"""
+
+
+def dual_add(daemon: DaemonProcess, pod: str) -> list[str]:
+    with daemon.stub() as stub:
+        reply = stub.Allocate(ipam_pb2.AllocateRequest(
+            attachment=attachment(pod), assign_ipv4=True, assign_ipv6=True), timeout=20)
+    return [str(a.ip) for a in reply.addresses]
+
+
+def pool_ranges(endpoint: str, prefix: str, *pools: IPPool) -> list[dict[object, str | None]]:
+    async def read() -> list[dict[object, str | None]]:
+        async with EtcdStore(EtcdOptions(endpoints=(endpoint,)), prefix) as store:
+            return [await one_value_per_range(store, pool) for pool in pools]
+    return asyncio.run(read())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_priorities_reclaim_and_dual_stack_ranges_with_daemons_restarted(
+        etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]) -> None:
+    """Two racks, dual stack: rack 0's pods take its priority pool first, then the shared
+    pool's rack 0 ranges; rack 1's take their own ranges of both shared pools; a restarted
+    daemon goes on where it was; explain names tiers and ranges; ipam check is clean."""
+    done = ctl_input(ctl_env, "apply", "-f", "-", input=ALL_THREE)
+    assert done.returncode == 0, done.stderr
+    v4 = IPPool("shared-v4", net("10.88.0.0/24"), 28, topology_key="rack",
+                topology_block_size=26)
+    v6 = IPPool("shared-v6", net("fd00:88::/120"), 124, topology_key="rack",
+                topology_block_size=122)
+    daemons = {node: DaemonProcess(node, str(tmp_path / f"{node}.sock"), etcd.endpoint, prefix,
+                                   str(tmp_path / f"{node}.log"), ["--labels", f"rack={rack}"])
+               for node, rack in (("n0", "0"), ("n1", "1"))}
+    try:
+        for daemon in daemons.values():
+            daemon.start()
+        n0 = [dual_add(daemons["n0"], f"n0-{i}") for i in range(20)]
+        n1 = [dual_add(daemons["n1"], f"n1-{i}") for i in range(10)]
+        assert all(len(pair) == 2 for pair in n0 + n1)
+        rack_pool = [pair[0].startswith("10.87.") for pair in n0]
+        assert rack_pool == [True] * 13 + [False] * 7, n0  # priority 10 first, then shared
+        daemons["n0"].stop()
+        daemons["n0"].start()
+        n0 += [dual_add(daemons["n0"], f"n0-again-{i}") for i in range(5)]
+        addresses = [a for pair in n0 + n1 for a in pair]
+        assert len(set(addresses)) == len(addresses)
+        held_v4, held_v6 = pool_ranges(etcd.endpoint, prefix, v4, v6)
+        assert sorted(held_v4.values()) == ["0", "1"] and sorted(held_v6.values()) == ["0", "1"]
+
+        explained = ctl(ctl_env, "explain", "node", "n0")
+        assert explained.returncode == 0, explained.stderr
+        lines = explained.stdout.splitlines()
+        assert "IPv4 allocation order, 2 priority tiers (a lower tier serves only when every "\
+               "higher one cannot):" in lines, lines
+        [span4] = [s for s, v in held_v4.items() if v == "0"]
+        [span6] = [s for s, v in held_v6.items() if v == "0"]
+        assert (f"topology: pool shared-v4 keeps the blocks of rack=0 in its /26 ranges: "
+                f"{span4}") in lines, lines
+        assert (f"topology: pool shared-v6 keeps the blocks of rack=0 in its /122 ranges: "
+                f"{span6}") in lines, lines
+        routes = ctl(ctl_env, "check", "routes", "--by", "rack")
+        assert routes.returncode == 0, routes.stdout
+        check = ctl(ctl_env, "ipam", "check")
+        assert check.returncode == 0 and "warning" not in check.stdout, check.stdout
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+
+
+# ---------------------------------------------------------------------- explain node
+def steps(env: dict[str, str], node: str) -> list[str]:
+    done = ctl(env, "explain", "node", node)
+    assert done.returncode == 0, done.stderr
+    return [line.strip() for line in done.stdout.splitlines()]
+
+
+@pytest.mark.asyncio
+async def test_explain_node_says_where_the_nodes_value_can_claim_and_reclaim(
+        store: EtcdStore, ctl_env: dict[str, str]) -> None:
+    await seed(store, ONE_RANGE, IPAMConfig(strict_affinity=True, ip_cooldown_seconds=0),
+               *(Node(f"n{i}", {"rack": rack}) for i, rack in enumerate("010")))
+    await allocate(store, "n0", "a")  # rack 0 holds the pool's only range, with room
+    rack1 = await asyncio.to_thread(steps, ctl_env, "n1")
+    assert "2. no new blocks: no unclaimed block left in: shared (for rack=1)" in rack1, rack1
+    rack0 = await asyncio.to_thread(steps, ctl_env, "n2")
+    assert "2. claim a new block in: shared" in rack0, rack0
+    await allocate(store, "n2", *(f"b{i}" for i in range(47)))  # the range is full
+    await release(store, "n0", "a")  # n0's block is empty: rack 0's n2 may reclaim it
+    rack0 = await asyncio.to_thread(steps, ctl_env, "n2")
+    assert ("2. no new blocks: no unclaimed block left in: shared (for rack=0); reclaim an "
+            "empty block of another node in: shared (1 now)") in rack0, rack0
+    rack1 = await asyncio.to_thread(steps, ctl_env, "n1")
+    assert "2. no new blocks: no unclaimed block left in: shared (for rack=1)" in rack1, rack1
