@@ -32,6 +32,7 @@ from .audit import (
     room_index_gaps,
     show,
     stray_rooms,
+    topology_findings,
 )
 from .core import allocator
 from .core.allocator import has_free
@@ -538,7 +539,8 @@ async def write_room_marks(store: EtcdStore, pool: IPPool,
 
 async def repair_free_index(store: EtcdStore) -> int:
     """Make the free-block and room indexes agree with the blocks and pools (room
-    entries of no pool go); returns entries fixed.
+    entries of no pool go), and the topology ranges with their blocks (see
+    :mod:`.range_audit`); returns entries fixed.
 
     Entries are hints (a borrower's own compare on the block guards what it
     writes), so each fix is written unguarded: a block that changes meanwhile
@@ -555,4 +557,9 @@ async def repair_free_index(store: EtcdStore) -> int:
     fixed = len(writes)
     for pool, missing in room_index_gaps(snap, await store.room_windows_all()):
         fixed += await write_room_marks(store, pool, missing)
+    # Topology ranges are no hints: each fix is guarded by the holder read, so a claim
+    # or a give-back racing it wins and the fix is left for the next check to judge.
+    for finding in topology_findings(snap):
+        if finding.repair:
+            fixed += (await store.commit(finding.repair)).succeeded
     return fixed

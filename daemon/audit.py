@@ -35,6 +35,7 @@ from .core.model import (
     IPPool,
 )
 from .core.writes import Versioned
+from .range_audit import RangeFinding, range_findings
 from .resolve import unrecorded
 from .store import EtcdStore, decode, decode_each
 
@@ -423,12 +424,19 @@ def room_index_gaps(snap: Snapshot, listed: set[IPNetwork]
     return gaps
 
 
+def topology_findings(snap: Snapshot) -> list[RangeFinding]:
+    """The topology ranges' warnings and repairs (:func:`.range_audit.range_findings`)."""
+    return range_findings(snap.pools, snap.nodes, snap.blocks, snap.ranges, snap.listed,
+                          allocator.Reservations(snap.reservations))
+
+
 def find_warnings(snap: Snapshot) -> list[str]:
     """Deliberate or harmless states an operator should know about, one line each.
 
     Blocks left by a forced pool deletion (until their last address is
     released), reserved addresses that are still allocated, reservations
-    outside every pool.
+    outside every pool, index entries out of date, topology ranges that
+    break one value per range.
     """
     lines = []
     for cidr in sorted(snap.blocks, key=network_order):
@@ -451,6 +459,7 @@ def find_warnings(snap: Snapshot) -> list[str]:
         lines.append(f"room index out of date: pool {pool.name} has {len(missing)} claim "
                      "window(s) with room but no entry (claims there survey the pool "
                      "instead; fix: topoipamctl ipam repair-index)")
+    lines += [finding.line for finding in topology_findings(snap)]
     stray = stray_rooms(snap)
     if stray:
         shown = ", ".join(map(str, stray[:3])) + (", …" if len(stray) > 3 else "")

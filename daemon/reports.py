@@ -164,7 +164,8 @@ class RouteException:
     """A prefix the fabric must carry besides a domain's aggregate: it breaks aggregation.
 
     ``kind`` is ``block`` (a node's block whose pool no longer selects that
-    node, or whose pool is gone) or ``address`` (a /32 or /128 held by a node
+    node, or whose pool is gone, or that lies in a topology range of another
+    value of the route label: a relabelled node's) or ``address`` (a /32 or /128 held by a node
     whose domain's prefixes do not contain it: borrowed from another domain's
     block, or left in a block no node owns).
     """
@@ -263,7 +264,8 @@ def route_report(snap: Snapshot, label: str = DEFAULT_ROUTE_LABEL) -> RouteRepor
 
     Each domain's aggregate is the merge of the blocks its nodes own whose
     pool selects them. What else must be routed breaks aggregation: a block
-    whose pool no longer selects its node (relabelled, or pool deleted) is
+    whose pool no longer selects its node (relabelled, or pool deleted), or that
+    lies in a topology range of another value (its node relabelled), is
     routed on its own to that node's domain, and an allocated address whose
     holder's domain carries no prefix containing it (borrowed from a block of
     another domain, or in a block no node owns) needs a /32 or /128 there.

@@ -270,7 +270,7 @@ class PlannerBase:
         """
         if pool.topology_key:  # inside its label value's ranges (no hints: see upkeep)
             return topology.topology_block(view, pool, topology.value_of(
-                pool, view.state().labels), txn, self._known_blocks)
+                pool, view.state().labels), txn, self._known_blocks, self.node)
         memory = self.memory
         hint = memory.claim_hints.pop(pool.name, None)
         if hint is not None:

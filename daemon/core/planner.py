@@ -13,9 +13,12 @@ if" ask the same policy:
 3. otherwise, for each priority tier of the pools that select the node
    (highest first; a lower tier only when a higher one cannot serve): the
    first free address of this node's own blocks, pool order then address
-   order; else a new block is claimed (room index, :mod:`.claims`); else an
-   empty block of another node is reclaimed; else, unless strictAffinity, an
-   address is borrowed from another node's block (free-block index).
+   order (blocks a relabelled node kept in another value's topology range
+   aside); else a new block is claimed (room index, :mod:`.claims`; with a
+   topologyKey, in the node's value's ranges, :mod:`.topology`); else an
+   empty block of another node is reclaimed (with a topologyKey, only in the
+   value's ranges); else, unless strictAffinity, an address is borrowed from
+   another node's block (free-block index).
 
 A DEL frees the handle's addresses (or parks them for a sticky identity)
 and drops blocks it leaves empty that nobody wants.

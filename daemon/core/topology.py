@@ -8,9 +8,13 @@ aggregate into a few prefixes. A value's first claim takes a free range in
 the same transaction as the block: one next to a range it holds when one is
 free (so they merge), else the first free one from a point of its own (so
 values spread without racing each other). A claim inside a held range
-re-writes the range's keys, guarded by their revision, and a range whose
-last block is dropped goes back to the pool guarded by that same revision:
-whichever of the two commits first makes the other re-plan.
+compares the holder's revision and writes nothing of the range (so the claims
+of one value never race each other on it), unless it fills the range, which
+it then unlists, guarded by that revision. A range whose last block is
+dropped goes back to the pool guarded by the holder's revision and by "no
+other block in the range" (a range compare on the block keys): a claim into
+it that commits first makes the give-back re-plan, and a give-back that
+commits first makes the claim's holder compare fail.
 
 Every function here plans into a :class:`~.allocator.TxnPlan` from a
 :class:`~.view.View`; none reads or writes anything itself.
@@ -18,6 +22,7 @@ Every function here plans into a :class:`~.allocator.TxnPlan` from a
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator, Mapping
 
 from . import allocator
@@ -52,20 +57,21 @@ def held_by(view: View, pool: IPPool, value: str | None, txn: TxnPlan
 
 
 def topology_block(view: View, pool: IPPool, value: str | None, txn: TxnPlan,
-                   known_blocks: KnownBlocks) -> IPNetwork | None:
-    """An unclaimed block of ``pool`` for a node whose label value is ``value``.
+                   known_blocks: KnownBlocks, node: str = "") -> IPNetwork | None:
+    """An unclaimed block of ``pool`` for node ``node``, whose label value is ``value``.
 
-    In the ranges the value lists first (address order); else in a free range,
-    taken for the value in ``txn``. None when neither has an unclaimed block.
-    A claim that fills its range takes it off the value's list; a listed range
-    found full is taken off with it.
+    In the ranges the value lists first (address order; in each, from a point of the
+    node's own, so that the nodes of one value claiming at once rarely race for one
+    block); else in a free range, taken for the value in ``txn``. None when neither
+    has an unclaimed block. A claim that fills its range takes it off the value's
+    list; a listed range found full is taken off with it.
     """
     reservations = view.state().reservations
     held = held_by(view, pool, value, txn)
     for holding in held:
         span = holding.value.cidr
         known = known_blocks(view, span, txn)
-        cidr = allocator.first_unclaimed_block(pool, known, reservations, span)
+        cidr = first_unclaimed_from(pool, known, reservations, span, node)
         if cidr is None:  # listed, but full: unlist it in the same transaction
             txn.ranges.setdefault(span, PutTopologyRange(holding.value, holding.mod_revision,
                                                          listed=False))
@@ -83,6 +89,27 @@ def topology_block(view: View, pool: IPPool, value: str | None, txn: TxnPlan,
     return None
 
 
+def first_unclaimed_from(pool: IPPool, known: set[IPNetwork],
+                         reservations: allocator.Reservations, span: IPNetwork,
+                         node: str) -> IPNetwork | None:
+    """:func:`allocator.first_unclaimed_block` of ``span``, searched from a block of
+    ``node``'s own (a hash of its name) to the end of the span, then from its start."""
+    count = 1 << (pool.block_size - span.prefixlen) if pool.block_size > span.prefixlen else 1
+    offset = allocator.node_offset(node, count) if node else 0
+    if not offset:
+        return allocator.first_unclaimed_block(pool, known, reservations, span)
+    network = type(span.network_address)
+    start = int(span.network_address) + offset * (1 << (span.max_prefixlen - pool.block_size))
+    for low, high in ((start, int(span.broadcast_address)),
+                      (int(span.network_address), start - 1)):
+        for part in ipaddress.summarize_address_range(network(low), network(high)):
+            cidr = allocator.first_unclaimed_block(pool, known, reservations, part)
+            if cidr is not None:
+                return cidr
+    return None
+
+
+
 def _claim_in(view: View, pool: IPPool, span: IPNetwork, cidr: IPNetwork,
               holding: TopologyRange, revision: int, txn: TxnPlan,
               known_blocks: KnownBlocks) -> None:
@@ -92,8 +119,12 @@ def _claim_in(view: View, pool: IPPool, span: IPNetwork, cidr: IPNetwork,
     known = known_blocks(view, span, txn) | {cidr}
     room_left = allocator.first_unclaimed_block(pool, known, reservations, span) is not None
     planned = txn.ranges.get(span)
-    guard = planned.expect_revision if isinstance(planned, PutTopologyRange) else revision
-    txn.ranges[span] = PutTopologyRange(holding, guard, listed=room_left)
+    if isinstance(planned, PutTopologyRange):  # taken, or filled, in this transaction already
+        txn.ranges[span] = PutTopologyRange(holding, planned.expect_revision, listed=room_left)
+    elif revision and room_left:  # held, and still with room: compare its holder, no write
+        txn.range_guards.setdefault(span, revision)
+    else:  # taken now (nobody held it), or filled: its keys are written
+        txn.ranges[span] = PutTopologyRange(holding, revision, listed=room_left)
     window = allocator.window_of([pool], cidr)
     if window is not None:  # a claim that fills its claim window drops its room entry
         in_window = known_blocks(view, window, txn) | {cidr}
@@ -146,7 +177,8 @@ def give_back(view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan,
               known_blocks: KnownBlocks) -> None:
     """Plan the range of block ``cidr`` (dropped in ``txn``) back to the pool if no
     other block is left in it, else listed again (it has room now); guarded by the
-    holder's revision either way."""
+    holder's revision either way, and a give-back by "no other block in it" too
+    (:class:`~.writes.NoBlocksIn`, which :meth:`TxnPlan.writes` adds)."""
     if cidr.prefixlen < pool.topology_prefix:  # a leftover block bigger than a range
         return
     span = pool.topology_range(cidr)

@@ -32,8 +32,9 @@ from tests.integration.test_faults import attachment
 from tests.integration.test_reliability import handles, new_daemon, restore, wait_for
 from topoipam.daemon.admin import retire_node
 from topoipam.daemon.core.errors import PoolExhausted
-from topoipam.daemon.core.holdings import Handle
+from topoipam.daemon.core.holdings import Block, Handle, TopologyRange
 from topoipam.daemon.core.model import IPAMConfig, IPPool, Node
+from topoipam.daemon.core.writes import PutAffinity, PutBlock, PutFreeMark, PutTopologyRange
 from topoipam.daemon.engine import AllocationEngine
 from topoipam.daemon.store import EtcdOptions, EtcdStore
 from topoipam.proto import ipam_pb2
@@ -254,6 +255,9 @@ async def test_a_relabelled_node_keeps_its_pods_but_moves_to_its_new_values_rang
             if e["kind"] == "block"]
     [span] = old
     assert kept and all(span.supernet_of(k) for k in kept), report  # type: ignore[arg-type]
+    done = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
+    assert done.returncode == 0 and f"topology range {span} of pool shared (rack=0) holds " \
+        f"block {kept[0]} of node n0, which has rack=1 (relabelled" in done.stdout, done.stdout
 
     # Once their pods are gone the kept blocks go, and rack 0's range with them.
     await release(store, "n0", *(f"a{i}" for i in range(20)))
@@ -480,3 +484,141 @@ async def test_explain_node_says_where_the_nodes_value_can_claim_and_reclaim(
             "empty block of another node in: shared (1 now)") in rack0, rack0
     rack1 = await asyncio.to_thread(steps, ctl_env, "n1")
     assert "2. no new blocks: no unclaimed block left in: shared (for rack=1)" in rack1, rack1
+
+
+# ---------------------------------------------------------------------- ipam check
+@pytest.mark.asyncio
+async def test_ipam_check_warns_of_broken_ranges_and_repair_index_fixes_them(
+        store: EtcdStore, ctl_env: dict[str, str]) -> None:
+    pool = IPPool("shared", net("10.89.0.0/24"), 28, topology_key="rack",
+                  topology_block_size=26)
+    await seed(store, pool, Node("n0", {"rack": "0"}))
+    await allocate(store, "n0", "a")  # rack 0 takes a range
+    [claimed] = [r for r in await store.list_ranges()]
+    leaked, unheld, gone = [s for s in pool.cidr.subnets(new_prefix=26)
+                            if s != claimed.value.cidr]
+    lost = Block.empty(next(unheld.subnets(new_prefix=28)), "n0")  # as restores left them
+    assert (await store.commit([
+        PutTopologyRange(TopologyRange(leaked, "shared", "1"), 0),
+        PutBlock(lost, 0), PutAffinity("n0", lost.cidr), PutFreeMark(lost.cidr, "n0"),
+        PutTopologyRange(TopologyRange(gone, "gone", "0"), 0),
+        PutTopologyRange(claimed.value, claimed.mod_revision, listed=False),  # room, unlisted
+    ])).succeeded
+    done = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
+    assert done.returncode == 0, done.stdout
+    warned = [line for line in done.stdout.splitlines() if "topology range" in line]
+    assert any(f"{leaked} of pool shared is held by rack=1 but has no block" in line
+               for line in warned), warned
+    assert any(f"{unheld} of pool shared holds block(s) {lost.cidr} (n0) but nobody holds "
+               "it" in line for line in warned), warned
+    assert any(f"{gone} is held for pool gone" in line for line in warned), warned
+    assert any(f"{claimed.value.cidr} of pool shared (rack=0) has an unclaimed block but is "
+               "not listed" in line for line in warned), warned
+    assert len(warned) == 4, warned
+    fixed = await asyncio.to_thread(ctl, ctl_env, "ipam", "repair-index")
+    assert fixed.returncode == 0, fixed.stderr
+    await asyncio.to_thread(clean_check, ctl_env)
+    assert await one_value_per_range(store, pool) == {claimed.value.cidr: "0", unheld: "0"}
+    listed = await store.value_ranges("shared", "0")
+    assert {r.value.cidr for r in listed} == {claimed.value.cidr, unheld}
+
+
+@pytest.mark.asyncio
+async def test_many_nodes_of_one_value_claiming_at_once_do_not_lose_their_races(
+        store: EtcdStore) -> None:
+    """64 nodes of one rack (more than a call's 32 lost races) claim their first block at
+    once: claims inside the value's range compare its holder and never write it, so they do
+    not race each other there."""
+    pool = IPPool("shared", net("10.91.0.0/20"), 28, topology_key="rack",
+                  topology_block_size=22)
+    nodes = [f"n{i}" for i in range(64)]
+    await seed(store, pool, IPAMConfig(strict_affinity=True),
+               *(Node(name, {"rack": "0"}) for name in nodes))
+    engines = [AllocationEngine(store, name) for name in nodes]
+    try:
+        await asyncio.gather(*(engine.allocate(request(f"{engine.node}-{pod}"))
+                               for pod in range(20) for engine in engines))
+    finally:
+        for engine in engines:
+            await engine.close()
+    assert await audit(store) == 64 * 20
+    assert set((await one_value_per_range(store, pool)).values()) == {"0"}
+
+
+# ---------------------------------------------------------------------- bad input
+BAD_SPECS = [
+    ("priority: high", "priority must be an integer from -1000 to 1000, not the text 'high'"),
+    ("priority: 1.5", "priority 1.5 must be an integer from -1000 to 1000"),
+    ("priority: true", "priority True must be an integer from -1000 to 1000"),
+    ("priority: -1001", "priority -1001 must be an integer from -1000 to 1000"),
+    ("priority: [1]", "priority [1] must be an integer from -1000 to 1000"),
+    ("topologyKey: 'bad key!'", "topologyKey: invalid label key 'bad key!'"),
+    ("topologyKey: a/b/c", "topologyKey: invalid label key 'a/b/c'"),
+    ("topologyKey: 5", "topologyKey must be a node label key, not 5"),
+    ("topologyKey: rack, topologyBlockSize: 23",
+     "topologyBlockSize 23 must be a prefix length from 24 (the pool's) to 28 (its blockSize)"),
+    ("topologyKey: rack, topologyBlockSize: 29",
+     "topologyBlockSize 29 must be a prefix length from 24 (the pool's) to 28 (its blockSize)"),
+    ("topologyKey: rack, topologyBlockSize: 26.0", "topologyBlockSize 26.0 must be a prefix"),
+    ("topologyKey: rack, topologyBlockSize: '26'",
+     "topologyBlockSize must be a prefix length (a number), not the text '26'"),
+    ("topologyBlockSize: 26", "topologyBlockSize needs a topologyKey"),
+]
+
+
+def pools_listed(env: dict[str, str]) -> list[object]:
+    done = ctl(env, "get", "ippool", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    items: list[object] = json.loads(done.stdout)["items"]
+    return items
+
+
+CALICO = "projectcalico.org/v3"  # Calico manifests carry the same fields, checked alike
+
+
+@pytest.mark.parametrize("api, spec, message", [
+    *(("topoipam/v1", spec, message) for spec, message in BAD_SPECS),
+    *((CALICO, spec, message) for spec, message in BAD_SPECS[::4]),
+], ids=[*(s for s, _ in BAD_SPECS), *(f"calico-{s}" for s, _ in BAD_SPECS[::4])])
+def test_a_bad_field_is_one_line_naming_it_and_its_bound_and_nothing_is_written(
+        ctl_env: dict[str, str], api: str, spec: str, message: str) -> None:
+    manifest = (f"apiVersion: {api}\nkind: IPPool\nmetadata: {{name: p}}\n"
+                f"spec: {{cidr: 10.92.0.0/24, blockSize: 28, {spec}}}\n")
+    done = ctl_input(ctl_env, "apply", "-f", "-", input=manifest)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+    assert pools_listed(ctl_env) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--priority", "x"], "argument --priority: must be an integer from -1000 to 1000, not 'x'"),
+    (["--priority", "1.5"], "argument --priority: must be an integer from -1000 to 1000"),
+    (["--priority", "2000"], "argument --priority: must be an integer from -1000 to 1000"),
+    (["--topology-key", "bad key!"], "topologyKey: invalid label key 'bad key!'"),
+    (["--topology-key", "rack", "--topology-block-size", "29"],
+     "topologyBlockSize 29 must be a prefix length from 24 (the pool's) to 28 (its blockSize)"),
+    (["--topology-key", "rack", "--topology-block-size", "x"],
+     "argument --topology-block-size: must be a prefix length"),
+    (["--topology-block-size", "26"], "topologyBlockSize needs a topologyKey"),
+])
+def test_create_ippool_flags_are_checked_like_the_manifest_fields(
+        ctl_env: dict[str, str], flags: list[str], message: str) -> None:
+    done = ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.92.0.0/24", "--block-size", "28",
+               *flags)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr.strip().splitlines()[-1], done.stderr
+    assert pools_listed(ctl_env) == []
+
+
+def test_create_ippool_with_topology_flags_and_a_null_priority(ctl_env: dict[str, str]) -> None:
+    done = ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.92.0.0/24", "--block-size", "28",
+               "--topology-key", "rack", "--topology-block-size", "26", "--priority", "-5")
+    assert done.returncode == 0, done.stderr
+    [pool] = pools_listed(ctl_env)
+    assert pool["spec"]["topologyKey"] == "rack"  # type: ignore[index]
+    assert pool["spec"]["topologyBlockSize"] == 26  # type: ignore[index]
+    assert pool["spec"]["priority"] == -5  # type: ignore[index]
+    manifest = ("apiVersion: topoipam/v1\nkind: IPPool\nmetadata: {name: q}\n"
+                "spec: {cidr: 10.93.0.0/24, priority: null}\n")
+    done = ctl_input(ctl_env, "apply", "-f", "-", input=manifest)
+    assert done.returncode == 0, done.stderr  # null: the default, as for the other fields

@@ -7,15 +7,23 @@ another value holds, nor leave a block in a range nobody holds.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from topoipam.daemon.core.allocator import TxnPlan
-from topoipam.daemon.core.calls import Defer
+from topoipam.daemon.core.calls import Defer, ReleaseCall
 from topoipam.daemon.core.errors import AddressUnavailable, PoolExhausted
-from topoipam.daemon.core.holdings import TopologyRange
+from topoipam.daemon.core.holdings import Handle, HandleAddress, TopologyRange
 from topoipam.daemon.core.model import IPAMConfig
 from topoipam.daemon.core.view import InMemoryView
-from topoipam.daemon.core.writes import DeleteTopologyRange, PutTopologyRange, Versioned
+from topoipam.daemon.core.writes import (
+    DeleteTopologyRange,
+    NoBlocksIn,
+    PutTopologyRange,
+    RangeHeld,
+    Versioned,
+)
 
 from .test_planner import add, block, full, ip, net, plan, planner
 from .test_planner_topology import SHARED
@@ -100,8 +108,37 @@ def test_a_specific_address_in_a_range_of_its_value_is_guarded_by_the_holder() -
     cluster = racks({"10.5.0.64/26": "1"}).add(block("10.5.0.64/28", "m1", o1="x")).indexed()
     call = add("a", addresses=(ip("10.5.0.100"),))
     txn = plan(cluster, call)
+    assert txn.range_guards == {net("10.5.0.64/26"): 3} and not txn.ranges
+
+
+# ---------------------------------------------------------------------- guards
+def test_claims_of_one_value_compare_the_holder_and_only_the_last_one_writes_it() -> None:
+    held = racks({"10.5.0.64/26": "1"})
+    held.add(block("10.5.0.64/28", "m1", o1="x"), block("10.5.0.80/28", "m1", o1="x"))
+    cluster = held.indexed()
     span = net("10.5.0.64/26")
-    assert txn.ranges[span] == PutTopologyRange(TopologyRange(span, "shared", "1"), 3)
+    call = add("a")
+    txn = plan(cluster, call)
+    assert call.addresses[0].block == net("10.5.0.96/28")
+    assert txn.range_guards == {span: 3} and not txn.ranges  # the range keeps room
+    cluster.add(block("10.5.0.96/28", "m1", o1="y")).indexed()
+    call = add("b")
+    txn = plan(cluster, call)  # this claim fills the range: it unlists it
+    assert call.addresses[0].block == net("10.5.0.112/28")
+    assert txn.ranges == {span: PutTopologyRange(TopologyRange(span, "shared", "1"), 3,
+                                                 listed=False)}
+    assert [w for w in txn.writes() if isinstance(w, RangeHeld)] == []
+
+
+def test_a_range_given_back_is_guarded_by_no_other_block_in_it() -> None:
+    cluster = racks({"10.5.0.64/26": "1"}).add(block("10.5.0.80/28", "n0", o1="net/a/eth0"))
+    cluster.handles["net/a/eth0"] = Versioned(Handle(
+        "net/a/eth0", "n0", (HandleAddress(ip("10.5.0.81"), net("10.5.0.80/28"), "shared"),)), 4)
+    cluster.pools = (dataclasses.replace(SHARED, disabled=True),)  # the empty block goes
+    txn = plan(cluster.indexed(), ReleaseCall("net/a/eth0"))
+    span = net("10.5.0.64/26")
+    assert txn.ranges == {span: DeleteTopologyRange(TopologyRange(span, "shared", "1"), 3)}
+    assert NoBlocksIn(span, (net("10.5.0.80/28"),)) in txn.writes()
 
 
 def test_a_specific_address_in_a_range_given_back_in_the_same_batch_waits() -> None:
