@@ -524,6 +524,37 @@ async def test_ipam_check_warns_of_broken_ranges_and_repair_index_fixes_them(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("round_", range(3))
+async def test_a_range_given_back_while_nodes_of_its_value_claim_in_it(
+        store: EtcdStore, ctl_env: dict[str, str], round_: int) -> None:
+    """Six nodes hold the only blocks of their rack's one range and leave (the pool stops
+    selecting them: their blocks go as their pods do, the last one gives the range back)
+    while six others of the rack claim in it: whichever commits first, no block is ever
+    left in a range nobody holds, and no range is held with no block."""
+    pool = IPPool("shared", net("10.94.0.0/24"), 28, '!has(leaving)', topology_key="rack",
+                  topology_block_size=24)
+    leavers, joiners = [f"l{i}" for i in range(6)], [f"j{i}" for i in range(6)]
+    await seed(store, pool, IPAMConfig(strict_affinity=True, ip_cooldown_seconds=0),
+               *(Node(name, {"rack": "0"}) for name in leavers + joiners))
+    for name in leavers:
+        await allocate(store, name, f"{name}-pod")
+    await seed(store, *(Node(name, {"rack": "0", "leaving": "yes"}) for name in leavers))
+    engines = {name: AllocationEngine(store, name) for name in leavers + joiners}
+    try:
+        await asyncio.gather(
+            *(engines[name].release(f"net/{name}-pod/eth0") for name in leavers),
+            *(engines[name].allocate(request(f"{name}-pod")) for name in joiners))
+    finally:
+        for engine in engines.values():
+            await engine.close()
+    assert await one_value_per_range(store, pool) == {pool.cidr: "0"}
+    blocks = await store.list_blocks()
+    assert {b.value.affinity for b in blocks} == set(joiners)
+    assert await audit(store) == len(joiners)
+    await asyncio.to_thread(clean_check, ctl_env)
+
+
+@pytest.mark.asyncio
 async def test_many_nodes_of_one_value_claiming_at_once_do_not_lose_their_races(
         store: EtcdStore) -> None:
     """64 nodes of one rack (more than a call's 32 lost races) claim their first block at
@@ -622,3 +653,31 @@ def test_create_ippool_with_topology_flags_and_a_null_priority(ctl_env: dict[str
                 "spec: {cidr: 10.93.0.0/24, priority: null}\n")
     done = ctl_input(ctl_env, "apply", "-f", "-", input=manifest)
     assert done.returncode == 0, done.stderr  # null: the default, as for the other fields
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_relabelled_daemon_moves_its_warm_reserve_to_its_new_values_range(
+        etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]) -> None:
+    manifest = ("apiVersion: topoipam/v1\nkind: IPPool\nmetadata: {name: shared}\n"
+                "spec: {cidr: 10.95.0.0/24, blockSize: 28, topologyKey: rack, "
+                "topologyBlockSize: 26}\n")
+    assert ctl_input(ctl_env, "apply", "-f", "-", input=manifest).returncode == 0
+    assert ctl(ctl_env, "ipam", "configure", "--warm-addresses", "20").returncode == 0
+    pool = IPPool("shared", net("10.95.0.0/24"), 28, topology_key="rack",
+                  topology_block_size=26)
+    daemon = DaemonProcess("n0", str(tmp_path / "n0.sock"), etcd.endpoint, prefix,
+                           str(tmp_path / "n0.log"), ["--labels", "rack=0"]).start()
+    try:
+        wait_for(lambda: set(pool_ranges(etcd.endpoint, prefix, pool)[0].values()) == {"0"},
+                 20, "no warm reserve for rack 0")
+        assert ctl(ctl_env, "label", "nodes", "n0", "rack=1", "--overwrite").returncode == 0
+        wait_for(lambda: set(pool_ranges(etcd.endpoint, prefix, pool)[0].values()) == {"1"},
+                 20, "the reserve stayed in rack 0's range")
+        address = ipaddress.ip_address(faults_allocate(daemon, "pod"))
+        [span] = pool_ranges(etcd.endpoint, prefix, pool)[0]
+        assert address in span  # type: ignore[operator]
+        check = ctl(ctl_env, "ipam", "check")
+        assert check.returncode == 0 and "warning" not in check.stdout, check.stdout
+    finally:
+        daemon.stop()
