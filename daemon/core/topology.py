@@ -23,7 +23,7 @@ Every function here plans into a :class:`~.allocator.TxnPlan` from a
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from . import allocator
 from .allocator import TxnPlan
@@ -78,7 +78,7 @@ def topology_block(view: View, pool: IPPool, value: str | None, txn: TxnPlan,
             continue
         _claim_in(view, pool, span, cidr, holding.value, holding.mod_revision, txn, known_blocks)
         return cidr
-    for span in free_ranges(view, pool, value, held, txn):
+    for span in free_ranges(view, pool, value, held, txn, _own_ranges(view, pool, txn)):
         cidr = allocator.first_unclaimed_block(pool, known_blocks(view, span, txn), reservations,
                                                span)
         if cidr is not None:
@@ -132,10 +132,23 @@ def _claim_in(view: View, pool: IPPool, span: IPNetwork, cidr: IPNetwork,
             txn.room_marks[window] = False
 
 
+def _own_ranges(view: View, pool: IPPool, txn: TxnPlan) -> list[IPNetwork]:
+    """The ranges of ``pool`` this node's blocks lie in: its value's full ranges (unlisted,
+    so :func:`held_by` does not see them), which a new range should lie next to."""
+    own = txn.affine_read if txn.affine_read is not None else view.affine_blocks()
+    first, last = pool.bounds
+    spans = [pool.topology_range(v.value.cidr) for v in own
+             if v.value.cidr.version == pool.family and v.value.first >= first
+             and v.value.last <= last and v.value.cidr.prefixlen >= pool.topology_prefix]
+    return sorted(set(spans), key=lambda span: int(span.network_address))
+
+
 def free_ranges(view: View, pool: IPPool, value: str | None,
-                held: list[Versioned[TopologyRange]], txn: TxnPlan) -> Iterator[IPNetwork]:
-    """Ranges of ``pool`` nobody holds: next to ``held`` first, then from the value's
-    own point on (wrapping round once), a page of holder keys at a time."""
+                held: list[Versioned[TopologyRange]], txn: TxnPlan,
+                near: Sequence[IPNetwork] = ()) -> Iterator[IPNetwork]:
+    """Ranges of ``pool`` nobody holds: next to ``held`` (the value's ranges with room)
+    or ``near`` (those of the node's own blocks) first, so that they merge, then from
+    the value's own point on (wrapping round once), a page of holder keys at a time."""
     size = pool.topology_prefix
     step = 1 << (pool.cidr.max_prefixlen - size)
     first, last = pool.bounds
@@ -146,9 +159,9 @@ def free_ranges(view: View, pool: IPPool, value: str | None,
     def span_at(start: int) -> IPNetwork:
         return network((start, size))
 
-    for holding in held:
-        for start in (int(holding.value.cidr.network_address) + step,
-                      int(holding.value.cidr.network_address) - step):
+    for anchor in [*(h.value.cidr for h in held), *near]:
+        for start in (int(anchor.network_address) + step,
+                      int(anchor.network_address) - step):
             if first <= start <= last:
                 span = span_at(start)
                 if span not in taken and not view.held_ranges(span, None, 1):

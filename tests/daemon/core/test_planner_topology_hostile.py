@@ -148,3 +148,19 @@ def test_a_specific_address_in_a_range_given_back_in_the_same_batch_waits() -> N
     txn.ranges[span] = DeleteTopologyRange(TopologyRange(span, "shared", "1"), 3)
     with pytest.raises(Defer):
         planner().plan(cluster, add("a", addresses=(ip("10.5.0.100"),)), txn)
+
+
+# ---------------------------------------------------------------------- aggregation
+def test_a_value_whose_ranges_are_full_takes_a_free_range_next_to_them() -> None:
+    # Value r1 starts at the pool's second range, r4 at its third: once r1's range is full
+    # (unlisted) and r4 holds the next one, r1's next range is the free one below its own,
+    # with which it merges, not the last one.
+    from .test_planner_topology import claim, shared
+
+    cluster = shared()
+    first = [claim(cluster, f"a{i}", "r1", revision=10 + i) for i in range(4)]
+    assert {SHARED.topology_range(b) for b in first} == {net("10.5.0.64/26")}
+    other = claim(cluster, "b0", "r4", revision=20)
+    assert SHARED.topology_range(other) == net("10.5.0.128/26")
+    fifth = claim(cluster, "a0", "r1", revision=21)
+    assert SHARED.topology_range(fifth) == net("10.5.0.0/26"), fifth
