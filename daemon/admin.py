@@ -213,6 +213,12 @@ async def plan_writes(
                 check_pool_overlaps(pool, [*others, *earlier])
             except InvalidInput as exc:
                 raise InvalidInput(f"{target.context}{exc}") from exc
+            if pool.topology_key and pool.topology_prefix == pool.cidr.prefixlen:
+                plan.warnings.append(
+                    f"{target.context}ippool {pool.name}: topologyKey {pool.topology_key} with "
+                    f"ranges of /{pool.topology_prefix} leaves the pool one range: only one "
+                    f"value of {pool.topology_key} can claim blocks in it (set a longer "
+                    f"topologyBlockSize, up to {pool.block_size})")
             if isinstance(current, IPPool):
                 check_immutable(target, current, pool,
                                 bool(await store.block_cidrs(current.cidr)))

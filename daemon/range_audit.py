@@ -106,8 +106,9 @@ def range_findings(pools: Iterable[IPPool], nodes: Mapping[str, Node],
                 found.append(RangeFinding(
                     f"topology range {span} of pool {pool.name} ({who}) holds block "
                     f"{block.cidr} of node {block.affinity}, which has "
-                    f"{pool.topology_key}={value if value is not None else '-'} (relabelled: "
-                    "the node gives out no new address there and drops the block once empty)"))
+                    f"{pool.topology_key}={value if value is not None else '-'} (relabelled, "
+                    "or its block put back after a restore: the node gives out no new address "
+                    "there and drops the block once empty)"))
         room = allocator.first_unclaimed_block(
             pool, {b.cidr for b in here}, reservations, span) is not None
         if room and holder not in listed:

@@ -681,3 +681,13 @@ def test_a_relabelled_daemon_moves_its_warm_reserve_to_its_new_values_range(
         assert check.returncode == 0 and "warning" not in check.stdout, check.stdout
     finally:
         daemon.stop()
+
+
+def test_a_pool_of_one_range_is_created_with_a_warning(ctl_env: dict[str, str]) -> None:
+    done = ctl(ctl_env, "create", "ippool", "p", "--cidr", "10.96.0.0/24", "--block-size", "28",
+               "--topology-key", "rack")  # ranges of /24 by default: the whole pool
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == (
+        "warning: ippool p: topologyKey rack with ranges of /24 leaves the pool one range: "
+        "only one value of rack can claim blocks in it (set a longer topologyBlockSize, up "
+        "to 28)"), done.stderr
