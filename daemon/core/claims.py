@@ -417,7 +417,8 @@ class PlannerBase:
         return min(found, key=lambda entry: entry[0])[1] if found else None
 
     # ------------------------------------------------------------------ borrowing
-    def borrow_candidates(self, view: View, pool: IPPool) -> Iterator[Versioned[Block]]:
+    def borrow_candidates(self, view: View, pool: IPPool, txn: TxnPlan | None = None
+                          ) -> Iterator[Versioned[Block]]:
         """Other nodes' blocks of ``pool`` that may have an address to give, best first.
 
         First the free-block index, read from a node-specific point a few
@@ -428,9 +429,14 @@ class PlannerBase:
         """
         tried: set[IPNetwork] = set()
         start = allocator.borrow_start(pool, self.node)
-        # With a topologyKey, the free blocks of this node's value's ranges come first.
-        spans = [(held.value.cidr, None) for held in view.value_ranges(
-            pool.name, topology.value_of(pool, view.state().labels))] if pool.topology_key else []
+        # With a topologyKey, the free blocks of this node's value's ranges come first: those
+        # it lists (with room) and those its own blocks lie in (full ones are unlisted).
+        spans: list[tuple[IPNetwork, IPNetwork | None]] = []
+        if pool.topology_key:
+            listed = [held.value.cidr for held in view.value_ranges(
+                pool.name, topology.value_of(pool, view.state().labels))]
+            spans = [(span, None) for span in dict.fromkeys(
+                [*listed, *topology.own_ranges(view, pool, txn)])]
         for within, begin in (*spans, (pool.cidr, start), (pool.cidr, None)):
             for cidr, owner in view.free_blocks(within, begin, BORROW_WINDOW):
                 if owner == self.node or cidr in tried:

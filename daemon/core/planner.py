@@ -269,7 +269,7 @@ class Planner(StickyPlanner):
             )
         for pool in pools:
             ctx = self.context(state, pool, call.request)
-            for versioned in self.borrow_candidates(view, pool):
+            for versioned in self.borrow_candidates(view, pool, txn):
                 lender = txn.current(versioned)
                 if lender is None or lender.affinity == self.node:
                     continue

@@ -78,7 +78,7 @@ def topology_block(view: View, pool: IPPool, value: str | None, txn: TxnPlan,
             continue
         _claim_in(view, pool, span, cidr, holding.value, holding.mod_revision, txn, known_blocks)
         return cidr
-    for span in free_ranges(view, pool, value, held, txn, _own_ranges(view, pool, txn)):
+    for span in free_ranges(view, pool, value, held, txn, own_ranges(view, pool, txn)):
         cidr = allocator.first_unclaimed_block(pool, known_blocks(view, span, txn), reservations,
                                                span)
         if cidr is not None:
@@ -132,10 +132,12 @@ def _claim_in(view: View, pool: IPPool, span: IPNetwork, cidr: IPNetwork,
             txn.room_marks[window] = False
 
 
-def _own_ranges(view: View, pool: IPPool, txn: TxnPlan) -> list[IPNetwork]:
+def own_ranges(view: View, pool: IPPool, txn: TxnPlan | None = None) -> list[IPNetwork]:
     """The ranges of ``pool`` this node's blocks lie in: its value's full ranges (unlisted,
-    so :func:`held_by` does not see them), which a new range should lie next to."""
-    own = txn.affine_read if txn.affine_read is not None else view.affine_blocks()
+    so :func:`held_by` does not see them), which a new range should lie next to and
+    which a borrow looks in first."""
+    own = txn.affine_read if txn is not None and txn.affine_read is not None \
+        else view.affine_blocks()
     first, last = pool.bounds
     spans = [pool.topology_range(v.value.cidr) for v in own
              if v.value.cidr.version == pool.family and v.value.first >= first

@@ -164,3 +164,21 @@ def test_a_value_whose_ranges_are_full_takes_a_free_range_next_to_them() -> None
     assert SHARED.topology_range(other) == net("10.5.0.128/26")
     fifth = claim(cluster, "a0", "r1", revision=21)
     assert SHARED.topology_range(fifth) == net("10.5.0.0/26"), fifth
+
+
+def test_borrowing_prefers_its_values_blocks_when_its_ranges_are_full() -> None:
+    # Rack 0's range is full (unlisted, as every range is once its blocks are all claimed);
+    # n0 may claim no more (maxBlocksPerHost): it borrows from rack 0's m0, not rack 1's m1,
+    # though m1's block comes first in the free-block index.
+    cluster = InMemoryView("n0", IPAMConfig(max_blocks_per_host=1), (SHARED,), {"rack": "0"})
+    cluster.nodes.update({"m0": {"rack": "0"}, "m1": {"rack": "1"}})
+    for span, rack in (("10.5.0.0/26", "1"), ("10.5.0.64/26", "0")):
+        cluster.ranges[net(span)] = Versioned(TopologyRange(net(span), "shared", rack), 3)
+    cluster.add(block("10.5.0.0/28", "m1", o1="x"), full("10.5.0.16/28", "m1"),
+                full("10.5.0.32/28", "m1"), full("10.5.0.48/28", "m1"),
+                full("10.5.0.64/28", "n0"), block("10.5.0.80/28", "m0", o1="y"),
+                full("10.5.0.96/28", "m0"), full("10.5.0.112/28", "m0")).indexed()
+    cluster.unlisted.update(cluster.ranges)
+    call = add("a")
+    plan(cluster, call)
+    assert net("10.5.0.64/26").supernet_of(call.addresses[0].block), call.addresses
