@@ -384,7 +384,8 @@ class PlannerBase:
         Empty means no allocation (a parked sticky address is one), no address
         cooling down and no contested address. Read from the free-block index
         like a borrow (:data:`RECLAIM_READ` entries from this node's point, then
-        from the pool's start): blocks of deleted nodes, of no node and of nodes
+        from the pool's start; with a ``topologyKey``, from each range of its
+        value it knows first): blocks of deleted nodes, of no node and of nodes
         the pool no longer selects first, then the rest (other nodes' warm
         reserve) in index order. With a ``topologyKey``, only blocks in ranges
         this node's value holds (whatever their room): a block taken from
@@ -398,8 +399,12 @@ class PlannerBase:
         found: list[tuple[int, Versioned[Block]]] = []
         tried: set[IPNetwork] = set()
         value = topology.value_of(pool, state.labels) if pool.topology_key else None
-        for begin in (allocator.borrow_start(pool, self.node), None):
-            for cidr, owner in view.free_blocks(pool.cidr, begin, RECLAIM_READ):
+        starts: list[tuple[IPNetwork, IPNetwork | None]] = [
+            (pool.cidr, allocator.borrow_start(pool, self.node)), (pool.cidr, None)]
+        if pool.topology_key:  # its value's ranges first: the only ones it may take from
+            starts = [(span, None) for span in self.value_spans(view, pool, txn)] + starts
+        for within, begin in starts:
+            for cidr, owner in view.free_blocks(within, begin, RECLAIM_READ):
                 if owner == self.node or cidr in tried or cidr in txn.blocks:
                     continue
                 tried.add(cidr)
@@ -416,6 +421,14 @@ class PlannerBase:
                     return current
         return min(found, key=lambda entry: entry[0])[1] if found else None
 
+    @staticmethod
+    def value_spans(view: View, pool: IPPool, txn: TxnPlan | None) -> list[IPNetwork]:
+        """The ranges of ``pool`` known to be this node's value's without a search: those
+        it lists (with room) and those its own blocks lie in (full ones are unlisted)."""
+        listed = [held.value.cidr for held in view.value_ranges(
+            pool.name, topology.value_of(pool, view.state().labels))]
+        return list(dict.fromkeys([*listed, *topology.own_ranges(view, pool, txn)]))
+
     # ------------------------------------------------------------------ borrowing
     def borrow_candidates(self, view: View, pool: IPPool, txn: TxnPlan | None = None
                           ) -> Iterator[Versioned[Block]]:
@@ -429,14 +442,9 @@ class PlannerBase:
         """
         tried: set[IPNetwork] = set()
         start = allocator.borrow_start(pool, self.node)
-        # With a topologyKey, the free blocks of this node's value's ranges come first: those
-        # it lists (with room) and those its own blocks lie in (full ones are unlisted).
-        spans: list[tuple[IPNetwork, IPNetwork | None]] = []
-        if pool.topology_key:
-            listed = [held.value.cidr for held in view.value_ranges(
-                pool.name, topology.value_of(pool, view.state().labels))]
-            spans = [(span, None) for span in dict.fromkeys(
-                [*listed, *topology.own_ranges(view, pool, txn)])]
+        # With a topologyKey, the free blocks of this node's value's ranges come first.
+        spans = [(span, None) for span in self.value_spans(view, pool, txn)] \
+            if pool.topology_key else []
         for within, begin in (*spans, (pool.cidr, start), (pool.cidr, None)):
             for cidr, owner in view.free_blocks(within, begin, BORROW_WINDOW):
                 if owner == self.node or cidr in tried:

@@ -15,7 +15,7 @@ from topoipam.daemon.core.allocator import TxnPlan
 from topoipam.daemon.core.calls import Defer, ReleaseCall
 from topoipam.daemon.core.errors import AddressUnavailable, PoolExhausted
 from topoipam.daemon.core.holdings import Handle, HandleAddress, TopologyRange
-from topoipam.daemon.core.model import IPAMConfig
+from topoipam.daemon.core.model import IPAMConfig, IPPool
 from topoipam.daemon.core.view import InMemoryView
 from topoipam.daemon.core.writes import (
     DeleteTopologyRange,
@@ -182,3 +182,24 @@ def test_borrowing_prefers_its_values_blocks_when_its_ranges_are_full() -> None:
     call = add("a")
     plan(cluster, call)
     assert net("10.5.0.64/26").supernet_of(call.addresses[0].block), call.addresses
+
+
+def test_a_reclaim_looks_in_its_values_ranges_first_however_big_the_pool() -> None:
+    # 15 ranges of rack 1 full of m1's empty blocks, and rack 0's ninth range: three
+    # full blocks of n0 and one empty block of m0, the only block n0 may reclaim, far
+    # from where n0 reads the free-block index (its 58th block) and from its start.
+    pool = IPPool("big", net("10.6.0.0/22"), 28, topology_key="rack", topology_block_size=26)
+    cluster = InMemoryView("n0", IPAMConfig(strict_affinity=True, ip_cooldown_seconds=0),
+                           (pool,), {"rack": "0"})
+    cluster.nodes.update({"m0": {"rack": "0"}, "m1": {"rack": "1"}})
+    spans = list(pool.cidr.subnets(new_prefix=26))
+    for i, span in enumerate(spans):
+        cluster.ranges[span] = Versioned(TopologyRange(span, "big", "0" if i == 8 else "1"), 3)
+        for j, cidr in enumerate(span.subnets(new_prefix=28)):
+            cluster.add(block(str(cidr), "m1") if i != 8 else
+                        full(str(cidr), "n0") if j < 3 else block(str(cidr), "m0"))
+    cluster.indexed()
+    cluster.unlisted.update(cluster.ranges)
+    call = add("a")
+    plan(cluster, call)
+    assert call.addresses[0].block == net("10.6.2.48/28")
