@@ -369,6 +369,42 @@ async def test_a_block_holding_a_cooling_or_parked_address_is_never_reclaimed(
         assert back.addresses[0].ip == taken.addresses[0].ip
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_daemons_of_three_racks_and_unlabelled_nodes_claiming_at_once(
+        etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]) -> None:
+    """Eight daemons (three racks, two nodes without the label) take 30 pods each at once
+    from one topology pool: one value per range, every address once, ipam check clean."""
+    manifest = ("apiVersion: topoipam/v1\nkind: IPPool\nmetadata: {name: shared}\n"
+                "spec: {cidr: 10.97.0.0/22, blockSize: 28, topologyKey: rack, "
+                "topologyBlockSize: 26}\n")
+    assert ctl_input(ctl_env, "apply", "-f", "-", input=manifest).returncode == 0
+    assert ctl(ctl_env, "ipam", "configure", "--strictaffinity", "true").returncode == 0
+    pool = IPPool("shared", net("10.97.0.0/22"), 28, topology_key="rack",
+                  topology_block_size=26)
+    racks = {f"n{i}": (["--labels", f"rack={i % 3}"] if i < 6 else []) for i in range(8)}
+    daemons = [DaemonProcess(node, str(tmp_path / f"{node}.sock"), etcd.endpoint, prefix,
+                             str(tmp_path / f"{node}.log"), labels)
+               for node, labels in racks.items()]
+    try:
+        for daemon in daemons:
+            daemon.start(wait=False)
+        for daemon in daemons:
+            daemon.wait_serving(30)
+        with ThreadPoolExecutor(16) as workers:
+            got = list(workers.map(lambda job: grpc_add(*job),
+                                   [(d, f"{d.node}-{i}") for i in range(30) for d in daemons]))
+        assert all(got), "the pool has room for every pod"
+        assert len(set(got)) == len(got)
+        [held] = pool_ranges(etcd.endpoint, prefix, pool)
+        assert set(held.values()) == {"0", "1", "2", None}
+        check = ctl(ctl_env, "ipam", "check")
+        assert check.returncode == 0 and "warning" not in check.stdout, check.stdout
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
 # ---------------------------------------------------------------------- all three at once
 ALL_THREE = """\
 apiVersion: topoipam/v1
