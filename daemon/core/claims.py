@@ -269,8 +269,11 @@ class PlannerBase:
         the hint, which is used once).
         """
         if pool.topology_key:  # inside its label value's ranges (no hints: see upkeep)
-            return topology.topology_block(view, pool, topology.value_of(
-                pool, view.state().labels), txn, self._known_blocks, self.node)
+            value = topology.value_of(pool, view.state().labels)
+            cidr = topology.topology_block(view, pool, value, txn, self._known_blocks, self.node)
+            if cidr is not None:  # its range is its value's: no read when it gives out more
+                self.memory.range_of[cidr] = (pool.name, value)
+            return cidr
         memory = self.memory
         hint = memory.claim_hints.pop(pool.name, None)
         if hint is not None:
