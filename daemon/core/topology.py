@@ -109,7 +109,6 @@ def first_unclaimed_from(pool: IPPool, known: set[IPNetwork],
     return None
 
 
-
 def _claim_in(view: View, pool: IPPool, span: IPNetwork, cidr: IPNetwork,
               holding: TopologyRange, revision: int, txn: TxnPlan,
               known_blocks: KnownBlocks) -> None:
