@@ -44,7 +44,7 @@ from topoipam.client.ctl_resources import (
     cmd_patch,
 )
 from topoipam.daemon.core.keys import DEFAULT_PREFIX
-from topoipam.daemon.core.model import ASSIGNMENT_MODES
+from topoipam.daemon.core.model import ASSIGNMENT_MODES, PRIORITY_RANGE
 from topoipam.daemon.etcd_access import DEFAULT_ETCD_ENDPOINT
 from topoipam.daemon.reports import DEFAULT_ROUTE_LABEL
 from topoipam.daemon.resolve import KEEP_SIDES
@@ -58,6 +58,29 @@ DEFAULT_TIMEOUT = 3.0
 
 
 Handler: TypeAlias = Callable[[EtcdStore, argparse.Namespace], Awaitable[int]]
+
+
+def priority_flag(text: str) -> int:
+    """``--priority``: a whole number in PRIORITY_RANGE (the pool checks the bound too)."""
+    low, high = PRIORITY_RANGE
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, "
+                                         f"not {text!r}")
+    return value
+
+
+def prefix_flag(text: str) -> int:
+    """``--topology-block-size``: a prefix length (the pool checks it against its own)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a prefix length (a number from the pool's prefix length to its "
+            f"blockSize), not {text!r}") from None
 
 
 def bool_flag(text: str) -> bool:
@@ -150,9 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which nodes the pool serves (default all())")
     create.add_argument("--disabled", action="store_true",
                         help="create the pool disabled (no new allocations)")
-    create.add_argument("--priority", type=int, default=0,
+    create.add_argument("--priority", type=priority_flag, default=0,
                         help="pools that select a node serve it highest priority first; a "
-                        "lower priority only when every higher one cannot (default 0)")
+                        f"lower priority only when every higher one cannot ({PRIORITY_RANGE[0]}"
+                        f" to {PRIORITY_RANGE[1]}, default 0)")
+    create.add_argument("--topology-key", default="", metavar="LABEL",
+                        help="a node label key: the nodes with one value of it claim their "
+                        "blocks in aligned ranges of the pool that value holds (default: none)")
+    create.add_argument("--topology-block-size", type=prefix_flag, metavar="PREFIXLEN",
+                        help="prefix length of those ranges, from the pool's to its blockSize "
+                        "(default: blockSize - 4, within the pool; needs --topology-key)")
     create.add_argument("--assignment-mode", choices=ASSIGNMENT_MODES, default="Automatic",
                         help="Manual pools serve only CNI configs that name them")
     create.add_argument("--gateway", help="the pool's gateway address, never handed out "

@@ -124,6 +124,8 @@ async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
             assignment_mode=args.assignment_mode,
             gateway_spec=parse_gateway_spec(f"pool {args.name}", args.gateway),
             priority=args.priority,
+            topology_key=args.topology_key,
+            topology_block_size=args.topology_block_size,
         )
         targets = [Target("IPPool", pool.name, pool)]
     return await write_or_foresee(store, args, targets, "create")

@@ -32,6 +32,7 @@ from .audit import (
     room_index_gaps,
     show,
     stray_rooms,
+    topology_findings,
 )
 from .core import allocator
 from .core.allocator import has_free
@@ -61,6 +62,7 @@ from .core.writes import (
     DeleteObject,
     DeleteRoomMark,
     DeleteRoomMarksIn,
+    DeleteTopologyRangesOf,
     PoolsUnchangedSince,
     PoolUnchanged,
     PutBlock,
@@ -70,7 +72,7 @@ from .core.writes import (
     Versioned,
     Write,
 )
-from .planning import commit_call
+from .planning import commit_call, drop_writes
 from .store import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,12 @@ async def plan_writes(
                 check_pool_overlaps(pool, [*others, *earlier])
             except InvalidInput as exc:
                 raise InvalidInput(f"{target.context}{exc}") from exc
+            if pool.topology_key and pool.topology_prefix == pool.cidr.prefixlen:
+                plan.warnings.append(
+                    f"{target.context}ippool {pool.name}: topologyKey {pool.topology_key} with "
+                    f"ranges of /{pool.topology_prefix} leaves the pool one range: only one "
+                    f"value of {pool.topology_key} can claim blocks in it (set a longer "
+                    f"topologyBlockSize, up to {pool.block_size})")
             if isinstance(current, IPPool):
                 check_immutable(target, current, pool,
                                 bool(await store.block_cidrs(current.cidr)))
@@ -282,6 +290,9 @@ async def plan_delete(
         # Its room entries go with it (a forced delete's leftover blocks are never claimed
         # into); a pool created over the range later writes its own.
         plan.writes.append(DeleteRoomMarksIn(current.cidr))
+        # So do its topology ranges: its empty blocks are dropped next, with no pool left
+        # to give their ranges back to, and a pool made over the CIDR later starts free.
+        plan.writes.append(DeleteTopologyRangesOf(current.name, current.cidr))
     plan.lines.append(f"{target.kind.lower()}/{target.name} deleted")
 
 
@@ -431,11 +442,8 @@ async def retire_node(store: EtcdStore, node: str, force: bool = False) -> tuple
             writes: list[Write] = [DeleteAffinity(node, cidr)]
             if current is None or current.value.affinity != node:
                 return writes, "affinity"
-            if current.value.is_empty():
-                window = allocator.window_of(pools, cidr)
-                room: list[Write] = [PutRoomMark(window)] if window is not None else []
-                return [*writes, DeleteBlock(cidr, current.mod_revision),
-                        DeleteFreeMark(cidr), *room], "deleted"
+            if current.value.is_empty():  # its range goes back if it held no other block
+                return await drop_writes(store, planner, current), "deleted"
             orphan = current.value.copy()
             orphan.affinity = None
             marks: list[Write] = [PutFreeMark(cidr, None)] if has_free(orphan, pools) else []
@@ -541,7 +549,8 @@ async def write_room_marks(store: EtcdStore, pool: IPPool,
 
 async def repair_free_index(store: EtcdStore) -> int:
     """Make the free-block and room indexes agree with the blocks and pools (room
-    entries of no pool go); returns entries fixed.
+    entries of no pool go), and the topology ranges with their blocks (see
+    :mod:`.range_audit`); returns entries fixed.
 
     Entries are hints (a borrower's own compare on the block guards what it
     writes), so each fix is written unguarded: a block that changes meanwhile
@@ -558,4 +567,9 @@ async def repair_free_index(store: EtcdStore) -> int:
     fixed = len(writes)
     for pool, missing in room_index_gaps(snap, await store.room_windows_all()):
         fixed += await write_room_marks(store, pool, missing)
+    # Topology ranges are no hints: each fix is guarded by the holder read, so a claim
+    # or a give-back racing it wins and the fix is left for the next check to judge.
+    for finding in topology_findings(snap):
+        if finding.repair:
+            fixed += (await store.commit(finding.repair)).succeeded
     return fixed

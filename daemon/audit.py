@@ -25,6 +25,7 @@ from .core.holdings import (
     Block,
     Handle,
     Identity,
+    TopologyRange,
     parked_holder,
     parked_identity,
 )
@@ -33,6 +34,8 @@ from .core.model import (
     IPNetwork,
     IPPool,
 )
+from .core.writes import Versioned
+from .range_audit import RangeFinding, range_findings
 from .resolve import unrecorded
 from .store import EtcdStore, decode, decode_each
 
@@ -150,6 +153,10 @@ class Snapshot:
     identities: dict[str, Identity] = field(default_factory=dict)
     #: Conflicts daemons recorded re-asserting after etcd went back.
     conflicts: list[ConflictRecord] = field(default_factory=list)
+    #: Topology ranges: range -> its holder, at the holder key's revision.
+    ranges: dict[IPNetwork, Versioned[TopologyRange]] = field(default_factory=dict)
+    #: Value listings (a value's ranges that may have room), as their values name them.
+    listed: set[TopologyRange] = field(default_factory=set)
 
     def in_conflict(self) -> set[tuple[str, IPAddress]]:
         """(handle, address) pairs a recorded conflict or a contested mark covers: what the
@@ -179,7 +186,8 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     keys = store.keys
     pool_kvs, revision = await store.prefix_raw(keys.pools())
     ((node_kvs, _), (reservation_kvs, _), (block_kvs, _), (affinity_kvs, _), (handle_kvs, _),
-     (free_kvs, _), (room_kvs, _), (identity_kvs, _), (conflict_kvs, _)) = await asyncio.gather(
+     (free_kvs, _), (room_kvs, _), (identity_kvs, _), (conflict_kvs, _), (range_kvs, _),
+     (listing_kvs, _)) = await asyncio.gather(
         store.prefix_raw(keys.nodes(), revision=revision),
         store.prefix_raw(keys.reservations(), revision=revision),
         store.prefix_raw(keys.blocks(), revision=revision),
@@ -189,6 +197,8 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
         store.prefix_raw(keys.rooms(), keys_only=True, revision=revision),
         store.prefix_raw(keys.identities(), revision=revision),
         store.prefix_raw(keys.conflicts(), revision=revision),
+        store.prefix_raw(keys.topology_ranges(), revision=revision),
+        store.prefix_raw(keys.value_listings(), revision=revision),
     )
     snap = Snapshot(revision, [], {}, [], {}, [], {})
     for kv in conflict_kvs:
@@ -217,6 +227,11 @@ async def load_snapshot(store: EtcdStore) -> Snapshot:
     snap.rooms.update(decoded(room_kvs, lambda key, _: keys.block_cidr(key, "room")))
     snap.free.update(decoded(free_kvs, lambda key, raw: (
         keys.block_cidr(key, "free"), decode(raw, "free-block entry").get("node"))))
+    for held in decode_each(range_kvs, lambda _, raw: TopologyRange.from_dict(
+            decode(raw, "topology range")), snap.corrupt.append):
+        snap.ranges[held.value.cidr] = held
+    snap.listed.update(decoded(listing_kvs, lambda _, raw: TopologyRange.from_dict(
+        decode(raw, "topology range listing"))))
     return snap
 
 
@@ -409,12 +424,19 @@ def room_index_gaps(snap: Snapshot, listed: set[IPNetwork]
     return gaps
 
 
+def topology_findings(snap: Snapshot) -> list[RangeFinding]:
+    """The topology ranges' warnings and repairs (:func:`.range_audit.range_findings`)."""
+    return range_findings(snap.pools, snap.nodes, snap.blocks, snap.ranges, snap.listed,
+                          allocator.Reservations(snap.reservations))
+
+
 def find_warnings(snap: Snapshot) -> list[str]:
     """Deliberate or harmless states an operator should know about, one line each.
 
     Blocks left by a forced pool deletion (until their last address is
     released), reserved addresses that are still allocated, reservations
-    outside every pool.
+    outside every pool, index entries out of date, topology ranges that
+    break one value per range.
     """
     lines = []
     for cidr in sorted(snap.blocks, key=network_order):
@@ -437,6 +459,7 @@ def find_warnings(snap: Snapshot) -> list[str]:
         lines.append(f"room index out of date: pool {pool.name} has {len(missing)} claim "
                      "window(s) with room but no entry (claims there survey the pool "
                      "instead; fix: topoipamctl ipam repair-index)")
+    lines += [finding.line for finding in topology_findings(snap)]
     stray = stray_rooms(snap)
     if stray:
         shown = ", ".join(map(str, stray[:3])) + (", …" if len(stray) > 3 else "")

@@ -13,16 +13,16 @@ retry policy.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeAlias, TypeVar
 
 from .core.allocator import Reservations, TxnPlan, TxnSnapshot
 from .core.calls import ReleaseCall, ReleaseIdentityCall
 from .core.holdings import Block, check_identity
-from .core.model import IPAddress, IPNetwork
+from .core.model import IPAddress, IPNetwork, IPPool
 from .core.planner import Planner
 from .core.view import ClusterState, NeedRead, Read, ReadingView
-from .core.writes import Versioned
+from .core.writes import Versioned, Write
 from .store import LOST_RACE, EtcdStore, LostRace, retry_cas
 
 T = TypeVar("T")
@@ -167,6 +167,45 @@ async def commit_call(store: EtcdStore, planner: Planner, call: ReleaseCall | Re
         return call.freed
 
     return await retry_cas(attempt, f"the release on node {planner.node}")
+
+
+async def drop_writes(store: EtcdStore, planner: Planner, current: Versioned[Block],
+                      source: StateSource | None = None) -> list[Write]:
+    """The writes that drop ``current`` (an empty block) as its node's daemon would: the
+    block guarded by its revision, its index entries and affinity, and its topology
+    range given back when no other block is left in it (guarded by the range's holder,
+    so a claim racing into the range makes one of the two re-plan). Nothing is written."""
+    source = source or EtcdSource(store, planner.node)
+    state = await source.state()
+    txn = TxnPlan(state.pools)
+    view = source.view(state)
+    await plan_reading(store, source, view, planner, lambda: planner.drop_block(
+        view, txn, current.value, current.mod_revision, current.value), txn)
+    return txn.writes()
+
+
+async def range_writes(store: EtcdStore, node: str,
+                       placed: Sequence[tuple[IPPool, IPNetwork]]) -> list[Write]:
+    """The topology range writes that go with blocks of ``node`` made again where etcd lost
+    them (a restore): each one's range is taken for the node's label value if nobody holds
+    it, touched (guarded by its holder) if that value holds it, and left as it is if
+    another value does (the pod uses the address already: ``check routes`` shows it).
+    Nothing is written; blocks of pools without a ``topologyKey`` need nothing."""
+    placed = [(pool, cidr) for pool, cidr in placed if pool.topology_key]
+    if not placed:
+        return []
+    planner = Planner(node)
+    source = EtcdSource(store, node)
+    state = await source.state()
+    txn = TxnPlan(state.pools)
+    view = source.view(state)
+
+    def plan() -> None:
+        for pool, cidr in placed:
+            planner.place_block(view, pool, cidr, txn, cidr.network_address, strict=False)
+
+    await plan_reading(store, source, view, planner, plan, txn)
+    return txn.writes()
 
 
 async def release_identity(store: EtcdStore, identity_id: str, park: bool = False,

@@ -61,6 +61,7 @@ from .core.writes import (
     PutHandle,
     Write,
 )
+from .planning import range_writes
 from .resolve import read_conflicts, read_view
 from .store import EtcdStore
 
@@ -364,6 +365,7 @@ async def _reassert_one(store: EtcdStore, node: str, handle: Handle,
         entries = []
         blocks: dict[IPNetwork, tuple[Block, int, Block | None]] = {}
         pools: list[IPPool] | None = None
+        made: list[tuple[IPPool, IPNetwork]] = []  # blocks etcd lost, made again
         now = time.time()
         for entry in handle.addresses:
             existing = await store.block_containing(entry.ip)
@@ -383,6 +385,7 @@ async def _reassert_one(store: EtcdStore, node: str, handle: Handle,
                 if cidr not in blocks:
                     blocks[cidr] = (Block.empty(cidr, node), 0, None)
                     writes.append(PutAffinity(node, cidr))
+                    made.append((pool, cidr))
             entries.append(dataclasses.replace(entry, block=cidr))
             block, guard, before = blocks[cidr]
             try:
@@ -405,11 +408,17 @@ async def _reassert_one(store: EtcdStore, node: str, handle: Handle,
                     writes.append(_conflict_write(node, entry.ip, handle, holder, now))
                     found.append(f"{entry.ip} of {handle.id} is held by {holder} since etcd "
                                  "went back")
-        changed = [(b, g) for b, g, before in blocks.values() if b is not before]
+        changed = [(b, g, before) for b, g, before in blocks.values() if b is not before]
         put = dataclasses.replace(handle, addresses=tuple(entries))
         if revision and not changed and put == handle:
             return [], found or None
-        writes += [PutBlock(b, g) for b, g in changed]
+        if changed and pools is None:
+            pools = [p.value for p in await store.list_pools()]
+        for b, g, before in changed:  # the free-block index entry changes with its block
+            writes += [PutBlock(b, g), *allocator.free_mark_writes(
+                b.cidr, before is not None and allocator.has_free(before, pools or []), b,
+                pools or [])]
+        writes += await range_writes(store, node, made)  # their topology ranges with them
         writes.append(PutHandle(put, revision))
         return writes, found or None
 

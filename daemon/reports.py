@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,8 @@ def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config:
     """The allocator's three steps for ``node``, as they stand now."""
     reservations = allocator.Reservations(snap.reservations)
     now, cooldown = time.time(), float(config.ip_cooldown_seconds)
+    known = snap.nodes.get(node)
+    labels = known.labels if known is not None else {}
     own = []
     affine = [b for b in snap.blocks.values() if b.affinity == node]
     for pool in order:  # pool order, then address order, like the allocator
@@ -38,7 +40,7 @@ def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config:
         for block in sorted((b for b in affine if owning_pool([pool], b.cidr) is pool),
                             key=lambda b: network_order(b.cidr)):
             free = allocator.free_count(block, ctx)
-            if free:
+            if free and range_holder_elsewhere(snap, pool, block.cidr, labels) is None:
                 own.append(f"{block.cidr} (pool {pool.name}, {free} free)")
     names = ", ".join(p.name for p in order)
     steps = [f"1. {node}'s blocks with free addresses: {', '.join(own) or 'none'}"]
@@ -48,27 +50,86 @@ def allocation_steps(node: str, order: Sequence[IPPool], snap: Snapshot, config:
         steps.append(f"2. no new blocks: node has reached maxBlocksPerHost="
                      f"{config.max_blocks_per_host} for IPv{order[0].family}")
     else:
-        steps.append(claim_step(order, snap, reservations))
-        if steps[-1].startswith("2. no new blocks"):
-            steps.append("2b. reclaim an empty block of another node (of deleted or unselected "
-                         "nodes first; in a topologyKey pool only in this node's value's ranges)")
+        steps.append(claim_step(node, labels, order, snap, reservations, now, cooldown))
     steps.append("3. no borrowing: strictAffinity is on" if config.strict_affinity
                  else f"3. borrow a free address from other nodes' blocks in: {names}")
     return steps
 
 
-def claim_step(order: Sequence[IPPool], snap: Snapshot,
-               reservations: allocator.Reservations) -> str:
-    """Step 2 of :func:`allocation_steps`: the pools with an unclaimed block (the claims'
-    own test, :func:`allocator.first_unclaimed_block`), and those with none left."""
-    full = [p.name for p in order if allocator.first_unclaimed_block(
-        p, {c for c in snap.blocks if c.version == p.family and c.overlaps(p.cidr)},
-        reservations) is None]
-    room = [p.name for p in order if p.name not in full]
-    if not room:
-        return f"2. no new blocks: no unclaimed block left in: {', '.join(full)}"
-    left = f" (no unclaimed block left in: {', '.join(full)})" if full else ""
-    return f"2. claim a new block in: {', '.join(room)}{left}"
+def range_holder_elsewhere(snap: Snapshot, pool: IPPool, cidr: IPNetwork,
+                           labels: Mapping[str, str]) -> str | None:
+    """Who holds the topology range of block ``cidr`` when it is not the value of a node
+    with ``labels`` (a block kept across a relabel: no new address there), else None."""
+    if not pool.topology_key or cidr.prefixlen < pool.topology_prefix:
+        return None
+    holder = snap.ranges.get(pool.topology_range(cidr))
+    if holder is None or (holder.value.pool, holder.value.value) == (
+            pool.name, labels.get(pool.topology_key)):
+        return None
+    return f"{pool.topology_key}={show(holder.value.value)}"
+
+
+def claim_step(node: str, labels: Mapping[str, str], order: Sequence[IPPool], snap: Snapshot,
+               reservations: allocator.Reservations, now: float, cooldown: float) -> str:
+    """Step 2 of :func:`allocation_steps`: the pools with an unclaimed block this node may
+    claim (the claims' own test, :func:`allocator.first_unclaimed_block`; with a
+    ``topologyKey``, in its value's ranges or a free one), those with none left, and the
+    empty blocks it would reclaim when no pool has one."""
+    full = [p for p in order if not can_claim(p, labels, snap, reservations)]
+    room = [p.name for p in order if p not in full]
+    left = ", ".join(p.name + (f" (for {p.topology_key}={show(labels.get(p.topology_key))})"
+                               if p.topology_key else "") for p in full)
+    if room:
+        return (f"2. claim a new block in: {', '.join(room)}"
+                + (f" (no unclaimed block left in: {left})" if full else ""))
+    reclaim = {p.name: len(reclaimable(node, labels, p, snap, now, cooldown)) for p in order}
+    found = ", ".join(f"{name} ({count} now)" for name, count in reclaim.items() if count)
+    return (f"2. no new blocks: no unclaimed block left in: {left}"
+            + (f"; reclaim an empty block of another node in: {found}" if found else ""))
+
+
+def can_claim(pool: IPPool, labels: Mapping[str, str], snap: Snapshot,
+              reservations: allocator.Reservations) -> bool:
+    """Whether a node with ``labels`` finds an unclaimed block of ``pool`` to claim."""
+    blocks = {c for c in snap.blocks if c.version == pool.family and c.overlaps(pool.cidr)}
+    if not pool.topology_key:
+        return allocator.first_unclaimed_block(pool, blocks, reservations) is not None
+    value = labels.get(pool.topology_key)
+    held = {cidr: r.value for cidr, r in snap.ranges.items()
+            if cidr.version == pool.family and cidr.subnet_of(pool.cidr)}  # type: ignore[arg-type]
+    if any(holder.pool == pool.name and holder.value == value
+           and allocator.first_unclaimed_block(pool, blocks, reservations, cidr) is not None
+           for cidr, holder in held.items()):
+        return True
+    ranges = 1 << (pool.topology_prefix - pool.cidr.prefixlen)
+    if ranges > RANGES_LISTED:  # too many to look at one by one: a free range has room
+        return len(held) < ranges
+    return any(span not in held and allocator.first_unclaimed_block(
+        pool, blocks, reservations, span) is not None
+        for span in pool.cidr.subnets(new_prefix=pool.topology_prefix))
+
+
+#: Ranges of a pool ``explain node`` looks at one by one for a free one with room.
+RANGES_LISTED = 4096
+
+
+def reclaimable(node: str, labels: Mapping[str, str], pool: IPPool, snap: Snapshot, now: float,
+                cooldown: float) -> list[IPNetwork]:
+    """The empty blocks of ``pool`` another node holds that ``node`` may reclaim (with a
+    ``topologyKey``, only in ranges of its own value), as the planner judges them."""
+    found = []
+    for cidr, block in snap.blocks.items():
+        if (block.affinity == node or owning_pool([pool], cidr) is not pool
+                or not block.is_empty() or block.contested
+                or any(now - at < cooldown for at in block.released_at.values())):
+            continue
+        if pool.topology_key:
+            holder = snap.ranges.get(pool.topology_range(cidr))
+            if holder is None or (holder.value.pool, holder.value.value) != (
+                    pool.name, labels.get(pool.topology_key)):
+                continue
+        found.append(cidr)
+    return found
 
 
 def placement_problem(row: AllocationRow, snap: Snapshot) -> str | None:
@@ -104,7 +165,8 @@ class RouteException:
     """A prefix the fabric must carry besides a domain's aggregate: it breaks aggregation.
 
     ``kind`` is ``block`` (a node's block whose pool no longer selects that
-    node, or whose pool is gone) or ``address`` (a /32 or /128 held by a node
+    node, or whose pool is gone, or that lies in a topology range of another
+    value of the route label: a relabelled node's) or ``address`` (a /32 or /128 held by a node
     whose domain's prefixes do not contain it: borrowed from another domain's
     block, or left in a block no node owns).
     """
@@ -167,6 +229,23 @@ def _merged(cidrs: Iterable[IPNetwork]) -> list[IPNetwork]:
     return sorted((ipaddress.ip_network(str(c)) for c in merged), key=network_order)
 
 
+def block_outside_range(pool: IPPool | None, cidr: IPNetwork, label: str, value: str | None,
+                        snap: Snapshot) -> str | None:
+    """Why a block of a node whose ``label`` is ``value`` does not aggregate with that
+    value's ranges, or None: in a pool keyed on ``label``, its topology range is another
+    value's (the node was relabelled and kept the block)."""
+    if pool is None or pool.topology_key != label or cidr.prefixlen < pool.topology_prefix:
+        return None
+    span = pool.topology_range(cidr)
+    holder = snap.ranges.get(span)
+    if holder is None or (holder.value.pool, holder.value.value) == (pool.name, value):
+        return None
+    return (f"it lies in topology range {span} of {label}={show(holder.value.value)}"
+            + (f" (pool {holder.value.pool})" if holder.value.pool != pool.name else "")
+            + f", and its node has {label}={show(value)}: relabelled, it keeps the block "
+            "until its last address is released")
+
+
 def block_outside_pools(pool: IPPool | None, node: model.Node | None) -> str | None:
     """Why a node's block does not belong with that node's pools now, or None if it does.
 
@@ -186,7 +265,8 @@ def route_report(snap: Snapshot, label: str = DEFAULT_ROUTE_LABEL) -> RouteRepor
 
     Each domain's aggregate is the merge of the blocks its nodes own whose
     pool selects them. What else must be routed breaks aggregation: a block
-    whose pool no longer selects its node (relabelled, or pool deleted) is
+    whose pool no longer selects its node (relabelled, or pool deleted), or that
+    lies in a topology range of another value (its node relabelled), is
     routed on its own to that node's domain, and an allocated address whose
     holder's domain carries no prefix containing it (borrowed from a block of
     another domain, or in a block no node owns) needs a /32 or /128 there.
@@ -223,12 +303,15 @@ def route_report(snap: Snapshot, label: str = DEFAULT_ROUTE_LABEL) -> RouteRepor
         if pool is not None:
             pools_in.setdefault(home.value, set()).add(pool.name)
         reason = block_outside_pools(pool, snap.nodes.get(block.affinity))
+        if reason is not None:
+            reason = f"block of node {block.affinity} outside its node's pools: {reason}"
+        elif (elsewhere := block_outside_range(pool, cidr, label, home.value, snap)):
+            reason = f"block of node {block.affinity} outside its value's ranges: {elsewhere}"
         if reason is None:
             aggregated.setdefault(home.value, []).append(cidr)
         else:
             home.exceptions.append(RouteException(
-                cidr, "block", block.affinity, pool.name if pool else None,
-                f"block of node {block.affinity} outside its node's pools: {reason}"))
+                cidr, "block", block.affinity, pool.name if pool else None, reason))
     for value, cidrs in aggregated.items():
         domains[value].aggregate = _merged(cidrs)
     covers: dict[str | None, _Cover] = {}

@@ -34,6 +34,7 @@ from .core.writes import (
     Versioned,
     Write,
 )
+from .planning import range_writes
 from .store import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ async def _keep_record(store: EtcdStore, view: ConflictView) -> list[Write]:
             raise InvalidInput(f"no pool contains {address}: create one that does first")
         block, revision = Block.empty(pool.block_of(address), conflict.node), 0
         writes.append(PutAffinity(conflict.node, block.cidr))
+        writes += await range_writes(store, conflict.node, [(pool, block.cidr)])
     else:
         block, revision = view.block.value, view.block.mod_revision
     taken = block.copy()

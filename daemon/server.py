@@ -442,8 +442,9 @@ class Daemon:
         blocks, and claims blocks for the warm reserve. Runs only in sync
         (out of sync the rules may be stale); the return to sync after a
         restart or relist schedules it again. Empty blocks of pools that still
-        select this node are never dropped, so a pod churning at a block
-        boundary never makes the reserve claim and release a block in turn.
+        select this node are never dropped (but those a relabel left in another
+        value's topology range), so a pod churning at a block boundary never
+        makes the reserve claim and release a block in turn.
         """
         while self._cleanup_wanted and self.cache.in_sync.is_set():
             self._cleanup_wanted = False
@@ -462,7 +463,8 @@ class Daemon:
                 self._cleanup_wanted = True
                 return
             if dropped:
-                log.info("released empty blocks no longer selected for %s: %s",
+                log.info("released empty blocks %s no longer uses (pool no longer selects "
+                         "it, or another value's topology range): %s",
                          self.config.node, ", ".join(map(str, dropped)))
             if claimed:
                 log.info("claimed %d block(s) for the warm reserve of %s", claimed,

@@ -184,14 +184,18 @@ class Upkeep(Committer):
         return len(writes)
 
     async def release_unwanted_blocks(self) -> list[IPNetwork]:
-        """Drop this node's empty affine blocks whose pool no longer selects it."""
+        """Drop this node's empty affine blocks whose pool no longer selects it, or that
+        lie in a topology range of another label value (kept across a relabel)."""
         dropped = []
         state = await self.source.state()
         for current in await self.source.affine_blocks():
-            if not self.planner.unwanted(state, current.value):
+            if not current.value.is_empty():
                 continue
             txn = TxnPlan(state.pools)
             view = self.source.view(state)
+            if not await self._plan(view, functools.partial(
+                    self.planner.droppable, view, current.value, txn)):
+                continue
             await self._plan(view, functools.partial(
                 self.planner.drop_block, view, txn, current.value, current.mod_revision,
                 current.value), txn)

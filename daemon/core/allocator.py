@@ -29,10 +29,13 @@ from .writes import (
     DeleteBlock,
     DeleteFreeMark,
     DeleteRoomMark,
+    DeleteTopologyRange,
+    NoBlocksIn,
     PutAffinity,
     PutBlock,
     PutFreeMark,
     PutRoomMark,
+    RangeHeld,
     Versioned,
     Write,
 )
@@ -435,7 +438,7 @@ def _free_slots(first: int, last: int, size: int, taken: Sequence[tuple[int, int
 #: What :meth:`TxnPlan.snapshot` keeps: the planned writes, not what was read.
 TxnSnapshot = tuple[dict[IPNetwork, tuple[Block | None, int]], dict[tuple[str, IPNetwork], bool],
                     dict[str, Write], dict[str, Write], dict[str, Write], frozenset[IPNetwork],
-                    dict[IPNetwork, Write]]
+                    dict[IPNetwork, Write], dict[IPNetwork, int]]
 
 
 class TxnPlan:
@@ -473,21 +476,24 @@ class TxnPlan:
         self.affine_read: list[Versioned[Block]] | None = None
         # Blocks this transaction takes over from another node (reclaimed while empty).
         self.reclaimed: set[IPNetwork] = set()
-        # Topology ranges taken, touched or given back (PutTopologyRange, DeleteTopologyRange).
+        # Topology ranges taken, touched or given back (PutTopologyRange, DeleteTopologyRange),
+        # and those only claimed in, by the holder revision each claim compares (RangeHeld).
         self.ranges: dict[IPNetwork, Write] = {}
+        self.range_guards: dict[IPNetwork, int] = {}
         # Per (pool, label value), the ranges that value holds (read once per transaction).
         self.value_ranges: dict[tuple[str, str | None], list[Versioned[TopologyRange]]] = {}
 
     def snapshot(self) -> TxnSnapshot:
         return (dict(self.blocks), dict(self.affinities), dict(self.handles),
                 dict(self.identities), dict(self.guards), frozenset(self.reclaimed),
-                dict(self.ranges))
+                dict(self.ranges), dict(self.range_guards))
 
     def restore(self, saved: TxnSnapshot) -> None:
-        blocks, affinities, handles, identities, guards, reclaimed, ranges = saved
+        blocks, affinities, handles, identities, guards, reclaimed, ranges, range_guards = saved
         self.blocks, self.affinities = dict(blocks), dict(affinities)
         self.handles, self.identities, self.guards = dict(handles), dict(identities), dict(guards)
         self.reclaimed, self.ranges = set(reclaimed), dict(ranges)
+        self.range_guards = dict(range_guards)
 
     def current(self, versioned: Versioned[Block]) -> Block | None:
         """The planned value of a block read at ``versioned``, if this transaction touched it."""
@@ -546,16 +552,27 @@ class TxnPlan:
         writes += [PutRoomMark(w) if put else DeleteRoomMark(w)
                    for w, put in self.room_marks.items()]
         writes += self.ranges.values()
+        writes += [RangeHeld(span, revision) for span, revision in self.range_guards.items()
+                   if span not in self.ranges]
+        writes += [NoBlocksIn(span, self.dropped_in(span)) for span, write in self.ranges.items()
+                   if isinstance(write, DeleteTopologyRange)]
         writes += self.handles.values()
         writes += self.identities.values()
         writes += self.guards.values()
         return writes
 
+    def dropped_in(self, span: IPNetwork) -> tuple[IPNetwork, ...]:
+        """The blocks inside ``span`` this transaction deletes."""
+        return tuple(cidr for cidr, (block, _) in self.blocks.items()
+                     if block is None and cidr.version == span.version
+                     and span.supernet_of(cidr))  # type: ignore[arg-type]
+
     def size(self) -> int:
-        # A block counts twice: its free-index entry may change with it; a range is two keys.
-        return (2 * len(self.blocks) + 2 * len(self.ranges) + len(self.affinities)
+        # A block counts twice: its free-index entry may change with it; a range is two
+        # keys (and a give-back's compares); a claim in a held range compares its holder.
+        return (2 * len(self.blocks) + 3 * len(self.ranges) + len(self.affinities)
                 + len(self.handles) + len(self.identities) + len(self.room_marks)
-                + 2 * len(self.guards))
+                + 2 * len(self.guards) + len(self.range_guards))
 
 
 def has_free(block: Block, pools: Iterable[IPPool]) -> bool:

@@ -21,7 +21,7 @@ from .allocator import AssignContext, TxnPlan
 from .calls import AllocatedAddress, Allocation, AllocationRequest
 from .errors import AddressUnavailable, TopoipamError
 from .holdings import Block, Handle
-from .model import IPNetwork, IPPool
+from .model import IPAddress, IPNetwork, IPPool
 from .view import ClusterState, View
 from .writes import Versioned
 
@@ -37,6 +37,8 @@ BORROW_WINDOW = 8
 ROOM_READ = 4
 #: Free-block index entries a reclaim reads from each starting point.
 RECLAIM_READ = 16
+#: Blocks whose topology range holder a planner remembers before it starts afresh.
+RANGE_MEMORY = 4096
 # A pool read whole and found without an unclaimed block (or, for borrowing,
 # without a free address) is not searched again for this long, and a claim's
 # pool is then read whole again only if its survey counts changed: a full pool
@@ -88,6 +90,9 @@ class PlannerMemory:
     full_survey: dict[str, tuple[IPPool, list[int], object]] = field(default_factory=dict)
     # Claims that took a hint or committed: a prefetch that overlaps one keeps nothing.
     claims_seen: int = 0
+    # This node's block -> (pool, value) of its topology range's holder as read (None:
+    # nobody holds it): a holder cannot change while a block is in its range.
+    range_of: dict[IPNetwork, tuple[str, str | None] | None] = field(default_factory=dict)
 
     def snapshot(self) -> MemorySnapshot:
         return (dict(self.claim_hints), dict(self.found_full), dict(self.full_survey),
@@ -166,10 +171,43 @@ class PlannerBase:
         return pool is None or pool.disabled or not pool.automatic or not pool.selects(
             state.labels)
 
+    def in_foreign_range(self, view: View, block: Block, txn: TxnPlan) -> bool:
+        """Whether this node's ``block`` lies in a topology range another label value
+        holds: a block kept across a relabel of this node. It gives out no new address
+        and is dropped once empty (:meth:`droppable`), so the node moves to its new
+        value's ranges and the old range can go back to its pool.
+
+        The holder is read once per block and remembered: it cannot change while the
+        block is in its range. A hint all the same: a wrong one only keeps a block in
+        use, or drops an empty one, a little early or late.
+        """
+        pool = allocator.pool_of_block(view.state().pools, block.cidr)
+        if pool is None or not pool.topology_key:
+            return False
+        memory = self.memory.range_of
+        held = memory.get(block.cidr, ())
+        if held == ():
+            if block.cidr in txn.blocks and txn.blocks[block.cidr][1] == 0:
+                return False  # claimed in this transaction: in its value's range
+            holder = view.range_holder(pool.topology_range(block.cidr)) \
+                if block.cidr.prefixlen >= pool.topology_prefix else None
+            if len(memory) > RANGE_MEMORY:
+                memory.clear()
+            held = memory[block.cidr] = (None if holder is None
+                                         else (holder.value.pool, holder.value.value))
+        return held is not None and held != (pool.name, topology.value_of(
+            pool, view.state().labels))
+
+    def droppable(self, view: View, block: Block, txn: TxnPlan) -> bool:
+        """:meth:`unwanted`, or an empty block of this node in another value's range."""
+        return self.unwanted(view.state(), block) or (
+            block.is_empty() and block.affinity == self.node
+            and self.in_foreign_range(view, block, txn))
+
     def put_or_drop(self, view: View, txn: TxnPlan, new: Block, revision: int,
                     before: Block) -> None:
         """Plan ``new`` (a block addresses were freed from), deleting it if it is unwanted."""
-        if self.unwanted(view.state(), new):
+        if self.droppable(view, new, txn):
             self.drop_block(view, txn, new, revision, before)
         else:
             txn.put_block(new, revision, before)
@@ -182,6 +220,14 @@ class PlannerBase:
         pool = allocator.pool_of_block(view.state().pools, block.cidr)
         if pool is not None and pool.topology_key:
             topology.give_back(view, pool, block.cidr, txn, self._known_blocks)
+
+    def place_block(self, view: View, pool: IPPool, cidr: IPNetwork, txn: TxnPlan,
+                    address: IPAddress, strict: bool = True) -> None:
+        """Plan the topology range of new block ``cidr`` of this node (made for ``address``
+        where no claim chose it): see :func:`.topology.place`. Nothing for other pools."""
+        if pool.topology_key:
+            topology.place(view, pool, topology.value_of(pool, view.state().labels), cidr, txn,
+                           self._known_blocks, address, strict)
 
     @staticmethod
     def allocation_of(handle: Handle, state: ClusterState) -> Allocation:
@@ -223,8 +269,11 @@ class PlannerBase:
         the hint, which is used once).
         """
         if pool.topology_key:  # inside its label value's ranges (no hints: see upkeep)
-            return topology.topology_block(view, pool, topology.value_of(
-                pool, view.state().labels), txn, self._known_blocks)
+            value = topology.value_of(pool, view.state().labels)
+            cidr = topology.topology_block(view, pool, value, txn, self._known_blocks, self.node)
+            if cidr is not None:  # its range is its value's: no read when it gives out more
+                self.memory.range_of[cidr] = (pool.name, value)
+            return cidr
         memory = self.memory
         hint = memory.claim_hints.pop(pool.name, None)
         if hint is not None:
@@ -338,30 +387,36 @@ class PlannerBase:
         Empty means no allocation (a parked sticky address is one), no address
         cooling down and no contested address. Read from the free-block index
         like a borrow (:data:`RECLAIM_READ` entries from this node's point, then
-        from the pool's start): blocks of deleted nodes, of no node and of nodes
+        from the pool's start; with a ``topologyKey``, from each range of its
+        value it knows first): blocks of deleted nodes, of no node and of nodes
         the pool no longer selects first, then the rest (other nodes' warm
-        reserve) in index order. In a pool with a topologyKey only blocks in
-        the ranges of this node's value are taken: a block never moves to
-        another value's range. The take-over is guarded by the block's
-        revision, so a block its owner allocated from meanwhile loses the race.
+        reserve) in index order. With a ``topologyKey``, only blocks in ranges
+        this node's value holds (whatever their room): a block taken from
+        another value's range would put two values in one range. The
+        take-over is guarded by the block's revision, so a block its owner
+        allocated from (or dropped) meanwhile loses the race; the range keeps
+        its holder, which cannot change while the block exists.
         """
         state = view.state()
         now, cooldown = self.clock(), float(state.config.ip_cooldown_seconds)
         found: list[tuple[int, Versioned[Block]]] = []
         tried: set[IPNetwork] = set()
         value = topology.value_of(pool, state.labels) if pool.topology_key else None
-        for begin in (allocator.borrow_start(pool, self.node), None):
-            for cidr, owner in view.free_blocks(pool.cidr, begin, RECLAIM_READ):
+        starts: list[tuple[IPNetwork, IPNetwork | None]] = [
+            (pool.cidr, allocator.borrow_start(pool, self.node)), (pool.cidr, None)]
+        if pool.topology_key:  # its value's ranges first: the only ones it may take from
+            starts = [(span, None) for span in self.value_spans(view, pool, txn)] + starts
+        for within, begin in starts:
+            for cidr, owner in view.free_blocks(within, begin, RECLAIM_READ):
                 if owner == self.node or cidr in tried or cidr in txn.blocks:
                     continue
                 tried.add(cidr)
                 current = view.block(cidr)
                 if current is None or not _reclaimable(current.value, self.node, now, cooldown):
                     continue
-                if pool.topology_key:  # never moved into another value's range
-                    holder_range = view.range_holder(pool.topology_range(cidr))
-                    if holder_range is None or holder_range.value.value != value:
-                        continue
+                if pool.topology_key and not topology.held_by_value(view, pool, value, cidr,
+                                                                    txn):
+                    continue
                 holder = current.value.affinity
                 labels = view.node_labels(holder) if holder is not None else None
                 found.append((0 if labels is None or not pool.selects(labels) else 1, current))
@@ -369,8 +424,17 @@ class PlannerBase:
                     return current
         return min(found, key=lambda entry: entry[0])[1] if found else None
 
+    @staticmethod
+    def value_spans(view: View, pool: IPPool, txn: TxnPlan | None) -> list[IPNetwork]:
+        """The ranges of ``pool`` known to be this node's value's without a search: those
+        it lists (with room) and those its own blocks lie in (full ones are unlisted)."""
+        listed = [held.value.cidr for held in view.value_ranges(
+            pool.name, topology.value_of(pool, view.state().labels))]
+        return list(dict.fromkeys([*listed, *topology.own_ranges(view, pool, txn)]))
+
     # ------------------------------------------------------------------ borrowing
-    def borrow_candidates(self, view: View, pool: IPPool) -> Iterator[Versioned[Block]]:
+    def borrow_candidates(self, view: View, pool: IPPool, txn: TxnPlan | None = None
+                          ) -> Iterator[Versioned[Block]]:
         """Other nodes' blocks of ``pool`` that may have an address to give, best first.
 
         First the free-block index, read from a node-specific point a few
@@ -378,36 +442,20 @@ class PlannerBase:
         whatever the size of the pool); then, should none of those give one
         (an index entry is only a hint, and blocks written before the index
         have none), every block of the pool, unless that found nothing lately.
-        In a pool with a topologyKey, the entries read whose range this node's
-        label value holds come before the others.
         """
         tried: set[IPNetwork] = set()
-        value = topology.value_of(pool, view.state().labels) if pool.topology_key else None
-        # With a topologyKey the search starts where this node's value's ranges grow from,
-        # and the blocks of the ranges it holds come first.
-        start = (topology.value_origin(pool, value) if pool.topology_key
-                 else allocator.borrow_start(pool, self.node))
-        later: list[IPNetwork] = []
-        for begin in (start, None):
-            entries = [cidr for cidr, owner in view.free_blocks(pool.cidr, begin, BORROW_WINDOW)
-                       if owner != self.node and cidr not in tried]
-            tried.update(entries)
-            holders = view.range_holders(tuple(sorted(
-                {pool.topology_range(c) for c in entries}, key=str))
-            ) if pool.topology_key and entries else {}
-            for cidr in entries:
-                if pool.topology_key:
-                    holder = holders.get(pool.topology_range(cidr))
-                    if holder is None or holder.value != value:
-                        later.append(cidr)
-                        continue
+        start = allocator.borrow_start(pool, self.node)
+        # With a topologyKey, the free blocks of this node's value's ranges come first.
+        spans = [(span, None) for span in self.value_spans(view, pool, txn)] \
+            if pool.topology_key else []
+        for within, begin in (*spans, (pool.cidr, start), (pool.cidr, None)):
+            for cidr, owner in view.free_blocks(within, begin, BORROW_WINDOW):
+                if owner == self.node or cidr in tried:
+                    continue
+                tried.add(cidr)
                 current = view.block(cidr)
                 if current is not None:
                     yield current
-        for cidr in later:
-            current = view.block(cidr)
-            if current is not None:
-                yield current
         if self._seen_full("borrow", pool):
             return
         for versioned in view.pool_blocks(pool.cidr):

@@ -135,6 +135,14 @@ class KeySchema:
         """The same range listed under its pool and value (a value's ranges: one prefix)."""
         return self.value_ranges(pool, value) + _hex_network(cidr).encode()
 
+    def value_listings(self) -> bytes:
+        """Every value listing of every pool."""
+        return self._key("topology", "")
+
+    def pool_value_ranges(self, pool: str) -> bytes:
+        """Every value listing of ``pool``: what goes with the pool when it is deleted."""
+        return self._key("topology", pool, "")
+
     def value_ranges(self, pool: str, value: str | None) -> bytes:
         # The value hex-encoded ("-" for nodes without the label): any text is one segment.
         segment = "-" if value is None else "=" + value.encode().hex()

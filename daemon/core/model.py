@@ -340,7 +340,9 @@ class IPPool:
                 f"{what}: blockSize must be a number, not the text {block_size!r} "
                 f"(write blockSize: {block_size.strip()}, without quotes)"
             )
-        priority = data.get("priority", 0)
+        priority = data.get("priority")
+        if priority is None:  # absent or null: the default, as for the other optional fields
+            priority = 0
         if isinstance(priority, str):
             raise InvalidInput(
                 f"{what}: priority must be an integer from {PRIORITY_RANGE[0]} to "

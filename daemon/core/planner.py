@@ -13,9 +13,12 @@ if" ask the same policy:
 3. otherwise, for each priority tier of the pools that select the node
    (highest first; a lower tier only when a higher one cannot serve): the
    first free address of this node's own blocks, pool order then address
-   order; else a new block is claimed (room index, :mod:`.claims`); else an
-   empty block of another node is reclaimed; else, unless strictAffinity, an
-   address is borrowed from another node's block (free-block index).
+   order (blocks a relabelled node kept in another value's topology range
+   aside); else a new block is claimed (room index, :mod:`.claims`; with a
+   topologyKey, in the node's value's ranges, :mod:`.topology`); else an
+   empty block of another node is reclaimed (with a topologyKey, only in the
+   value's ranges); else, unless strictAffinity, an address is borrowed from
+   another node's block (free-block index).
 
 A DEL frees the handle's addresses (or parks them for a sticky identity)
 and drops blocks it leaves empty that nobody wants. The algorithms, in prose:
@@ -148,6 +151,8 @@ class Planner(StickyPlanner):
                     raise AddressUnavailable(
                         f"address {address}: its block {cidr} would overlap a smaller block "
                         "left over from another pool")
+                # In its value's range, or one it takes: never in another value's.
+                self.place_block(view, pool, cidr, txn, address)
                 block = allocator.assign_address(Block.empty(cidr, self.node), address,
                                                  handle_id, ctx)
                 txn.put_block(block, 0, None)
@@ -209,6 +214,8 @@ class Planner(StickyPlanner):
                  if first <= entry[0].first and entry[0].last <= last),
                 key=lambda entry: entry[0].first,
             ):
+                if pool.topology_key and self.in_foreign_range(view, block, txn):
+                    continue  # kept across a relabel: no new address there
                 assigned = allocator.assign_next(block, handle_id, ctx)
                 if assigned is not None:
                     new, address = assigned
@@ -263,7 +270,7 @@ class Planner(StickyPlanner):
             )
         for pool in pools:
             ctx = self.context(state, pool, call.request)
-            for versioned in self.borrow_candidates(view, pool):
+            for versioned in self.borrow_candidates(view, pool, txn):
                 lender = txn.current(versioned)
                 if lender is None or lender.affinity == self.node:
                     continue

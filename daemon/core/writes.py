@@ -109,6 +109,38 @@ class DeleteTopologyRange:
 
 
 @dataclass(frozen=True)
+class RangeHeld:
+    """A compare, no write: topology range ``cidr``'s holder is still at ``expect_revision``.
+
+    What a claim inside a range its value holds guards with, and all it writes
+    of the range: claims of one value never race each other on the holder key
+    (only the claim that fills the range rewrites it, to unlist it), while a
+    give-back (which deletes the holder) makes a racing claim re-plan."""
+
+    cidr: IPNetwork
+    expect_revision: int
+
+
+@dataclass(frozen=True)
+class NoBlocksIn:
+    """A compare, no write: no block key lies inside ``cidr`` but ``dropped`` (deleted in
+    the same transaction). What a range given back is guarded by: a claim that made a
+    block in it since its blocks were read (touching no holder) makes the give-back lose."""
+
+    cidr: IPNetwork
+    dropped: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeleteTopologyRangesOf:
+    """Every topology range of a deleted pool: the holders inside ``cidr`` and the pool's
+    value listings, in two range deletes (a value's blocks leave with the pool)."""
+
+    pool: str
+    cidr: IPNetwork
+
+
+@dataclass(frozen=True)
 class PutHandle:
     handle: Handle
     expect_revision: int  # 0: the handle must not exist yet
@@ -198,7 +230,7 @@ Write = (
     PutBlock | DeleteBlock | PutAffinity | DeleteAffinity | PutFreeMark | DeleteFreeMark
     | PutRoomMark | DeleteRoomMark | DeleteRoomMarksIn | PutHandle | DeleteHandle | PutIdentity
     | DeleteIdentity | PutConflict | DeleteConflict | PutObject | PutTopologyRange
-    | DeleteTopologyRange
+    | DeleteTopologyRange | DeleteTopologyRangesOf | RangeHeld | NoBlocksIn
     | DeleteObject | PoolsUnchangedSince | PoolUnchanged | DaemonAbsent
 )
 

@@ -126,6 +126,18 @@ class EtcdCommits(EtcdReads):
                 return write.expect_revision
         return None
 
+    def _gaps(self, write: ops.NoBlocksIn) -> list[tuple[bytes, bytes]]:
+        """The block key ranges inside ``write.cidr`` between the dropped blocks' keys."""
+        low, end = self.keys.blocks_in(write.cidr)
+        gaps = []
+        for key in sorted(self.keys.block(cidr) for cidr in write.dropped):
+            if low < key:
+                gaps.append((low, key))
+            low = key + b"\0"
+        if low < end:
+            gaps.append((low, end))
+        return gaps
+
     def _object_key(self, obj: Resource) -> bytes:
         if isinstance(obj, IPPool):
             return self.keys.pool(obj.name)
@@ -152,6 +164,13 @@ class EtcdCommits(EtcdReads):
                 listing = self.keys.value_range(held.pool, held.value, held.cidr)
                 return [self._request_op(write),
                         rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=listing))]
+            case ops.DeleteTopologyRangesOf(pool=pool, cidr=cidr):
+                start, end = self.keys.topology_ranges_in(cidr)
+                listings = self.keys.pool_value_ranges(pool)
+                return [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                            key=start, range_end=end)),
+                        rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                            key=listings, range_end=prefix_range_end(listings)))]
         return [self._request_op(write)]
 
     def _key_value(self, write: Write) -> tuple[bytes, bytes | None]:
@@ -266,6 +285,16 @@ class EtcdCommits(EtcdReads):
                     key=self.keys.pool(write.name), result=rpc.Compare.EQUAL,
                     target=rpc.Compare.MOD, mod_revision=write.revision))
                 continue
+            if isinstance(write, ops.RangeHeld):
+                compares.append(rpc.Compare(
+                    key=self.keys.topology_range(write.cidr), result=rpc.Compare.EQUAL,
+                    target=rpc.Compare.MOD, mod_revision=write.expect_revision))
+                continue
+            if isinstance(write, ops.NoBlocksIn):
+                compares += [rpc.Compare(key=low, range_end=high, result=rpc.Compare.EQUAL,
+                                         target=rpc.Compare.CREATE, create_revision=0)
+                             for low, high in self._gaps(write)]
+                continue
             if isinstance(write, ops.DaemonAbsent):
                 compares.append(rpc.Compare(
                     key=self.keys.daemon(write.node), result=rpc.Compare.EQUAL,
@@ -288,7 +317,7 @@ class EtcdCommits(EtcdReads):
             compare=compares,
             success=[op for w in writes
                      if not isinstance(w, ops.PoolsUnchangedSince | ops.PoolUnchanged
-                                       | ops.DaemonAbsent)
+                                       | ops.DaemonAbsent | ops.RangeHeld | ops.NoBlocksIn)
                      for op in self._request_ops(w)],
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k))
                      for k in (*guarded, *([fence.key] if fence is not None else []))],

@@ -79,11 +79,15 @@ def allocate(daemon: DaemonProcess, container: str) -> ipam_pb2.AllocateResponse
 def test_daemons_export_every_metric_the_alert_rules_use(
         daemons: dict[str, DaemonProcess], etcd: EtcdServer, prefix: str, tmp_path: Path,
         ctl_env: dict[str, str]) -> None:
-    # One /26 is one block: node-0 (rack 0) claims it, node-2 (rack 1) must borrow.
+    # One /26 is one block: node-0 (rack 0) claims it, node-2 (rack 1) must borrow, once
+    # its zone's priority pool (one address) is spent: a fallback.
     for args in (["create", "ippool", "shared", "--cidr", "10.60.0.0/26",
                   "--node-selector", "has(rack)"],
                  ["create", "ippool", "idle", "--cidr", "10.61.0.0/24",
                   "--node-selector", 'rack == "9"'],
+                 ["create", "ippool", "zone-z1", "--cidr", "10.62.0.0/30", "--block-size",
+                  "30", "--node-selector", 'topology.kubernetes.io/zone == "z1"',
+                  "--priority", "10"],
                  ["label", "nodes", "node-0", "rack=0", "--create"],
                  ["label", "nodes", "node-2", "rack=1", "topology.kubernetes.io/zone=z1",
                   "--create"],
@@ -103,6 +107,8 @@ def test_daemons_export_every_metric_the_alert_rules_use(
     assert [allocate(fallback, f"f{i}").addresses[0].pool for i in range(2)] == ["tight",
                                                                                   "loose"]
     [own] = allocate(owner, "c0").addresses
+    [zoned] = allocate(borrower, "c1").addresses
+    assert zoned.block == "10.62.0.0/30"
     [borrowed] = allocate(borrower, "c2").addresses
     assert own.block == borrowed.block == "10.60.0.0/26"
     with pytest.raises(grpc.RpcError) as info:
@@ -140,6 +146,8 @@ def test_daemons_export_every_metric_the_alert_rules_use(
                  label_topology_kubernetes_io_zone="z1") == 1
     # Borrowing counts where it happened; the failed allocation by its outcome.
     assert value(borrower_metrics, "topoipam_allocations_borrowed_total") == 1
+    assert value(borrower_metrics, "topoipam_pool_fallbacks_total", from_pool="zone-z1",
+                 to_pool="shared") == 1
     assert value(owner_metrics, "topoipam_allocations_borrowed_total") == 0
     assert value(spare_metrics, "topoipam_requests_total", method="Allocate",
                  outcome="NoPoolForNode") == 1

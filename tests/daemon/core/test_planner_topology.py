@@ -22,6 +22,7 @@ from topoipam.daemon.core.writes import (
     DeleteTopologyRange,
     PutBlock,
     PutTopologyRange,
+    RangeHeld,
     Versioned,
 )
 
@@ -218,7 +219,7 @@ def test_a_values_first_claim_takes_a_range_with_the_block() -> None:
     assert span.supernet_of(block_cidr)
 
 
-def test_later_claims_stay_in_the_values_range_and_touch_it() -> None:
+def test_later_claims_stay_in_the_values_range_and_guard_it() -> None:
     cluster = shared()
     first = claim(cluster, "n0", "0", revision=5)
     span = SHARED.topology_range(first)
@@ -227,7 +228,10 @@ def test_later_claims_stay_in_the_values_range_and_touch_it() -> None:
     cluster.node, cluster.labels = "n2", {"rack": "0"}
     call = add("c")
     txn = plan(cluster, call, "n2")
-    assert txn.ranges[span] == PutTopologyRange(TopologyRange(span, "shared", "0"), 6)
+    # A claim that leaves room compares the holder as the first claim wrote it, and
+    # writes nothing of the range: claims of one value never race each other on it.
+    assert span not in txn.ranges and txn.range_guards == {span: 5}
+    assert RangeHeld(span, 5) in txn.writes()
 
 
 def test_a_full_range_is_followed_by_the_adjacent_one() -> None:
