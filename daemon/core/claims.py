@@ -12,6 +12,7 @@ build on it.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -433,6 +434,16 @@ class PlannerBase:
         return list(dict.fromkeys([*listed, *topology.own_ranges(view, pool, txn)]))
 
     # ------------------------------------------------------------------ borrowing
+    def more_value_spans(self, view: View, pool: IPPool, known: list[IPNetwork]
+                         ) -> Iterator[IPNetwork]:
+        """The other ranges of ``pool`` this node's value holds (full ones that hold none
+        of this node's blocks), named by the pool's range holders: one read of the held
+        ranges' keys and one of their holders, made only when ``known`` gave nothing."""
+        value = topology.value_of(pool, view.state().labels)
+        held = [c for c in view.held_ranges(pool.cidr, None, 0) if c not in known]
+        holders = view.range_holders(tuple(held))
+        yield from (c for c in held if c in holders and holders[c].value == value)
+
     def borrow_candidates(self, view: View, pool: IPPool, txn: TxnPlan | None = None
                           ) -> Iterator[Versioned[Block]]:
         """Other nodes' blocks of ``pool`` that may have an address to give, best first.
@@ -446,9 +457,11 @@ class PlannerBase:
         tried: set[IPNetwork] = set()
         start = allocator.borrow_start(pool, self.node)
         # With a topologyKey, the free blocks of this node's value's ranges come first.
-        spans = [(span, None) for span in self.value_spans(view, pool, txn)] \
-            if pool.topology_key else []
-        for within, begin in (*spans, (pool.cidr, start), (pool.cidr, None)):
+        known = self.value_spans(view, pool, txn) if pool.topology_key else []
+        spans = itertools.chain(
+            known, self.more_value_spans(view, pool, known) if pool.topology_key else ())
+        for within, begin in itertools.chain(((span, None) for span in spans),
+                                             ((pool.cidr, start), (pool.cidr, None))):
             for cidr, owner in view.free_blocks(within, begin, BORROW_WINDOW):
                 if owner == self.node or cidr in tried:
                     continue

@@ -93,9 +93,9 @@ def test_daemons_export_every_metric_the_alert_rules_use(
                   "--create"],
                  ["label", "nodes", "node-x", "role=spare", "--create"],
                  # A priority pair: node-f's second address falls back to "loose".
-                 ["create", "ippool", "tight", "--cidr", "10.62.0.0/30", "--block-size", "30",
+                 ["create", "ippool", "tight", "--cidr", "10.64.0.0/30", "--block-size", "30",
                   "--node-selector", 'role == "fallback"', "--priority", "5"],
-                 ["create", "ippool", "loose", "--cidr", "10.63.0.0/28", "--block-size", "28",
+                 ["create", "ippool", "loose", "--cidr", "10.65.0.0/28", "--block-size", "28",
                   "--node-selector", 'role == "fallback"'],
                  ["label", "nodes", "node-f", "role=fallback", "--create"]):
         done = ctl(ctl_env, *args)

@@ -184,6 +184,24 @@ def test_borrowing_prefers_its_values_blocks_when_its_ranges_are_full() -> None:
     assert net("10.5.0.64/26").supernet_of(call.addresses[0].block), call.addresses
 
 
+def test_a_node_with_no_block_in_its_values_full_range_borrows_there() -> None:
+    # Rack 0's only range is full (unlisted) and n0 has no block in it, so neither the
+    # listing nor n0's own blocks point to it: the holders of the pool's ranges do.
+    cluster = InMemoryView("n0", IPAMConfig(max_blocks_per_host=2), (SHARED,), {"rack": "0"})
+    cluster.nodes.update({"m0": {"rack": "0"}, "m1": {"rack": "1"}})
+    for span, rack in (("10.5.0.0/26", "1"), ("10.5.0.64/26", "0"), ("10.5.0.128/26", "1"),
+                       ("10.5.0.192/26", "1")):  # no free range left to take
+        cluster.ranges[net(span)] = Versioned(TopologyRange(net(span), "shared", rack), 3)
+    cluster.add(block("10.5.0.0/28", "m1", o1="x"), full("10.5.0.16/28", "m1"),
+                full("10.5.0.32/28", "m1"), full("10.5.0.48/28", "m1"),
+                block("10.5.0.64/28", "m0", o1="y"), full("10.5.0.80/28", "m0"),
+                full("10.5.0.96/28", "m0"), full("10.5.0.112/28", "m0")).indexed()
+    cluster.unlisted.update(net(s) for s in ("10.5.0.0/26", "10.5.0.64/26"))
+    call = add("a")
+    plan(cluster, call)
+    assert call.addresses[0].block == net("10.5.0.64/28"), call.addresses
+
+
 def test_a_reclaim_looks_in_its_values_ranges_first_however_big_the_pool() -> None:
     # 15 ranges of rack 1 full of m1's empty blocks, and rack 0's ninth range: three
     # full blocks of n0 and one empty block of m0, the only block n0 may reclaim, far
