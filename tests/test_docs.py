@@ -23,6 +23,7 @@ from types import ModuleType
 
 import pytest
 
+from tests.shell import shell_commands
 from topoipam.client import cni_config
 from topoipam.client.ctl_parser import build_parser as ctl_parser
 from topoipam.client.ctl_parser import usage_problem
@@ -241,23 +242,10 @@ def test_operations_lists_every_daemon_configuration_key() -> None:
 
 # ------------------------------------------------------------------ README's commands
 
-def shell_commands(block: str) -> Iterator[str]:
-    """The commands of a shell block: continuation lines joined, here-document bodies
-    and comment lines dropped."""
-    lines = iter(block.splitlines())
-    for line in lines:
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        command = [line]
-        while command[-1].endswith("\\"):
-            command[-1] = command[-1][:-1]
-            command.append(next(lines))
-        heredoc = re.search(r"<<-?\s*'?\"?(\w+)", " ".join(command))
-        if heredoc:
-            for body in lines:
-                if body.strip() == heredoc.group(1):
-                    break
-        yield " ".join(command)
+def one_line(block: str) -> Iterator[str]:
+    """The commands of a shell block on one line each, here-document bodies dropped."""
+    for command, _ in shell_commands(block):
+        yield " ".join(line.removesuffix("\\") for line in command)
 
 
 def simple_commands(command: str) -> Iterator[list[str]]:
@@ -281,7 +269,7 @@ def simple_commands(command: str) -> Iterator[list[str]]:
 
 def readme_commands() -> list[list[str]]:
     blocks = re.findall(r"^```sh\n(.*?)^```", README.read_text(), re.M | re.S)
-    return [words for block in blocks for command in shell_commands(block)
+    return [words for block in blocks for command in one_line(block)
             for words in simple_commands(command) if words]
 
 
@@ -317,6 +305,6 @@ def test_shell_commands_are_split_as_a_shell_would() -> None:
     block = ("export A=b   # note\n"
              "cat <<'EOF' | topoipamctl apply -f -\nkind: X\nEOF\n"
              "X=1 topoipamctl label nodes n \\\n  rack=0 --create\n")
-    commands = [w for c in shell_commands(block) for w in simple_commands(c) if w]
+    commands = [w for c in one_line(block) for w in simple_commands(c) if w]
     assert commands == [["export", "A=b"], ["cat"], ["topoipamctl", "apply", "-f", "-"],
                         ["topoipamctl", "label", "nodes", "n", "rack=0", "--create"]]

@@ -203,12 +203,8 @@ class EtcdReads(EtcdTransport):
                            limit: int = 0) -> list[IPNetwork]:
         """Claim windows inside ``within`` whose room index entry says they may have an
         unclaimed block: from ``start`` on, at most ``limit`` (0: all)."""
-        low, end = self.keys.room_in(within)
-        if start is not None:
-            low = max(low, self.keys.room(start))
-        kvs, _ = await self.range_raw(low, end, keys_only=True, limit=limit)
-        return [v.value for v in decode_each(kvs, lambda key, _: self.keys.block_cidr(
-            key, "room"))]
+        return await self._index_cidrs("room", self.keys.room_in(within),
+                                       None if start is None else self.keys.room(start), limit)
 
     async def free_marked(self, cidrs: Sequence[IPNetwork]) -> set[IPNetwork]:
         """Which of ``cidrs`` have a free-block index entry, in one round trip per 120."""
@@ -297,12 +293,19 @@ class EtcdReads(EtcdTransport):
                           limit: int = 0) -> list[IPNetwork]:
         """Topology ranges inside ``within`` that some value holds, from ``start`` on (a
         claimer looking for a free range reads a few keys, not the pool)."""
-        low, end = self.keys.topology_ranges_in(within)
-        if start is not None:
-            low = max(low, self.keys.topology_range(start))
-        kvs, _ = await self.range_raw(low, end, keys_only=True, limit=limit)
+        return await self._index_cidrs(
+            "ranges", self.keys.topology_ranges_in(within),
+            None if start is None else self.keys.topology_range(start), limit)
+
+    async def _index_cidrs(self, kind: str, span: tuple[bytes, bytes], start: bytes | None,
+                           limit: int) -> list[IPNetwork]:
+        """The CIDRs an index (``kind``: room, ranges) names in key range ``span``, from
+        key ``start`` on, at most ``limit`` (0: all): a keys-only read."""
+        low, end = span
+        kvs, _ = await self.range_raw(low if start is None else max(low, start), end,
+                                      keys_only=True, limit=limit)
         return [v.value for v in decode_each(kvs, lambda key, _: self.keys.block_cidr(
-            key, "ranges"))]
+            key, kind))]
 
     async def list_ranges(self) -> list[Versioned[TopologyRange]]:
         """Every topology range (audits)."""

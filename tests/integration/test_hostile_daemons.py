@@ -50,6 +50,15 @@ RESTORE_POOL = IPPool("shared", net("10.83.0.0/24"), 28, topology_key="rack",
                       topology_block_size=26)
 
 
+def apply_shared(env: dict[str, str], cidr: str) -> IPPool:
+    """Apply pool "shared" (``cidr``, /28 blocks in /26 ranges by rack) with topoipamctl."""
+    manifest = ("apiVersion: topoipam/v1\nkind: IPPool\nmetadata: {name: shared}\n"
+                f"spec: {{cidr: {cidr}, blockSize: 28, topologyKey: rack, "
+                "topologyBlockSize: 26}\n")
+    assert ctl_input(env, "apply", "-f", "-", input=manifest).returncode == 0
+    return IPPool("shared", net(cidr), 28, topology_key="rack", topology_block_size=26)
+
+
 def ranges_after(endpoint: str, prefix: str, *allocations: tuple[str, str]
                  ) -> dict[object, str | None]:
     """Allocate (node, pod) pairs with engines of their own, then one_value_per_range."""
@@ -69,10 +78,7 @@ def test_a_block_reasserted_after_a_restore_keeps_its_range(
     from its record, and its range with it, so a rack 1 node cannot take that range."""
     env = {**os.environ, "TOPOIPAM_ETCD_ENDPOINTS": private_etcd.endpoint,
            "TOPOIPAM_PREFIX": prefix}
-    manifest = ("apiVersion: topoipam/v1\nkind: IPPool\nmetadata: {name: shared}\n"
-                "spec: {cidr: 10.83.0.0/24, blockSize: 28, topologyKey: rack, "
-                "topologyBlockSize: 26}\n")
-    assert ctl_input(env, "apply", "-f", "-", input=manifest).returncode == 0
+    apply_shared(env, "10.83.0.0/24")
     assert ctl(env, "ipam", "configure", "--warm-addresses", "0").returncode == 0
     for node, rack in (("node-r", "0"), ("node-s", "1")):
         assert ctl(env, "label", "nodes", node, f"rack={rack}", "--create").returncode == 0
@@ -177,13 +183,8 @@ def test_daemons_of_three_racks_and_unlabelled_nodes_claiming_at_once(
         etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]) -> None:
     """Eight daemons (three racks, two nodes without the label) take 30 pods each at once
     from one topology pool: one value per range, every address once, ipam check clean."""
-    manifest = ("apiVersion: topoipam/v1\nkind: IPPool\nmetadata: {name: shared}\n"
-                "spec: {cidr: 10.97.0.0/22, blockSize: 28, topologyKey: rack, "
-                "topologyBlockSize: 26}\n")
-    assert ctl_input(ctl_env, "apply", "-f", "-", input=manifest).returncode == 0
+    pool = apply_shared(ctl_env, "10.97.0.0/22")
     assert ctl(ctl_env, "ipam", "configure", "--strictaffinity", "true").returncode == 0
-    pool = IPPool("shared", net("10.97.0.0/22"), 28, topology_key="rack",
-                  topology_block_size=26)
     racks = {f"n{i}": (["--labels", f"rack={i % 3}"] if i < 6 else []) for i in range(8)}
     daemons = [DaemonProcess(node, str(tmp_path / f"{node}.sock"), etcd.endpoint, prefix,
                              str(tmp_path / f"{node}.log"), labels)
@@ -303,13 +304,8 @@ def test_priorities_reclaim_and_dual_stack_ranges_with_daemons_restarted(
 @pytest.mark.timeout(120)
 def test_a_relabelled_daemon_moves_its_warm_reserve_to_its_new_values_range(
         etcd: EtcdServer, prefix: str, tmp_path: Path, ctl_env: dict[str, str]) -> None:
-    manifest = ("apiVersion: topoipam/v1\nkind: IPPool\nmetadata: {name: shared}\n"
-                "spec: {cidr: 10.95.0.0/24, blockSize: 28, topologyKey: rack, "
-                "topologyBlockSize: 26}\n")
-    assert ctl_input(ctl_env, "apply", "-f", "-", input=manifest).returncode == 0
+    pool = apply_shared(ctl_env, "10.95.0.0/24")
     assert ctl(ctl_env, "ipam", "configure", "--warm-addresses", "20").returncode == 0
-    pool = IPPool("shared", net("10.95.0.0/24"), 28, topology_key="rack",
-                  topology_block_size=26)
     daemon = DaemonProcess("n0", str(tmp_path / "n0.sock"), etcd.endpoint, prefix,
                            str(tmp_path / "n0.log"), ["--labels", "rack=0"]).start()
     try:

@@ -19,6 +19,7 @@ import pytest
 
 from tests.daemons import ctl as ctl_input
 from tests.integration.test_engine import audit, ctl, net, request, seed
+from tests.integration.test_topology import allocate_at_once
 from topoipam.daemon.admin import retire_node
 from topoipam.daemon.core.errors import PoolExhausted
 from topoipam.daemon.core.holdings import Block, TopologyRange
@@ -47,6 +48,15 @@ async def release(store: EtcdStore, node: str, *pods: str) -> None:
             await engine.release(f"net/{pod}/eth0")
     finally:
         await engine.close()
+
+
+async def rack0_range_emptied(store: EtcdStore) -> None:
+    """Pool ONE_RANGE, n0 (rack 0) and n1 (rack 1): n0 takes the range with a pod that
+    leaves; its block stays, empty (its warm reserve), and holds the range."""
+    await seed(store, ONE_RANGE, IPAMConfig(strict_affinity=True),
+               Node("n0", {"rack": "0"}), Node("n1", {"rack": "1"}))
+    await allocate(store, "n0", "a")
+    await release(store, "n0", "a")
 
 
 async def one_value_per_range(store: EtcdStore, pool: IPPool) -> dict[object, str | None]:
@@ -81,10 +91,7 @@ def clean_check(env: dict[str, str]) -> None:
 @pytest.mark.asyncio
 async def test_a_retired_nodes_range_goes_back_to_the_pool(
         store: EtcdStore, ctl_env: dict[str, str]) -> None:
-    await seed(store, ONE_RANGE, IPAMConfig(strict_affinity=True),
-               Node("n0", {"rack": "0"}), Node("n1", {"rack": "1"}))
-    await allocate(store, "n0", "a")
-    await release(store, "n0", "a")  # n0's block stays, empty (its warm reserve)
+    await rack0_range_emptied(store)
     await retire_node(store, "n0")
     assert await store.list_ranges() == [], "the range outlived its last block"
     [address] = await allocate(store, "n1", "b")  # rack 1 takes the range
@@ -96,10 +103,7 @@ async def test_a_retired_nodes_range_goes_back_to_the_pool(
 @pytest.mark.asyncio
 async def test_a_pool_deleted_and_made_again_over_the_same_cidr_has_its_ranges_free(
         store: EtcdStore, ctl_env: dict[str, str]) -> None:
-    await seed(store, ONE_RANGE, IPAMConfig(strict_affinity=True),
-               Node("n0", {"rack": "0"}), Node("n1", {"rack": "1"}))
-    await allocate(store, "n0", "a")
-    await release(store, "n0", "a")
+    await rack0_range_emptied(store)
     done = await asyncio.to_thread(ctl, ctl_env, "delete", "ippool", "shared")
     assert done.returncode == 0, done.stderr
     assert await store.list_ranges() == [], "the deleted pool's range is still held"
@@ -330,13 +334,7 @@ async def test_many_nodes_of_one_value_claiming_at_once_do_not_lose_their_races(
     nodes = [f"n{i}" for i in range(64)]
     await seed(store, pool, IPAMConfig(strict_affinity=True),
                *(Node(name, {"rack": "0"}) for name in nodes))
-    engines = [AllocationEngine(store, name) for name in nodes]
-    try:
-        await asyncio.gather(*(engine.allocate(request(f"{engine.node}-{pod}"))
-                               for pod in range(20) for engine in engines))
-    finally:
-        for engine in engines:
-            await engine.close()
+    await allocate_at_once(store, nodes, 20)
     assert await audit(store) == 64 * 20
     assert set((await one_value_per_range(store, pool)).values()) == {"0"}
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tests.daemons import BIN, TOPOIPAMD
+from tests.shell import shell_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -30,20 +31,7 @@ def walkthrough_commands(readme: str) -> list[str]:
     """
     after = readme.split("\nStep by step,", 1)[1]
     block = after.split("```sh\n", 1)[1].split("\n```", 1)[0]
-    commands: list[str] = []
-    lines = iter(block.splitlines())
-    for line in lines:
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        command = [line]
-        while command[-1].endswith("\\"):
-            command.append(next(lines))
-        heredoc = re.search(r"<<-?'?(\w+)'?", "\n".join(command))
-        if heredoc:
-            while command[-1] != heredoc.group(1):
-                command.append(next(lines))
-        commands.append("\n".join(command))
-    return commands
+    return ["\n".join(command + body) for command, body in shell_commands(block)]
 
 
 def run_commands(commands: list[str], env: dict[str, str], cwd: Path

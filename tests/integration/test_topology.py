@@ -68,18 +68,23 @@ async def test_nine_nodes_in_three_racks_on_one_pool(
     assert check.returncode == 0, check.stdout
 
 
+async def allocate_at_once(store: EtcdStore, nodes: list[str], pods: int) -> None:
+    """``pods`` pods on each of ``nodes``, all at once, by an engine per node."""
+    engines = [AllocationEngine(store, name) for name in nodes]
+    try:
+        await asyncio.gather(*(engine.allocate(request(f"{engine.node}-{pod}"))
+                               for pod in range(pods) for engine in engines))
+    finally:
+        for engine in engines:
+            await engine.close()
+
+
 @pytest.mark.asyncio
 async def test_concurrent_claims_of_many_racks_never_share_a_range(store: EtcdStore) -> None:
     pool = IPPool("shared", net("10.41.0.0/22"), 28, topology_key="rack", topology_block_size=26)
     await seed(store, pool, IPAMConfig(strict_affinity=True),
                *(Node(f"n{i}", {"rack": str(i % 6)}) for i in range(18)))
-    engines = [AllocationEngine(store, f"n{i}") for i in range(18)]
-    try:
-        await asyncio.gather(*(engine.allocate(request(f"{engine.node}-{pod}"))
-                               for pod in range(16) for engine in engines))
-    finally:
-        for engine in engines:
-            await engine.close()
+    await allocate_at_once(store, [f"n{i}" for i in range(18)], 16)
     racks = {f"n{i}": str(i % 6) for i in range(18)}
     by_range: dict[object, set[str]] = {}
     for block in await store.list_blocks():
