@@ -96,6 +96,7 @@ _STORE_READS = {
     "daemon_absence": "daemon_absence",
     "value_ranges": "value_ranges",
     "held_ranges": "held_ranges",
+    "holders_from": "holders_from",
     "range_holder": "range_holder",
     "range_holders": "range_holders",
 }

@@ -436,13 +436,19 @@ class PlannerBase:
     # ------------------------------------------------------------------ borrowing
     def more_value_spans(self, view: View, pool: IPPool, known: list[IPNetwork]
                          ) -> Iterator[IPNetwork]:
-        """The other ranges of ``pool`` this node's value holds (full ones that hold none
-        of this node's blocks), named by the pool's range holders: one read of the held
-        ranges' keys and one of their holders, made only when ``known`` gave nothing."""
+        """Other ranges of ``pool`` this node's value holds (full ones that hold none of
+        this node's blocks), asked only when ``known`` gave nothing: the first few held
+        ranges from the value's origin on (where its ranges grow from), wrapping to the
+        pool's start; one small read (two when it wraps), whatever the size of the pool."""
         value = topology.value_of(pool, view.state().labels)
-        held = [c for c in view.held_ranges(pool.cidr, None, 0) if c not in known]
-        holders = view.range_holders(tuple(held))
-        yield from (c for c in held if c in holders and holders[c].value == value)
+        held = view.holders_from(pool.cidr, topology.value_origin(pool, value), BORROW_WINDOW)
+        if len(held) < BORROW_WINDOW:
+            held += view.holders_from(pool.cidr, None, BORROW_WINDOW - len(held))
+        seen = set(known)
+        for holder in held:
+            if holder.value == value and holder.cidr not in seen:
+                seen.add(holder.cidr)
+                yield holder.cidr
 
     def borrow_candidates(self, view: View, pool: IPPool, txn: TxnPlan | None = None
                           ) -> Iterator[Versioned[Block]]:

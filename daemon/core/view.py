@@ -134,6 +134,11 @@ class View(Protocol):
         ``limit`` (key order is address order)."""
         ...
 
+    def holders_from(self, within: IPNetwork, start: IPNetwork | None, limit: int
+                     ) -> list[TopologyRange]:
+        """Like :meth:`held_ranges`, with who holds each: one read of at most ``limit``."""
+        ...
+
     def daemon_absence(self, node: str) -> DaemonAbsence | None:
         """How long ``node`` has had no live daemon (None: it has one)."""
         ...
@@ -224,6 +229,10 @@ class ReadingView:
     def held_ranges(self, within: IPNetwork, start: IPNetwork | None, limit: int
                     ) -> list[IPNetwork]:
         return self.answer(("held_ranges", within, start, limit))  # type: ignore[no-any-return]
+
+    def holders_from(self, within: IPNetwork, start: IPNetwork | None, limit: int
+                     ) -> list[TopologyRange]:
+        return self.answer(("holders_from", within, start, limit))  # type: ignore[no-any-return]
 
     def daemon_absence(self, node: str) -> DaemonAbsence | None:
         return self.answer(("daemon_absence", node))  # type: ignore[no-any-return]
@@ -341,6 +350,10 @@ class InMemoryView:
                     ) -> list[IPNetwork]:
         found = self._ordered(self.ranges, within, start, self.keys.topology_range)
         return found[:limit] if limit else found
+
+    def holders_from(self, within: IPNetwork, start: IPNetwork | None, limit: int
+                     ) -> list[TopologyRange]:
+        return [self.ranges[c].value for c in self.held_ranges(within, start, limit)]
 
     def daemon_absence(self, node: str) -> DaemonAbsence | None:
         if node not in self.absent:

@@ -307,6 +307,17 @@ class EtcdReads(EtcdTransport):
         return [v.value for v in decode_each(kvs, lambda key, _: self.keys.block_cidr(
             key, kind))]
 
+    async def holders_from(self, within: IPNetwork, start: IPNetwork | None = None,
+                           limit: int = 0) -> list[TopologyRange]:
+        """The holders of the topology ranges inside ``within``, from ``start`` on, at
+        most ``limit``: one read (a borrower looking for its value's full ranges)."""
+        low, end = self.keys.topology_ranges_in(within)
+        if start is not None:
+            low = max(low, self.keys.topology_range(start))
+        kvs, _ = await self.range_raw(low, end, limit=limit)
+        return [v.value for v in decode_each(kvs, lambda _, raw: TopologyRange.from_dict(
+            decode(raw, "topology range")))]
+
     async def list_ranges(self) -> list[Versioned[TopologyRange]]:
         """Every topology range (audits)."""
         return await self._typed_prefix(self.keys.topology_ranges(), lambda _, raw: (
