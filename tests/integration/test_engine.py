@@ -92,7 +92,7 @@ async def test_concurrent_allocators_never_double_allocate(
     )
     engines = [AllocationEngine(store, n) for n in nodes]
     rng = random.Random(7)
-    done = {"allocated": 0, "released": 0, "refused": 0}
+    done = {"allocated": 0, "released": 0, "refused": 0, "borrowed": 0}
 
     async def worker(w: int) -> None:
         engine = engines[w % len(engines)]
@@ -111,6 +111,10 @@ async def test_concurrent_allocators_never_double_allocate(
                 continue
             mine.append(allocation.handle_id)
             done["allocated"] += 1
+            # A block holding this address cannot change holder while the address is
+            # in it, so reading the node's affinities now tells whether it was borrowed.
+            own = {block for _, block in await store.list_affinities(engine.node)}
+            done["borrowed"] += sum(a.block not in own for a in allocation.addresses)
 
     await asyncio.gather(*(worker(w) for w in range(8)))
     assert done["allocated"] >= 500
@@ -120,9 +124,11 @@ async def test_concurrent_allocators_never_double_allocate(
     borrowed = [h for h in await store.list_handles()
                 for a in h.value.addresses if (h.value.node, a.block) not in affinities]
     if strict:
-        assert not borrowed
+        assert not borrowed and not done["borrowed"]
     else:
-        assert borrowed, "the pools are small enough that some node must borrow"
+        # Whether a borrowed address is still held at the end is up to the scheduler;
+        # that some allocation borrowed is not.
+        assert done["borrowed"], "the pools are small enough that some node must borrow"
     check = await asyncio.to_thread(ctl, ctl_env, "ipam", "check")
     assert check.returncode == 0, check.stdout + check.stderr
 
